@@ -1,0 +1,187 @@
+"""Every stage's parameters in one place: a frozen dataclass per stage, with defaults and ranges.
+
+Command-line flags (``--hidden-size``) are generated from these dataclasses, the MLproject
+defaults are tested against them, and the train stage logs them as MLflow params, so the three
+cannot drift. Building a config validates it: a bad value raises ``ParameterError`` whose
+message is one line naming the parameter and what it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+Config = TypeVar("Config")
+
+
+class ParameterError(ValueError):
+    """A parameter value outside what its stage accepts."""
+
+
+def param(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None):
+    """A dataclass field carrying its help text and allowed values."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """Human-readable allowed values of one field, e.g. 'an integer >= 1 and <= 4096'."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    limits = [f"{_SYMBOLS[k]} {meta[k]}" for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None]
+    return " and ".join([_TYPE_WORDS[_field_type(f)] + (" " + limits[0] if limits else "")] + limits[1:])
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return type(f.default)
+
+
+def check_fields(config) -> None:
+    """Raise ParameterError for the first field whose value is outside its allowed values."""
+    for f in dataclasses.fields(config):
+        value, meta, kind = getattr(config, f.name), f.metadata, _field_type(f)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if ok and meta.get("choices"):
+            ok = value in meta["choices"]
+        if ok and kind in (int, float):
+            ok = (
+                value == value  # rejects NaN
+                and (meta.get("ge") is None or value >= meta["ge"])
+                and (meta.get("gt") is None or value > meta["gt"])
+                and (meta.get("le") is None or value <= meta["le"])
+                and (meta.get("lt") is None or value < meta["lt"])
+            )
+        if not ok:
+            raise ParameterError(f"{f.name}={value!r} is not allowed: must be {allowed(f)}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Parameters of the prepare stage: which images, and how the training set is split."""
+
+    dataset: str = param("mnist", "dataset to prepare", choices=("mnist", "fashion-mnist"))
+    # Raw IDX files are looked up in torchvision's layout, <data_dir>/MNIST/raw/, .gz or not.
+    data_dir: str = param("data", "folder holding <data_dir>/MNIST/raw/ (downloaded there when online)")
+    val_size: int = param(5000, "training images held out for validation", ge=1, le=59_000)
+    train_limit: int = param(0, "keep this many training images after the split (0 = all)", ge=0)
+    seed: int = param(42, "seed of the train/validation split", ge=0)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run. The model ones are nn.LSTM's own names."""
+
+    hidden_size: int = param(256, "LSTM hidden units per direction", ge=1, le=4096)
+    num_layers: int = param(2, "stacked LSTM layers", ge=1, le=16)
+    learning_rate: float = param(1e-3, "Adam learning rate (the peak one under a schedule)", gt=0, le=1)
+    batch_size: int = param(128, "training batch size", ge=1, le=65_536)
+    epochs: int = param(5, "passes over the training split", ge=1, le=1000)
+    # nn.LSTM applies dropout between stacked layers, so it needs num_layers >= 2.
+    dropout: float = param(0.0, "dropout between stacked LSTM layers", ge=0, lt=1)
+    bidirectional: bool = param(False, "also read each sequence backwards")
+    # rows: 28 steps of 28 pixels (the tutorial's); pixels: 784 steps of 1 (sequential MNIST).
+    reading_order: str = param("rows", "how an image becomes a sequence", choices=("rows", "pixels"))
+    lr_schedule: str = param("cosine", "learning-rate schedule over all steps", choices=("cosine", "constant"))
+    # LSTMs occasionally spike; clipping the global gradient norm keeps one bad batch harmless.
+    max_grad_norm: float = param(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
+    patience: int = param(0, "stop after this many epochs without a better val_accuracy (0 = never)", ge=0)
+    seed: int = param(42, "seed of weights, shuffling and dropout", ge=0)
+    device: str = param("auto", "where to train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.dropout > 0 and self.num_layers == 1:
+            raise ParameterError(
+                f"dropout={self.dropout} is not allowed with num_layers=1: nn.LSTM applies dropout "
+                "between stacked layers, so use num_layers >= 2 or dropout=0"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Parameters of the evaluate stage (inference only, so nothing here changes results)."""
+
+    batch_size: int = param(1000, "images per inference batch", ge=1, le=65_536)
+    device: str = param("auto", "where to run the model; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
+def _parser_type(kind: type):
+    if kind is bool:
+        return parse_bool
+
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {_TYPE_WORDS[kind]}, got {text!r}") from None
+
+    return convert
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --kebab-case flag per field of ``config_type``, typed, with its default in the help."""
+    group = parser.add_argument_group(config_type.__name__)
+    for f in dataclasses.fields(config_type):
+        if f.name in skip:
+            continue
+        help_text = f"{f.metadata['help']}; {allowed(f)} (default: {f.default})"
+        group.add_argument(flag(f.name), dest=f.name, type=_parser_type(_field_type(f)), default=f.default, help=help_text)
+
+
+def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
+    names = {f.name for f in dataclasses.fields(config_type)}
+    return config_type(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_configs(parser: argparse.ArgumentParser, argv, *config_types: type) -> tuple[argparse.Namespace, list]:
+    """Parse ``argv`` and build each config; a bad value exits with one line and status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args, [config_from_args(t, args) for t in config_types]
+    except ParameterError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def fail(message: str, status: int = 1):
+    """Stop a stage with one line on stderr."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)

@@ -1,0 +1,157 @@
+"""Stage 3, evaluate: a logged model on the official test images -> test metrics and plots.
+
+Reads:  the model given by ``--model`` (a train run id or any MLflow model URI) and the
+        ``prepared/`` test split of ``--data`` (by default, the data its train run used).
+Writes: metrics ``test_loss``, ``test_accuracy``, ``test_macro_f1``; artifacts
+        ``per_class.csv`` and ``per_class.html`` (precision, recall, F1 per class),
+        ``confusion_matrix.png`` and ``confident_mistakes.png``.
+
+    python -m pipeline.evaluate --model <train run id>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
+from pipeline.data import DATASETS, NUM_CLASSES, DataError, Split, load_prepared
+from pipeline.tracking import PREPARED_ARTIFACT, download, log_params, model_uri, stage_run
+from pipeline.training import resolve_device
+
+
+@dataclass
+class Evaluation:
+    test_loss: float
+    test_accuracy: float
+    test_macro_f1: float
+    per_class: pd.DataFrame  # one row per class: precision, recall, f1, support
+    confusion: torch.Tensor  # (true class, predicted class) counts
+    probabilities: torch.Tensor  # (N, num_classes) softmax outputs
+
+    def metrics(self) -> dict[str, float]:
+        return {"test_loss": self.test_loss, "test_accuracy": self.test_accuracy, "test_macro_f1": self.test_macro_f1}
+
+
+def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: list[str], batch_size: int = 1000) -> Evaluation:
+    """Score ``model`` (any callable from (B, T, F) floats to logits) on a split on its device."""
+    with torch.inference_mode():
+        logits = torch.cat([
+            model(split.images[i : i + batch_size].reshape(-1, *input_shape).float().div(255))  # (B, T, F) -> (B, 10)
+            for i in range(0, len(split.labels), batch_size)
+        ]).float()
+    labels = split.labels
+    predictions = logits.argmax(1)
+    confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
+    true_positives = confusion.diag().double()
+    precision = true_positives / confusion.sum(0).clamp(min=1)
+    recall = true_positives / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    per_class = pd.DataFrame({
+        "class": class_names,
+        "precision": precision.numpy(),
+        "recall": recall.numpy(),
+        "f1": f1.numpy(),
+        "support": confusion.sum(1).numpy(),
+    })
+    return Evaluation(
+        test_loss=F.cross_entropy(logits, labels).item(),
+        test_accuracy=(predictions == labels).double().mean().item(),
+        test_macro_f1=f1.mean().item(),
+        per_class=per_class,
+        confusion=confusion,
+        probabilities=logits.softmax(1).cpu(),
+    )
+
+
+def plot_confusion(confusion: torch.Tensor, class_names: list[str]):
+    figure, axis = plt.subplots(figsize=(8, 7))
+    image = axis.imshow(confusion.log1p(), cmap="Blues")  # log scale: the off-diagonal errors stay visible
+    for (true, predicted), count in zip(torch.cartesian_prod(torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)).tolist(), confusion.flatten().tolist()):
+        color = "white" if true == predicted else "black"
+        axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=color)
+    axis.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted class", ylabel="true class", title="confusion matrix (test)")
+    axis.set_xticklabels(class_names, rotation=45, ha="right")
+    axis.set_yticklabels(class_names)
+    figure.colorbar(image, ax=axis, label="log(1 + count)")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: list[str], count: int = 25):
+    confidence, predictions = evaluation.probabilities.max(1)
+    labels = split.labels.cpu()
+    wrong = (predictions != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:count]
+    columns = 5
+    rows = max(1, -(-len(worst) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, worst.tolist()):
+        axis.imshow(split.images[index].cpu(), cmap="gray")
+        axis.set_title(f"said {class_names[predictions[index]]} ({confidence[index]:.2f})\nwas {class_names[labels[index]]}", fontsize=8)
+    figure.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def evaluate_and_log(model, data_split: Split, input_shape: tuple[int, int], dataset: str, config: EvaluateConfig) -> Evaluation:
+    """Evaluate inside the active MLflow run and log its metrics, table and plots."""
+    class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
+    result = evaluate(model, data_split, input_shape, class_names, config.batch_size)
+    log_params(dataclasses.asdict(config))
+    mlflow.log_metrics(result.metrics())
+    with tempfile.TemporaryDirectory() as tmp:
+        result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
+        result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
+        mlflow.log_artifacts(tmp)
+    mlflow.log_figure(plot_confusion(result.confusion, class_names), "confusion_matrix.png")
+    mlflow.log_figure(plot_confident_mistakes(data_split, result, class_names), "confident_mistakes.png")
+    return result
+
+
+def load_model(uri: str, device: torch.device):
+    """The logged model and the (seq_len, input_size) its signature expects."""
+    info = mlflow.models.get_model_info(uri)
+    _, seq_len, input_size = info.signature.inputs.inputs[0].shape  # (-1, T, F)
+    model = mlflow.pytorch.load_model(uri).to(device)
+    return model, (seq_len, input_size), info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="train run id or MLflow model URI (runs:/..., models:/...)")
+    parser.add_argument("--data", default="", help="prepare run id, artifact URI or folder (default: the data the model's train run used)")
+    add_config_arguments(parser, EvaluateConfig)
+    args, (config,) = build_configs(parser, argv, EvaluateConfig)
+
+    device = resolve_device(config.device)
+    try:
+        model, input_shape, train_run_id = load_model(model_uri(args.model), device)
+        data_ref = args.data or mlflow.get_run(train_run_id).data.tags["pipeline.data"]
+        with tempfile.TemporaryDirectory(prefix="evaluate-data-") as tmp:
+            data = load_prepared(download(data_ref, PREPARED_ARTIFACT, tmp))
+    except (DataError, mlflow.exceptions.MlflowException, OSError, KeyError) as error:
+        fail(f"cannot load the model {args.model} or its data: {error}")
+    test = Split(data.test.images.to(device), data.test.labels.to(device))
+    with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
+        result = evaluate_and_log(model, test, input_shape, data.manifest["dataset"], config)
+    print(f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  test_loss {result.test_loss:.4f}; run {run.info.run_id}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

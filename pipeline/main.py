@@ -1,0 +1,107 @@
+"""The ``main`` entry point: prepare -> train -> evaluate under one parent MLflow run.
+
+Each stage runs as its own MLproject entry point through ``mlflow.run`` and becomes a child
+run of the parent; stages hand over only run ids. A stage whose parameters, inputs and code are
+unchanged since a FINISHED run of it is not run again: that run is reused. The match is a
+content key (a hash of the stage name, its parameters, its input run ids and the source of
+``pipeline/``, ``MLproject`` and the requirements), stored as a tag on the finished run only,
+so failed, killed or still-running stage runs are never reused.
+
+    mlflow run . --env-manager local -P data_dir=../shared/data -P epochs=2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs
+from pipeline.tracking import log_params
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONTENT_KEY_TAG = "pipeline.content_key"
+# What a stage's behaviour depends on besides its parameters and inputs.
+CODE_FILES = ("MLproject", "requirements.txt")
+
+
+def code_version() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(PROJECT_DIR.glob("pipeline/*.py")) + [PROJECT_DIR / name for name in CODE_FILES]:
+        digest.update(path.relative_to(PROJECT_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def content_key(stage: str, parameters: dict[str, str], code: str) -> str:
+    payload = json.dumps({"stage": stage, "parameters": parameters, "code": code}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CONTENT_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str) -> str:
+    """Run one entry point as a child of ``parent``, or reuse its finished twin; return its run id."""
+    client = MlflowClient()
+    parameters = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in parameters.items()}
+    key = content_key(stage, parameters, code)
+    experiment_id = parent.info.experiment_id
+    if reused := find_reusable(client, experiment_id, key):
+        print(f"[main] {stage}: reusing finished run {reused} (same parameters, inputs and code)", file=sys.stderr, flush=True)
+        mlflow.set_tag(f"pipeline.{stage}_reused", "true")
+        return reused
+    print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
+    submitted = mlflow.run(
+        str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
+        env_manager=env_manager, run_name=stage, synchronous=True,
+    )
+    run_id = submitted.run_id
+    client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)  # nests it under the pipeline run in the UI
+    client.set_tag(run_id, CONTENT_KEY_TAG, key)  # only now that it finished
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="main", description=__doc__.split("\n")[0])
+    parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
+                        help="environment each stage runs in; local = this one, which `mlflow run .` already built (default: local)")
+    add_config_arguments(parser, PrepareConfig)
+    add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    # Stages run in the project folder: make a relative data_dir mean what it meant here.
+    prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
+
+    code = code_version()
+    with mlflow.start_run(run_name="pipeline") as parent:
+        mlflow.set_tag("pipeline.stage", "main")
+        log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
+        prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
+        train_id = run_stage("train", {"data": prepare_id, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
+        evaluate_id = run_stage("evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code)
+        mlflow.set_tags({"pipeline.prepare_run": prepare_id, "pipeline.train_run": train_id, "pipeline.evaluate_run": evaluate_id})
+        metrics = MlflowClient().get_run(evaluate_id).data.metrics
+        mlflow.log_metrics({name: metrics[name] for name in ("test_accuracy", "test_macro_f1", "test_loss")})
+
+    experiment_id = parent.info.experiment_id
+    print(
+        f"\ntest_accuracy {metrics['test_accuracy']:.4f}  (test_macro_f1 {metrics['test_macro_f1']:.4f})\n"
+        f"runs: pipeline {parent.info.run_id}, prepare {prepare_id}, train {train_id}, evaluate {evaluate_id}\n"
+        f"see them: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}\n"
+        f"  then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Stage 1, prepare: raw IDX files -> a verified, seeded train/val/test split in MLflow.
+
+Reads:  the four raw IDX files of ``--dataset`` under ``--data-dir`` (torchvision's layout,
+        ``.gz`` or not), downloading them there when none are found and the machine is online.
+Writes: artifacts ``prepared/{train,val,test}.pt`` (uint8 tensors) and ``prepared/manifest.json``
+        (counts, class histograms, sha256 of each file, source md5s, seed); the training split
+        as an MLflow dataset input; params of PrepareConfig; metrics ``train_count``,
+        ``val_count``, ``test_count``.
+
+    python -m pipeline.prepare --data-dir ../shared/data --train-limit 6000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail
+from pipeline.data import DataError, load_raw, save_prepared, split_train_val
+from pipeline.tracking import PREPARED_ARTIFACT, log_params, stage_run
+
+
+def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
+    """Load, verify and split the dataset into ``out_dir``; return its manifest.
+
+    Raises DataError before writing anything if a raw file is missing or not the official one.
+    """
+    train, test, source_md5 = load_raw(config.dataset, config.data_dir)
+    train, val = split_train_val(train, config.val_size, config.train_limit, config.seed)
+    manifest = {
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "val_size": config.val_size,
+        "train_limit": config.train_limit,
+        "source_md5": source_md5,
+    }
+    return save_prepared(Path(out_dir), {"train": train, "val": val, "test": test}, manifest)
+
+
+def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> None:
+    """Record the prepared training split as this run's MLflow dataset input."""
+    import torch
+
+    train = torch.load(folder / "train.pt", weights_only=True)
+    dataset = mlflow.data.from_numpy(
+        train["images"].numpy(),
+        targets=train["labels"].numpy(),
+        source=str(Path(config.data_dir).resolve()),
+        name=f"{config.dataset}-train",
+        digest=manifest["splits"]["train"]["sha256"][:16],
+    )
+    mlflow.log_input(dataset, context="training")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="prepare", description=__doc__.split("\n")[0])
+    add_config_arguments(parser, PrepareConfig)
+    _, (config,) = build_configs(parser, argv, PrepareConfig)
+
+    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
+        folder = Path(tmp) / PREPARED_ARTIFACT
+        try:
+            manifest = prepare(config, folder)  # all checks happen here, before any run opens
+        except DataError as error:
+            fail(str(error))
+        with stage_run("prepare") as run:
+            log_params(dataclasses.asdict(config))
+            mlflow.log_metrics({f"{name}_count": split["count"] for name, split in manifest["splits"].items()})
+            log_dataset_input(config, folder, manifest)
+            mlflow.log_artifacts(str(folder), PREPARED_ARTIFACT)
+        counts = ", ".join(f"{name} {split['count']}" for name, split in manifest["splits"].items())
+        print(f"prepared {config.dataset}: {counts}; run {run.info.run_id}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

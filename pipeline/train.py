@@ -1,0 +1,125 @@
+"""Stage 2, train: the prepared split -> a trained LSTMClassifier logged to MLflow.
+
+Reads:  ``prepared/`` of the prepare run given by ``--data`` (run id, artifact URI or folder).
+Writes: params (every TrainConfig field, ``parameter_count``, ``device``, library versions,
+        the data's run and checksum); per-epoch metrics (step = epoch) ``train_loss``,
+        ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``,
+        ``samples_per_second``, ``learning_rate``; ``best_val_accuracy`` and ``best_epoch``;
+        artifact ``model`` (the best-validation weights, pickle-free pt2, with signature and
+        input example) and ``learning_curves.png``; a checkpoint per epoch under
+        ``--checkpoint-dir/<run id>/``.
+
+    python -m pipeline.train --data <prepare run id> --hidden-size 64 --num-layers 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import torch
+from mlflow.models import infer_signature
+
+from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
+from pipeline.data import DataError, PreparedData, load_prepared, to_sequences
+from pipeline.model import count_parameters
+from pipeline.tracking import MODEL_NAME, PREPARED_ARTIFACT, download, library_versions, log_params, stage_run
+from pipeline.training import EpochMetrics, TrainResult, TrainingDiverged, resolve_device, train
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
+
+
+def train_and_log(
+    config: TrainConfig,
+    data: PreparedData,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    log_model: bool = True,
+) -> TrainResult:
+    """Run ``training.train`` inside the active MLflow run and log params, metrics and model."""
+    log_params({
+        **dataclasses.asdict(config),
+        **library_versions(),
+        "resolved_device": resolve_device(config.device).type,  # what device=auto chose
+        "data_sha256": data.manifest["splits"]["train"]["sha256"],
+    })
+
+    def log_epoch(metrics: EpochMetrics) -> None:
+        mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
+        if on_epoch:
+            on_epoch(metrics)
+
+    result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir)
+    log_params({"parameter_count": count_parameters(result.model)})
+    mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
+    mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
+    if log_model:
+        log_trained_model(result.model, data, config.reading_order)
+    return result
+
+
+def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
+    """Log ``model`` pickle-free (pt2) on the CPU, with a signature and two validation images."""
+    model = model.to("cpu").eval()
+    example = to_sequences(data.val.images[:2], reading_order)  # (2, T, F)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")  # nn.LSTM's flat weights
+        return mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME,
+            input_example=example.numpy(),
+            signature=signature,
+            # Pinning torch avoids MLflow's slow requirement inference (a model reload).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
+
+def plot_learning_curves(history: list[EpochMetrics]):
+    epochs = [m.epoch for m in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        loss_axis.plot(epochs, [getattr(m, f"{split}_loss") for m in history], marker="o", label=f"{split}_loss")
+        accuracy_axis.plot(epochs, [getattr(m, f"{split}_accuracy") for m in history], marker="o", label=f"{split}_accuracy")
+    for axis, title in ((loss_axis, "cross-entropy loss"), (accuracy_axis, "accuracy")):
+        axis.set(xlabel="epoch", title=title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="train", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="prepare run id, artifact URI of its prepared/ folder, or a local folder")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints go to <this>/<run id>/ (default: checkpoints)")
+    add_config_arguments(parser, TrainConfig)
+    args, (config,) = build_configs(parser, argv, TrainConfig)
+
+    with tempfile.TemporaryDirectory(prefix="train-data-") as tmp:
+        try:
+            data = load_prepared(download(args.data, PREPARED_ARTIFACT, tmp))
+        except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
+            fail(f"--data {args.data}: {error}")
+    with stage_run("train", **{"pipeline.data": args.data}) as run:
+        try:
+            result = train_and_log(config, data, checkpoint_dir=Path(args.checkpoint_dir) / run.info.run_id)
+        except TrainingDiverged as error:
+            fail(str(error))
+    print(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The one training loop, used by the train stage, the tuner and the benchmarks.
+
+``train(config, data)`` returns the model with its best-validation weights and the per-epoch
+history. Callers hook in through ``on_epoch`` (log to MLflow, report to Optuna, prune); nothing
+else trains a model. The whole split sits on the device as one uint8 tensor and a batch is an
+index slice of it, converted to float on the device: no DataLoader, no per-sample transform,
+and no host sync inside the batch loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.data import PreparedData, Split, atomic_write, to_sequences
+from pipeline.model import LSTMClassifier, build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    epoch_seconds: float
+    samples_per_second: float
+    learning_rate: float  # at the end of the epoch
+
+
+@dataclass
+class TrainResult:
+    model: LSTMClassifier  # holding the best-validation weights
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_val_accuracy: float
+    device: torch.device
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device=mps was asked for, but torch sees no Apple GPU")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def predict_logits(model: Callable, images: torch.Tensor, reading_order: str, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, num_classes) of uint8 ``images`` (N, 28, 28), in large batches."""
+    device = images.device
+    chunks = [model(to_sequences(images[i : i + batch_size], reading_order).to(device)) for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+def evaluate_split(model: nn.Module, split: Split, reading_order: str) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on a split already on its device."""
+    model.eval()
+    logits = predict_logits(model, split.images, reading_order)
+    loss = F.cross_entropy(logits, split.labels)
+    accuracy = (logits.argmax(1) == split.labels).float().mean()
+    return loss.item(), accuracy.item()
+
+
+def train(
+    config: TrainConfig,
+    data: PreparedData,
+    *,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train an LSTMClassifier on ``data.train``, choosing the epoch by ``data.val``.
+
+    ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned).
+    With ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes
+    from the newest valid one found there.
+    """
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+
+    train_split = Split(data.train.images.to(device), data.train.labels.to(device))
+    val_split = Split(data.val.images.to(device), data.val.labels.to(device))
+    n_train = len(train_split.labels)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    scheduler = _scheduler(optimizer, config, total_steps=config.epochs * steps_per_epoch)
+
+    history: list[EpochMetrics] = []
+    best_state, best_epoch, best_val_accuracy = None, 0, -1.0
+    checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
+    start_epoch = 1
+    if checkpoints and (saved := checkpoints.latest()):
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        shuffle.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        history = [EpochMetrics(**m) for m in saved["history"]]
+        best_state, best_epoch, best_val_accuracy = saved["best_model"], saved["best_epoch"], saved["best_val_accuracy"]
+        start_epoch = saved["epoch"] + 1
+        print(f"resuming from the checkpoint of epoch {saved['epoch']} in {checkpoints.folder}", file=sys.stderr)
+    resumed_from = start_epoch - 1
+
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(n_train, generator=shuffle).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        batches = range(0, n_train, config.batch_size)
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+        for start in batches:
+            index = order[start : start + config.batch_size]
+            x = to_sequences(train_split.images[index], config.reading_order)  # (B, T, F)
+            y = train_split.labels[index]  # (B,)
+            logits = model(x)  # (B, 10)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.argmax(1) == y).sum()
+
+        train_loss = loss_sum.item() / n_train  # the epoch's one host sync
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"train_loss is {train_loss} in epoch {epoch}; lower learning_rate "
+                f"(now {config.learning_rate}) or set max_grad_norm"
+            )
+        val_loss, val_accuracy = evaluate_split(model, val_split, config.reading_order)
+        seconds = time.perf_counter() - started
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=correct.item() / n_train,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            epoch_seconds=seconds,
+            samples_per_second=n_train / seconds,
+            learning_rate=optimizer.param_groups[0]["lr"],
+        )
+        history.append(metrics)
+        if val_accuracy > best_val_accuracy:
+            best_val_accuracy, best_epoch = val_accuracy, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(
+            f"epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  train_accuracy {metrics.train_accuracy:.4f}  "
+            f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s  "
+            f"{metrics.samples_per_second:.0f} samples/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        if checkpoints:
+            checkpoints.save(
+                epoch,
+                {
+                    "epoch": epoch,
+                    "config": dataclasses.asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "shuffle_rng": shuffle.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": [dataclasses.asdict(m) for m in history],
+                    "best_model": best_state,
+                    "best_epoch": best_epoch,
+                    "best_val_accuracy": best_val_accuracy,
+                },
+            )
+        if on_epoch:
+            on_epoch(metrics)
+        if config.patience and epoch - best_epoch >= config.patience:
+            stopped_early = True
+            print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, history, best_epoch, best_val_accuracy, device, stopped_early, resumed_from)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+class Checkpoints:
+    """Per-epoch checkpoints in one folder, each written atomically; the newest two are kept.
+
+    Loading uses ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
+    planted file cannot run code when it is read.
+    """
+
+    keep = 2
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("epoch-*.pt"))
+
+    def save(self, epoch: int, state: dict) -> Path:
+        path = self.folder / f"epoch-{epoch:04d}.pt"
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        for old in self.paths()[: -self.keep]:
+            old.unlink()
+        return path
+
+    def latest(self) -> dict | None:
+        """The newest checkpoint that loads; a truncated or corrupt one is skipped with a warning."""
+        for path in reversed(self.paths()):
+            try:
+                return torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as error:  # truncated zip, bad pickle, refused global, ...
+                print(f"warning: skipping unreadable checkpoint {path}: {type(error).__name__}: {error}", file=sys.stderr)
+        return None

@@ -1,0 +1,96 @@
+"""Shared fixtures: a private MLflow store per test, real MNIST from ../shared/data, tiny IDX files.
+
+Every test that touches MLflow gets its own SQLite store and artifact folder under ``tmp_path``
+and runs with that folder as its working directory, so tests never see each other's runs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline import data as data_module
+from pipeline.data import DatasetSpec, RawFile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow tracking store under tmp_path; the test runs in tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST raw files (../shared/data, or $MNIST_DATA_DIR), which tests never download."""
+    folder = Path(os.environ.get("MNIST_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (folder / "MNIST" / "raw").is_dir():
+        pytest.fail(f"real MNIST not found at {folder}/MNIST/raw; set MNIST_DATA_DIR to the folder holding MNIST/raw")
+    return folder
+
+
+# --- tiny IDX files -----------------------------------------------------------------------------
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """IDX encoding of a uint8 tensor: magic 0x0800 | ndim, big-endian dims, then the bytes."""
+    header = struct.pack(">I", 0x0800 | array.dim()) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.to(torch.uint8).numpy().tobytes()
+
+
+def synthetic_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """28x28 uint8 images a model can learn: class k lights up row 2k+3, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 60, (len(labels), 28, 28), generator=generator, dtype=torch.uint8)
+    for k in range(10):
+        images[labels == k, 2 * k + 3, :] = 255
+    return images
+
+
+def write_synthetic_mnist(root: Path, n_train: int = 400, n_test: int = 100, compress: bool = True) -> DatasetSpec:
+    """Write tiny IDX files in torchvision's layout under ``root``; return a spec with their md5s."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    train_labels = torch.randint(0, 10, (n_train,), generator=generator)
+    test_labels = torch.randint(0, 10, (n_test,), generator=generator)
+    contents = {
+        "train-images-idx3-ubyte": (idx_bytes(synthetic_images(train_labels, 1)), 0x803, n_train),
+        "train-labels-idx1-ubyte": (idx_bytes(train_labels), 0x801, n_train),
+        "t10k-images-idx3-ubyte": (idx_bytes(synthetic_images(test_labels, 2)), 0x803, n_test),
+        "t10k-labels-idx1-ubyte": (idx_bytes(test_labels), 0x801, n_test),
+    }
+    files = []
+    for name, (payload, magic, count) in contents.items():
+        if compress:
+            (raw / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (raw / name).write_bytes(payload)
+        files.append(RawFile(name, hashlib.md5(payload).hexdigest(), magic, count))
+    real = data_module.DATASETS["mnist"]
+    return DatasetSpec(real.torchvision_class, real.folder, tuple(files))
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path, monkeypatch) -> Path:
+    """A data_dir of tiny synthetic 'mnist' (400 train, 100 test images), trusted by its md5s."""
+    root = tmp_path / "synthetic-data"
+    monkeypatch.setitem(data_module.DATASETS, "mnist", write_synthetic_mnist(root))
+    return root

@@ -1,0 +1,129 @@
+"""Parameters: MLproject, flags and dataclasses agree, and bad values stop a stage in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import evaluate, main, prepare, train
+from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig
+from tests.conftest import REPO
+
+MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
+ENTRY_CONFIGS = {
+    "prepare": [PrepareConfig],
+    "train": [TrainConfig],
+    "evaluate": [EvaluateConfig],
+    "main": [PrepareConfig, TrainConfig],
+}
+
+
+def as_field_type(field: dataclasses.Field, value):
+    kind = type(field.default)
+    if kind is bool:
+        return str(value).lower() == "true"
+    return kind(value)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_CONFIGS)
+def test_mlproject_defaults_equal_the_dataclass_defaults(entry_point):
+    spec = MLPROJECT["entry_points"][entry_point]
+    for config_type in ENTRY_CONFIGS[entry_point]:
+        for field in dataclasses.fields(config_type):
+            declared = spec["parameters"][field.name]
+            assert declared["type"] == ("float" if type(field.default) in (int, float) else "string"), field.name
+            assert as_field_type(field, declared["default"]) == field.default, f"{entry_point}.{field.name}"
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_CONFIGS)
+def test_every_mlproject_parameter_reaches_its_flag(entry_point):
+    spec = MLPROJECT["entry_points"][entry_point]
+    command = " ".join(spec["command"].split())
+    for name in spec["parameters"]:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in command, name
+    assert command.startswith(f"python -m pipeline.{entry_point} ")
+
+
+def pins(lines) -> dict[str, str]:
+    return dict(line.split("==") for line in lines if "==" in line)
+
+
+def test_requirements_pins_equal_conda_yaml():
+    requirements = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_section = next(item["pip"] for item in conda["dependencies"] if isinstance(item, dict))
+    assert pins(requirements) == pins(pip_section)
+    assert {"torch", "torchvision", "mlflow", "optuna", "pandas", "pytest"} <= set(pins(requirements))
+
+
+BAD_VALUES = [
+    (prepare, ["--val-size", "60000"], "val_size"),
+    (prepare, ["--val-size", "0"], "val_size"),
+    (prepare, ["--dataset", "cifar10"], "dataset"),
+    (prepare, ["--train-limit", "-1"], "train_limit"),
+    (train, ["--hidden-size", "0"], "hidden_size"),
+    (train, ["--num-layers", "0"], "num_layers"),
+    (train, ["--learning-rate", "0"], "learning_rate"),
+    (train, ["--learning-rate", "-0.1"], "learning_rate"),
+    (train, ["--learning-rate", "nan"], "learning_rate"),
+    (train, ["--batch-size", "0"], "batch_size"),
+    (train, ["--epochs", "0"], "epochs"),
+    (train, ["--epochs", "2.5"], "--epochs"),
+    (train, ["--hidden-size", "abc"], "--hidden-size"),
+    (train, ["--bidirectional", "maybe"], "--bidirectional"),
+    (train, ["--dropout", "0.2", "--num-layers", "1"], "dropout"),
+    (train, ["--reading-order", "columns"], "reading_order"),
+    (evaluate, ["--batch-size", "0"], "batch_size"),
+    (main, ["--hidden-size", "0"], "hidden_size"),
+    (main, ["--val-size", "70000"], "val_size"),
+]
+
+
+@pytest.mark.parametrize("stage, argv, name", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_values_stop_the_stage_with_one_line_before_any_run(stage, argv, name, tracking, tmp_path, capsys):
+    required = {train: ["--data", "unused"], evaluate: ["--model", "unused"]}.get(stage, [])
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main(required + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert name in err
+    assert not (tmp_path / "mlflow.db").exists(), "a run store was created before validation"
+
+
+def test_error_names_the_allowed_values():
+    with pytest.raises(ParameterError, match=r"hidden_size=0 .* >= 1 and <= 4096"):
+        TrainConfig(hidden_size=0)
+    with pytest.raises(ParameterError, match="one of mnist, fashion-mnist"):
+        PrepareConfig(dataset="emnist")
+
+
+def test_flags_show_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        assert re.search(rf"--{field.name.replace('_', '-')} .*?\(default: {re.escape(str(field.default))}\)", help_text), field.name
+
+
+values = st.one_of(st.integers(-10, 100_000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8), st.sampled_from(["rows", "pixels", "cpu", "cosine"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(TrainConfig)]), values, max_size=5))
+def test_any_train_config_is_valid_or_rejected_by_name(overrides):
+    try:
+        config = TrainConfig(**overrides)
+    except ParameterError as error:
+        assert str(error).split("=")[0] in overrides  # names a parameter that was given
+        return
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        assert not isinstance(value, str) or field.metadata["choices"] and value in field.metadata["choices"]
+    assert config.hidden_size >= 1 and config.num_layers >= 1 and config.learning_rate > 0 and config.epochs >= 1
+    assert not (config.dropout > 0 and config.num_layers == 1)
