@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -46,13 +47,15 @@ def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> No
     import torch
 
     train = torch.load(folder / "train.pt", weights_only=True)
-    dataset = mlflow.data.from_numpy(
-        train["images"].numpy(),
-        targets=train["labels"].numpy(),
-        source=str(Path(config.data_dir).resolve()),
-        name=f"{config.dataset}-train",
-        digest=manifest["splits"]["train"]["sha256"][:16],
-    )
+    with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_numpy(
+            train["images"].numpy(),
+            targets=train["labels"].numpy(),
+            source=str(Path(config.data_dir).resolve()),
+            name=f"{config.dataset}-train",
+            digest=manifest["splits"]["train"]["sha256"][:16],
+        )
     mlflow.log_input(dataset, context="training")
 
 

@@ -56,11 +56,12 @@ def idx_bytes(array: torch.Tensor) -> bytes:
 
 
 def synthetic_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """28x28 uint8 images a model can learn: class k lights up row 2k+3, plus noise."""
+    """28x28 uint8 images a model learns in a few steps: class k lights columns 2k, 2k+1 of the
+    last row (the last step in either reading order), over noise."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 60, (len(labels), 28, 28), generator=generator, dtype=torch.uint8)
     for k in range(10):
-        images[labels == k, 2 * k + 3, :] = 255
+        images[labels == k, 27, 2 * k : 2 * k + 2] = 255
     return images
 
 
@@ -88,9 +89,29 @@ def write_synthetic_mnist(root: Path, n_train: int = 400, n_test: int = 100, com
     return DatasetSpec(real.torchvision_class, real.folder, tuple(files))
 
 
+def corrupt_file(root: Path, name: str = "train-images-idx3-ubyte") -> Path:
+    """Flip one byte in the middle of a synthetic raw file; return its path."""
+    path = root / "MNIST" / "raw" / f"{name}.gz"
+    payload = bytearray(gzip.decompress(path.read_bytes()))
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(payload)))
+    return path
+
+
 @pytest.fixture
 def synthetic_mnist(tmp_path, monkeypatch) -> Path:
     """A data_dir of tiny synthetic 'mnist' (400 train, 100 test images), trusted by its md5s."""
     root = tmp_path / "synthetic-data"
     monkeypatch.setitem(data_module.DATASETS, "mnist", write_synthetic_mnist(root))
     return root
+
+
+def tiny_prepared(n_train: int = 512, n_val: int = 128, n_test: int = 128) -> data_module.PreparedData:
+    """An in-memory PreparedData of learnable synthetic images."""
+    generator = torch.Generator().manual_seed(3)
+    splits = {}
+    for seed, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        splits[name] = data_module.Split(synthetic_images(labels, seed), labels)
+    manifest = {"dataset": "mnist", "pixel_mean": 0.2, "pixel_std": 0.3, "splits": {"train": {"sha256": "0" * 64}}}
+    return data_module.PreparedData(**splits, manifest=manifest)

@@ -1,0 +1,135 @@
+"""Raw IDX files are verified before use; prepared splits are deterministic and tamper-evident."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from pipeline import data as data_module
+from pipeline.data import DataError, load_prepared, load_raw, save_prepared, split_train_val, to_sequences
+from tests.conftest import write_synthetic_mnist
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+
+
+def test_synthetic_files_load_through_torchvision(synthetic_mnist):
+    train, test, md5s = load_raw("mnist", synthetic_mnist)
+    assert train.images.shape == (400, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (100, 28, 28) and len(test.labels) == 100
+    assert set(md5s) == {f.name for f in data_module.DATASETS["mnist"].files}
+
+
+def test_decompressed_files_are_found_too(tmp_path, monkeypatch):
+    spec = write_synthetic_mnist(tmp_path, compress=False)
+    monkeypatch.setitem(data_module.DATASETS, "mnist", spec)
+    train, _, _ = load_raw("mnist", tmp_path)
+    assert len(train.labels) == 400
+
+
+def test_real_mnist_matches_the_official_checksums(mnist_dir):
+    train, test, md5s = load_raw("mnist", mnist_dir)
+    assert (len(train.labels), len(test.labels)) == (60_000, 10_000)
+    assert md5s[TRAIN_IMAGES] == "6bbc9ace898e44ae57da46a324031adb"
+    assert torch.bincount(test.labels).tolist()[:2] == [980, 1135]  # the official test histogram
+
+
+def corrupt(root, mutate):
+    path = root / "MNIST" / "raw" / f"{TRAIN_IMAGES}.gz"
+    payload = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(mutate(payload)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], "altered bytes"),
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic number"),
+        (lambda b: b[:4] + (399).to_bytes(4, "big") + b[8:], "399 items, expected 400"),
+    ],
+    ids=["truncated", "altered", "magic", "count"],
+)
+def test_a_bad_file_is_named_with_its_problem(synthetic_mnist, mutate, problem):
+    path = corrupt(synthetic_mnist, mutate)
+    with pytest.raises(DataError) as error:
+        load_raw("mnist", synthetic_mnist)
+    assert str(path) in str(error.value) and problem in str(error.value)
+    assert "replace it" in str(error.value)
+
+
+def test_truncated_gzip_stream_is_named(synthetic_mnist):
+    path = synthetic_mnist / "MNIST" / "raw" / f"{TRAIN_IMAGES}.gz"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DataError, match=f"{path}: truncated or corrupt gzip"):
+        load_raw("mnist", synthetic_mnist)
+
+
+def test_missing_files_and_no_network_say_where_to_put_them(tmp_path, monkeypatch):
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    spec = data_module.DATASETS["mnist"]
+    monkeypatch.setitem(data_module.DATASETS, "mnist", data_module.DatasetSpec(Offline, spec.folder, spec.files))
+    with pytest.raises(DataError) as error:
+        load_raw("mnist", tmp_path / "empty")
+    message = str(error.value)
+    assert TRAIN_IMAGES in message and "download failed" in message and "data_dir" in message
+
+
+def test_split_is_seeded_disjoint_and_limited(synthetic_mnist):
+    train, _, _ = load_raw("mnist", synthetic_mnist)
+    a_train, a_val = split_train_val(train, 100, 0, seed=7)
+    b_train, b_val = split_train_val(train, 100, 0, seed=7)
+    _, c_val = split_train_val(train, 100, 0, seed=8)
+    assert torch.equal(a_val.images, b_val.images) and torch.equal(a_train.labels, b_train.labels)
+    assert not torch.equal(a_val.images, c_val.images)
+    assert (len(a_train.labels), len(a_val.labels)) == (300, 100)
+    # Together the two parts are the original set, each image once.
+    rows = lambda split: {bytes(image.numpy()) for image in split.images}  # noqa: E731
+    assert rows(a_train).isdisjoint(rows(a_val)) and rows(a_train) | rows(a_val) == rows(train)
+    limited, val = split_train_val(train, 100, 50, seed=7)
+    assert len(limited.labels) == 50 and torch.equal(val.images, a_val.images)
+
+
+def prepared_folder(tmp_path, synthetic_mnist):
+    train, test, md5s = load_raw("mnist", synthetic_mnist)
+    train, val = split_train_val(train, 100, 0, 0)
+    folder = tmp_path / "prepared"
+    manifest = save_prepared(folder, {"train": train, "val": val, "test": test}, {"source_md5": md5s, "dataset": "mnist"})
+    return folder, manifest, train
+
+
+def test_prepared_split_round_trips_with_its_manifest(tmp_path, synthetic_mnist):
+    folder, manifest, train = prepared_folder(tmp_path, synthetic_mnist)
+    loaded = load_prepared(folder)
+    assert torch.equal(loaded.train.images, train.images) and torch.equal(loaded.train.labels, train.labels)
+    assert loaded.train.images.dtype == torch.uint8
+    assert manifest["splits"]["train"]["class_counts"] == torch.bincount(train.labels, minlength=10).tolist()
+    assert sum(manifest["splits"]["val"]["class_counts"]) == manifest["splits"]["val"]["count"] == 100
+    assert json.loads((folder / "manifest.json").read_text()) == loaded.manifest
+    assert 0 < manifest["pixel_mean"] < 1 and 0 < manifest["pixel_std"] < 1
+    assert not list(folder.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_a_tampered_or_incomplete_prepared_split_is_refused(tmp_path, synthetic_mnist):
+    folder, _, _ = prepared_folder(tmp_path, synthetic_mnist)
+    (folder / "val.pt").write_bytes((folder / "val.pt").read_bytes()[:-10])
+    with pytest.raises(DataError, match="val.pt: missing or does not match"):
+        load_prepared(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest.json"):
+        load_prepared(folder)
+
+
+@pytest.mark.parametrize("order, shape", [("rows", (2, 28, 28)), ("pixels", (2, 784, 1))])
+def test_reading_order_shapes_and_scales(order, shape):
+    images = torch.full((2, 28, 28), 255, dtype=torch.uint8)
+    images[0, 0, 1] = 0
+    sequences = to_sequences(images, order)
+    assert sequences.shape == shape and sequences.dtype == torch.float32
+    assert sequences.max() == 1.0 and sequences.flatten(1)[0, 1] == 0.0  # row-major: pixel (0, 1) is step/feature 1

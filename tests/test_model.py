@@ -1,0 +1,79 @@
+"""LSTMClassifier: shapes for every option, the head's reading of h_n, and the initial state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.model import LSTMClassifier, build_model
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("input_size, seq_len", [(28, 28), (1, 784)])
+def test_logits_shape_for_every_option(num_layers, bidirectional, input_size, seq_len):
+    model = LSTMClassifier(input_size=input_size, hidden_size=8, num_layers=num_layers, bidirectional=bidirectional,
+                           dropout=0.1 if num_layers > 1 else 0.0)
+    assert model(torch.rand(3, seq_len, input_size)).shape == (3, 10)
+
+
+def test_bias_false_has_no_bias_parameters():
+    model = LSTMClassifier(hidden_size=8, bias=False)
+    assert not [name for name, _ in model.lstm.named_parameters() if "bias" in name]
+    assert model(torch.rand(2, 28, 28)).shape == (2, 10)
+
+
+def test_bidirectional_head_reads_forward_last_step_and_backward_first_step():
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden_size=6, num_layers=2, bidirectional=True).eval()
+    x = torch.rand(4, 28, 28)
+    output, _ = model.lstm((x - model.input_mean) / model.input_std)  # (B, T, 2H)
+    expected = model.head(torch.cat([output[:, -1, :6], output[:, 0, 6:]], dim=1))
+    torch.testing.assert_close(model(x), expected)
+    wrong = model.head(output[:, -1])  # the tutorial's reading
+    assert not torch.allclose(model(x), wrong)
+
+
+def test_unidirectional_head_reads_the_last_step():
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden_size=6, num_layers=2).eval()
+    x = torch.rand(4, 28, 28)
+    output, _ = model.lstm((x - model.input_mean) / model.input_std)
+    torch.testing.assert_close(model(x), model.head(output[:, -1]))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_missing_state_means_zeros_of_the_documented_shape(bidirectional):
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden_size=5, num_layers=2, bidirectional=bidirectional).eval()
+    x = torch.rand(3, 28, 28)
+    zeros = torch.zeros(2 * (2 if bidirectional else 1), 3, 5)  # (num_layers * num_directions, B, H)
+    torch.testing.assert_close(model(x), model(x, (zeros, zeros)))
+    assert not torch.allclose(model(x), model(x, (zeros + 0.5, zeros)))
+    with pytest.raises(RuntimeError):
+        model(x, (zeros[:1], zeros[:1]))
+
+
+def test_initial_state_follows_the_input_dtype():
+    model = LSTMClassifier(hidden_size=4, num_layers=1).double()
+    assert model(torch.rand(2, 28, 28, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_dropout_with_one_layer_is_rejected_clearly():
+    with pytest.raises(ValueError, match="num_layers >= 2"):
+        LSTMClassifier(hidden_size=4, num_layers=1, dropout=0.5)
+
+
+def test_forget_gate_starts_open():
+    model = LSTMClassifier(hidden_size=4, num_layers=2)
+    for layer in range(2):
+        bias = model.lstm.get_parameter(f"bias_ih_l{layer}") + model.lstm.get_parameter(f"bias_hh_l{layer}")
+        assert torch.all(bias[4:8] == 1.0)
+
+
+def test_build_model_follows_the_config():
+    model = build_model(TrainConfig(hidden_size=12, num_layers=3, bidirectional=True, reading_order="pixels", dropout=0.1))
+    assert (model.lstm.input_size, model.lstm.hidden_size, model.lstm.num_layers) == (1, 12, 3)
+    assert model.lstm.bidirectional and model.lstm.batch_first and model.lstm.dropout == 0.1
+    assert model.head.in_features == 24

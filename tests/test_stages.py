@@ -1,0 +1,134 @@
+"""Stage smoke tests: prepare -> train -> evaluate in-process on a slice of real MNIST.
+
+One small pipeline per module (train_limit=1000, a 1-layer 16-unit LSTM, 2 epochs) in its own
+MLflow store; the tests then read what it logged through MlflowClient, as the UI would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import evaluate, prepare, train
+from pipeline.config import TrainConfig
+from pipeline.data import load_prepared, to_sequences
+from pipeline.model import build_model
+from pipeline.tracking import download
+from tests.conftest import corrupt_file
+
+EPOCHS = 2
+
+
+def only_run(client, stage):
+    runs = client.search_runs(["0"], filter_string=f"tags.`pipeline.stage` = '{stage}'")
+    assert len(runs) == 1, f"{len(runs)} {stage} runs"
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("stages")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        prepare.main(["--data-dir", str(mnist_dir), "--train-limit", "1000", "--val-size", "500", "--seed", "3"])
+        client = MlflowClient()
+        prepare_run = only_run(client, "prepare")
+        train.main(["--data", prepare_run.info.run_id, "--hidden-size", "16", "--num-layers", "1",
+                    "--epochs", str(EPOCHS), "--device", "cpu"])
+        train_run = only_run(client, "train")
+        evaluate.main(["--model", train_run.info.run_id, "--device", "cpu"])
+        yield {"root": root, "client": client, "prepare": prepare_run, "train": train_run,
+               "evaluate": only_run(client, "evaluate")}
+        mlflow.set_tracking_uri(None)
+
+
+def artifact_names(client, run_id, path=None):
+    return {os.path.basename(f.path) for f in client.list_artifacts(run_id, path)}
+
+
+def test_prepare_logs_the_split_its_manifest_and_dataset_input(pipeline_runs):
+    client, run = pipeline_runs["client"], pipeline_runs["prepare"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train_limit"] == "1000" and run.data.params["dataset"] == "mnist"
+    assert run.data.metrics == {"train_count": 1000, "val_count": 500, "test_count": 10_000}
+    assert artifact_names(client, run.info.run_id, "prepared") == {"train.pt", "val.pt", "test.pt", "manifest.json"}
+    manifest = json.loads((download(run.info.run_id, "prepared", pipeline_runs["root"] / "dl") / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["source_md5"]["t10k-labels-idx1-ubyte"] == "27ae3e4e09519cfbb04c329615203637"
+    assert sum(manifest["splits"]["val"]["class_counts"]) == 500
+    [dataset_input] = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.name == "mnist-train"
+
+
+def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
+    client, run = pipeline_runs["client"], pipeline_runs["train"]
+    params = run.data.params
+    for field in TrainConfig.__dataclass_fields__:
+        assert field in params
+    assert params["hidden_size"] == "16" and params["resolved_device"] == "cpu"
+    assert int(params["parameter_count"]) > 0 and params["torch_version"] == torch.__version__
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1)), name
+    val = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert run.data.metrics["best_val_accuracy"] == max(val)
+    assert {"learning_curves.png"} <= artifact_names(client, run.info.run_id)
+
+
+def test_logged_model_reloads_with_the_live_model_logits(pipeline_runs):
+    run_id = pipeline_runs["train"].info.run_id
+    checkpoint = torch.load(sorted((pipeline_runs["root"] / "checkpoints" / run_id).glob("*.pt"))[-1], weights_only=True)
+    data = load_prepared(download(pipeline_runs["prepare"].info.run_id, "prepared", pipeline_runs["root"] / "dl2"))
+    live = build_model(TrainConfig(**checkpoint["config"]), data.manifest["pixel_mean"], data.manifest["pixel_std"])
+    live.load_state_dict(checkpoint["best_model"])
+    live.eval()
+    pyfunc_model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    torch_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    for batch in (1, 64):
+        x = to_sequences(data.test.images[:batch], "rows")
+        with torch.no_grad():
+            expected = live(x)
+            torch.testing.assert_close(torch_model(x), expected)
+        np.testing.assert_allclose(pyfunc_model.predict(x.numpy()), expected.numpy(), rtol=1e-5, atol=1e-5)
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
+
+
+def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
+    client, run = pipeline_runs["client"], pipeline_runs["evaluate"]
+    assert run.data.tags["pipeline.data"] == pipeline_runs["prepare"].info.run_id  # found through the train run
+    metrics = run.data.metrics
+    assert set(metrics) == {"test_loss", "test_accuracy", "test_macro_f1"}
+    assert 0 <= metrics["test_macro_f1"] <= 1 and metrics["test_loss"] > 0
+    assert {"per_class.csv", "per_class.html", "confusion_matrix.png", "confident_mistakes.png"} <= artifact_names(client, run.info.run_id)
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_class.csv"))
+    assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert table["support"].sum() == 10_000
+    assert table["f1"].mean() == pytest.approx(metrics["test_macro_f1"])
+
+
+def test_prepare_with_a_bad_file_exits_and_leaves_no_run(tracking, synthetic_mnist, capsys):
+    path = corrupt_file(synthetic_mnist)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--data-dir", str(synthetic_mnist), "--val-size", "100"])
+    assert exit_info.value.code == 1
+    assert str(path) in capsys.readouterr().err
+    assert MlflowClient().search_runs(["0"]) == []
+    prepare.main(["--data-dir", str(write_good(synthetic_mnist)), "--val-size", "100"])  # good files: it succeeds
+    [run] = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FINISHED"
+
+
+def write_good(root):
+    from pipeline import data as data_module
+    from tests.conftest import write_synthetic_mnist
+
+    assert write_synthetic_mnist(root) == data_module.DATASETS["mnist"]  # same seeds: same files again
+    return root

@@ -1,0 +1,97 @@
+"""The one training loop: it learns, reports every epoch, keeps the best weights, and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.training import Checkpoints, evaluate_split, train
+from tests.conftest import tiny_prepared
+
+TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
+
+
+def losses(result):
+    return [(m.train_loss, m.val_loss, m.val_accuracy) for m in result.history]
+
+
+def test_it_learns_and_reports_each_epoch():
+    seen = []
+    result = train(TINY, tiny_prepared(), on_epoch=seen.append, progress=False)
+    assert [m.epoch for m in seen] == [1, 2, 3] and seen == result.history
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.best_val_accuracy > 0.5  # chance is 0.1
+    assert all(m.samples_per_second > 0 and m.epoch_seconds > 0 for m in seen)
+
+
+def test_the_returned_model_holds_the_best_epoch_weights():
+    data = tiny_prepared()
+    result = train(dataclasses.replace(TINY, epochs=4), data, progress=False)
+    best = max(result.history, key=lambda m: m.val_accuracy)
+    assert (result.best_epoch, result.best_val_accuracy) == (best.epoch, best.val_accuracy)
+    _, accuracy = evaluate_split(result.model, data.val, "rows")
+    assert accuracy == pytest.approx(result.best_val_accuracy)
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics():
+    data = tiny_prepared()
+    first, second = (train(TINY, data, progress=False) for _ in range(2))
+    assert losses(first) == losses(second)
+    assert losses(train(dataclasses.replace(TINY, seed=7), data, progress=False)) != losses(first)
+
+
+def test_pixels_and_bidirectional_train_too():
+    config = dataclasses.replace(TINY, epochs=1, reading_order="pixels", bidirectional=True, num_layers=2, dropout=0.1)
+    result = train(config, tiny_prepared(n_train=128, n_val=32), progress=False)
+    assert len(result.history) == 1 and result.model.lstm.input_size == 1
+
+
+def test_patience_stops_early():
+    config = dataclasses.replace(TINY, epochs=30, patience=1, learning_rate=0.05)
+    result = train(config, tiny_prepared(n_train=256), progress=False)
+    assert result.stopped_early and len(result.history) < 30
+    assert len(result.history) - result.best_epoch == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch):
+    def on_epoch(metrics):
+        if metrics.epoch == epoch:
+            raise Crash
+
+    return on_epoch
+
+
+def test_a_crashed_run_resumes_to_the_same_result(tmp_path):
+    data = tiny_prepared()
+    config = dataclasses.replace(TINY, dropout=0.2, num_layers=2)  # dropout: the RNG state matters too
+    uninterrupted = train(config, data, progress=False)
+    with pytest.raises(Crash):
+        train(config, data, checkpoint_dir=tmp_path, on_epoch=crash_after(2), progress=False)
+    resumed = train(config, data, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert losses(resumed) == losses(uninterrupted)
+    for name, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_checkpoints_hold_the_config_and_only_two_are_kept(tmp_path):
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    assert [p.name for p in Checkpoints(tmp_path).paths()] == ["epoch-0002.pt", "epoch-0003.pt"]
+    state = torch.load(tmp_path / "epoch-0003.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["config"] == dataclasses.asdict(TINY)
+    assert {"model", "optimizer", "scheduler", "shuffle_rng", "torch_rng"} <= set(state)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    newest = tmp_path / "epoch-0003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert Checkpoints(tmp_path).latest()["epoch"] == 2
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
