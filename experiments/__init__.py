@@ -1,0 +1,1 @@
+"""Tuning studies over the pipeline's training loop (Optuna, tracked in MLflow)."""

@@ -28,6 +28,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
 # What a stage's behaviour depends on besides its parameters and inputs.
 CODE_FILES = ("MLproject", "requirements.txt")
+# Where a stage writes, not what it computes: changing it does not make a finished run stale.
+OUTPUT_PARAMETERS = {"checkpoint_dir"}
 
 
 def code_version() -> str:
@@ -56,7 +58,7 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
     """Run one entry point as a child of ``parent``, or reuse its finished twin; return its run id."""
     client = MlflowClient()
     parameters = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in parameters.items()}
-    key = content_key(stage, parameters, code)
+    key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
     if reused := find_reusable(client, experiment_id, key):
         print(f"[main] {stage}: reusing finished run {reused} (same parameters, inputs and code)", file=sys.stderr, flush=True)
@@ -77,18 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="main", description=__doc__.split("\n")[0])
     parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                         help="environment each stage runs in; local = this one, which `mlflow run .` already built (default: local)")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="the train stage's checkpoints go to <this>/<run id>/ (default: checkpoints)")
     add_config_arguments(parser, PrepareConfig)
     add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
-    # Stages run in the project folder: make a relative data_dir mean what it meant here.
+    # Stages run in the project folder: make relative paths mean what they meant here.
     prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
+    checkpoint_dir = str(Path(args.checkpoint_dir).resolve())
 
     code = code_version()
     with mlflow.start_run(run_name="pipeline") as parent:
         mlflow.set_tag("pipeline.stage", "main")
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
         prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
-        train_id = run_stage("train", {"data": prepare_id, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
+        train_id = run_stage("train", {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
         evaluate_id = run_stage("evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code)
         mlflow.set_tags({"pipeline.prepare_run": prepare_id, "pipeline.train_run": train_id, "pipeline.evaluate_run": evaluate_id})
         metrics = MlflowClient().get_run(evaluate_id).data.metrics

@@ -230,12 +230,12 @@ class Checkpoints:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def paths(self) -> list[Path]:
         return sorted(self.folder.glob("epoch-*.pt"))
 
     def save(self, epoch: int, state: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch-{epoch:04d}.pt"
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         for old in self.paths()[: -self.keep]:

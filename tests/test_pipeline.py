@@ -1,0 +1,79 @@
+"""The main entry point: stage reuse rules, and `mlflow run .` end to end on real MNIST."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
+from tests.conftest import REPO
+
+
+def test_content_key_changes_with_parameters_inputs_and_code():
+    base = content_key("train", {"data": "a", "epochs": "2"}, "code1")
+    assert base == content_key("train", {"epochs": "2", "data": "a"}, "code1")
+    assert base != content_key("train", {"data": "a", "epochs": "3"}, "code1")
+    assert base != content_key("train", {"data": "b", "epochs": "2"}, "code1")
+    assert base != content_key("train", {"data": "a", "epochs": "2"}, "code2")
+    assert base != content_key("evaluate", {"data": "a", "epochs": "2"}, "code1")
+    assert len(code_version()) == 64
+
+
+def test_only_finished_runs_are_reused(tracking):
+    client = MlflowClient()
+    for status in ("FAILED", "KILLED", "RUNNING"):
+        run = client.create_run("0", tags={CONTENT_KEY_TAG: "k"})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    assert find_reusable(client, "0", "k") is None
+    finished = client.create_run("0", tags={CONTENT_KEY_TAG: "k"})
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    other = client.create_run("0", tags={CONTENT_KEY_TAG: "other"})
+    client.set_terminated(other.info.run_id, "FINISHED")
+    assert find_reusable(client, "0", "k") == finished.info.run_id
+
+
+def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.CompletedProcess:
+    venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = ["-P", f"data_dir={mnist_dir}", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=2",
+              "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "learning_rate=0.005", "-P", f"checkpoint_dir={tmp_path / 'checkpoints'}"]
+    first = mlflow_run(params, tmp_path, uri)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "test_accuracy" in first.stdout and "workflowType=machine_learning" in first.stdout
+
+    client = MlflowClient(uri)
+    runs = {run.data.tags["pipeline.stage"]: run for run in client.search_runs(["0"])}
+    assert set(runs) == {"main", "prepare", "train", "evaluate"}
+    parent = runs["main"]
+    for stage in ("prepare", "train", "evaluate"):
+        assert runs[stage].info.status == "FINISHED"
+        assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert parent.data.tags[f"pipeline.{stage}_run"] == runs[stage].info.run_id
+    train_id = runs["train"].info.run_id
+    assert runs["train"].data.params["hidden_size"] == "32"
+    assert [m.step for m in client.get_metric_history(train_id, "val_accuracy")] == [1, 2]
+    assert {f.path for f in client.list_artifacts(train_id)} >= {"learning_curves.png"}
+    assert len(list((tmp_path / "checkpoints" / train_id).glob("epoch-*.pt"))) == 2
+    assert runs["evaluate"].data.metrics["test_accuracy"] > 0.5  # chance is 0.1
+    assert parent.data.metrics["test_accuracy"] == runs["evaluate"].data.metrics["test_accuracy"]
+
+    again = mlflow_run(params, tmp_path, uri)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"{stage}: reusing finished run {runs[stage].info.run_id}" in again.stderr
+    stages = [run.data.tags["pipeline.stage"] for run in client.search_runs(["0"])]
+    assert sorted(stages) == ["evaluate", "main", "main", "prepare", "train"]
