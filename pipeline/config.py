@@ -121,6 +121,32 @@ class EvaluateConfig:
         check_fields(self)
 
 
+@dataclass(frozen=True)
+class TuneConfig:
+    """Parameters of an Optuna study (experiments/tune.py); trials share everything else."""
+
+    study: str = param("lstm", "study definition in experiments/studies.py", choices=("lstm", "smoke"))
+    study_name: str = param("lstm-rows", "name of the Optuna study and of its MLflow parent run")
+    # A journal file is crash-safe and safe for several processes on one machine; pass an RDB
+    # URL (postgresql://user@host/db) to share a study across machines.
+    storage: str = param("optuna-studies.journal", "Optuna journal file, or an RDB URL such as postgresql://...")
+    n_trials: int = param(20, "trials this command runs, split over its workers", ge=1, le=100_000)
+    timeout: int = param(0, "stop starting trials after this many seconds (0 = no limit)", ge=0)
+    n_workers: int = param(1, "worker processes on this machine (they share its GPU)", ge=1, le=64)
+    epochs: int = param(3, "epochs per trial", ge=1, le=1000)
+    sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes"))
+    pruner: str = param("median", "stops weak trials early, by per-epoch val_accuracy", choices=("median", "hyperband", "none"))
+    seed: int = param(42, "seed of the sampler, the data split and every trial's training", ge=0)
+    register_name: str = param("lstm-mnist", "MLflow registered model for the retrained best trial")
+    device: str = param("auto", "where trials train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+
+    def __post_init__(self):
+        check_fields(self)
+        for name in ("study_name", "storage", "register_name"):
+            if not getattr(self, name).strip():
+                raise ParameterError(f"{name}='' is not allowed: must be a non-empty string")
+
+
 # --- command line ----------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
 from pipeline.data import DataError, PreparedData, load_prepared, to_sequences
@@ -45,8 +46,11 @@ def train_and_log(
     checkpoint_dir: str | Path | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log_model: bool = True,
-) -> TrainResult:
-    """Run ``training.train`` inside the active MLflow run and log params, metrics and model."""
+) -> tuple[TrainResult, ModelInfo | None]:
+    """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
+
+    Returns the training result and the logged model's info (None without ``log_model``).
+    """
     log_params({
         **dataclasses.asdict(config),
         **library_versions(),
@@ -63,9 +67,8 @@ def train_and_log(
     log_params({"parameter_count": count_parameters(result.model)})
     mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
     mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
-    if log_model:
-        log_trained_model(result.model, data, config.reading_order)
-    return result
+    model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
+    return result, model_info
 
 
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"--data {args.data}: {error}")
     with stage_run("train", **{"pipeline.data": args.data}) as run:
         try:
-            result = train_and_log(config, data, checkpoint_dir=Path(args.checkpoint_dir) / run.info.run_id)
+            result, _ = train_and_log(config, data, checkpoint_dir=Path(args.checkpoint_dir) / run.info.run_id)
         except TrainingDiverged as error:
             fail(str(error))
     print(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr)

@@ -10,8 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from experiments import tune
 from pipeline import evaluate, main, prepare, train
-from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig
+from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig, TuneConfig
 from tests.conftest import REPO
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
@@ -20,7 +21,9 @@ ENTRY_CONFIGS = {
     "train": [TrainConfig],
     "evaluate": [EvaluateConfig],
     "main": [PrepareConfig, TrainConfig],
+    "tune": [TuneConfig, PrepareConfig],
 }
+MODULES = {"tune": "experiments.tune", "compare": "experiments.compare"}
 
 
 def as_field_type(field: dataclasses.Field, value):
@@ -40,13 +43,13 @@ def test_mlproject_defaults_equal_the_dataclass_defaults(entry_point):
             assert as_field_type(field, declared["default"]) == field.default, f"{entry_point}.{field.name}"
 
 
-@pytest.mark.parametrize("entry_point", ENTRY_CONFIGS)
+@pytest.mark.parametrize("entry_point", [*ENTRY_CONFIGS, "compare"])
 def test_every_mlproject_parameter_reaches_its_flag(entry_point):
     spec = MLPROJECT["entry_points"][entry_point]
     command = " ".join(spec["command"].split())
     for name in spec["parameters"]:
         assert f"--{name.replace('_', '-')} {{{name}}}" in command, name
-    assert command.startswith(f"python -m pipeline.{entry_point} ")
+    assert command.startswith(f"python -m {MODULES.get(entry_point, 'pipeline.' + entry_point)} ")
 
 
 def pins(lines) -> dict[str, str]:
@@ -81,6 +84,13 @@ BAD_VALUES = [
     (evaluate, ["--batch-size", "0"], "batch_size"),
     (main, ["--hidden-size", "0"], "hidden_size"),
     (main, ["--val-size", "70000"], "val_size"),
+    (tune, ["--n-trials", "0"], "n_trials"),
+    (tune, ["--n-workers", "0"], "n_workers"),
+    (tune, ["--sampler", "grid"], "sampler"),
+    (tune, ["--pruner", "always"], "pruner"),
+    (tune, ["--study", "transformer"], "study"),
+    (tune, ["--storage", "/no/such/folder/s.journal"], "storage"),
+    (tune, ["--storage", "nosuchdb://u:secret@host/db"], "storage"),
 ]
 
 

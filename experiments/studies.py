@@ -1,0 +1,100 @@
+"""Study definitions: what a tuning study searches, where it starts, and how it searches.
+
+A study is a ``StudyDefinition``: a ``suggest(trial)`` function that samples TrainConfig fields,
+the baseline configuration enqueued as trial 0 (so every study is measured against a known
+point), and the fixed settings every trial shares. Samplers and pruners are chosen by name on
+the command line. To add a study, add a definition to ``STUDIES``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+
+# The metric a study maximises. Never test accuracy: the test set is looked at once, at the end.
+OBJECTIVE_METRIC = "val_accuracy"
+
+
+@dataclass(frozen=True)
+class StudyDefinition:
+    description: str
+    suggest: Callable[[optuna.Trial], dict]  # TrainConfig overrides for one trial
+    baseline: dict  # enqueued as trial 0: the same keys suggest() samples
+    fixed: dict = field(default_factory=dict)  # TrainConfig overrides every trial shares
+    search_space: dict = field(default_factory=dict)  # human-readable, logged to the parent run
+
+
+def suggest_lstm(trial: optuna.Trial) -> dict:
+    num_layers = trial.suggest_int("num_layers", 1, 3)
+    params = {
+        "hidden_size": trial.suggest_int("hidden_size", 32, 512, log=True),
+        "num_layers": num_layers,
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
+        "bidirectional": trial.suggest_categorical("bidirectional", [False, True]),
+    }
+    # nn.LSTM's dropout acts between layers; with one layer there is nothing to sample.
+    params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5) if num_layers > 1 else 0.0
+    return params
+
+
+def suggest_smoke(trial: optuna.Trial) -> dict:
+    return {
+        "hidden_size": trial.suggest_int("hidden_size", 4, 16, log=True),
+        "num_layers": 1,
+        "learning_rate": trial.suggest_float("learning_rate", 1e-3, 3e-2, log=True),
+    }
+
+
+STUDIES = {
+    "lstm": StudyDefinition(
+        description="nn.LSTM over MNIST rows: size, depth, learning rate, batch, direction, dropout",
+        suggest=suggest_lstm,
+        # The tutorial's model: hidden 256, 2 layers, Adam 1e-3 (batch 128, one direction, no dropout).
+        baseline={"hidden_size": 256, "num_layers": 2, "learning_rate": 1e-3, "batch_size": 128,
+                  "bidirectional": False, "dropout": 0.0},
+        search_space={
+            "hidden_size": "int 32..512, log",
+            "num_layers": "int 1..3",
+            "learning_rate": "float 1e-4..1e-2, log",
+            "batch_size": "64, 128, 256",
+            "bidirectional": "false, true",
+            "dropout": "float 0..0.5 when num_layers > 1",
+        },
+    ),
+    "smoke": StudyDefinition(
+        description="tiny one-layer LSTMs: seconds per trial, for tests and a first try of the tooling",
+        suggest=suggest_smoke,
+        baseline={"hidden_size": 8, "num_layers": 1, "learning_rate": 1e-2},
+        search_space={"hidden_size": "int 4..16, log", "learning_rate": "float 1e-3..3e-2, log"},
+    ),
+}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        with warnings.catch_warnings():  # multivariate TPE is 'experimental' but the recommended kind
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "cmaes":
+        # CMA-ES samples numbers only; categorical choices fall back to random sampling.
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Let a few trials finish and each trial run one epoch before judging it.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1 if epochs > 1 else 0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r}")
