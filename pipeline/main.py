@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         mlflow.set_tag(f"pipeline.{stage}_reused", "true")
         return reused
     print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
+    if env_manager == "local":
+        # MLflow starts the stage with the shell's `python`: make that this interpreter, even
+        # when its virtual environment was never activated.
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     submitted = mlflow.run(
         str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
         env_manager=env_manager, run_name=stage, synchronous=True,
