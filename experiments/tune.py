@@ -338,9 +338,8 @@ def retrain_best(study: optuna.Study, config: TuneConfig, data: PreparedData) ->
         model_uri = model_info.model_uri
     with mlflow.start_run(run_name="best-evaluate", nested=True, tags={"pipeline.stage": "evaluate", "pipeline.model": model_uri}):
         device = resolve_device(config.device)
-        test = data.test._replace(images=data.test.images.to(device), labels=data.test.labels.to(device))
         model = result.model.to(device).eval()
-        evaluation = evaluate_and_log(model, test, SEQUENCE_SHAPES[best_config.reading_order], data.manifest["dataset"], EvaluateConfig(device=config.device))
+        evaluation = evaluate_and_log(model, data.test.to(device), SEQUENCE_SHAPES[best_config.reading_order], data.manifest["dataset"], EvaluateConfig(device=config.device))
     mlflow.log_metric("best_test_accuracy", evaluation.test_accuracy)
     version, crowned = register(model_uri, config, evaluation.test_accuracy)
     return {"test_accuracy": evaluation.test_accuracy, "model_version": version, "champion": crowned, "retrain_run": run.info.run_id}

@@ -78,6 +78,9 @@ class Split(NamedTuple):
     images: torch.Tensor  # (N, 28, 28) uint8
     labels: torch.Tensor  # (N,) int64
 
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 @dataclass(frozen=True)
 class PreparedData:

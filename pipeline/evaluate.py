@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
-from pipeline.data import DATASETS, NUM_CLASSES, DataError, Split, load_prepared
-from pipeline.tracking import PREPARED_ARTIFACT, download, log_params, model_uri, stage_run
-from pipeline.training import resolve_device
+from pipeline.data import DATASETS, NUM_CLASSES, DataError, Split
+from pipeline.tracking import load_prepared_run, log_params, model_uri, stage_run
+from pipeline.training import predict_logits, resolve_device
 
 
 @dataclass
@@ -46,11 +46,7 @@ class Evaluation:
 
 def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: list[str], batch_size: int = 1000) -> Evaluation:
     """Score ``model`` (any callable from (B, T, F) floats to logits) on a split on its device."""
-    with torch.inference_mode():
-        logits = torch.cat([
-            model(split.images[i : i + batch_size].reshape(-1, *input_shape).float().div(255))  # (B, T, F) -> (B, 10)
-            for i in range(0, len(split.labels), batch_size)
-        ]).float()
+    logits = predict_logits(model, split.images, input_shape, batch_size).float()  # (N, 10)
     labels = split.labels
     predictions = logits.argmax(1)
     confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
@@ -143,11 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, input_shape, train_run_id = load_model(model_uri(args.model), device)
         data_ref = args.data or mlflow.get_run(train_run_id).data.tags["pipeline.data"]
-        with tempfile.TemporaryDirectory(prefix="evaluate-data-") as tmp:
-            data = load_prepared(download(data_ref, PREPARED_ARTIFACT, tmp))
+        data = load_prepared_run(data_ref)
     except (DataError, mlflow.exceptions.MlflowException, OSError, KeyError) as error:
         fail(f"cannot load the model {args.model} or its data: {error}")
-    test = Split(data.test.images.to(device), data.test.labels.to(device))
+    test = data.test.to(device)
     with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
         result = evaluate_and_log(model, test, input_shape, data.manifest["dataset"], config)
     print(f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  test_loss {result.test_loss:.4f}; run {run.info.run_id}", file=sys.stderr)

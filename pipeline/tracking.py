@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+
+from pipeline.data import PreparedData, load_prepared
 
 # MLflow's per-file download bars drown the stages' own progress lines.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -57,6 +60,12 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
     if Path(ref).is_dir():
         return Path(ref)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst)))
+
+
+def load_prepared_run(ref: str) -> PreparedData:
+    """The prepared split a prepare run (id, artifact URI or local folder) logged."""
+    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
+        return load_prepared(download(ref, PREPARED_ARTIFACT, tmp))
 
 
 def model_uri(ref: str) -> str:

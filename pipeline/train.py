@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -31,9 +30,9 @@ from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
-from pipeline.data import DataError, PreparedData, load_prepared, to_sequences
+from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
-from pipeline.tracking import MODEL_NAME, PREPARED_ARTIFACT, download, library_versions, log_params, stage_run
+from pipeline.tracking import MODEL_NAME, library_versions, load_prepared_run, log_params, stage_run
 from pipeline.training import EpochMetrics, TrainResult, TrainingDiverged, resolve_device, train
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
@@ -111,11 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     add_config_arguments(parser, TrainConfig)
     args, (config,) = build_configs(parser, argv, TrainConfig)
 
-    with tempfile.TemporaryDirectory(prefix="train-data-") as tmp:
-        try:
-            data = load_prepared(download(args.data, PREPARED_ARTIFACT, tmp))
-        except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
-            fail(f"--data {args.data}: {error}")
+    try:
+        data = load_prepared_run(args.data)
+    except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
+        fail(f"--data {args.data}: {error}")
     with stage_run("train", **{"pipeline.data": args.data}) as run:
         try:
             result, _ = train_and_log(config, data, checkpoint_dir=Path(args.checkpoint_dir) / run.info.run_id)

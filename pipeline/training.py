@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.data import PreparedData, Split, atomic_write, to_sequences
+from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, atomic_write, to_sequences
 from pipeline.model import LSTMClassifier, build_model
 
 
@@ -68,17 +68,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.inference_mode()
-def predict_logits(model: Callable, images: torch.Tensor, reading_order: str, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (N, num_classes) of uint8 ``images`` (N, 28, 28), in large batches."""
-    device = images.device
-    chunks = [model(to_sequences(images[i : i + batch_size], reading_order).to(device)) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks)
+def predict_logits(model: Callable, images: torch.Tensor, input_shape: tuple[int, int], batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, num_classes) of uint8 ``images`` (N, 28, 28) read as (seq_len, input_size) sequences."""
+    batches = (images[i : i + batch_size].reshape(-1, *input_shape).float().div_(255) for i in range(0, len(images), batch_size))
+    return torch.cat([model(x) for x in batches])  # x: (B, T, F)
 
 
 def evaluate_split(model: nn.Module, split: Split, reading_order: str) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of ``model`` on a split already on its device."""
     model.eval()
-    logits = predict_logits(model, split.images, reading_order)
+    logits = predict_logits(model, split.images, SEQUENCE_SHAPES[reading_order])
     loss = F.cross_entropy(logits, split.labels)
     accuracy = (logits.argmax(1) == split.labels).float().mean()
     return loss.item(), accuracy.item()
@@ -104,8 +103,7 @@ def train(
     model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
 
-    train_split = Split(data.train.images.to(device), data.train.labels.to(device))
-    val_split = Split(data.val.images.to(device), data.val.labels.to(device))
+    train_split, val_split = data.train.to(device), data.val.to(device)
     n_train = len(train_split.labels)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     scheduler = _scheduler(optimizer, config, total_steps=config.epochs * steps_per_epoch)
