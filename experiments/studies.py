@@ -91,8 +91,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
-        # Let a few trials finish and each trial run one epoch before judging it.
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1 if epochs > 1 else 0)
+        # Judge a trial from its first epoch on, against the median of the trials before it at the
+        # same epoch, once three trials have given that median a meaning.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     if name == "none":

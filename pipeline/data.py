@@ -175,9 +175,10 @@ def _download(spec: DatasetSpec, data_dir, dirs: list[Path]) -> None:
         spec.torchvision_class(str(data_dir), train=False, download=True)
     except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
         looked = ", ".join(str(d) for d in dirs)
+        reason = " ".join(f"{type(error).__name__}: {error}".split())  # torchvision's message spans lines
         raise DataError(
             f"{', '.join(missing)} not found (looked in {looked}) and the download failed "
-            f"({type(error).__name__}: {error}); copy the raw files (.gz or not) into "
+            f"({reason}); copy the raw files (.gz or not) into "
             f"{Path(data_dir) / spec.folder / 'raw'} or pass -P data_dir=<folder holding {spec.folder}/raw>"
         ) from None
 

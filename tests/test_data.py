@@ -133,3 +133,17 @@ def test_reading_order_shapes_and_scales(order, shape):
     sequences = to_sequences(images, order)
     assert sequences.shape == shape and sequences.dtype == torch.float32
     assert sequences.max() == 1.0 and sequences.flatten(1)[0, 1] == 0.0  # row-major: pixel (0, 1) is step/feature 1
+
+
+def test_fashion_mnist_is_also_found_where_debian_installs_it(tmp_path, monkeypatch):
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    spec = write_synthetic_mnist(tmp_path / "written")
+    for path in (tmp_path / "written" / "MNIST" / "raw").iterdir():
+        debian.mkdir(exist_ok=True)
+        path.rename(debian / path.name)  # flat, as the Debian package lays them out
+    fashion = data_module.DATASETS["fashion-mnist"]
+    assert fashion.extra_dirs == ("/usr/share/datasets/fashion-mnist",)
+    monkeypatch.setitem(data_module.DATASETS, "fashion-mnist",
+                        data_module.DatasetSpec(fashion.torchvision_class, fashion.folder, spec.files, (str(debian),)))
+    train, test, _ = load_raw("fashion-mnist", tmp_path / "empty-data-dir")
+    assert (len(train.labels), len(test.labels)) == (400, 100)
