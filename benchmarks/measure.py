@@ -107,9 +107,9 @@ def run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, *,
 
 
 def load_mnist_train(loop: str, raw_root: str) -> Split | None:
-    """The full MNIST training split, which only the project's loop holds in memory."""
+    """The full MNIST training split as the project's loop takes it (uint8 tensors)."""
     if loop != "project":
-        return None  # the tutorial's DataLoader reads through torchvision's dataset instead
+        return None  # the tutorial's loop builds torchvision datasets itself, inside train_tutorial
     mnist_train, _, _ = load_raw("mnist", raw_root)
     return mnist_train
 
