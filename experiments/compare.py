@@ -43,6 +43,12 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
     columns |= {f"metrics.{name}": name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS])}
     present = {source: name for source, name in columns.items() if source in table and table[source].notna().any()}
     table = table[list(present)].rename(columns=present)
+    for name in PARAM_COLUMNS:  # MLflow keeps params as strings; numbers sort and print better as numbers
+        if name in table:
+            try:
+                table[name] = pd.to_numeric(table[name])
+            except (ValueError, TypeError):
+                pass
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
 
@@ -52,7 +58,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
     def cell(value) -> str:
         if isinstance(value, float):
-            return "" if pd.isna(value) else f"{value:.4f}"
+            return "" if pd.isna(value) else f"{value:.4g}"
         return "" if value is None else str(value)
 
     rows = [list(table.columns), ["---"] * len(table.columns)] + [[cell(v) for v in row] for row in table.itertuples(index=False)]

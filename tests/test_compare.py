@@ -29,7 +29,7 @@ def test_a_study_leaderboard_is_sorted_cut_and_written(tracking, tmp_path, capsy
     assert table["run"].tolist() == ["trial-1", "trial-2"]  # best first, the other study left out
     assert table["hidden_size"].tolist() == [64, 128] and table["rank"].tolist() == [1, 2]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert markdown.splitlines()[1].startswith("| --- |") and "| 0.9700 |" in markdown
+    assert markdown.splitlines()[1].startswith("| --- |") and "| 0.97 |" in markdown
     assert markdown.strip() == capsys.readouterr().out.strip()
 
     compare.main(["--parent-run", parent, "--ascending", "--output-dir", str(tmp_path / "asc")])
