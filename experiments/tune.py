@@ -161,9 +161,10 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     study = optuna.load_study(
         study_name=job.config.study_name,
         storage=open_storage(job.config.storage),
-        sampler=make_sampler(job.config.sampler, job.config.seed + job.worker),
         pruner=pruner or make_pruner(job.config.pruner, job.config.epochs),
     )
+    # Seeded, but neither two workers nor a resumed study may replay the same random draws.
+    study.sampler = make_sampler(job.config.sampler, job.config.seed + job.worker + 1009 * len(study.get_trials(deepcopy=False)))
     study.optimize(
         lambda trial: objective(trial, job, data),
         n_trials=job.n_trials,
@@ -215,14 +216,9 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
     ``pruner`` overrides the named one (tests use it to force pruning). Returns a summary dict.
     """
     definition = STUDIES[config.study]
-    study = optuna.create_study(
-        study_name=config.study_name,
-        storage=open_storage(config.storage),
-        sampler=make_sampler(config.sampler, config.seed),
-        pruner=pruner or make_pruner(config.pruner, config.epochs),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    # The sampler and pruner are the workers' own (run_worker); the storage keeps neither.
+    study = optuna.create_study(study_name=config.study_name, storage=open_storage(config.storage),
+                                direction="maximize", load_if_exists=True)
     if not study.trials:
         study.enqueue_trial(definition.baseline)  # trial 0: the known configuration to beat
 
