@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import struct
 import tempfile
 import zlib
@@ -260,7 +261,10 @@ def load_prepared(folder: str | os.PathLike) -> PreparedData:
         path = folder / entry["file"]
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path}: missing or does not match its manifest checksum; rerun the prepare stage")
-        tensors = torch.load(path, weights_only=True)  # plain tensors only: no pickled code runs
+        try:
+            tensors = torch.load(path, weights_only=True)  # plain tensors only: no pickled code runs
+        except pickle.UnpicklingError as error:
+            raise DataError(f"{path}: refused, it holds more than plain tensors ({error}); rerun the prepare stage") from None
         splits[name] = Split(tensors["images"], tensors["labels"].long())
     return PreparedData(**splits, manifest=manifest)
 

@@ -147,3 +147,20 @@ def test_fashion_mnist_is_also_found_where_debian_installs_it(tmp_path, monkeypa
                         data_module.DatasetSpec(fashion.torchvision_class, fashion.folder, spec.files, (str(debian),)))
     train, test, _ = load_raw("fashion-mnist", tmp_path / "empty-data-dir")
     assert (len(train.labels), len(test.labels)) == (400, 100)
+
+
+def test_a_prepared_file_holding_pickled_code_is_refused(tmp_path, synthetic_mnist):
+    folder, _, _ = prepared_folder(tmp_path, synthetic_mnist)
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"images": Planted(), "labels": torch.zeros(1)}, folder / "val.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["val"]["sha256"] = data_module.sha256_file(folder / "val.pt")  # even with a matching checksum
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="val.pt: refused, it holds more than plain tensors"):
+        load_prepared(folder)
+    assert not marker.exists()

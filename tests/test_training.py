@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training import Checkpoints, evaluate_split, train
+from pipeline.training import Checkpoints, TrainingDiverged, evaluate_split, train
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
@@ -95,3 +95,30 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
     newest.write_bytes(newest.read_bytes()[:1000])
     assert Checkpoints(tmp_path).latest()["epoch"] == 2
     assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+class PlantMarker:
+    """Unpickling this object would create a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path / "ckpt", progress=False)
+    marker = tmp_path / "pwned"
+    torch.save({"epoch": 99, "payload": PlantMarker(marker)}, tmp_path / "ckpt" / "epoch-0099.pt")
+    assert Checkpoints(tmp_path / "ckpt").latest()["epoch"] == 3  # the planted newest one is skipped
+    assert not marker.exists()
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path):
+    data = tiny_prepared()
+    exploding = dataclasses.replace(data, manifest={**data.manifest, "pixel_std": 0.0})  # inputs become inf and nan
+    with pytest.raises(TrainingDiverged, match="train_loss is nan in epoch 1; lower learning_rate"):
+        train(TINY, exploding, checkpoint_dir=tmp_path, progress=False)
+    assert Checkpoints(tmp_path).paths() == []  # nothing written from the diverged epoch
