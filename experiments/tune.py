@@ -235,7 +235,9 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
     return summary
 
 
-def search(study, config, prepare_config, parent, data_ref, env_manager, pruner) -> dict:
+def search(study: optuna.Study, config: TuneConfig, prepare_config: PrepareConfig, parent: mlflow.ActiveRun,
+           data_ref: str, env_manager: str, pruner: optuna.pruners.BasePruner | None) -> dict:
+    """Inside the open parent run: get the data, run the workers, then summarise and retrain."""
     definition = STUDIES[config.study]
     with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
         log_params({
