@@ -38,7 +38,7 @@ from pipeline.evaluate import evaluate_and_log
 from pipeline.main import code_version, run_stage
 from pipeline.tracking import PREPARED_ARTIFACT, download, log_params
 from pipeline.train import train_and_log
-from pipeline.training import TrainingDiverged, resolve_device
+from pipeline.training import TrainingDiverged
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
 CHAMPION = "champion"
@@ -138,8 +138,6 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
 
 
 def log_peak_memory() -> None:
-    if mlflow.active_run() is None:
-        return
     metrics = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -335,9 +333,7 @@ def retrain_best(study: optuna.Study, config: TuneConfig, data: PreparedData) ->
         result, model_info = train_and_log(best_config, data)
         model_uri = model_info.model_uri
     with mlflow.start_run(run_name="best-evaluate", nested=True, tags={"pipeline.stage": "evaluate", "pipeline.model": model_uri}):
-        device = resolve_device(config.device)
-        model = result.model.to(device).eval()
-        evaluation = evaluate_and_log(model, data.test.to(device), SEQUENCE_SHAPES[best_config.reading_order], data.manifest["dataset"], EvaluateConfig(device=config.device))
+        evaluation = evaluate_and_log(result.model, data.test.to(result.device), SEQUENCE_SHAPES[best_config.reading_order], data.manifest["dataset"], EvaluateConfig(device=config.device))
     mlflow.log_metric("best_test_accuracy", evaluation.test_accuracy)
     version, crowned = register(model_uri, config, evaluation.test_accuracy)
     return {"test_accuracy": evaluation.test_accuracy, "model_version": version, "champion": crowned, "retrain_run": run.info.run_id}
