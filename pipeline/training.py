@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +31,17 @@ from pipeline.model import LSTMClassifier, build_model
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the batch in progress finished and a checkpoint was written."""
+
+    def __init__(self, signal_number: int, checkpoint: Path | None):
+        name = signal.Signals(signal_number).name
+        where = f"; checkpoint {checkpoint}" if checkpoint else " (no checkpoint_dir: nothing saved)"
+        super().__init__(f"stopped by {name} after the batch in progress{where}")
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -95,7 +109,9 @@ def train(
 
     ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned).
     With ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes
-    from the newest valid one found there.
+    from the newest valid one found there. SIGINT or SIGTERM stops it after the batch in
+    progress, writes a checkpoint of that position and raises TrainingInterrupted; resuming from
+    it gives the same result as never stopping.
     """
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -112,104 +128,154 @@ def train(
     history: list[EpochMetrics] = []
     best_state, best_epoch, best_val_accuracy = None, 0, -1.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
-    start_epoch = 1
+    start_epoch, partial = 1, None
     if checkpoints and (saved := checkpoints.latest()):
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         shuffle.set_state(saved["shuffle_rng"])
         torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         history = [EpochMetrics(**m) for m in saved["history"]]
         best_state, best_epoch, best_val_accuracy = saved["best_model"], saved["best_epoch"], saved["best_val_accuracy"]
-        start_epoch = saved["epoch"] + 1
-        print(f"resuming from the checkpoint of epoch {saved['epoch']} in {checkpoints.folder}", file=sys.stderr)
+        start_epoch, partial = saved["epoch"] + 1, saved.get("partial")
+        within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
+        print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
     resumed_from = start_epoch - 1
+
+    def checkpoint_state(epoch: int, **extra) -> dict:
+        """Everything needed to continue after ``epoch`` bit for bit (``partial``: inside the next one)."""
+        state = {
+            "epoch": epoch,
+            "config": dataclasses.asdict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "shuffle_rng": shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [dataclasses.asdict(m) for m in history],
+            "best_model": best_state,
+            "best_epoch": best_epoch,
+            "best_val_accuracy": best_val_accuracy,
+            **extra,
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
 
     show_bar = sys.stderr.isatty() if progress is None else progress
     stopped_early = False
-    for epoch in range(start_epoch, config.epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(n_train, generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        batches = range(0, n_train, config.batch_size)
-        if show_bar:
-            from tqdm.auto import tqdm
+    with stop_requests() as stop:
+        for epoch in range(start_epoch, config.epochs + 1):
+            model.train()
+            if partial:  # resume inside this epoch, where the interrupted run stopped
+                order, first = partial["order"].to(device), partial["next_start"]
+                loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+                started = time.perf_counter() - partial["seconds"]
+                partial = None
+            else:
+                order, first = torch.randperm(n_train, generator=shuffle).to(device), 0
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
+                started = time.perf_counter()
+            batches = range(first, n_train, config.batch_size)
+            if show_bar:
+                from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
-        for start in batches:
-            index = order[start : start + config.batch_size]
-            x = to_sequences(train_split.images[index], config.reading_order)  # (B, T, F)
-            y = train_split.labels[index]  # (B,)
-            logits = model(x)  # (B, 10)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(index)
-            correct += (logits.argmax(1) == y).sum()
+                batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+            for start in batches:
+                index = order[start : start + config.batch_size]
+                x = to_sequences(train_split.images[index], config.reading_order)  # (B, T, F)
+                y = train_split.labels[index]  # (B,)
+                logits = model(x)  # (B, 10)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * len(index)
+                correct += (logits.argmax(1) == y).sum()
+                if stop.signal_number:  # a plain Python int: checking it costs no host sync
+                    path = None
+                    if checkpoints:
+                        position = {"order": order.cpu(), "next_start": start + config.batch_size, "loss_sum": loss_sum.cpu(),
+                                    "correct": correct.cpu(), "seconds": time.perf_counter() - started}
+                        path = checkpoints.save(f"epoch-{epoch:04d}-partial", checkpoint_state(epoch - 1, partial=position))
+                    raise TrainingInterrupted(stop.signal_number, path)
 
-        train_loss = loss_sum.item() / n_train  # the epoch's one host sync
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                f"train_loss is {train_loss} in epoch {epoch}; lower learning_rate "
-                f"(now {config.learning_rate}) or set max_grad_norm"
+            train_loss = loss_sum.item() / n_train  # the epoch's one host sync
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"train_loss is {train_loss} in epoch {epoch}; lower learning_rate "
+                    f"(now {config.learning_rate}) or set max_grad_norm"
+                )
+            val_loss, val_accuracy = evaluate_split(model, val_split, config.reading_order)
+            seconds = time.perf_counter() - started
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=train_loss,
+                train_accuracy=correct.item() / n_train,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                epoch_seconds=seconds,
+                samples_per_second=n_train / seconds,
+                learning_rate=optimizer.param_groups[0]["lr"],
             )
-        val_loss, val_accuracy = evaluate_split(model, val_split, config.reading_order)
-        seconds = time.perf_counter() - started
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=correct.item() / n_train,
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            epoch_seconds=seconds,
-            samples_per_second=n_train / seconds,
-            learning_rate=optimizer.param_groups[0]["lr"],
-        )
-        history.append(metrics)
-        if val_accuracy > best_val_accuracy:
-            best_val_accuracy, best_epoch = val_accuracy, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        print(
-            f"epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  train_accuracy {metrics.train_accuracy:.4f}  "
-            f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s  "
-            f"{metrics.samples_per_second:.0f} samples/s",
-            file=sys.stderr,
-            flush=True,
-        )
-        if checkpoints:
-            checkpoints.save(
-                epoch,
-                {
-                    "epoch": epoch,
-                    "config": dataclasses.asdict(config),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "shuffle_rng": shuffle.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": [dataclasses.asdict(m) for m in history],
-                    "best_model": best_state,
-                    "best_epoch": best_epoch,
-                    "best_val_accuracy": best_val_accuracy,
-                },
+            history.append(metrics)
+            if val_accuracy > best_val_accuracy:
+                best_val_accuracy, best_epoch = val_accuracy, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            print(
+                f"epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  train_accuracy {metrics.train_accuracy:.4f}  "
+                f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s  "
+                f"{metrics.samples_per_second:.0f} samples/s",
+                file=sys.stderr,
+                flush=True,
             )
-        if on_epoch:
-            on_epoch(metrics)
-        if config.patience and epoch - best_epoch >= config.patience:
-            stopped_early = True
-            print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
-            break
+            if checkpoints:
+                checkpoints.save(f"epoch-{epoch:04d}", checkpoint_state(epoch))
+            if on_epoch:
+                on_epoch(metrics)
+            if config.patience and epoch - best_epoch >= config.patience:
+                stopped_early = True
+                print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
+                break
 
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, history, best_epoch, best_val_accuracy, device, stopped_early, resumed_from)
+
+
+@contextmanager
+def stop_requests():
+    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
+    progress; a second one stops at once. Outside the main thread signals stay as they are."""
+
+    class Stop:
+        signal_number = 0
+
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signal_number, frame):
+        if stop.signal_number:  # asked twice: do not wait for the batch
+            raise KeyboardInterrupt
+        stop.signal_number = signal_number
+        print(f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -233,9 +299,10 @@ class Checkpoints:
     def paths(self) -> list[Path]:
         return sorted(self.folder.glob("epoch-*.pt"))
 
-    def save(self, epoch: int, state: dict) -> Path:
+    def save(self, name: str, state: dict) -> Path:
+        """Write ``<name>.pt``; names sort in training order (``epoch-0003-partial`` before ``epoch-0003``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"epoch-{epoch:04d}.pt"
+        path = self.folder / f"{name}.pt"
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         for old in self.paths()[: -self.keep]:
             old.unlink()

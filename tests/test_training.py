@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training import Checkpoints, TrainingDiverged, evaluate_split, train
+from pipeline.training import Checkpoints, TrainingDiverged, TrainingInterrupted, evaluate_split, train
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
@@ -76,6 +78,38 @@ def test_a_crashed_run_resumes_to_the_same_result(tmp_path):
         train(config, data, checkpoint_dir=tmp_path, on_epoch=crash_after(2), progress=False)
     resumed = train(config, data, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_epoch == 2
+    assert losses(resumed) == losses(uninterrupted)
+    for name, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def signal_after(epoch, signal_number):
+    """Send ourselves a signal at the end of ``epoch``: the next batch is the one in progress."""
+
+    def on_epoch(metrics):
+        if metrics.epoch == epoch:
+            os.kill(os.getpid(), signal_number)
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_batch_and_the_rerun_resumes_there(tmp_path, signal_number, capsys):
+    data = tiny_prepared()
+    config = dataclasses.replace(TINY, dropout=0.2, num_layers=2)
+    uninterrupted = train(config, data, progress=False)
+    handler_before = signal.getsignal(signal_number)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, data, checkpoint_dir=tmp_path, on_epoch=signal_after(1, signal_number), progress=False)
+    assert signal.getsignal(signal_number) is handler_before  # the loop put the old handler back
+    assert stopped.value.signal_number == signal_number
+    assert stopped.value.checkpoint == tmp_path / "epoch-0002-partial.pt"
+    position = torch.load(stopped.value.checkpoint, weights_only=True)
+    assert position["epoch"] == 1 and position["partial"]["next_start"] == config.batch_size  # one batch of epoch 2 done
+    assert "stopping after this batch" in capsys.readouterr().err
+
+    resumed = train(config, data, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_epoch == 1
     assert losses(resumed) == losses(uninterrupted)
     for name, value in uninterrupted.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
