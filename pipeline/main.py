@@ -5,7 +5,8 @@ run of the parent; stages hand over only run ids. A stage whose parameters, inpu
 unchanged since a FINISHED run of it is not run again: that run is reused. The match is a
 content key (a hash of the stage name, its parameters, its input run ids and the source of
 ``pipeline/``, ``MLproject`` and the requirements), stored as a tag on the finished run only,
-so failed, killed or still-running stage runs are never reused.
+so failed, killed or still-running stage runs are never reused. An interrupted train run is
+resumed by the train stage itself (see ``pipeline/train.py``) and takes its place here.
 
     mlflow run . --env-manager local -P data_dir=../shared/data -P epochs=2
 """
@@ -23,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs
-from pipeline.tracking import log_params
+from pipeline.tracking import RESUMED_RUN_TAG, log_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -75,6 +76,9 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         env_manager=env_manager, run_name=stage, synchronous=True,
     )
     run_id = submitted.run_id
+    if resumed := client.get_run(run_id).data.tags.get(RESUMED_RUN_TAG):
+        client.delete_run(run_id)  # an empty shell: the stage continued its interrupted run instead
+        run_id = resumed
     client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)  # nests it under the pipeline run in the UI
     client.set_tag(run_id, CONTENT_KEY_TAG, key)  # only now that it finished
     return run_id

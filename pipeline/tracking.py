@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
+import socket
+import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
+from pipeline.config import fail
 from pipeline.data import PreparedData, load_prepared
 
 # MLflow's per-file download bars drown the stages' own progress lines.
@@ -21,19 +27,106 @@ MODEL_NAME = "model"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+# Tags every stage run carries, so that a rerun can tell an interrupted run from a live one.
+HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"
+RESUME_KEY_TAG = "pipeline.resume_key"  # what the run computes: a rerun with the same key may resume it
+ERROR_TAG = "pipeline.error"  # set when the stage failed by itself (bad input, divergence): never resumed
+RESUMED_RUN_TAG = "pipeline.resumed_run"  # on the run `mlflow run` opened, when the stage resumed another
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler's preemption, `kill`): handled like Ctrl-C."""
+
+    signal_number = signal.SIGTERM
+
+
 @contextmanager
-def stage_run(stage: str, **tags: str):
+def stage_run(stage: str, resume_key: str | None = None, **tags: str):
     """Open this stage's MLflow run, or join the one `mlflow run` created for it.
 
-    An exception ends the run FAILED and propagates; Ctrl-C ends it KILLED.
+    With ``resume_key``, an interrupted run with the same key (killed, or running with its
+    process gone) is resumed instead: same run id, so the same checkpoint folder and metric
+    history. An exception ends the run FAILED, with its message in ``pipeline.error``, and
+    propagates. Ctrl-C or SIGTERM ends it KILLED and exits with 128 + the signal's number.
     """
-    with mlflow.start_run(run_name=stage) as run:
-        mlflow.set_tags({"pipeline.stage": stage, **tags})
+    interrupted = find_interrupted(resume_key) if resume_key else None
+    if interrupted:
+        print(f"resuming the interrupted {stage} run {interrupted.info.run_id} ({interrupted.info.status})", file=sys.stderr)
+        if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
+            MlflowClient().set_tag(launched, RESUMED_RUN_TAG, interrupted.info.run_id)
+    run_id = interrupted.info.run_id if interrupted else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run, sigterm_raises(Terminated):
+        mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags})
+        if resume_key:
+            mlflow.set_tag(RESUME_KEY_TAG, resume_key)
         try:
             yield run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stopped:
             mlflow.end_run(status="KILLED")
+            number = getattr(stopped, "signal_number", signal.SIGINT)
+            then = "rerun the same command to resume it" if resume_key else "rerun the same command to start it again"
+            fail(f"{stopped or signal.Signals(number).name}; run {run.info.run_id} ended KILLED: {then}", 128 + number)
+        except Exception as error:
+            mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
             raise
+
+
+@contextmanager
+def sigterm_raises(exception: type[BaseException]):
+    """Turn SIGTERM into ``exception`` (by default it kills the process before any cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signal_number, frame):
+        raise exception()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def find_interrupted(resume_key: str):
+    """The newest run of ``resume_key`` that stopped before finishing and may be continued."""
+    runs = MlflowClient().search_runs(
+        [current_experiment_id()],
+        filter_string=f"tags.`{RESUME_KEY_TAG}` = '{resume_key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if ERROR_TAG in run.data.tags:
+            continue  # it failed by itself; a rerun should start afresh
+        if run.info.status == "RUNNING" and process_alive(run.data.tags):
+            continue  # someone is still running it
+        return run
+    return None
+
+
+def process_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that tagged a run still runs; on another host we cannot tell, so yes."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return True
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
+
+
+def current_experiment_id() -> str:
+    """The experiment a new run would go to, from the environment `mlflow run` and users set."""
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):
+        return MlflowClient().get_run(run_id).info.experiment_id
+    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return experiment_id
+    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        experiment = mlflow.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else "0"
+    return "0"  # MLflow's Default experiment
 
 
 def log_params(params: dict) -> None:

@@ -8,6 +8,8 @@ Writes: params (every TrainConfig field, ``parameter_count``, ``device``, librar
         artifact ``model`` (the best-validation weights, pickle-free pt2, with signature and
         input example) and ``learning_curves.png``; a checkpoint per epoch under
         ``--checkpoint-dir/<run id>/``.
+Resumes: rerunning an interrupted command (Ctrl-C, SIGTERM, kill -9) continues the same run
+        from its last checkpoint; a Ctrl-C or SIGTERM checkpoints the batch in progress first.
 
     python -m pipeline.train --data <prepare run id> --hidden-size 64 --num-layers 1
 """
@@ -15,6 +17,8 @@ Writes: params (every TrainConfig field, ``parameter_count``, ``device``, librar
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +37,7 @@ from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, bu
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.tracking import MODEL_NAME, library_versions, load_prepared_run, log_params, stage_run
-from pipeline.training import EpochMetrics, TrainResult, TrainingDiverged, resolve_device, train
+from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, resolve_device, train
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
 
@@ -63,11 +67,22 @@ def train_and_log(
             on_epoch(metrics)
 
     result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir)
+    if result.resumed_from_epoch:
+        log_missing_epochs(result.history)
     log_params({"parameter_count": count_parameters(result.model)})
     mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
     mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
     model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
     return result, model_info
+
+
+def log_missing_epochs(history: list[EpochMetrics]) -> None:
+    """After a resume: log the epochs the interrupted process checkpointed but did not live to log."""
+    run_id = mlflow.active_run().info.run_id
+    logged = {metric.step for metric in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
+    for metrics in history:
+        if metrics.epoch not in logged:
+            mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
 
 
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
@@ -114,12 +129,19 @@ def main(argv: list[str] | None = None) -> None:
         data = load_prepared_run(args.data)
     except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
         fail(f"--data {args.data}: {error}")
-    with stage_run("train", **{"pipeline.data": args.data}) as run:
-        try:
-            result, _ = train_and_log(config, data, checkpoint_dir=Path(args.checkpoint_dir) / run.info.run_id)
-        except TrainingDiverged as error:
-            fail(str(error))
+    checkpoint_root = Path(args.checkpoint_dir).resolve()
+    try:
+        with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
+            result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id)
+    except TrainingDiverged as error:  # the run ended FAILED; its last good checkpoint stays
+        fail(str(error))
     print(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr)
+
+
+def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:
+    """What makes two train commands the same: a rerun of an interrupted one continues its run."""
+    payload = json.dumps({"config": dataclasses.asdict(config), "data": data, "checkpoint_dir": str(checkpoint_root)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 if __name__ == "__main__":

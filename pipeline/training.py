@@ -253,7 +253,7 @@ def train(
 @contextmanager
 def stop_requests():
     """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
-    progress; a second one stops at once. Outside the main thread signals stay as they are."""
+    progress; the same signal again stops at once. Outside the main thread signals stay as they are."""
 
     class Stop:
         signal_number = 0
@@ -264,9 +264,10 @@ def stop_requests():
         return
 
     def request(signal_number, frame):
-        if stop.signal_number:  # asked twice: do not wait for the batch
+        if stop.signal_number == signal_number:  # asked twice: do not wait for the batch
             raise KeyboardInterrupt
-        stop.signal_number = signal_number
+        # Another signal (the SIGTERM `mlflow run` sends its stage after a Ctrl-C) changes nothing.
+        stop.signal_number = stop.signal_number or signal_number
         print(f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
