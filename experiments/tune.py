@@ -17,18 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import multiprocessing
 import os
+import random
 import resource
+import socket
 import sys
 import tempfile
+import time
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
 from pipeline.config import (EvaluateConfig, OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig,
@@ -36,11 +45,12 @@ from pipeline.config import (EvaluateConfig, OneLineParser, ParameterError, Prep
 from pipeline.data import SEQUENCE_SHAPES, PreparedData, load_prepared
 from pipeline.evaluate import evaluate_and_log
 from pipeline.main import code_version, run_stage
-from pipeline.tracking import PREPARED_ARTIFACT, download, log_params
+from pipeline.tracking import PREPARED_ARTIFACT, download, log_params, process_alive
 from pipeline.train import train_and_log
 from pipeline.training import TrainingDiverged
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
+SUMMARISED_ATTR = "summarised_at_trials"  # study user attribute: the trial count last summarised
 CHAMPION = "champion"
 # A trial that fails with one of these is marked FAIL and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
@@ -49,13 +59,23 @@ TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
 # --- storage --------------------------------------------------------------------------------------
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
-    """An RDB URL as Optuna takes it, or a journal file (crash-safe, shared by local processes)."""
-    if "://" in storage:
-        return storage
-    from optuna.storages.journal import JournalFileBackend
+def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats (a trial whose worker died is failed and retried once), or a
+    journal file (crash-safe, shared by the processes of one machine).
 
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
+    """
+    if "://" not in config.storage:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
+    return optuna.storages.RDBStorage(
+        os.path.expandvars(config.storage),
+        engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
+        heartbeat_interval=config.heartbeat_interval,
+        grace_period=3 * config.heartbeat_interval,
+        heartbeat_stale_trial_callback=retry_stale_trial,
+    )
 
 
 def public_storage(storage: str) -> str:
@@ -72,12 +92,16 @@ def check_storage(storage: str) -> None:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+        scheme = storage.split("://")[0]
         try:
-            make_url(storage).get_dialect()
+            url = make_url(storage)
+            url.get_dialect()
         except (ArgumentError, NoSuchModuleError, ValueError):  # the URL is not echoed: it may hold a password
-            scheme = storage.split("://")[0]
             raise ParameterError(f"storage={scheme}://... is not allowed: must be a journal file path or an RDB URL "
                                  "(sqlite://, postgresql://, mysql://)") from None
+        if url.password and not (url.password.startswith("${") and url.password.endswith("}")):
+            raise ParameterError(f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
+                                 "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)")
     elif not Path(storage).resolve().parent.is_dir():
         raise ParameterError(f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist")
 
@@ -93,9 +117,7 @@ class WorkerJob:
     parent_run_id: str
     experiment_id: str
     data_folder: str
-    n_trials: int
     worker: int = 0
-    show_progress_bar: bool = False
 
 
 def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
@@ -104,8 +126,10 @@ def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
 
 
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
+def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData, started: Callable[[], None] = lambda: None) -> float:
     """Train one sampled configuration in its own child run; return its best val_accuracy."""
+    started()  # the trial exists: other workers may ask for theirs
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     config = trial_config(job.config, trial)
     tags = {"pipeline.stage": "trial", "optuna.study_name": job.config.study_name, "optuna.trial_number": str(trial.number)}
     with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
@@ -151,26 +175,122 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# --- workers sharing one study, on one machine or many --------------------------------------------
+
+
+class StudyLock:
+    """Mutual exclusion among all workers of a study, on any machine that reaches its storage.
+
+    The lock is a helper study named ``<study>.lock`` that exists while someone holds it:
+    creating a study is atomic in every Optuna storage. It is held only while a worker asks for
+    its next trial, so one that stays ``stale_after`` seconds belongs to a dead worker and is broken.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, stale_after: float = 60.0):
+        self.storage, self.name, self.stale_after = storage, f"{study_name}.lock", stale_after
+        self.held = False
+
+    def acquire(self) -> None:
+        token = uuid.uuid4().hex
+        seen, seen_since = None, time.monotonic()
+        while True:
+            try:
+                optuna.create_study(study_name=self.name, storage=self.storage).set_user_attr("holder", token)
+                self.held = True
+                return
+            except optuna.exceptions.DuplicatedStudyError:
+                pass
+            try:
+                holder = optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get("holder")
+            except KeyError:  # released meanwhile
+                continue
+            if holder != seen:
+                seen, seen_since = holder, time.monotonic()
+            elif time.monotonic() - seen_since > self.stale_after:
+                print(f"breaking the lock {self.name}: held for over {self.stale_after:.0f} s by a dead worker", file=sys.stderr)
+                self._delete()
+            time.sleep(random.uniform(0.005, 0.05))
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._delete()
+
+    def _delete(self) -> None:
+        try:
+            optuna.delete_study(study_name=self.name, storage=self.storage)
+        except KeyError:  # someone else broke it
+            pass
+
+
+def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker died: end its MLflow run FAILED and queue its parameters once more."""
+    worker = trial.user_attrs.get("worker", "its worker")
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        client = MlflowClient()
+        try:
+            client.set_tag(run_id, "optuna.trial_state", "FAIL")
+            client.set_tag(run_id, "optuna.fail_reason", f"{worker} stopped while running it")
+            client.set_terminated(run_id, "FAILED")
+        except mlflow.exceptions.MlflowException as error:
+            print(f"warning: could not end the MLflow run of trial {trial.number}: {error}", file=sys.stderr)
+    RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+    print(f"trial {trial.number}: {worker} stopped while running it; failed it and queued a retry", file=sys.stderr, flush=True)
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """The journal storage has no heartbeat: fail running trials whose process on this machine is gone."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        if host and not process_alive(host, pid):
+            study.tell(trial.number, state=TrialState.FAIL)
+            retry_stale_trial(study, trial)
+
+
+def next_step(study: optuna.Study, n_trials: int) -> str:
+    """``run`` a trial, ``wait`` for the running ones (a dead worker's is retried when found), or ``done``.
+
+    Call it holding the study's lock: the count and the trial asked for next must agree.
+    """
+    optuna.storages.fail_stale_trials(study)  # RDB storage: trials whose heartbeat stopped
+    fail_dead_local_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) for trial in trials} - {None}
+    states = {trial.state for trial in trials}
+    if TrialState.WAITING in states or len(trials) - len(retried) < n_trials:
+        return "run"
+    return "wait" if TrialState.RUNNING in states else "done"
+
+
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
-    """Run ``job.n_trials`` trials of the study; several workers may run this at once."""
+    """Run trials until the study has ``n_trials``; any number of workers may run this at once."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat helpers
     if job.config.n_workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.config.n_workers))
     data = load_prepared(job.data_folder)
-    study = optuna.load_study(
-        study_name=job.config.study_name,
-        storage=open_storage(job.config.storage),
-        pruner=pruner or make_pruner(job.config.pruner, job.config.epochs),
-    )
-    # Seeded, but neither two workers nor a resumed study may replay the same random draws.
-    study.sampler = make_sampler(job.config.sampler, job.config.seed + job.worker + 1009 * len(study.get_trials(deepcopy=False)))
-    study.optimize(
-        lambda trial: objective(trial, job, data),
-        n_trials=job.n_trials,
-        timeout=job.config.timeout or None,
-        catch=TRIAL_ERRORS,
-        callbacks=[print_progress(job.worker)],
-        show_progress_bar=job.show_progress_bar,
-    )
+    storage = open_storage(job.config)
+    study = optuna.load_study(study_name=job.config.study_name, storage=storage,
+                              pruner=pruner or make_pruner(job.config.pruner, job.config.epochs))
+    lock = StudyLock(storage, job.config.study_name)
+    deadline = time.monotonic() + (job.config.timeout or math.inf)
+    seeded = False
+    while time.monotonic() < deadline:
+        lock.acquire()
+        try:
+            step = next_step(study, job.config.n_trials)
+            if step == "run":
+                if not seeded:  # seeded, yet no two workers and no resumed study replay the same draws
+                    study.sampler = make_sampler(job.config.sampler, job.config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+                    seeded = True
+                study.optimize(lambda trial: objective(trial, job, data, started=lock.release), n_trials=1,
+                               catch=TRIAL_ERRORS, callbacks=[print_progress(job.worker)])
+        finally:
+            lock.release()
+        if step == "done":
+            return
+        if step == "wait":
+            time.sleep(min(5, job.config.heartbeat_interval))
 
 
 def print_progress(worker: int):
@@ -188,23 +308,28 @@ def print_progress(worker: int):
 # --- the study --------------------------------------------------------------------------------
 
 
-def start_parent_run(study: optuna.Study, config: TuneConfig) -> mlflow.ActiveRun:
-    """Resume the study's parent run if it has one, else open it and remember it in the study."""
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if run_id:
+def create_or_load_study(config: TuneConfig, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it: of workers starting together, exactly one does."""
+    try:
+        return optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize"), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=config.study_name, storage=storage), False
+
+
+def start_parent_run(study: optuna.Study, config: TuneConfig, created: bool) -> mlflow.ActiveRun:
+    """Join the study's parent run; the worker that created the study opens it and records it there."""
+    if not created:
+        deadline = time.monotonic() + 120
+        while not (run_id := study.user_attrs.get(PARENT_RUN_ATTR)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # its creator records the run moments after creating the study
         try:
             MlflowClient().get_run(run_id)
             return mlflow.start_run(run_id=run_id)
         except mlflow.exceptions.MlflowException:
-            print(f"the study's parent run {run_id} is gone from this tracking store; opening a new one", file=sys.stderr)
+            print(f"the study's parent run {run_id} is not in this tracking store; opening a new one", file=sys.stderr)
     run = mlflow.start_run(run_name=config.study_name, tags={"pipeline.stage": "tune", "optuna.study_name": config.study_name})
     study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
     return run
-
-
-def split_trials(n_trials: int, n_workers: int) -> list[int]:
-    shares = [n_trials // n_workers + (i < n_trials % n_workers) for i in range(n_workers)]
-    return [share for share in shares if share]
 
 
 def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",
@@ -213,16 +338,13 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
 
     ``pruner`` overrides the named one (tests use it to force pruning). Returns a summary dict.
     """
-    definition = STUDIES[config.study]
-    # The sampler and pruner are the workers' own (run_worker); the storage keeps neither.
-    study = optuna.create_study(study_name=config.study_name, storage=open_storage(config.storage),
-                                direction="maximize", load_if_exists=True)
-    if not study.trials:
-        study.enqueue_trial(definition.baseline)  # trial 0: the known configuration to beat
-
-    parent = start_parent_run(study, config)
+    storage = open_storage(config)
+    study, created = create_or_load_study(config, storage)
+    if created:
+        study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
+    parent = start_parent_run(study, config, created)
     try:
-        summary = search(study, config, prepare_config, parent, data_ref, env_manager, pruner)
+        summary = search(study, storage, config, prepare_config, parent, data_ref, env_manager, pruner)
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")  # never left RUNNING; the rerun resumes this run
         raise
@@ -233,8 +355,8 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
     return summary
 
 
-def search(study: optuna.Study, config: TuneConfig, prepare_config: PrepareConfig, parent: mlflow.ActiveRun,
-           data_ref: str, env_manager: str, pruner: optuna.pruners.BasePruner | None) -> dict:
+def search(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig, prepare_config: PrepareConfig,
+           parent: mlflow.ActiveRun, data_ref: str, env_manager: str, pruner: optuna.pruners.BasePruner | None) -> dict:
     """Inside the open parent run: get the data, run the workers, then summarise and retrain."""
     definition = STUDIES[config.study]
     with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
@@ -247,18 +369,33 @@ def search(study: optuna.Study, config: TuneConfig, prepare_config: PrepareConfi
             data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
         mlflow.set_tag("pipeline.data", data_ref)
         folder = download(data_ref, PREPARED_ARTIFACT, tmp)
-        job = WorkerJob(config, parent.info.run_id, parent.info.experiment_id, str(folder), config.n_trials)
-        shares = split_trials(config.n_trials, config.n_workers)
-        if len(shares) == 1:
-            run_worker(dataclasses.replace(job, show_progress_bar=sys.stderr.isatty()), pruner)
+        job = WorkerJob(config, parent.info.run_id, parent.info.experiment_id, str(folder))
+        if config.n_workers == 1:
+            run_worker(job, pruner)
         else:
-            run_workers([dataclasses.replace(job, n_trials=share, worker=i) for i, share in enumerate(shares)])
+            run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
 
-        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
+        if not claim_summary(study, storage):
+            print("another worker of this study summarises it and retrains its best trial", file=sys.stderr)
+            return {"trials": len(study.get_trials(deepcopy=False)), "summarised_here": False}
         summary = summarise(study)
         if summary["complete_trials"]:
             summary.update(retrain_best(study, config, load_prepared(folder)))
     return summary
+
+
+def claim_summary(study: optuna.Study, storage: optuna.storages.BaseStorage) -> bool:
+    """Whether this worker summarises the study: the first to ask at each trial count does."""
+    lock = StudyLock(storage, study.study_name)
+    lock.acquire()
+    try:
+        count = len(study.get_trials(deepcopy=False))
+        if study.user_attrs.get(SUMMARISED_ATTR) == count:
+            return False
+        study.set_user_attr(SUMMARISED_ATTR, count)
+        return True
+    finally:
+        lock.release()
 
 
 def run_workers(jobs: list[WorkerJob]) -> None:
@@ -310,7 +447,6 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     import matplotlib.pyplot as plt
     import optuna.visualization as interactive
     import optuna.visualization.matplotlib as static
-    import warnings
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in PLOTS:

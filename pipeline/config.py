@@ -130,9 +130,13 @@ class TuneConfig:
     # A journal file is crash-safe and safe for several processes on one machine; pass an RDB
     # URL (postgresql://user@host/db) to share a study across machines.
     storage: str = param("optuna-studies.journal", "Optuna journal file, or an RDB URL such as postgresql://...")
-    n_trials: int = param(20, "trials this command runs, split over its workers", ge=1, le=100_000)
+    # Counted over the whole study: every worker on every machine stops when it has this many, so
+    # a rerun with a larger number continues it. Trials whose worker died are retried, not counted.
+    n_trials: int = param(20, "trials the study runs in all, whoever runs them", ge=1, le=100_000)
     timeout: int = param(0, "stop starting trials after this many seconds (0 = no limit)", ge=0)
     n_workers: int = param(1, "worker processes on this machine (they share its GPU)", ge=1, le=64)
+    # RDB storage only: a running trial silent for 3 heartbeats is failed and retried once.
+    heartbeat_interval: int = param(20, "seconds between a running trial's heartbeats (RDB storage)", ge=1, le=3600)
     epochs: int = param(3, "epochs per trial", ge=1, le=1000)
     sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes"))
     pruner: str = param("median", "stops weak trials early, by per-epoch val_accuracy", choices=("median", "hyperband", "none"))

@@ -98,18 +98,18 @@ def find_interrupted(resume_key: str):
     for run in runs:
         if ERROR_TAG in run.data.tags:
             continue  # it failed by itself; a rerun should start afresh
-        if run.info.status == "RUNNING" and process_alive(run.data.tags):
+        if run.info.status == "RUNNING" and process_alive(run.data.tags.get(HOST_TAG, ""), run.data.tags.get(PID_TAG, "")):
             continue  # someone is still running it
         return run
     return None
 
 
-def process_alive(tags: dict[str, str]) -> bool:
-    """Whether the process that tagged a run still runs; on another host we cannot tell, so yes."""
-    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+def process_alive(host: str, pid: str) -> bool:
+    """Whether process ``pid`` of ``host`` still runs; on another host we cannot tell, so yes."""
+    if host != socket.gethostname() or not pid.isdigit():
         return True
     try:
-        os.kill(int(tags[PID_TAG]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, but someone else's

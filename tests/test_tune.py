@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from experiments import tune as tune_module
 from experiments.studies import STUDIES
 from experiments.tune import register, tune
 from pipeline import prepare
-from pipeline.config import PrepareConfig, TuneConfig
+from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.training import TrainingDiverged
 
 
@@ -32,7 +36,7 @@ def runs_of(stage: str):
 
 
 def load(config: TuneConfig) -> optuna.Study:
-    return optuna.load_study(study_name=config.study_name, storage=tune_module.open_storage(config.storage))
+    return optuna.load_study(study_name=config.study_name, storage=tune_module.open_storage(config))
 
 
 def test_a_tiny_study_is_one_parent_with_a_child_per_trial(tmp_path, prepared_run):
@@ -107,14 +111,42 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path, prepared_run
     assert "TrainingDiverged: train_loss is nan" in failed.data.tags["optuna.fail_reason"]
 
 
-def test_rerunning_continues_the_study_under_the_same_parent(tmp_path, prepared_run):
-    config = smoke(tmp_path, n_trials=2)
-    tune(config, PrepareConfig(), prepared_run)
-    tune(config, PrepareConfig(), prepared_run)
-    assert [t.number for t in load(config).trials] == [0, 1, 2, 3]
+def test_rerunning_continues_the_study_under_the_same_parent(tmp_path, prepared_run, capsys):
+    tune(smoke(tmp_path, n_trials=2), PrepareConfig(), prepared_run)
+    tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # n_trials counts the whole study
+    assert [t.number for t in load(smoke(tmp_path)).trials] == [0, 1, 2, 3]
     [parent] = runs_of("tune")
     assert parent.info.status == "FINISHED"
     assert sorted(run.data.tags["optuna.trial_number"] for run in runs_of("trial")) == ["0", "1", "2", "3"]
+    assert len(runs_of("evaluate")) == 2  # each new result was retrained and evaluated
+
+    capsys.readouterr()
+    summary = tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # nothing left to do
+    assert summary == {"trials": 4, "summarised_here": False} and len(runs_of("trial")) == 4
+    assert len(runs_of("evaluate")) == 2
+
+
+def test_a_trial_whose_worker_died_is_failed_and_retried_when_the_study_resumes(tmp_path, prepared_run):
+    config = smoke(tmp_path, n_trials=2)
+    tune(config, PrepareConfig(), prepared_run)
+    # A worker of this machine died mid-trial: its trial and its MLflow run were left RUNNING.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    study = load(config)
+    orphan = study.ask(study.trials[0].distributions)  # sampled like any trial of the study
+    child = MlflowClient().create_run("0", tags={"pipeline.stage": "trial", "optuna.trial_number": str(orphan.number)})
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    orphan.set_user_attr("mlflow_run_id", child.info.run_id)
+
+    tune(smoke(tmp_path, n_trials=3), PrepareConfig(), prepared_run)
+    trials = load(config).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    retry = trials[3]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == orphan.number
+    assert retry.params == trials[2].params  # the same parameters, run again
+    orphan_run = MlflowClient().get_run(child.info.run_id)
+    assert orphan_run.info.status == "FAILED" and "stopped while running it" in orphan_run.data.tags["optuna.fail_reason"]
+    assert not [run for run in runs_of("trial") if run.info.status == "RUNNING"]
 
 
 def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
@@ -131,4 +163,8 @@ def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
 def test_passwords_stay_out_of_the_logged_storage():
     assert tune_module.public_storage("postgresql://optuna:s3cret@db:5432/studies") == "postgresql://optuna:***@db:5432/studies"
     assert tune_module.public_storage("studies.journal") == "studies.journal"
-    assert tune_module.split_trials(5, 2) == [3, 2] and tune_module.split_trials(1, 4) == [1]
+    with pytest.raises(ParameterError, match=r"storage=postgresql://\.\.\. holds a password") as refused:
+        tune_module.check_storage("postgresql://optuna:s3cret@db:5432/studies")
+    assert "s3cret" not in str(refused.value)
+    tune_module.check_storage("postgresql://optuna@db:5432/studies")  # PGPASSWORD or ~/.pgpass
+    tune_module.check_storage("postgresql://optuna:${OPTUNA_DB_PASSWORD}@db:5432/studies")  # read from the environment
