@@ -69,13 +69,21 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
-    return optuna.storages.RDBStorage(
-        os.path.expandvars(config.storage),
-        engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
-        heartbeat_interval=config.heartbeat_interval,
-        grace_period=3 * config.heartbeat_interval,
-        heartbeat_stale_trial_callback=retry_stale_trial,
-    )
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                os.path.expandvars(config.storage),
+                engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
+                heartbeat_interval=config.heartbeat_interval,
+                grace_period=3 * config.heartbeat_interval,
+                heartbeat_stale_trial_callback=retry_stale_trial,
+            )
+        except DBAPIError as error:  # workers starting together on a new database race to create its tables
+            if "already exists" not in str(error) or attempt == 4:
+                raise
+            time.sleep(random.uniform(0.2, 1.0))
 
 
 def public_storage(storage: str) -> str:

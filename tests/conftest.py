@@ -20,6 +20,7 @@ from pipeline import data as data_module
 from pipeline.data import DatasetSpec, RawFile
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.servers"]  # the PostgreSQL and MLflow server fixtures
 
 
 @pytest.fixture

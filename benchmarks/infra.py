@@ -1,0 +1,237 @@
+"""Throwaway shared infrastructure on loopback: a PostgreSQL cluster and an MLflow server with basic-auth.
+
+Plain context managers, used by the test fixtures (``tests/servers.py``) and the load test
+(``benchmarks/load_test.py``). Everything they write stays in the folder they are given, and
+everything they start is stopped on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+MISSING_POSTGRES = "PostgreSQL server binaries (initdb, pg_ctl) not found: run .ci/run, which installs Debian's postgresql"
+
+
+class InfraError(RuntimeError):
+    """A server could not be started; the message says why and shows its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no log written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path:
+    """The folder holding initdb and pg_ctl: Debian's newest /usr/lib/postgresql/<version>/bin, else PATH."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if debian:
+        return debian[-1].parent
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).resolve().parent
+    raise InfraError(MISSING_POSTGRES)
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """A running cluster: a superuser `postgres` with a password, reachable over TCP on 127.0.0.1."""
+
+    port: int
+    password: str
+    host: str = "127.0.0.1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql+psycopg2://postgres:{self.password}@{self.host}:{self.port}/postgres"
+
+    def create_database(self, name: str) -> str:
+        """A fresh database owned by a fresh login role of the same name; its SQLAlchemy URL."""
+        import psycopg2
+        from psycopg2 import sql
+
+        password = secrets.token_hex(16)  # hex: nothing to escape in a URL
+        conn = psycopg2.connect(host=self.host, port=self.port, user="postgres", password=self.password, dbname="postgres")
+        conn.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(name)), [password])
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
+        finally:
+            conn.close()
+        return f"postgresql+psycopg2://{name}:{password}@{self.host}:{self.port}/{name}"
+
+
+def _as_postgres_user(folder: Path) -> list[str]:
+    """The command prefix that runs PostgreSQL's tools in ``folder``; it refuses to run as root.
+
+    As root the tools run as Debian's `postgres` system user, which gets the folder and, since
+    temp folders (pytest's included) are private to root, the right to pass through (not list)
+    the folders above it.
+    """
+    if os.geteuid() != 0:
+        return []
+    shutil.chown(folder, "postgres", "postgres")
+    for parent in folder.resolve().parents:
+        mode = parent.stat().st_mode
+        if mode & 0o001:
+            break
+        parent.chmod(mode | 0o001)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+@contextmanager
+def postgres_cluster(folder: Path, max_connections: int = 300) -> Iterator[Postgres]:
+    """initdb a cluster in ``folder``, start it on a free port, stop it on exit."""
+    bindir = postgres_bindir()
+    folder.mkdir(parents=True, exist_ok=True)
+    as_postgres = _as_postgres_user(folder)
+    data, log, pwfile = folder / "data", folder / "postgres.log", folder / "pwfile"
+    password = secrets.token_hex(16)
+    pwfile.write_text(password + "\n")
+    if as_postgres:
+        shutil.chown(pwfile, "postgres", "postgres")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_postgres, *args], capture_output=True, text=True)
+
+    done = run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}", "--auth=scram-sha-256",
+               "--encoding=UTF8", "--locale=C")
+    pwfile.unlink()
+    if done.returncode != 0:
+        raise InfraError(f"initdb failed:\n{done.stdout}{done.stderr}")
+    port = free_port()
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
+                   f"max_connections = {max_connections}\n")
+    done = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
+    if done.returncode != 0:
+        raise InfraError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n--- {log} ---\n{log_tail(log)}")
+    try:
+        yield Postgres(port=port, password=password)
+    finally:
+        stopped = run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+        if stopped.returncode != 0:
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+
+
+# --- MLflow server with basic-auth ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running `mlflow server --app-name basic-auth`, and its admin's credentials."""
+
+    uri: str
+    admin: tuple[str, str]  # (username, password)
+    log: Path
+
+    def create_user(self, username: str, password: str) -> None:
+        """A new non-admin user; it gets the server's default_permission (READ) everywhere."""
+        from mlflow.server.auth.routes import CREATE_USER
+
+        response = requests.post(self.uri + CREATE_USER, json={"username": username, "password": password},
+                                 auth=self.admin, timeout=30)
+        response.raise_for_status()
+
+    def grant(self, username: str, experiment_id: str, permission: str) -> None:
+        """Give ``username`` READ, USE, EDIT, MANAGE or NO_PERMISSIONS on one experiment."""
+        from mlflow.server.auth.routes import GRANT_USER_PERMISSION
+
+        response = requests.post(self.uri + GRANT_USER_PERMISSION, auth=self.admin, timeout=30,
+                                 json={"username": username, "resource_type": "experiment",
+                                       "resource_id": experiment_id, "permission": permission})
+        response.raise_for_status()
+
+    def env(self, username: str, password: str) -> dict[str, str]:
+        """The environment variables a worker process needs to log to this server as ``username``."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": username,
+                "MLFLOW_TRACKING_PASSWORD": password}
+
+
+@contextmanager
+def mlflow_server(folder: Path, backend_store_uri: str, auth_database_uri: str, workers: int = 2,
+                  auth_cache_ttl: int = 60, timeout: float = 120.0) -> Iterator[MlflowServer]:
+    """Start an MLflow tracking server with basic-auth on a free port; stop it and its workers on exit.
+
+    Runs and experiments go to ``backend_store_uri``, users and permissions to ``auth_database_uri``,
+    artifacts (proxied by the server) to ``folder/artifacts``. ``auth_cache_ttl`` seconds: how long a
+    worker trusts a checked password; 0 hashes it on every request (MLflow's default), seconds of
+    CPU per request on a loaded 2-core machine.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    admin = ("admin", secrets.token_hex(16))
+    auth_config = folder / "basic_auth.ini"
+    auth_config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
+                           f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\nauth_cache_ttl_seconds = {auth_cache_ttl}\n")
+    auth_config.chmod(0o600)  # it holds the admin password
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))  # basic-auth's CSRF protection needs one
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = folder / "mlflow-server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(folder / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    with open(log, "wb") as log_file:
+        # Its own process group: the uvicorn supervisor and its workers all stop with one signal.
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                                  start_new_session=True)
+    try:
+        _wait_healthy(server, uri, log, timeout)
+        yield MlflowServer(uri=uri, admin=admin, log=log)
+    finally:
+        _stop_group(server)
+
+
+def _wait_healthy(server: subprocess.Popen, uri: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise InfraError(f"mlflow server exited with {server.returncode}:\n--- {log} ---\n{log_tail(log)}")
+        try:
+            if requests.get(uri + "/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or still loading the app
+            pass
+        time.sleep(0.5)
+    raise InfraError(f"mlflow server not healthy at {uri} after {timeout:.0f} s:\n--- {log} ---\n{log_tail(log)}")
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+    # Workers may outlive the supervisor by a moment; the group id is still theirs.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,125 @@
+"""Tuning workers as on several machines: one PostgreSQL study, one MLflow server with basic-auth.
+
+Each worker is its own ``python -m experiments.tune`` process with credentials only in its
+environment (the tracking server's from MLFLOW_TRACKING_USERNAME/PASSWORD, the database's from
+PGPASSWORD), all started at the same moment, on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
+
+from pipeline.data import save_prepared
+from tests.conftest import REPO, tiny_prepared
+
+
+@pytest.fixture
+def cluster(postgres, mlflow_server, tmp_path, monkeypatch):
+    """A fresh study database, an experiment on the server, and a worker account that may write to it."""
+    name = f"study_{secrets.token_hex(4)}"
+    url = make_url(postgres.create_database(name))
+    password = secrets.token_hex(12)
+    mlflow_server.create_user(name, password)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.admin[1])
+    client = MlflowClient(mlflow_server.uri)
+    experiment_id = client.create_experiment(name)
+    mlflow_server.grant(name, experiment_id, "EDIT")
+    data = tiny_prepared(n_train=512)
+    folder = tmp_path / "prepared"
+    save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist", "seed": 0})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
+    env.update(mlflow_server.env(name, password), MLFLOW_EXPERIMENT_NAME=name, PGPASSWORD=url.password,
+               PYTHONPATH=str(REPO))
+    storage = f"{url.drivername}://{url.username}@{url.host}:{url.port}/{url.database}"  # its password: PGPASSWORD
+    return {"name": name, "client": client, "experiment_id": experiment_id, "env": env, "folder": folder,
+            "storage": storage, "url": url.render_as_string(hide_password=False), "secrets": (password, url.password),
+            "tmp": tmp_path}
+
+
+def start_workers(cluster, count: int, n_trials: int, *extra: str) -> list[tuple[subprocess.Popen, object]]:
+    command = [sys.executable, "-m", "experiments.tune", "--study", "smoke", "--study-name", cluster["name"],
+               "--storage", cluster["storage"], "--n-trials", str(n_trials), "--epochs", "1", "--pruner", "none",
+               "--device", "cpu", "--data", str(cluster["folder"]), "--register-name", cluster["name"], *extra]
+    workers = []
+    for i in range(count):
+        log = (cluster["tmp"] / f"worker-{i}.log").open("w+")
+        workers.append((subprocess.Popen(command, cwd=cluster["tmp"], env=cluster["env"], stdout=log, stderr=log), log))
+    return workers
+
+
+def output(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def study_runs(cluster, stage: str):
+    return cluster["client"].search_runs([cluster["experiment_id"]], f"tags.`pipeline.stage` = '{stage}'")
+
+
+def check_one_parent_one_child_per_trial_one_registration(cluster, study: optuna.Study) -> None:
+    [parent] = study_runs(cluster, "tune")
+    children = study_runs(cluster, "trial")
+    assert sorted(int(run.data.tags["optuna.trial_number"]) for run in children) == [t.number for t in study.trials]
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert not [run for run in children if run.info.status == "RUNNING"]
+    versions = cluster["client"].search_model_versions(f"name = '{cluster['name']}'")
+    assert len(versions) == 1, "the best model was registered more than once"
+    for run in [parent, *children]:  # no password anywhere the UI shows
+        logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        assert not any(secret in logged for secret in cluster["secrets"])
+
+
+def test_three_workers_started_at_once_run_exactly_n_trials(cluster):
+    workers = start_workers(cluster, 3, n_trials=6)
+    for process, log in workers:
+        assert process.wait(timeout=600) == 0, output(log)[-3000:]
+    study = optuna.load_study(study_name=cluster["name"], storage=cluster["url"])
+    assert [t.number for t in study.trials] == list(range(6))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert sum("summarises it" in output(log) for _, log in workers) == 2  # the third summarised and registered
+    check_one_parent_one_child_per_trial_one_registration(cluster, study)
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(cluster):
+    (victim, _), (survivor, survivor_log) = start_workers(cluster, 2, 4, "--heartbeat-interval", "1")
+    storage = cluster["url"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the victim is inside a trial
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name=cluster["name"], storage=storage)
+        except KeyError:  # not created yet
+            continue
+        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                   if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "mlflow_run_id" in t.user_attrs]
+        if running:
+            break
+    else:
+        pytest.fail("the victim never started a trial")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+    assert survivor.wait(timeout=600) == 0, output(survivor_log)[-3000:]
+    study = optuna.load_study(study_name=cluster["name"], storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1, states
+    [killed] = [t for t in study.trials if t.state.name == "FAIL"]
+    [retry] = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+    assert retry.state.name == "COMPLETE" and retry.params == killed.params
+    killed_run = cluster["client"].get_run(killed.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED" and "stopped while running it" in killed_run.data.tags["optuna.fail_reason"]
+    check_one_parent_one_child_per_trial_one_registration(cluster, study)
+    mlflow.set_tracking_uri(None)
