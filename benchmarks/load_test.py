@@ -1,10 +1,11 @@
 """Load test of the shared tuning infrastructure: K worker processes, one Optuna study, one MLflow server.
 
-Each worker process runs near-zero-cost trials with ``study.optimize`` against ONE Optuna study in
-PostgreSQL (RDBStorage with heartbeats) and logs each trial as a nested MLflow run to ONE
-``mlflow server --app-name basic-auth`` whose store is the same cluster. A trial's bookkeeping is
-what tune.py does around training: ask, suggest 3 params, start a child run under the study's
-parent run (tags), log the params and 3 metrics, end the run, tell.
+Each worker process runs tune.py's worker loop (``run_trials``: the study's lock, ask, tell) with
+near-zero-cost trials against ONE Optuna study in PostgreSQL (RDBStorage with heartbeats) and
+logs each trial as a nested MLflow run to ONE ``mlflow server --app-name basic-auth`` whose store
+is the same cluster. A trial's bookkeeping is what tune.py does around training: lock, ask,
+suggest 3 params, start a child run under the study's parent run (tags), log the params and 3
+metrics, end the run, tell. The study's budget is K x trials-per-worker, shared as in tune.py.
 
     python -m benchmarks.load_test                       # K = 2 4 8 16, about 5 minutes on 2 cores
     python -m benchmarks.load_test --workers 2 --trials-per-worker 3 --out /tmp/load   # smoke run
@@ -24,7 +25,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from benchmarks.infra import mlflow_server, postgres_cluster
@@ -42,36 +42,42 @@ def percentile(values: list[float], q: float) -> float:
 
 def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id: str, env: dict,
            n_trials: int, start, results) -> None:
-    """One worker process: n_trials of bookkeeping only; puts its timings on ``results``."""
+    """One worker process running tune.py's own worker loop (lock, ask, child run, tell) with
+    trials that cost nothing but that bookkeeping; puts its timings on ``results``."""
     import mlflow
     import optuna
 
+    from experiments.tune import open_storage, run_trials
+    from pipeline.config import TuneConfig
+
     os.environ.update(env, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")  # one "View run" line per trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-    storage = optuna.storages.RDBStorage(
-        storage_url, heartbeat_interval=10, grace_period=30,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    config = TuneConfig(study="smoke", study_name=study_name, storage=storage_url, n_trials=n_trials,
+                        sampler="random", heartbeat_interval=10)
+    storage = open_storage(config)
+    study = optuna.load_study(study_name=study_name, storage=storage)
     latencies, mlflow_seconds, errors = [], [], []
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial, started) -> float:
+        started()
         hidden_size = trial.suggest_int("hidden_size", 16, 512, log=True)
         num_layers = trial.suggest_int("num_layers", 1, 3)
         learning_rate = trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
         val_accuracy = 1 - learning_rate / (hidden_size * num_layers)  # stands in for training
         began = time.perf_counter()
         with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=experiment_id, parent_run_id=parent_run_id,
-                              tags={"optuna.study_name": study_name, "optuna.trial_number": str(trial.number)}):
+                              tags={"optuna.study_name": study_name, "optuna.trial_number": str(trial.number)}) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(trial.params)
             mlflow.log_metrics({"val_accuracy": val_accuracy, "val_loss": 1 - val_accuracy, "train_loss": learning_rate})
+            mlflow.set_tag("optuna.trial_state", "COMPLETE")
         mlflow_seconds.append(time.perf_counter() - began)
         return val_accuracy
 
     last = [0.0]
 
     def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # Runs right after tell, so the gap since the previous call is one whole trial: ask ... tell.
+        # Runs right after tell, so the gap since the previous call is one whole trial: lock, ask ... tell.
         now = time.perf_counter()
         latencies.append(now - last[0])
         last[0] = now
@@ -81,11 +87,10 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
     start.wait()  # all workers of this round begin together, after their imports
     began = last[0] = time.perf_counter()
     try:
-        # catch: a failed MLflow call fails its trial (counted) instead of stopping the worker.
-        study.optimize(objective, n_trials=n_trials, callbacks=[record], catch=(Exception,))
-    except Exception as error:  # ask or tell themselves failed: the storage gave up
+        run_trials(study, storage, config, objective, callbacks=[record])
+    except Exception as error:  # the storage or the server gave up
         errors.append(f"{type(error).__name__}: {error}")
-    results.put({"began": began, "ended": time.perf_counter(), "latencies": latencies,
+    results.put({"began": began, "ended": last[0], "latencies": latencies,
                  "mlflow_seconds": mlflow_seconds, "errors": errors, "trials": len(latencies)})
 
 
@@ -104,7 +109,7 @@ def run_round(k: int, trials_per_worker: int, storage_url: str, experiment_id: s
     context = multiprocessing.get_context("forkserver")
     start, results = context.Barrier(k), context.Queue()
     processes = [context.Process(target=worker, args=(storage_url, study_name, experiment_id, parent.info.run_id,
-                                                       tracking_env, trials_per_worker, start, results))
+                                                       tracking_env, k * trials_per_worker, start, results))
                  for _ in range(k)]
     for process in processes:
         process.start()

@@ -271,34 +271,44 @@ def next_step(study: optuna.Study, n_trials: int) -> str:
 
 
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
-    """Run trials until the study has ``n_trials``; any number of workers may run this at once."""
+    """One worker: train trials until the study has ``n_trials``; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat helpers
     if job.config.n_workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.config.n_workers))
     data = load_prepared(job.data_folder)
     storage = open_storage(job.config)
     study = optuna.load_study(study_name=job.config.study_name, storage=storage,
                               pruner=pruner or make_pruner(job.config.pruner, job.config.epochs))
-    lock = StudyLock(storage, job.config.study_name)
-    deadline = time.monotonic() + (job.config.timeout or math.inf)
+    run_trials(study, storage, job.config, lambda trial, started: objective(trial, job, data, started),
+               callbacks=[print_progress(job.worker)])
+
+
+def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig,
+               objective: Callable[[optuna.Trial, Callable[[], None]], float], callbacks=()) -> None:
+    """The loop every worker runs: under the study's lock, find the next step; run one trial at a time.
+
+    ``objective(trial, started)`` must call ``started()`` first: that lets the next worker ask.
+    """
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat helpers
+    lock = StudyLock(storage, config.study_name)
+    deadline = time.monotonic() + (config.timeout or math.inf)
     seeded = False
     while time.monotonic() < deadline:
         lock.acquire()
         try:
-            step = next_step(study, job.config.n_trials)
+            step = next_step(study, config.n_trials)
             if step == "run":
                 if not seeded:  # seeded, yet no two workers and no resumed study replay the same draws
-                    study.sampler = make_sampler(job.config.sampler, job.config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
                     seeded = True
-                study.optimize(lambda trial: objective(trial, job, data, started=lock.release), n_trials=1,
-                               catch=TRIAL_ERRORS, callbacks=[print_progress(job.worker)])
+                study.optimize(lambda trial: objective(trial, lock.release), n_trials=1, catch=TRIAL_ERRORS,
+                               callbacks=list(callbacks))
         finally:
             lock.release()
         if step == "done":
             return
-        if step == "wait":
-            time.sleep(min(5, job.config.heartbeat_interval))
+        if step == "wait":  # for the last trials to finish, or a dead worker's to go stale
+            time.sleep(1)
 
 
 def print_progress(worker: int):

@@ -157,16 +157,19 @@ def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, d
     with tempfile.TemporaryDirectory(prefix="lstm-mnist-raw-") as staging:
         raw_folder = Path(staging) / spec.folder / "raw"
         raw_folder.mkdir(parents=True)
+        counts = []
         for raw, path in zip(spec.files, paths):
             data = read_raw_file(path)
             check_raw_file(path, data, raw)
+            counts.append(int.from_bytes(data[4:8], "big"))
             (raw_folder / raw.name).write_bytes(data)
+        for i in (0, 2):  # (images, labels) of train, then of test
+            if counts[i] != counts[i + 1]:
+                raise DataError(f"{paths[i]} holds {counts[i]} images but {paths[i + 1]} holds {counts[i + 1]} labels; "
+                                "they must come from the same release")
         train, test = (spec.torchvision_class(staging, train=is_train, download=False) for is_train in (True, False))
-        splits = [Split(d.data.contiguous(), d.targets.long()) for d in (train, test)]
-    for (images, labels), name in zip(splits, ("train", "test")):
-        if len(images) != len(labels):
-            raise DataError(f"{dataset} {name}: {len(images)} images but {len(labels)} labels")
-    return splits[0], splits[1], {raw.name: raw.md5 for raw in spec.files}
+    return Split(train.data.contiguous(), train.targets.long()), Split(test.data.contiguous(), test.targets.long()), \
+        {raw.name: raw.md5 for raw in spec.files}
 
 
 def _download(spec: DatasetSpec, data_dir, dirs: list[Path]) -> None:

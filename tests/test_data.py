@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from pipeline import data as data_module
 from pipeline.data import DataError, load_prepared, load_raw, save_prepared, split_train_val, to_sequences
-from tests.conftest import write_synthetic_mnist
+from pipeline.data import RawFile
+from tests.conftest import REPO, write_synthetic_mnist
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 
@@ -59,6 +65,42 @@ def test_a_bad_file_is_named_with_its_problem(synthetic_mnist, mutate, problem):
         load_raw("mnist", synthetic_mnist)
     assert str(path) in str(error.value) and problem in str(error.value)
     assert "replace it" in str(error.value)
+
+
+def test_images_and_labels_of_different_lengths_are_named(tmp_path, monkeypatch):
+    spec = write_synthetic_mnist(tmp_path)
+    labels_path = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    payload = gzip.decompress(labels_path.read_bytes())
+    shorter = payload[:4] + (399).to_bytes(4, "big") + payload[8:-1]  # a consistent file of 399 labels
+    labels_path.write_bytes(gzip.compress(shorter))
+    trusted = RawFile(spec.files[1].name, hashlib.md5(shorter).hexdigest(), 0x801, 399)
+    monkeypatch.setitem(data_module.DATASETS, "mnist", dataclasses.replace(spec, files=(spec.files[0], trusted, *spec.files[2:])))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz holds 400 images but .*train-labels-idx1-ubyte.gz holds 399 labels"):
+        load_raw("mnist", tmp_path)
+
+
+LOAD_UNDER_O = """
+import sys
+from pathlib import Path
+from pipeline import data
+from tests.conftest import write_synthetic_mnist
+
+assert False, "this line runs only without -O"
+data.DATASETS["mnist"] = write_synthetic_mnist(Path(sys.argv[2]))  # the md5s of the good files
+try:
+    data.load_raw("mnist", sys.argv[1])
+except data.DataError as error:
+    print(error)
+    sys.exit(3)
+"""
+
+
+def test_the_checks_hold_under_python_O(synthetic_mnist, tmp_path):
+    corrupt(synthetic_mnist, lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:])
+    done = subprocess.run([sys.executable, "-O", "-c", LOAD_UNDER_O, str(synthetic_mnist), str(tmp_path / "good")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 3, done.stderr
+    assert "altered bytes" in done.stdout
 
 
 def test_truncated_gzip_stream_is_named(synthetic_mnist):

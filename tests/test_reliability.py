@@ -218,3 +218,19 @@ def test_the_same_commands_twice_give_the_same_data_and_metrics_and_log_what_mak
     assert params["seed"] == "5" and params["data_sha256"] == manifests[0]["splits"]["train"]["sha256"]
     assert {"torch_version", "mlflow_version", "optuna_version", "python_version"} <= set(params)
     assert prepares[0].data.params["seed"] == "7"
+
+
+def test_a_diverging_train_stage_ends_failed_with_its_reason_and_is_not_resumed(tmp_path, tracking, capsys):
+    data = tiny_prepared()
+    blank = type(data.train)(data.train.images * 0, data.train.labels)  # pixel_std 0: the inputs become nan
+    folder = tmp_path / "blank"
+    save_prepared(folder, {"train": blank, "val": data.val, "test": data.test}, {"dataset": "mnist", "seed": 0})
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data", str(folder), *TRAIN_FLAGS])
+    assert exit_.value.code == 1
+    assert "train_loss is nan in epoch 1; lower learning_rate" in capsys.readouterr().err
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG].startswith("TrainingDiverged: train_loss is nan")
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(folder), *TRAIN_FLAGS])
+    assert len(MlflowClient().search_runs(["0"])) == 2  # the rerun started afresh instead of resuming a FAILED run
