@@ -65,6 +65,7 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
 
     ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
     """
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
     if "://" not in config.storage:
         from optuna.storages.journal import JournalFileBackend
 
@@ -201,6 +202,7 @@ class StudyLock:
     def acquire(self) -> None:
         token = uuid.uuid4().hex
         seen, seen_since = None, time.monotonic()
+        delay = 0.01  # doubles up to 0.5 s: many waiting workers must not flood the database
         while True:
             try:
                 optuna.create_study(study_name=self.name, storage=self.storage).set_user_attr("holder", token)
@@ -217,7 +219,8 @@ class StudyLock:
             elif time.monotonic() - seen_since > self.stale_after:
                 print(f"breaking the lock {self.name}: held for over {self.stale_after:.0f} s by a dead worker", file=sys.stderr)
                 self._delete()
-            time.sleep(random.uniform(0.005, 0.05))
+            time.sleep(random.uniform(0.5, 1.0) * delay)
+            delay = min(2 * delay, 0.5)
 
     def release(self) -> None:
         if self.held:
@@ -289,7 +292,6 @@ def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config
 
     ``objective(trial, started)`` must call ``started()`` first: that lets the next worker ask.
     """
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat helpers
     lock = StudyLock(storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
     seeded = False
@@ -342,6 +344,8 @@ def start_parent_run(study: optuna.Study, config: TuneConfig, created: bool) -> 
             time.sleep(0.2)  # its creator records the run moments after creating the study
         try:
             MlflowClient().get_run(run_id)
+            if (launched := os.environ.get("MLFLOW_RUN_ID")) and launched != run_id:  # the run `mlflow run` opened
+                MlflowClient().set_tag(launched, "pipeline.joined_run", run_id)  # stays empty: say where the work went
             return mlflow.start_run(run_id=run_id)
         except mlflow.exceptions.MlflowException:
             print(f"the study's parent run {run_id} is not in this tracking store; opening a new one", file=sys.stderr)
