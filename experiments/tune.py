@@ -249,13 +249,15 @@ def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
     print(f"trial {trial.number}: {worker} stopped while running it; failed it and queued a retry", file=sys.stderr, flush=True)
 
 
-def fail_dead_local_trials(study: optuna.Study) -> None:
-    """The journal storage has no heartbeat: fail running trials whose process on this machine is gone."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-        if host and not process_alive(host, pid):
-            study.tell(trial.number, state=TrialState.FAIL)
-            retry_stale_trial(study, trial)
+def fail_dead_local_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> bool:
+    """The journal storage has no heartbeat: fail running trials whose process on this machine is
+    gone. Whether any was."""
+    dead = [trial for trial in trials if trial.state == TrialState.RUNNING
+            and not process_alive(*trial.user_attrs.get("worker", ":").rsplit(":", 1))]
+    for trial in dead:
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry_stale_trial(study, trial)
+    return bool(dead)
 
 
 def next_step(study: optuna.Study, n_trials: int) -> str:
@@ -264,8 +266,9 @@ def next_step(study: optuna.Study, n_trials: int) -> str:
     Call it holding the study's lock: the count and the trial asked for next must agree.
     """
     optuna.storages.fail_stale_trials(study)  # RDB storage: trials whose heartbeat stopped
-    fail_dead_local_trials(study)
     trials = study.get_trials(deepcopy=False)
+    if fail_dead_local_trials(study, trials):
+        trials = study.get_trials(deepcopy=False)
     retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) for trial in trials} - {None}
     states = {trial.state for trial in trials}
     if TrialState.WAITING in states or len(trials) - len(retried) < n_trials:

@@ -168,8 +168,8 @@ def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, d
                 raise DataError(f"{paths[i]} holds {counts[i]} images but {paths[i + 1]} holds {counts[i + 1]} labels; "
                                 "they must come from the same release")
         train, test = (spec.torchvision_class(staging, train=is_train, download=False) for is_train in (True, False))
-    return Split(train.data.contiguous(), train.targets.long()), Split(test.data.contiguous(), test.targets.long()), \
-        {raw.name: raw.md5 for raw in spec.files}
+        train, test = (Split(d.data.contiguous(), d.targets.long()) for d in (train, test))
+    return train, test, {raw.name: raw.md5 for raw in spec.files}
 
 
 def _download(spec: DatasetSpec, data_dir, dirs: list[Path]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs
-from pipeline.tracking import RESUMED_RUN_TAG, log_params
+from pipeline.tracking import RESUMED_RUN_TAG, digest, log_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -35,15 +34,14 @@ OUTPUT_PARAMETERS = {"checkpoint_dir"}
 
 
 def code_version() -> str:
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     for path in sorted(PROJECT_DIR.glob("pipeline/*.py")) + [PROJECT_DIR / name for name in CODE_FILES]:
-        digest.update(path.relative_to(PROJECT_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+        sha.update(path.relative_to(PROJECT_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()
 
 
 def content_key(stage: str, parameters: dict[str, str], code: str) -> str:
-    payload = json.dumps({"stage": stage, "parameters": parameters, "code": code}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return digest({"stage": stage, "parameters": parameters, "code": code})
 
 
 def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> str | None:

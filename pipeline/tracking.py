@@ -8,8 +8,9 @@ import re
 import signal
 import socket
 import sys
+import hashlib
+import json
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import fail
 from pipeline.data import PreparedData, load_prepared
+from pipeline.training import signal_handler
 
 # MLflow's per-file download bars drown the stages' own progress lines.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -40,6 +42,10 @@ class Terminated(KeyboardInterrupt):
     signal_number = signal.SIGTERM
 
 
+def raise_terminated(signal_number, frame):
+    raise Terminated  # by default SIGTERM ends the process before any cleanup: the run would stay RUNNING
+
+
 @contextmanager
 def stage_run(stage: str, resume_key: str | None = None, **tags: str):
     """Open this stage's MLflow run, or join the one `mlflow run` created for it.
@@ -55,7 +61,7 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
             MlflowClient().set_tag(launched, RESUMED_RUN_TAG, interrupted.info.run_id)
     run_id = interrupted.info.run_id if interrupted else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run, sigterm_raises(Terminated):
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run, signal_handler(raise_terminated, signal.SIGTERM):
         mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags})
         if resume_key:
             mlflow.set_tag(RESUME_KEY_TAG, resume_key)
@@ -69,23 +75,6 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         except Exception as error:
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
             raise
-
-
-@contextmanager
-def sigterm_raises(exception: type[BaseException]):
-    """Turn SIGTERM into ``exception`` (by default it kills the process before any cleanup)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signal_number, frame):
-        raise exception()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def find_interrupted(resume_key: str):
@@ -127,6 +116,11 @@ def current_experiment_id() -> str:
         experiment = mlflow.get_experiment_by_name(name)
         return experiment.experiment_id if experiment else "0"
     return "0"  # MLflow's Default experiment
+
+
+def digest(payload: dict) -> str:
+    """A stable hash of JSON-able ``payload``: the same content gives the same key in any process."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def log_params(params: dict) -> None:

@@ -17,8 +17,6 @@ Resumes: rerunning an interrupted command (Ctrl-C, SIGTERM, kill -9) continues t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +34,7 @@ from mlflow.models.model import ModelInfo
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
-from pipeline.tracking import MODEL_NAME, library_versions, load_prepared_run, log_params, stage_run
+from pipeline.tracking import MODEL_NAME, digest, library_versions, load_prepared_run, log_params, stage_run
 from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, resolve_device, train
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
@@ -140,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:
     """What makes two train commands the same: a rerun of an interrupted one continues its run."""
-    payload = json.dumps({"config": dataclasses.asdict(config), "data": data, "checkpoint_dir": str(checkpoint_root)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return digest({"config": dataclasses.asdict(config), "data": data, "checkpoint_dir": str(checkpoint_root)})
 
 
 if __name__ == "__main__":

@@ -259,9 +259,6 @@ def stop_requests():
         signal_number = 0
 
     stop = Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def request(signal_number, frame):
         if stop.signal_number == signal_number:  # asked twice: do not wait for the batch
@@ -271,12 +268,23 @@ def stop_requests():
         print(f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
-    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handler(request, signal.SIGINT, signal.SIGTERM):
         yield stop
+
+
+@contextmanager
+def signal_handler(handler: Callable, *signal_numbers: int):
+    """Handle ``signal_numbers`` with ``handler`` inside the block, then restore the previous
+    handlers. Only the main thread may install handlers; in any other nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in signal_numbers}
+    try:
+        yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
