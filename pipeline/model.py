@@ -54,8 +54,13 @@ class LSTMClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # x: (B, T, input_size). state = (h_0, c_0), each (num_layers * num_directions, B, hidden_size);
-        # when None, nn.LSTM starts from zeros of that shape on x's device and dtype.
+        # when None, zeros of that shape on x's device and dtype.
         x = (x - self.input_mean) / self.input_std  # pixels in [0, 1] -> about zero mean, unit variance
+        if state is None:
+            # Built from x, not left to nn.LSTM: torch.export would bake nn.LSTM's own zeros in as
+            # CPU constants, and the logged model would then fail on any other device.
+            zeros = x.new_zeros((self.lstm.num_layers * self.num_directions, x.shape[0], self.lstm.hidden_size))
+            state = (zeros, zeros)  # (num_layers * D, B, H) each
         _, (h_n, _) = self.lstm(x, state)  # h_n: (num_layers * D, B, H), layer-major, forward first
         last_layer = h_n[-self.num_directions :]  # (D, B, H)
         features = last_layer.transpose(0, 1).reshape(x.shape[0], -1)  # (B, D * H)

@@ -16,6 +16,7 @@ Resumes: rerunning an interrupted command (Ctrl-C, SIGTERM, kill -9) continues t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import warnings
@@ -84,8 +85,11 @@ def log_missing_epochs(history: list[EpochMetrics]) -> None:
 
 
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
-    """Log ``model`` pickle-free (pt2) on the CPU, with a signature and two validation images."""
-    model = model.to("cpu").eval()
+    """Log a CPU copy of ``model`` pickle-free (pt2), with a signature and two validation images.
+
+    The caller's model keeps its device, mode and weights: a tuner or benchmark may go on using it.
+    """
+    model = copy.deepcopy(model).to("cpu").eval()
     example = to_sequences(data.val.images[:2], reading_order)  # (2, T, F)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
