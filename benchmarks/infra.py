@@ -63,25 +63,18 @@ class Postgres:
     password: str
     host: str = "127.0.0.1"
 
-    @property
-    def admin_url(self) -> str:
-        return f"postgresql+psycopg2://postgres:{self.password}@{self.host}:{self.port}/postgres"
-
     def create_database(self, name: str) -> str:
         """A fresh database owned by a fresh login role of the same name; its SQLAlchemy URL."""
-        import psycopg2
-        from psycopg2 import sql
+        import psycopg
+        from psycopg import sql
 
         password = secrets.token_hex(16)  # hex: nothing to escape in a URL
-        conn = psycopg2.connect(host=self.host, port=self.port, user="postgres", password=self.password, dbname="postgres")
-        conn.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(name)), [password])
-                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
-        finally:
-            conn.close()
-        return f"postgresql+psycopg2://{name}:{password}@{self.host}:{self.port}/{name}"
+        # autocommit: CREATE DATABASE refuses to run inside a transaction
+        with psycopg.connect(host=self.host, port=self.port, user="postgres", password=self.password, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
+        return f"postgresql://{name}:{password}@{self.host}:{self.port}/{name}"
 
 
 def _as_postgres_user(folder: Path) -> list[str]:

@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .json and .md results")
     args = parser.parse_args()
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["mlflow", "optuna", "psycopg2"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["mlflow", "optuna", "psycopg"])
     with tempfile.TemporaryDirectory(prefix="load-test-") as tmp, postgres_cluster(Path(tmp) / "postgres") as postgres:
         storage_url = postgres.create_database("optuna")
         with mlflow_server(Path(tmp) / "mlflow", postgres.create_database("tracking"), postgres.create_database("auth"),

@@ -2,13 +2,15 @@
 
 Reads:  a prepared split (``--data``, a prepare run id; or the prepare parameters, whose
         finished prepare run is reused or run once).
-Writes: an Optuna study in ``--storage`` (resumable: rerun the command to continue it), and in
-        MLflow one parent run per study with a nested child run per trial (params, per-epoch
-        metrics, trial number and state as tags; pruned trials end KILLED, failed ones FAILED).
-        When the search ends, the parent gets ``best_val_accuracy``, the best parameters (tags
-        ``best.<name>``), a leaderboard (CSV, HTML) and Optuna's plots (HTML, PNG); the best
-        parameters are retrained and evaluated on the test set once, and that model is registered
-        as ``--register-name``, taking the alias ``champion`` only if it beats the current one.
+Writes: an Optuna study in ``--storage`` (rerun the command to continue or extend it), and in
+        MLflow one parent run per study with a child run per trial (params, per-epoch metrics,
+        trial number and state as tags; pruned trials end KILLED, failed ones FAILED). When no
+        trial runs any more, the parent gets a leaderboard and Optuna's plots, and the best
+        trial's own model is registered as ``--register-name``, tested once, and takes the alias
+        ``champion`` if its val_accuracy beats the champion's (experiments/summary.py).
+
+Any number of workers may run the same command, on one machine (journal file) or many
+(PostgreSQL); experiments/coordination.py says how they agree.
 
     python -m experiments.tune --study-name lstm-rows --n-trials 40 --data-dir ../shared/data
 """
@@ -20,14 +22,10 @@ import gc
 import math
 import multiprocessing
 import os
-import random
-import resource
-import socket
+import signal
 import sys
 import tempfile
 import time
-import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,83 +34,25 @@ import mlflow
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from experiments.coordination import (NextStep, TrialLease, check_storage, counted, fail_lost_trials, next_step, open_storage,
+                                      public_storage, requeue, single_sqlite_worker, study_lock)
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
-from pipeline.config import (EvaluateConfig, OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig,
-                             add_config_arguments, build_configs, fail)
-from pipeline.data import SEQUENCE_SHAPES, PreparedData, load_prepared
-from pipeline.evaluate import evaluate_and_log
+from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATTR, Registered, needs_summary, report,
+                                 summarise)
+from pipeline.config import OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs, fail
+from pipeline.data import PreparedData, load_prepared
 from pipeline.main import code_version, run_stage
-from pipeline.tracking import PREPARED_ARTIFACT, download, log_params, process_alive
-from pipeline.train import train_and_log
-from pipeline.training import TrainingDiverged
+from pipeline.tracking import PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
+from pipeline.train import log_trained_model, train_and_log
+from pipeline.training import TrainingDiverged, resolve_device
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
-SUMMARISED_ATTR = "summarised_at_trials"  # study user attribute: the trial count last summarised
-CHAMPION = "champion"
-# A trial that fails with one of these is marked FAIL and the study goes on.
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's one MLflow parent run
+SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (see study_settings)
+DATA_ATTR = "data_sha256"  # study user attribute: the checksums of the train and val splits it tunes on
+# A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
-
-
-# --- storage --------------------------------------------------------------------------------------
-
-
-def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (a trial whose worker died is failed and retried once), or a
-    journal file (crash-safe, shared by the processes of one machine).
-
-    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
-    """
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
-    if "://" not in config.storage:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
-    from sqlalchemy.exc import DBAPIError
-
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(
-                os.path.expandvars(config.storage),
-                engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
-                heartbeat_interval=config.heartbeat_interval,
-                grace_period=3 * config.heartbeat_interval,
-                heartbeat_stale_trial_callback=retry_stale_trial,
-            )
-        except DBAPIError as error:  # workers starting together on a new database race to create its tables
-            if "already exists" not in str(error) or attempt == 4:
-                raise
-            time.sleep(random.uniform(0.2, 1.0))
-
-
-def public_storage(storage: str) -> str:
-    """``storage`` with any password replaced by ***, fit to log."""
-    if "://" not in storage:
-        return storage
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True)
-
-
-def check_storage(storage: str) -> None:
-    if "://" in storage:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-        scheme = storage.split("://")[0]
-        try:
-            url = make_url(storage)
-            url.get_dialect()
-        except (ArgumentError, NoSuchModuleError, ValueError):  # the URL is not echoed: it may hold a password
-            raise ParameterError(f"storage={scheme}://... is not allowed: must be a journal file path or an RDB URL "
-                                 "(sqlite://, postgresql://, mysql://)") from None
-        if url.password and not (url.password.startswith("${") and url.password.endswith("}")):
-            raise ParameterError(f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
-                                 "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)")
-    elif not Path(storage).resolve().parent.is_dir():
-        raise ParameterError(f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist")
 
 
 # --- one trial ------------------------------------------------------------------------------------
@@ -125,6 +65,7 @@ class WorkerJob:
     config: TuneConfig
     parent_run_id: str
     experiment_id: str
+    data_ref: str  # the prepare run: the lineage every trial's run and model carries
     data_folder: str
     worker: int = 0
 
@@ -135,292 +76,175 @@ def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
 
 
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData, started: Callable[[], None] = lambda: None) -> float:
-    """Train one sampled configuration in its own child run; return its best val_accuracy."""
-    started()  # the trial exists: other workers may ask for theirs
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    config = trial_config(job.config, trial)
-    tags = {"pipeline.stage": "trial", "optuna.study_name": job.config.study_name, "optuna.trial_number": str(trial.number)}
-    with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
-                          parent_run_id=job.parent_run_id, nested=mlflow.active_run() is not None, tags=tags) as run:
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
+    """Train one sampled configuration in its own child run; return its best val_accuracy.
 
-        def report(metrics):
+    The model is logged only when it beats every trial finished so far, so the study's best
+    trial always has its own model to register, and no retrain is needed.
+    """
+    config = trial_config(job.config, trial)
+    tags = {"pipeline.stage": "trial", "pipeline.data": job.data_ref, "optuna.study_name": job.config.study_name,
+            "optuna.trial_number": str(trial.number)}
+    with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
+                          parent_run_id=job.parent_run_id, tags=tags) as run:
+        trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
+        device = resolve_device(config.device)
+        if device.type == "cuda":  # the allocator's peak, this trial's alone
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def report_epoch(metrics):
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar")
 
         try:
-            result, _ = train_and_log(config, data, on_epoch=report, log_model=False)
+            result, _ = train_and_log(config, data, on_epoch=report_epoch, log_model=False)
+            if device.type == "cuda":
+                mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
+            if result.best_val_accuracy > best_value(trial.study):
+                trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
         except optuna.TrialPruned as pruned:
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
             mlflow.end_run("KILLED")
             raise
         except BaseException as error:
-            reason = f"{type(error).__name__}: {error}"
-            mlflow.set_tags({"optuna.trial_state": "FAIL", "optuna.fail_reason": reason[:5000]})
-            mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            interrupted = isinstance(error, KeyboardInterrupt)
+            state = "REQUEUED" if interrupted else "FAIL"  # an interrupted trial runs again, and only that run counts
+            mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
+            mlflow.end_run("KILLED" if interrupted else "FAILED")
             raise
-        finally:
-            log_peak_memory()
-            release_memory()
         mlflow.set_tag("optuna.trial_state", "COMPLETE")
         return result.best_val_accuracy
 
 
-def log_peak_memory() -> None:
-    metrics = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    mlflow.log_metrics(metrics)
+def best_value(study: optuna.Study) -> float:
+    try:
+        return study.best_value
+    except ValueError:  # no complete trial yet
+        return -math.inf
 
 
 def release_memory() -> None:
-    """Free the finished trial's tensors before the next trial allocates its own."""
-    gc.collect()
-    if torch.cuda.is_available():
+    """Free the finished trial's tensors before the next trial allocates its own. Call it once the
+    trial's frames are gone: after its exception, if any, was handled and dropped."""
+    gc.collect()  # tracebacks hold frames in reference cycles, which only the collector frees
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 
-# --- workers sharing one study, on one machine or many --------------------------------------------
+# --- the worker loop ------------------------------------------------------------------------------
 
 
-class StudyLock:
-    """Mutual exclusion among all workers of a study, on any machine that reaches its storage.
+def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig,
+               objective: Callable[[optuna.Trial], float], *, summarise: Callable[[], None] | None = None,
+               worker: int = 0) -> None:
+    """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
+    their worker and decide the next step; train one trial at a time with the lock released.
 
-    The lock is a helper study named ``<study>.lock`` that exists while someone holds it:
-    creating a study is atomic in every Optuna storage. It is held only while a worker asks for
-    its next trial, so one that stays ``stale_after`` seconds belongs to a dead worker and is broken.
+    The worker that finds no trial running and the summary stale runs ``summarise``, still holding the lock.
     """
-
-    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, stale_after: float = 60.0):
-        self.storage, self.name, self.stale_after = storage, f"{study_name}.lock", stale_after
-        self.held = False
-
-    def acquire(self) -> None:
-        token = uuid.uuid4().hex
-        seen, seen_since = None, time.monotonic()
-        delay = 0.01  # doubles up to 0.5 s: many waiting workers must not flood the database
-        while True:
-            try:
-                optuna.create_study(study_name=self.name, storage=self.storage).set_user_attr("holder", token)
-                self.held = True
-                return
-            except optuna.exceptions.DuplicatedStudyError:
-                pass
-            try:
-                holder = optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get("holder")
-            except KeyError:  # released meanwhile
-                continue
-            if holder != seen:
-                seen, seen_since = holder, time.monotonic()
-            elif time.monotonic() - seen_since > self.stale_after:
-                print(f"breaking the lock {self.name}: held for over {self.stale_after:.0f} s by a dead worker", file=sys.stderr)
-                self._delete()
-            time.sleep(random.uniform(0.5, 1.0) * delay)
-            delay = min(2 * delay, 0.5)
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self._delete()
-
-    def _delete(self) -> None:
-        try:
-            optuna.delete_study(study_name=self.name, storage=self.storage)
-        except KeyError:  # someone else broke it
-            pass
+    lock = study_lock(config.storage, config.study_name)
+    deadline = time.monotonic() + (config.timeout or math.inf)
+    sampler_seeded = False
+    waiting_shown = False
+    while True:
+        with lock:
+            fail_lost_trials(study, config, on_lost=say_lost)
+            step = next_step(study, config.n_trials)
+            if step is NextStep.RUN and time.monotonic() >= deadline:  # timeout: start nothing new
+                step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
+            if step is NextStep.RUN:
+                if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
+                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+                    sampler_seeded = True
+                trial = study.ask()
+                lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
+            elif step is NextStep.STOP and summarise and needs_summary(study):
+                summarise()
+        if step is NextStep.STOP:
+            return
+        if step is NextStep.WAIT:
+            if time.monotonic() >= deadline:
+                return  # the last worker still running summarises
+            if not waiting_shown:
+                print(f"[worker {worker}] every trial is taken; waiting for the running ones (a lost one is re-queued)",
+                      file=sys.stderr, flush=True)
+                waiting_shown = True
+            time.sleep(1)
+            continue
+        run_one(study, trial, lease, objective, lock, worker)
+        release_memory()
 
 
-def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose worker died: end its MLflow run FAILED and queue its parameters once more."""
-    worker = trial.user_attrs.get("worker", "its worker")
-    if run_id := trial.user_attrs.get("mlflow_run_id"):
+def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int) -> None:
+    """Run ``trial`` and tell its result; an interrupted one is re-queued, and the interrupt goes on."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except TRIAL_ERRORS:
+        study.tell(trial, state=TrialState.FAIL)
+    except KeyboardInterrupt as stop:
+        with lock:
+            requeue(study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})",
+                    lost_worker=False)
+        print(f"[worker {worker}] trial {trial.number} interrupted: re-queued, it will run again on the next start",
+              file=sys.stderr, flush=True)
+        raise
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    else:
+        study.tell(trial, value)
+    finally:
+        lease.release()
+    say_done(study, study.get_trials(deepcopy=False)[trial.number], worker)
+
+
+def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:
+    value = f" {OBJECTIVE_METRIC} {trial.value:.4f}" if trial.value is not None else ""
+    best = best_value(study)
+    best_text = f"best {best:.4f} (trial {study.best_trial.number})" if best > -math.inf else "no complete trial yet"
+    print(f"[worker {worker}] trial {trial.number} {trial.state.name}{value} | {best_text}", file=sys.stderr, flush=True)
+
+
+def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
+    if run_id := trial.user_attrs.get(MLFLOW_RUN_ATTR):
         client = MlflowClient()
         try:
-            client.set_tag(run_id, "optuna.trial_state", "FAIL")
-            client.set_tag(run_id, "optuna.fail_reason", f"{worker} stopped while running it")
+            client.set_tag(run_id, "optuna.trial_state", "REQUEUED")
+            client.set_tag(run_id, "optuna.fail_reason", reason)
             client.set_terminated(run_id, "FAILED")
         except mlflow.exceptions.MlflowException as error:
             print(f"warning: could not end the MLflow run of trial {trial.number}: {error}", file=sys.stderr)
-    RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
-    print(f"trial {trial.number}: {worker} stopped while running it; failed it and queued a retry", file=sys.stderr, flush=True)
+    print(f"trial {trial.number}: {reason}; re-queued with the same parameters", file=sys.stderr, flush=True)
 
 
-def fail_dead_local_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> bool:
-    """The journal storage has no heartbeat: fail running trials whose process on this machine is
-    gone. Whether any was."""
-    dead = [trial for trial in trials if trial.state == TrialState.RUNNING
-            and not process_alive(*trial.user_attrs.get("worker", ":").rsplit(":", 1))]
-    for trial in dead:
-        study.tell(trial.number, state=TrialState.FAIL)
-        retry_stale_trial(study, trial)
-    return bool(dead)
-
-
-def next_step(study: optuna.Study, n_trials: int) -> str:
-    """``run`` a trial, ``wait`` for the running ones (a dead worker's is retried when found), or ``done``.
-
-    Call it holding the study's lock: the count and the trial asked for next must agree.
-    """
-    optuna.storages.fail_stale_trials(study)  # RDB storage: trials whose heartbeat stopped
-    trials = study.get_trials(deepcopy=False)
-    if fail_dead_local_trials(study, trials):
-        trials = study.get_trials(deepcopy=False)
-    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) for trial in trials} - {None}
-    states = {trial.state for trial in trials}
-    if TrialState.WAITING in states or len(trials) - len(retried) < n_trials:
-        return "run"
-    return "wait" if TrialState.RUNNING in states else "done"
+def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """PostgreSQL: Optuna failed a trial whose heartbeats stopped; re-queue it once."""
+    reason = f"its worker {trial.user_attrs.get('worker', '(not yet recorded)')} stopped sending heartbeats"
+    requeue(study, trial, reason, lost_worker=True)
+    say_lost(study, trial, reason)
 
 
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
     """One worker: train trials until the study has ``n_trials``; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGTERM, raise_terminated)  # a spawned worker's SIGTERM re-queues its trial too
     if job.config.n_workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.config.n_workers))
     data = load_prepared(job.data_folder)
-    storage = open_storage(job.config)
+    storage = open_storage(job.config, on_stale_trial)
     study = optuna.load_study(study_name=job.config.study_name, storage=storage,
                               pruner=pruner or make_pruner(job.config.pruner, job.config.epochs))
-    run_trials(study, storage, job.config, lambda trial, started: objective(trial, job, data, started),
-               callbacks=[print_progress(job.worker)])
 
+    def summarise_study() -> None:
+        registered = summarise(study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device)
+        print(report(study, registered), file=sys.stderr, flush=True)
 
-def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig,
-               objective: Callable[[optuna.Trial, Callable[[], None]], float], callbacks=()) -> None:
-    """The loop every worker runs: under the study's lock, find the next step; run one trial at a time.
-
-    ``objective(trial, started)`` must call ``started()`` first: that lets the next worker ask.
-    """
-    lock = StudyLock(storage, config.study_name)
-    deadline = time.monotonic() + (config.timeout or math.inf)
-    seeded = False
-    while time.monotonic() < deadline:
-        lock.acquire()
-        try:
-            step = next_step(study, config.n_trials)
-            if step == "run":
-                if not seeded:  # seeded, yet no two workers and no resumed study replay the same draws
-                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-                    seeded = True
-                study.optimize(lambda trial: objective(trial, lock.release), n_trials=1, catch=TRIAL_ERRORS,
-                               callbacks=list(callbacks))
-        finally:
-            lock.release()
-        if step == "done":
-            return
-        if step == "wait":  # for the last trials to finish, or a dead worker's to go stale
-            time.sleep(1)
-
-
-def print_progress(worker: int):
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        value = f"{OBJECTIVE_METRIC} {trial.value:.4f}" if trial.value is not None else ""
-        try:
-            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
-        print(f"[worker {worker}] trial {trial.number} {trial.state.name} {value} | {best}", file=sys.stderr, flush=True)
-
-    return callback
-
-
-# --- the study --------------------------------------------------------------------------------
-
-
-def create_or_load_study(config: TuneConfig, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
-    """The study, and whether this call created it: of workers starting together, exactly one does."""
-    try:
-        return optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize"), True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=config.study_name, storage=storage), False
-
-
-def start_parent_run(study: optuna.Study, config: TuneConfig, created: bool) -> mlflow.ActiveRun:
-    """Join the study's parent run; the worker that created the study opens it and records it there."""
-    if not created:
-        deadline = time.monotonic() + 120
-        while not (run_id := study.user_attrs.get(PARENT_RUN_ATTR)) and time.monotonic() < deadline:
-            time.sleep(0.2)  # its creator records the run moments after creating the study
-        try:
-            MlflowClient().get_run(run_id)
-            if (launched := os.environ.get("MLFLOW_RUN_ID")) and launched != run_id:  # the run `mlflow run` opened
-                MlflowClient().set_tag(launched, "pipeline.joined_run", run_id)  # stays empty: say where the work went
-            return mlflow.start_run(run_id=run_id)
-        except mlflow.exceptions.MlflowException:
-            print(f"the study's parent run {run_id} is not in this tracking store; opening a new one", file=sys.stderr)
-    run = mlflow.start_run(run_name=config.study_name, tags={"pipeline.stage": "tune", "optuna.study_name": config.study_name})
-    study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
-    return run
-
-
-def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",
-         pruner: optuna.pruners.BasePruner | None = None) -> dict:
-    """Run (or continue) the study, then summarise, retrain the best and register it.
-
-    ``pruner`` overrides the named one (tests use it to force pruning). Returns a summary dict.
-    """
-    storage = open_storage(config)
-    study, created = create_or_load_study(config, storage)
-    if created:
-        study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
-    parent = start_parent_run(study, config, created)
-    try:
-        summary = search(study, storage, config, prepare_config, parent, data_ref, env_manager, pruner)
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")  # never left RUNNING; the rerun resumes this run
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run()
-    return summary
-
-
-def search(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig, prepare_config: PrepareConfig,
-           parent: mlflow.ActiveRun, data_ref: str, env_manager: str, pruner: optuna.pruners.BasePruner | None) -> dict:
-    """Inside the open parent run: get the data, run the workers, then summarise and retrain."""
-    definition = STUDIES[config.study]
-    with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
-        log_params({
-            "study": config.study, "study_name": config.study_name, "storage": public_storage(config.storage),
-            "sampler": config.sampler, "pruner": config.pruner, "epochs": config.epochs, "seed": config.seed,
-            "search_space": str(definition.search_space), "objective": f"maximize {OBJECTIVE_METRIC}",
-        })
-        if not data_ref:
-            data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
-        mlflow.set_tag("pipeline.data", data_ref)
-        folder = download(data_ref, PREPARED_ARTIFACT, tmp)
-        job = WorkerJob(config, parent.info.run_id, parent.info.experiment_id, str(folder))
-        if config.n_workers == 1:
-            run_worker(job, pruner)
-        else:
-            run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
-
-        if not claim_summary(study, storage):
-            print("another worker of this study summarises it and retrains its best trial", file=sys.stderr)
-            return {"trials": len(study.get_trials(deepcopy=False)), "summarised_here": False}
-        summary = summarise(study)
-        if summary["complete_trials"]:
-            summary.update(retrain_best(study, config, load_prepared(folder)))
-    return summary
-
-
-def claim_summary(study: optuna.Study, storage: optuna.storages.BaseStorage) -> bool:
-    """Whether this worker summarises the study: the first to ask at each trial count does."""
-    lock = StudyLock(storage, study.study_name)
-    lock.acquire()
-    try:
-        count = len(study.get_trials(deepcopy=False))
-        if study.user_attrs.get(SUMMARISED_ATTR) == count:
-            return False
-        study.set_user_attr(SUMMARISED_ATTR, count)
-        return True
-    finally:
-        lock.release()
+    run_trials(study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study,
+               worker=job.worker)
 
 
 def run_workers(jobs: list[WorkerJob]) -> None:
@@ -428,94 +252,167 @@ def run_workers(jobs: list[WorkerJob]) -> None:
     processes = [context.Process(target=run_worker, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them re-queue their trials
+        for process in processes:
+            process.join()
+        raise
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
 
 
-def summarise(study: optuna.Study) -> dict:
-    """Log the leaderboard, the best trial and Optuna's plots to the active (parent) run."""
-    import pandas as pd
-
-    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
-    trials = trials.rename(columns={"value": OBJECTIVE_METRIC}).sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
-    trials["duration"] = trials["duration"].dt.total_seconds().round(1) if "duration" in trials else None
-    counts = trials["state"].value_counts().to_dict()
-    with tempfile.TemporaryDirectory() as tmp:
-        trials.to_csv(f"{tmp}/leaderboard.csv", index=False)
-        trials.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
-        log_study_plots(study, Path(tmp) / "plots")
-        mlflow.log_artifacts(tmp)
-    summary = {"trials": len(trials), "complete_trials": counts.get("COMPLETE", 0), "pruned_trials": counts.get("PRUNED", 0),
-               "failed_trials": counts.get("FAIL", 0)}
-    mlflow.log_metrics({f"n_{k}": v for k, v in summary.items()})
-    if summary["complete_trials"]:
-        best = study.best_trial
-        mlflow.log_metric("best_val_accuracy", best.value)
-        mlflow.set_tags({"best.trial_number": str(best.number), **{f"best.{k}": str(v) for k, v in best.params.items()}})
-        summary.update(best_val_accuracy=best.value, best_params=best.params, best_trial=best.number)
-    pd.set_option("display.width", 200)
-    print(trials.head(10).to_string(index=False), file=sys.stderr)
-    return summary
+# --- the study ------------------------------------------------------------------------------------
 
 
-PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
+def study_settings(config: TuneConfig) -> dict:
+    """What every trial of a study must share; a rerun that asks for other values is refused."""
+    return {"study": config.study, "epochs": config.epochs, "sampler": config.sampler, "pruner": config.pruner,
+            "search_space": STUDIES[config.study].search_space}
 
 
-def log_study_plots(study: optuna.Study, folder: Path) -> None:
-    """Optuna's plots as interactive HTML (plotly) and PNG (matplotlib); skip those the study can't draw yet."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization as interactive
-    import optuna.visualization.matplotlib as static
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in PLOTS:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
-                getattr(interactive, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
-                axes = getattr(static, f"plot_{name}")(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-            figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-            plt.close(figure)
-        except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of one trial
-            print(f"note: no {name} plot yet ({error})", file=sys.stderr)
+def differences(stored: dict, asked: dict) -> list[str]:
+    return [f"{name}={stored.get(name)} (this command: {asked[name]})" for name in asked if stored.get(name) != asked[name]]
 
 
-def retrain_best(study: optuna.Study, config: TuneConfig, data: PreparedData) -> dict:
-    """Retrain the best parameters, evaluate once on the test set, register, maybe crown champion."""
-    best_config = trial_config(config, optuna.trial.FixedTrial(study.best_trial.params))  # replay its suggestions
-    with mlflow.start_run(run_name="best-retrain", nested=True, tags={"pipeline.stage": "train", "optuna.study_name": config.study_name}) as run:
-        result, model_info = train_and_log(best_config, data)
-        model_uri = model_info.model_uri
-    with mlflow.start_run(run_name="best-evaluate", nested=True, tags={"pipeline.stage": "evaluate", "pipeline.model": model_uri}):
-        evaluation = evaluate_and_log(result.model, data.test.to(result.device), SEQUENCE_SHAPES[best_config.reading_order], data.manifest["dataset"], EvaluateConfig(device=config.device))
-    mlflow.log_metric("best_test_accuracy", evaluation.test_accuracy)
-    version, crowned = register(model_uri, config, evaluation.test_accuracy)
-    return {"test_accuracy": evaluation.test_accuracy, "model_version": version, "champion": crowned, "retrain_run": run.info.run_id}
+def refuse_other_settings(study_name: str, stored: dict, asked: dict) -> None:
+    if changed := differences(stored, asked):
+        raise ParameterError(f"study {study_name!r} was created with {'; '.join(changed)}: its trials would not compare; "
+                             "rerun with its settings, or start a new study with another -P study_name")
 
 
-def register(model_uri: str, config: TuneConfig, test_accuracy: float) -> tuple[str, bool]:
-    client = MlflowClient()
-    version = mlflow.register_model(model_uri, config.register_name).version
-    client.set_model_version_tag(config.register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    client.set_model_version_tag(config.register_name, version, "optuna.study_name", config.study_name)
+def open_study(storage: optuna.storages.BaseStorage, config: TuneConfig, launched_run: str | None) -> tuple[optuna.Study, str]:
+    """Create the study or load it, and return it with its parent run id. Call holding the study
+    lock: the worker that creates it records its settings, trial 0 and parent run before any other looks."""
     try:
-        champion = client.get_model_version_by_alias(config.register_name, CHAMPION)
-        to_beat = float(champion.tags.get("test_accuracy", "-1"))
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        to_beat = -1.0
-    crowned = test_accuracy > to_beat
-    if crowned:
-        client.set_registered_model_alias(config.register_name, CHAMPION, version)
-    print(f"registered {config.register_name} version {version} (test_accuracy {test_accuracy:.4f}); "
-          f"{'now' if crowned else 'not'} the {CHAMPION}", file=sys.stderr)
-    return version, crowned
+        study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=config.study_name, storage=storage)
+    if SETTINGS_ATTR in study.user_attrs:
+        refuse_other_settings(config.study_name, study.user_attrs[SETTINGS_ATTR], study_settings(config))
+    else:  # new, or its creator died before recording anything
+        study.set_user_attr(SETTINGS_ATTR, study_settings(config))
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
+    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_run_id and not run_exists(parent_run_id):
+        print(f"the study's parent run {parent_run_id} is not in this tracking store; opening a new one", file=sys.stderr)
+        parent_run_id = None
+    if not parent_run_id:
+        parent_run_id = open_parent_run(config, launched_run)
+        study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
+    return study, parent_run_id
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def open_parent_run(config: TuneConfig, launched_run: str | None) -> str:
+    """The study's parent run: the run `mlflow run` opened for this command, or a new one."""
+    client = MlflowClient()
+    tags = {"pipeline.stage": "tune", "optuna.study_name": config.study_name}
+    if launched_run:
+        client.update_run(launched_run, name=config.study_name)
+        for key, value in tags.items():
+            client.set_tag(launched_run, key, value)
+        return launched_run
+    from pipeline.tracking import current_experiment_id
+
+    return client.create_run(current_experiment_id(), run_name=config.study_name, tags=tags).info.run_id
+
+
+def retire_launched_run(launched_run: str, parent_run_id: str) -> None:
+    """`mlflow run` opened a run for this command, but the study already has its parent: this run
+    would stay empty, so delete it (ended first: `mlflow run` leaves a terminated run alone)."""
+    client = MlflowClient()
+    client.set_tag(launched_run, "pipeline.joined_run", parent_run_id)
+    client.set_terminated(launched_run, "FINISHED")
+    client.delete_run(launched_run)
+
+
+def log_parent_params(parent_run_id: str, config: TuneConfig) -> None:
+    params = {"study": config.study, "study_name": config.study_name, "storage": public_storage(config.storage),
+              "sampler": config.sampler, "pruner": config.pruner, "epochs": config.epochs, "seed": config.seed,
+              "search_space": str(STUDIES[config.study].search_space), "objective": f"maximize {OBJECTIVE_METRIC}"}
+    with mlflow.start_run(run_id=parent_run_id):
+        log_params(params)
+    MlflowClient().update_run(parent_run_id, status="RUNNING")  # until the summary ends it
+
+
+def finished_line(study: optuna.Study, n_trials: int) -> str | None:
+    """One line when the study has nothing left to do: all its trials counted and summarised."""
+    trials = study.get_trials(deepcopy=False)
+    if len(counted(trials)) < n_trials or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return None
+    if needs_summary(study):
+        return None
+    line = f"study {study.study_name} is complete: {len(counted(trials))} trials"
+    if best_value(study) > -math.inf:
+        line += f"; best trial {study.best_trial.number}, {OBJECTIVE_METRIC} {study.best_value:.4f}"
+    if registered := study.user_attrs.get(REGISTERED_ATTR):
+        line += (f"; registered as {registered['name']} version {registered['version']} "
+                 f"(test_accuracy {registered['test_accuracy']:.4f})")
+    return line + ". Raise -P n_trials to extend it."
+
+
+def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",
+         pruner: optuna.pruners.BasePruner | None = None) -> Registered | None:
+    """Run (or continue, or extend) the study; the worker that ends it summarises it.
+
+    ``pruner`` overrides the named one (tests use it to force pruning). Returns what was registered
+    from the study's best trial, if anything.
+    """
+    launched_run = os.environ.pop("MLFLOW_RUN_ID", None)  # read once: trials and spawned workers must not join it
+    storage = open_storage(config, on_stale_trial)
+    with study_lock(config.storage, config.study_name):
+        study, parent_run_id = open_study(storage, config, launched_run)
+    if launched_run and launched_run != parent_run_id:
+        retire_launched_run(launched_run, parent_run_id)
+    if line := finished_line(study, config.n_trials):
+        print(line, file=sys.stderr)
+        return registered_of(study)
+    log_parent_params(parent_run_id, config)
+    parent = MlflowClient().get_run(parent_run_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
+            if not data_ref:
+                data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
+            folder = download(data_ref, PREPARED_ARTIFACT, tmp)
+            with study_lock(config.storage, config.study_name):
+                check_data(study, load_prepared(folder))
+            MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
+            job = WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(folder))
+            if config.n_workers == 1:
+                run_worker(job, pruner)
+            else:
+                run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
+    except KeyboardInterrupt:
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            MlflowClient().set_terminated(parent_run_id, "KILLED")  # a rerun continues it
+        raise
+    return registered_of(study)
+
+
+def registered_of(study: optuna.Study) -> Registered | None:
+    registered = study.user_attrs.get(REGISTERED_ATTR)
+    return Registered(**registered) if registered else None
+
+
+def check_data(study: optuna.Study, data: PreparedData) -> None:
+    """Record the data the study tunes on, or refuse other data (call holding the study lock)."""
+    sha256 = {split: data.manifest["splits"][split]["sha256"] for split in ("train", "val")}
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None:
+        study.set_user_attr(DATA_ATTR, sha256)
+    elif stored != sha256:
+        raise ParameterError(f"study {study.study_name!r} was created on other data (train/val checksums differ): "
+                             "its trials would not compare; use the same prepare parameters, or another -P study_name")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -524,19 +421,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                         help="environment a prepare run starts in (default: local)")
     add_config_arguments(parser, TuneConfig)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
     add_config_arguments(parser, PrepareConfig, skip=("seed",))
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
+    signal.signal(signal.SIGTERM, raise_terminated)  # ends like Ctrl-C: the trial in progress is re-queued
+    prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
     try:
-        check_storage(config.storage)
+        check_storage(config.storage, config.n_workers)
+        with single_sqlite_worker(config.storage):
+            tune(config, prepare_config, args.data, args.env_manager)
     except ParameterError as error:
         parser.exit(2, f"tune: error: {error}\n")
-    try:
-        summary = tune(config, dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve())),
-                       args.data, args.env_manager)
+    except Terminated:
+        fail("SIGTERM; the trial in progress was re-queued: rerun the same command to continue the study", 143)
     except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to continue the study", 130)
-    print(f"\nstudy {config.study_name}: {summary}")
+        fail("interrupted; the trial in progress was re-queued: rerun the same command to continue the study", 130)
 
 
 if __name__ == "__main__":

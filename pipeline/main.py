@@ -55,14 +55,14 @@ def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> str | N
 
 
 def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str) -> str:
-    """Run one entry point as a child of ``parent``, or reuse its finished twin; return its run id."""
+    """Run one entry point as a child of ``parent`` (a run), or reuse its finished twin; return its run id."""
     client = MlflowClient()
     parameters = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in parameters.items()}
     key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
     if reused := find_reusable(client, experiment_id, key):
         print(f"[main] {stage}: reusing finished run {reused} (same parameters, inputs and code)", file=sys.stderr, flush=True)
-        mlflow.set_tag(f"pipeline.{stage}_reused", "true")
+        client.set_tag(parent.info.run_id, f"pipeline.{stage}_reused", "true")
         return reused
     print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
     if env_manager == "local":

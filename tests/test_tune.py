@@ -1,19 +1,22 @@
-"""Optuna studies tracked in MLflow: tiny studies (smoke definition, 1000 real MNIST images) on the CPU."""
+"""Optuna studies tracked in MLflow, in process: tiny studies (smoke definition, 1000 real MNIST images) on the CPU."""
 
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
+import weakref
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+from experiments import coordination, summary
 from experiments import tune as tune_module
+from experiments.coordination import RETRY_OF_ATTR, counted
 from experiments.studies import STUDIES
-from experiments.tune import register, tune
+from experiments.tune import tune
 from pipeline import prepare
+from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.training import TrainingDiverged
 
@@ -36,12 +39,12 @@ def runs_of(stage: str):
 
 
 def load(config: TuneConfig) -> optuna.Study:
-    return optuna.load_study(study_name=config.study_name, storage=tune_module.open_storage(config))
+    return optuna.load_study(study_name=config.study_name, storage=coordination.open_storage(config))
 
 
-def test_a_tiny_study_is_one_parent_with_a_child_per_trial(tmp_path, prepared_run):
+def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_best_trial(tmp_path, prepared_run):
     config = smoke(tmp_path)
-    summary = tune(config, PrepareConfig(), prepared_run)
+    registered = tune(config, PrepareConfig(), prepared_run)
 
     [parent] = runs_of("tune")
     trials = runs_of("trial")
@@ -49,6 +52,7 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial(tmp_path, prepared_ru
     assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2"]
     assert all(run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == "COMPLETE" for run in trials)
+    assert all(run.data.tags["pipeline.data"] == prepared_run for run in trials)  # lineage of every model
     assert all([m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [1] for run in trials)
 
     study = load(config)
@@ -60,18 +64,36 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial(tmp_path, prepared_ru
     plots = {f.path for f in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.html", "plots/optimization_history.png"} <= plots
 
-    # The best parameters were retrained, evaluated once on the test set, registered and crowned.
+    # The best trial's own model is registered: no retrain, picked by validation.
     version = MlflowClient().get_model_version_by_alias("tiny-lstm", "champion")
-    assert version.version == 1 and summary["champion"] is True
-    assert float(version.tags["test_accuracy"]) == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert str(version.version) == "1" and version.run_id == best_run and registered.champion
+    assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value, abs=1e-6)
+    assert not MlflowClient().search_runs(["0"], filter_string="attributes.run_name = 'best-retrain'")
+    # The test set is read once, on the registered artifact, and only reported.
     [evaluation] = runs_of("evaluate")
     assert evaluation.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert evaluation.data.tags["pipeline.model"] == "models:/tiny-lstm/1"
+    assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation.data.metrics["test_accuracy"], abs=1e-6)
 
-    # A worse model is registered but does not take the alias; a better one does.
-    assert register(version.source, config, test_accuracy=0.0) == (2, False)
-    assert MlflowClient().get_model_version_by_alias("tiny-lstm", "champion").version == 1
-    assert register(version.source, config, test_accuracy=1.0) == (3, True)
-    assert MlflowClient().get_model_version_by_alias("tiny-lstm", "champion").version == 3
+
+def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
+    client = MlflowClient()
+
+    client.create_registered_model("m")
+
+    def version(val: float, test: float) -> str:
+        tags = {"val_accuracy": str(val), "test_accuracy": str(test)}
+        return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version)
+
+    first = version(val=0.95, test=0.90)
+    assert summary.crown_if_better("m", first, 0.95)
+    better_on_test_only = version(val=0.94, test=0.99)
+    assert not summary.crown_if_better("m", better_on_test_only, 0.94)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == first
+    better_on_validation = version(val=0.96, test=0.80)
+    assert summary.crown_if_better("m", better_on_validation, 0.96)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == better_on_validation
 
 
 def test_the_default_study_starts_with_the_tutorial_configuration(tmp_path, prepared_run):
@@ -86,14 +108,15 @@ def test_the_default_study_starts_with_the_tutorial_configuration(tmp_path, prep
 def test_pruned_trials_end_killed(tmp_path, prepared_run):
     config = smoke(tmp_path, epochs=2, n_trials=2)
     # No accuracy reaches 1.01, so this pruner must stop every trial at its first report.
-    summary = tune(config, PrepareConfig(), prepared_run, pruner=optuna.pruners.ThresholdPruner(lower=1.01))
-    assert summary["pruned_trials"] == 2 and summary["complete_trials"] == 0
+    assert tune(config, PrepareConfig(), prepared_run, pruner=optuna.pruners.ThresholdPruner(lower=1.01)) is None
+    assert [t.state.name for t in load(config).trials] == ["PRUNED", "PRUNED"]
     for run in runs_of("trial"):
         assert run.info.status == "KILLED" and run.data.tags["optuna.trial_state"] == "PRUNED"
         assert len(MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")) == 1  # stopped after epoch 1
+    assert not MlflowClient().search_registered_models()  # nothing complete, nothing registered
 
 
-def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path, prepared_run, monkeypatch):
+def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, monkeypatch):
     real = tune_module.train_and_log
     calls = []
 
@@ -104,67 +127,146 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path, prepared_run
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tune_module, "train_and_log", diverge_once)
-    summary = tune(smoke(tmp_path), PrepareConfig(), prepared_run)
-    assert (summary["failed_trials"], summary["complete_trials"]) == (1, 2)
+    tune(smoke(tmp_path), PrepareConfig(), prepared_run)
+    assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     [failed] = [run for run in runs_of("trial") if run.info.status == "FAILED"]
     assert failed.data.tags["optuna.trial_state"] == "FAIL"
     assert "TrainingDiverged: train_loss is nan" in failed.data.tags["optuna.fail_reason"]
 
 
-def test_rerunning_continues_the_study_under_the_same_parent(tmp_path, prepared_run, capsys):
+def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_path, prepared_run, monkeypatch):
+    real = tune_module.train_and_log
+    calls = []
+
+    def interrupt_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "train_and_log", interrupt_the_second)
+    config = smoke(tmp_path, n_trials=2)
+    with pytest.raises(KeyboardInterrupt):
+        tune(config, PrepareConfig(), prepared_run)
+    trials = load(config).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[2].user_attrs[RETRY_OF_ATTR] == 1 and len(counted(trials)) == 1
+    [interrupted] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == "1"]
+    assert interrupted.info.status == "KILLED" and interrupted.data.tags["optuna.trial_state"] == "REQUEUED"
+
+    tune(config, PrepareConfig(), prepared_run)  # the rerun runs the re-queued copy, and no more
+    trials = load(config).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params and len(counted(trials)) == 2
+    [parent] = runs_of("tune")
+    assert parent.info.status == "FINISHED"
+
+
+def test_extending_a_study_summarises_once_and_a_finished_one_says_so(tmp_path, prepared_run, capsys):
     tune(smoke(tmp_path, n_trials=2), PrepareConfig(), prepared_run)
     tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # n_trials counts the whole study
     assert [t.number for t in load(smoke(tmp_path)).trials] == [0, 1, 2, 3]
     [parent] = runs_of("tune")
     assert parent.info.status == "FINISHED"
     assert sorted(run.data.tags["optuna.trial_number"] for run in runs_of("trial")) == ["0", "1", "2", "3"]
-    assert len(runs_of("evaluate")) == 2  # each new result was retrained and evaluated
+    versions = MlflowClient().search_model_versions("name = 'tiny-lstm'")
+    assert len(runs_of("evaluate")) == len(versions) <= 2  # one test per registered version, none for an unchanged best
+    history = MlflowClient().get_metric_history(parent.info.run_id, "n_complete_trials")
+    assert [m.step for m in history] == [2, 4]  # summarised once per extension
 
     capsys.readouterr()
-    summary = tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # nothing left to do
-    assert summary == {"trials": 4, "summarised_here": False} and len(runs_of("trial")) == 4
-    assert len(runs_of("evaluate")) == 2
+    tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # nothing left to do
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("study tiny is complete: 4 trials; best trial") and "registered as tiny-lstm" in line
+    assert len(runs_of("trial")) == 4 and len(runs_of("evaluate")) == len(versions)
 
 
-def test_a_trial_whose_worker_died_is_failed_and_retried_when_the_study_resumes(tmp_path, prepared_run):
+def test_a_rerun_with_other_settings_is_refused(tmp_path, prepared_run):
+    tune(smoke(tmp_path, n_trials=1), PrepareConfig(), prepared_run)
+    with pytest.raises(ParameterError, match=r"created with epochs=1 \(this command: 2\); sampler=tpe \(this command: random\)"):
+        tune(smoke(tmp_path, n_trials=2, epochs=2, sampler="random"), PrepareConfig(), prepared_run)
+    with pytest.raises(ParameterError, match="study=smoke"):
+        tune(smoke(tmp_path, n_trials=2, study="lstm-cpu"), PrepareConfig(), prepared_run)
+    assert len(load(smoke(tmp_path)).trials) == 1
+
+
+@pytest.mark.parametrize("orphan", ["no worker recorded", "a live pid without its lease", "a dead pid"])
+def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes(tmp_path, prepared_run, orphan):
     config = smoke(tmp_path, n_trials=2)
     tune(config, PrepareConfig(), prepared_run)
-    # A worker of this machine died mid-trial: its trial and its MLflow run were left RUNNING.
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     study = load(config)
-    orphan = study.ask(study.trials[0].distributions)  # sampled like any trial of the study
-    child = MlflowClient().create_run("0", tags={"pipeline.stage": "trial", "optuna.trial_number": str(orphan.number)})
-    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
-    orphan.set_user_attr("mlflow_run_id", child.info.run_id)
+    lost = study.ask(study.trials[0].distributions)  # left RUNNING by a worker that is gone
+    child = MlflowClient().create_run("0", tags={"pipeline.stage": "trial", "optuna.trial_number": str(lost.number)})
+    lost.set_user_attr("mlflow_run_id", child.info.run_id)
+    if orphan == "a live pid without its lease":  # a pid reused by another process: alive, but not a worker
+        lost.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+    elif orphan == "a dead pid":
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        lost.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
 
     tune(smoke(tmp_path, n_trials=3), PrepareConfig(), prepared_run)
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
-    retry = trials[3]
-    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == orphan.number
-    assert retry.params == trials[2].params  # the same parameters, run again
-    orphan_run = MlflowClient().get_run(child.info.run_id)
-    assert orphan_run.info.status == "FAILED" and "stopped while running it" in orphan_run.data.tags["optuna.fail_reason"]
+    assert trials[3].user_attrs[RETRY_OF_ATTR] == lost.number and trials[3].params == trials[2].params
+    lost_run = MlflowClient().get_run(child.info.run_id)
+    assert lost_run.info.status == "FAILED" and "stopped while running it" in lost_run.data.tags["optuna.fail_reason"]
     assert not [run for run in runs_of("trial") if run.info.status == "RUNNING"]
 
 
 def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
     config = smoke(tmp_path, n_trials=4, n_workers=2)
     tune(config, PrepareConfig(), prepared_run)
-    numbers = [t.number for t in load(config).trials]
-    assert sorted(numbers) == [0, 1, 2, 3]
+    assert sorted(t.number for t in load(config).trials) == [0, 1, 2, 3]
     trials = runs_of("trial")
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
     [parent] = runs_of("tune")
     assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}
+    assert len(MlflowClient().search_model_versions("name = 'tiny-lstm'")) == 1
 
 
-def test_passwords_stay_out_of_the_logged_storage():
-    assert tune_module.public_storage("postgresql://optuna:s3cret@db:5432/studies") == "postgresql://optuna:***@db:5432/studies"
-    assert tune_module.public_storage("studies.journal") == "studies.journal"
+def test_every_trials_model_is_released_whatever_its_ending(tmp_path, prepared_run, monkeypatch):
+    models, alive_at_next_start = [], []
+    real_build = training_module.build_model
+
+    def tracked_build(*args, **kwargs):
+        alive_at_next_start.append([ref() is not None for ref in models])
+        model = real_build(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    endings = iter(["complete", "pruned", "failed", "oom", "complete"])
+
+    def ending(metrics):
+        kind = next(endings)
+        if kind == "pruned":
+            raise optuna.TrialPruned("forced")
+        if kind == "failed":
+            raise TrainingDiverged("forced")
+        if kind == "oom":
+            raise __import__("torch").cuda.OutOfMemoryError("forced")
+
+    real_train = tune_module.train_and_log
+    monkeypatch.setattr(training_module, "build_model", tracked_build)
+    monkeypatch.setattr(tune_module, "train_and_log", lambda *a, on_epoch, **k: real_train(
+        *a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k))
+    tune(smoke(tmp_path, n_trials=5, pruner="none"), PrepareConfig(), prepared_run)
+    assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
+    assert alive_at_next_start[1:] == [[False] * n for n in range(1, 5)]  # each trial's model was gone before the next
+
+
+def test_storage_urls_are_checked_in_one_line_without_their_password():
+    assert coordination.public_storage("postgresql://optuna:s3cret@db:5432/studies") == "postgresql://optuna:***@db:5432/studies"
+    assert coordination.public_storage("studies.journal") == "studies.journal"
     with pytest.raises(ParameterError, match=r"storage=postgresql://\.\.\. holds a password") as refused:
-        tune_module.check_storage("postgresql://optuna:s3cret@db:5432/studies")
+        coordination.check_storage("postgresql://optuna:s3cret@db:5432/studies")
     assert "s3cret" not in str(refused.value)
-    tune_module.check_storage("postgresql://optuna@db:5432/studies")  # PGPASSWORD or ~/.pgpass
-    tune_module.check_storage("postgresql://optuna:${OPTUNA_DB_PASSWORD}@db:5432/studies")  # read from the environment
+    coordination.check_storage("postgresql://optuna@db:5432/studies")  # psycopg 3: the plain form works
+    coordination.check_storage("postgresql://optuna:${OPTUNA_DB_PASSWORD}@db:5432/studies")  # read from the environment
+    with pytest.raises(ParameterError, match="SQLite is not safe for several workers"):
+        coordination.check_storage("sqlite:///studies.db", n_workers=2)
+    with pytest.raises(ParameterError, match=r"storage=mysql://\.\.\. is not allowed"):
+        coordination.check_storage("mysql://u@db/studies")
+    # A driver that is not installed (this project installs psycopg 3, not psycopg2) is one line.
+    with pytest.raises(ParameterError, match=r"storage=postgresql\+psycopg2://\.\.\. needs the Python package 'psycopg2'"):
+        coordination.check_storage("postgresql+psycopg2://optuna@db:5432/studies")

@@ -1,0 +1,351 @@
+"""How the workers of one study agree, on primitives the storage engine or the kernel guarantees.
+
+- **The study lock** serialises the moments a worker looks at the study and asks for a trial.
+  It is ``fcntl.flock`` on a file beside a journal or SQLite storage, and a session-level
+  PostgreSQL advisory lock on a connection of its own for PostgreSQL. Both are released when the
+  holder releases them or when its process dies, and at no other time: nothing is judged by
+  age, so a holder that stalls (a slow MLflow call, a sampler fit, a database pause) keeps it.
+- **Liveness of a running trial** comes from a lease its worker takes before it lets go of the
+  study lock: Optuna's heartbeats on PostgreSQL, a ``flock`` on the trial's own file on a
+  journal. A trial whose lease is gone while it still reads RUNNING lost its worker.
+- **Counting**: a study ends with exactly ``n_trials`` trials that count: COMPLETE, PRUNED, and
+  FAIL from the objective. A trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is
+  re-queued once with the same parameters, and the failed original is not counted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.config import ParameterError, TuneConfig
+
+WORKER_ATTR = "worker"  # host:pid of the worker that runs a trial: set while it holds the study lock
+RETRY_OF_ATTR = "retry_of"  # on a re-queued trial: the number of the trial it repeats
+REQUEUE_REASON_ATTR = "requeue_reason"  # on a re-queued trial: why the original did not count
+LOST_WORKERS_ATTR = "lost_workers"  # on a re-queued trial: how many workers its parameters have lost
+MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class NextStep(Enum):
+    RUN = "run"  # ask for a trial and train it
+    WAIT = "wait"  # every trial is taken, but other workers' trials still run (and may be re-queued)
+    STOP = "stop"  # nothing runs and nothing is left to ask for
+
+
+# --- storage --------------------------------------------------------------------------------------
+
+
+def storage_kind(storage: str) -> str:
+    """``journal`` (a file path), ``sqlite`` or ``postgresql``."""
+    if "://" not in storage:
+        return "journal"
+    return storage.split("://")[0].split("+")[0]
+
+
+def check_storage(storage: str, n_workers: int = 1) -> None:
+    """Refuse, in one line, a storage tune cannot use; the URL is never echoed (it may hold a password)."""
+    kind = storage_kind(storage)
+    if kind == "journal":
+        if not Path(storage).resolve().parent.is_dir():
+            raise ParameterError(f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    scheme = storage.split("://")[0]
+    if kind not in ("sqlite", "postgresql"):
+        raise ParameterError(f"storage={scheme}://... is not allowed: must be a journal file path, sqlite:///<file> or postgresql://...")
+    try:
+        url = make_url(storage)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise ParameterError(f"storage={scheme}://... is not allowed: not a database URL SQLAlchemy understands") from None
+    try:
+        dialect.import_dbapi()
+    except ModuleNotFoundError as missing:
+        raise ParameterError(f"storage={scheme}://... needs the Python package {missing.name!r}, which is not installed: "
+                             f"pip install it, or name an installed driver (postgresql+psycopg://, postgresql+psycopg2://)") from None
+    if url.password and not (url.password.startswith("${") and url.password.endswith("}")):
+        raise ParameterError(f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
+                             "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)")
+    if kind == "sqlite" and n_workers > 1:
+        raise ParameterError(f"n_workers={n_workers} is not allowed with storage=sqlite://...: SQLite is not safe for "
+                             "several workers; use a journal file (one machine) or PostgreSQL (many)")
+
+
+def public_storage(storage: str) -> str:
+    """``storage`` with any password replaced by ***, fit to log."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True)
+
+
+def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.BaseStorage:
+    """A journal file (crash-safe, shared by the processes of one machine), or an RDB storage with
+    heartbeats: ``on_stale_trial(study, trial)`` runs for a trial whose worker stopped beating.
+
+    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
+    """
+    if storage_kind(config.storage) == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
+    from sqlalchemy.exc import DBAPIError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+        with study_lock(config.storage, "optuna schema"):  # workers starting on a new database race to create its tables
+            try:
+                return optuna.storages.RDBStorage(
+                    os.path.expandvars(config.storage),
+                    engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
+                    heartbeat_interval=config.heartbeat_interval,
+                    grace_period=3 * config.heartbeat_interval,
+                    heartbeat_stale_trial_callback=on_stale_trial,
+                )
+            except DBAPIError as error:
+                raise ParameterError(f"storage={config.storage.split('://')[0]}://... cannot be opened: "
+                                     f"{str(error.orig).splitlines()[0]}") from None
+
+
+# --- the study lock ---------------------------------------------------------------------------------
+
+
+def lock_folder(storage: str) -> Path:
+    """Where the lock files of a file-based storage live: ``<file>.locks/`` beside it."""
+    if storage_kind(storage) == "journal":
+        path = storage
+    else:
+        from sqlalchemy.engine import make_url
+
+        path = make_url(storage).database
+    folder = Path(f"{path}.locks")
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def file_name(study_name: str) -> str:
+    """A file name for any study name (they may hold '/', spaces, ...)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name)[:60]
+    return f"{safe}-{hashlib.sha256(study_name.encode()).hexdigest()[:12]}"
+
+
+class Lock:
+    """``with lock:`` holds it for the block, waiting as long as it takes."""
+
+    def acquire(self, blocking: bool = True) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class FileLock(Lock):
+    """``flock`` on one file: exclusive, and dropped by the kernel when the holder's process dies."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+class AdvisoryLock(Lock):
+    """A session-level PostgreSQL advisory lock, taken on a connection of its own: the server drops it
+    when that connection ends, so a holder that dies (kill -9, a lost machine) frees it."""
+
+    def __init__(self, url: str, name: str):
+        import sqlalchemy
+
+        self.engine = sqlalchemy.create_engine(os.path.expandvars(url), poolclass=sqlalchemy.pool.NullPool)
+        digest = hashlib.sha256(f"lstm-mnist study lock: {name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)  # advisory lock keys are bigint
+        self.connection = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        import sqlalchemy
+
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if blocking:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+        elif not connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}).scalar():
+            connection.close()
+            return False
+        self.connection = connection
+        return True
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self.connection.close()  # ending the session releases its advisory locks
+            self.connection = None
+
+
+def study_lock(storage: str, name: str) -> Lock:
+    """The lock of study ``name`` in ``storage``: ``with study_lock(...):`` holds it."""
+    if storage_kind(storage) == "postgresql":
+        return AdvisoryLock(storage, name)
+    return FileLock(lock_folder(storage) / f"study-{file_name(name)}.lock")
+
+
+@contextmanager
+def single_sqlite_worker(storage: str):
+    """SQLite is not safe for several workers: refuse a second one, from any command, in one line."""
+    if storage_kind(storage) != "sqlite":
+        yield
+        return
+    lock = FileLock(lock_folder(storage) / "worker.lock")
+    if not lock.acquire(blocking=False):
+        raise ParameterError("storage=sqlite://... is used by another tune worker, and SQLite is not safe for several: "
+                             "wait for it, or use a journal file (one machine) or PostgreSQL (many)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --- liveness: a lease per running trial ----------------------------------------------------------
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TrialLease:
+    """Held by the worker running a trial, from the moment it asks (under the study lock) until it
+    has told the result. On PostgreSQL, Optuna's heartbeats; on a journal file, ``flock`` on the
+    trial's own file."""
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig, trial: optuna.Trial):
+        self.stop = threading.Event()
+        self.lock, self.thread = None, None
+        if storage_kind(config.storage) == "postgresql":
+            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
+            storage.record_heartbeat(trial_id)  # before the study lock is released: never RUNNING without one
+            self.thread = threading.Thread(target=self._beat, args=(storage, trial_id, config.heartbeat_interval), daemon=True)
+            self.thread.start()
+        else:
+            self.lock = FileLock(lease_path(config, study.study_name, trial.number))
+            self.lock.acquire()
+        trial.set_user_attr(WORKER_ATTR, worker_id())  # last: a trial with this attribute has its lease
+
+    def _beat(self, storage, trial_id: int, interval: int) -> None:
+        while not self.stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # a database blip: the next beat tries again
+                print(f"warning: heartbeat of trial id {trial_id} failed: {error}", file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        """Call after the trial's result is told: a checker that then finds the lease free sees it finished."""
+        self.stop.set()
+        if self.lock:
+            self.lock.path.unlink(missing_ok=True)
+            self.lock.release()
+
+
+def lease_path(config: TuneConfig, study_name: str, number: int) -> Path:
+    return lock_folder(config.storage) / f"trial-{file_name(study_name)}-{number}.lock"
+
+
+def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
+    """Whether the worker of a journal trial still holds its lease (call holding the study lock)."""
+    if WORKER_ATTR not in trial.user_attrs:  # it died between asking and taking its lease
+        return False
+    try:
+        fd = os.open(lease_path(config, study_name, trial.number), os.O_RDWR)
+    except FileNotFoundError:  # released: the trial ended, or its worker never took it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# --- counting, and the trials that lost their worker ----------------------------------------------
+
+
+def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """The failed trials that a re-queued copy replaces: they do not count."""
+    return {trial.user_attrs[RETRY_OF_ATTR] for trial in trials if RETRY_OF_ATTR in trial.user_attrs}
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials that count toward ``n_trials``."""
+    replaced = requeued_numbers(trials)
+    return [trial for trial in trials if trial.state in COUNTED_STATES and trial.number not in replaced]
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: bool) -> None:
+    """Queue ``trial``'s parameters once more and end it FAIL; it no longer counts.
+
+    Call holding the study lock. Safe to repeat after a crash halfway: a trial is copied once.
+    """
+    trials = study.get_trials(deepcopy=False)
+    lost = trial.user_attrs.get(LOST_WORKERS_ATTR, 0) + lost_worker
+    if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number, REQUEUE_REASON_ATTR: reason,
+                                                      LOST_WORKERS_ATTR: lost})
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
+    """Re-queue the running trials of a journal study whose worker is gone (call holding the study
+    lock). On PostgreSQL Optuna does it from heartbeats, calling the storage's stale-trial callback."""
+    if storage_kind(config.storage) == "postgresql":
+        optuna.storages.fail_stale_trials(study)
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if lease_held(config, study.study_name, trial):
+            continue
+        # Free lease: either the worker died, or it told its result and let go just now. Look again.
+        now = study.get_trials(deepcopy=False)[trial.number]
+        if now.state == TrialState.RUNNING:
+            reason = f"its worker {trial.user_attrs.get(WORKER_ATTR, '(not yet recorded)')} stopped while running it"
+            requeue(study, now, reason, lost_worker=True)
+            on_lost(study, now, reason)
+
+
+def next_step(study: optuna.Study, n_trials: int) -> NextStep:
+    """What a worker does next; call holding the study lock, after ``fail_lost_trials``."""
+    trials = study.get_trials(deepcopy=False)
+    running = sum(trial.state == TrialState.RUNNING for trial in trials)
+    if any(trial.state == TrialState.WAITING for trial in trials) or len(counted(trials)) + running < n_trials:
+        return NextStep.RUN
+    return NextStep.WAIT if running else NextStep.STOP

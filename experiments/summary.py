@@ -1,0 +1,176 @@
+"""What a study leaves behind once no trial runs: a leaderboard and plots on its parent run, and
+its best trial's own model registered, tested once, and made champion when validation says so.
+
+Selection is by ``val_accuracy``, the study's objective. The test set is looked at once per
+registered version, on the registered artifact, and only reported: it never picks anything.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from experiments.coordination import counted
+from experiments.studies import OBJECTIVE_METRIC
+from pipeline.config import EvaluateConfig
+from pipeline.data import PreparedData
+from pipeline.evaluate import evaluate_and_log, load_model
+from pipeline.training import resolve_device
+
+CHAMPION = "champion"
+MODEL_URI_ATTR = "model_uri"  # trial user attribute: the model it logged, when it was the best so far
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # trial user attribute: its child run
+SUMMARISED_ATTR = "summarised_at"  # study user attribute: how many counted trials the last summary saw
+REGISTERED_ATTR = "registered"  # study user attribute: the version registered from its best trial
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version registered from a study's best trial."""
+
+    name: str
+    version: str
+    trial: int
+    val_accuracy: float
+    test_accuracy: float
+    champion: bool  # whether it held the champion alias when registered
+
+
+def needs_summary(study: optuna.Study) -> bool:
+    """Whether the counted trials changed since the last successful summary."""
+    return study.user_attrs.get(SUMMARISED_ATTR) != len(counted(study.get_trials(deepcopy=False)))
+
+
+def summarise(study: optuna.Study, parent_run_id: str, register_name: str, data: PreparedData, data_ref: str,
+              device: str) -> Registered | None:
+    """Log the leaderboard and plots to the parent run, register the best trial's model; call
+    holding the study lock once no trial runs. Recorded as done only when all of it succeeded."""
+    client = MlflowClient()
+    trials = counted(study.get_trials(deepcopy=False))
+    board = leaderboard(study)
+    with tempfile.TemporaryDirectory() as tmp:
+        board.to_csv(f"{tmp}/leaderboard.csv", index=False)
+        board.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
+        log_study_plots(study, Path(tmp) / "plots")
+        client.log_artifacts(parent_run_id, tmp)
+    states = pd.Series([trial.state.name for trial in trials]).value_counts()
+    for state in ("COMPLETE", "PRUNED", "FAIL"):
+        client.log_metric(parent_run_id, f"n_{state.lower()}_trials", int(states.get(state, 0)), step=len(trials))
+    registered = None
+    if states.get("COMPLETE", 0):
+        best = study.best_trial
+        client.log_metric(parent_run_id, f"best_{OBJECTIVE_METRIC}", best.value, step=len(trials))
+        client.set_tag(parent_run_id, "best.trial_number", str(best.number))
+        for name, value in best.params.items():
+            client.set_tag(parent_run_id, f"best.{name}", str(value))
+        registered = register_best(study, best, parent_run_id, register_name, data, data_ref, device)
+    client.set_terminated(parent_run_id, "FINISHED")
+    study.set_user_attr(SUMMARISED_ATTR, len(trials))  # last: a summary that failed halfway is redone
+    return registered
+
+
+def leaderboard(study: optuna.Study) -> pd.DataFrame:
+    """Every trial, best first: number, val_accuracy, state, parameters, seconds, attributes."""
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+    trials = trials.rename(columns={"value": OBJECTIVE_METRIC})
+    if "duration" in trials:
+        trials["duration"] = trials["duration"].dt.total_seconds().round(1)
+    return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
+
+
+def register_best(study: optuna.Study, best: optuna.trial.FrozenTrial, parent_run_id: str, register_name: str,
+                  data: PreparedData, data_ref: str, device: str) -> Registered | None:
+    """Register the model the best trial logged, unless it already is; test it once; maybe crown it."""
+    previous = study.user_attrs.get(REGISTERED_ATTR)
+    if previous and previous["trial"] == best.number and previous["name"] == register_name:
+        return Registered(**previous)  # the best trial did not change: nothing new to register or test
+    model_uri = best.user_attrs.get(MODEL_URI_ATTR)
+    if not model_uri:
+        print(f"warning: trial {best.number} logged no model, so nothing is registered", file=sys.stderr)
+        return None
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, register_name, tags={
+        "optuna.study_name": study.study_name, "optuna.trial_number": str(best.number),
+        OBJECTIVE_METRIC: f"{best.value:.6f}"}).version
+    test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
+    client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    crowned = crown_if_better(register_name, version, best.value)
+    registered = Registered(register_name, str(version), best.number, best.value, test_accuracy, crowned)
+    study.set_user_attr(REGISTERED_ATTR, asdict(registered))
+    return registered
+
+
+def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: str, device: str) -> float:
+    """Evaluate the registered artifact on the test set, in an evaluate run under the study's parent."""
+    torch_device = resolve_device(device)
+    model, input_shape, _ = load_model(model_uri, torch_device)
+    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": data_ref}
+    with mlflow.start_run(run_name=f"evaluate {model_uri.removeprefix('models:/')}", experiment_id=experiment_id,
+                          parent_run_id=parent_run_id, tags=tags):
+        evaluation = evaluate_and_log(model, data.test.to(torch_device), input_shape, data.manifest["dataset"],
+                                      EvaluateConfig(device=device))
+    return evaluation.test_accuracy
+
+
+def crown_if_better(name: str, version: str, val_accuracy: float) -> bool:
+    """Move the champion alias to ``version`` if its validation accuracy beats the champion's."""
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        to_beat = float(champion.tags.get(OBJECTIVE_METRIC, "-1"))
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        to_beat = -1.0
+    if val_accuracy <= to_beat:
+        return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
+
+
+PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
+
+
+def log_study_plots(study: optuna.Study, folder: Path) -> None:
+    """Optuna's plots as interactive HTML (plotly) and PNG (matplotlib); skip those the study can't draw yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization as interactive
+    import optuna.visualization.matplotlib as static
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
+                getattr(interactive, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
+                axes = getattr(static, f"plot_{name}")(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of one trial
+            print(f"note: no {name} plot yet ({error})", file=sys.stderr)
+
+
+def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> str:
+    """The lines a person reads at the end: the best trials as a table, and the champion."""
+    board = leaderboard(study)
+    columns = ["number", OBJECTIVE_METRIC, "state", *[c for c in board.columns if c.startswith("params_")], "duration"]
+    table = board[[c for c in columns if c in board]].head(top)
+    table.columns = [c.removeprefix("params_") for c in table.columns]
+    lines = [f"study {study.study_name}: {len(counted(study.get_trials(deepcopy=False)))} trials counted; best {top}:",
+             table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    if registered:
+        role = "the champion" if registered.champion else "not the champion (a better one holds the alias)"
+        lines.append(f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
+                     f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}")
+    return "\n".join(lines)
