@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -37,14 +38,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.coordination import (NextStep, TrialLease, check_storage, counted, fail_lost_trials, next_step, open_storage,
-                                      public_storage, requeue, single_sqlite_worker, study_lock)
+                                      WORKER_ATTR, public_storage, requeue, single_sqlite_worker, study_lock, worker_id)
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
 from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATTR, Registered, needs_summary, report,
                                  summarise)
 from pipeline.config import OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs, fail
 from pipeline.data import PreparedData, load_prepared
 from pipeline.main import code_version, run_stage
-from pipeline.tracking import PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
+from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged, resolve_device
 
@@ -247,7 +248,8 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
                worker=job.worker)
 
 
-def run_workers(jobs: list[WorkerJob]) -> None:
+def run_workers(jobs: list[WorkerJob]) -> set[str]:
+    """Run ``jobs`` in processes of their own; return their worker ids (host:pid)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     processes = [context.Process(target=run_worker, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
     for process in processes:
@@ -262,6 +264,7 @@ def run_workers(jobs: list[WorkerJob]) -> None:
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
+    return {f"{socket.gethostname()}:{p.pid}" for p in processes}
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -327,15 +330,18 @@ def open_parent_run(config: TuneConfig, launched_run: str | None) -> str:
     return client.create_run(current_experiment_id(), run_name=config.study_name, tags=tags).info.run_id
 
 
-def retire_launched_run(launched_run: str, parent_run_id: str) -> None:
-    """`mlflow run` opened a run for this command, but the study already has its parent: this run
-    would stay empty, so delete it (ended first: `mlflow run` leaves a terminated run alone)."""
+def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> None:
+    """`mlflow run` opened a run for this command, but the study already has its parent: make it this
+    worker's record, nested under the parent, rather than an empty run at the top of the table.
+
+    (It cannot be deleted: MLflow 3.17's `mlflow run` ends its run after the command exits, and
+    ending a deleted run fails, which would fail the command.)"""
     client = MlflowClient()
-    client.set_tag(launched_run, "pipeline.joined_run", parent_run_id)
-    client.set_terminated(launched_run, "FINISHED")
-    client.delete_run(launched_run)
-
-
+    client.update_run(launched_run, name=f"worker {worker_id()}")
+    tags = {"mlflow.parentRunId": parent_run_id, "pipeline.stage": "worker", "pipeline.joined_run": parent_run_id,
+            "optuna.study_name": config.study_name}
+    for key, value in tags.items():
+        client.set_tag(launched_run, key, value)
 def log_parent_params(parent_run_id: str, config: TuneConfig) -> None:
     params = {"study": config.study, "study_name": config.study_name, "storage": public_storage(config.storage),
               "sampler": config.sampler, "pruner": config.pruner, "epochs": config.epochs, "seed": config.seed,
@@ -362,18 +368,18 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
 
 
 def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",
-         pruner: optuna.pruners.BasePruner | None = None) -> Registered | None:
+         pruner: optuna.pruners.BasePruner | None = None, launched_run: str | None = None) -> Registered | None:
     """Run (or continue, or extend) the study; the worker that ends it summarises it.
 
-    ``pruner`` overrides the named one (tests use it to force pruning). Returns what was registered
-    from the study's best trial, if anything.
+    ``launched_run`` is the run `mlflow run` opened for this command: it becomes the study's parent
+    run if the study is new, and is deleted otherwise. ``pruner`` overrides the named one (tests use
+    it to force pruning). Returns what was registered from the study's best trial, if anything.
     """
-    launched_run = os.environ.pop("MLFLOW_RUN_ID", None)  # read once: trials and spawned workers must not join it
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
         study, parent_run_id = open_study(storage, config, launched_run)
     if launched_run and launched_run != parent_run_id:
-        retire_launched_run(launched_run, parent_run_id)
+        record_worker(launched_run, parent_run_id, config)
     if line := finished_line(study, config.n_trials):
         print(line, file=sys.stderr)
         return registered_of(study)
@@ -390,8 +396,13 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
             job = WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(folder))
             if config.n_workers == 1:
                 run_worker(job, pruner)
+                workers = {worker_id()}
             else:
-                run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
+                workers = run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
+            if launched_run and launched_run != parent_run_id:  # what this worker's record shows
+                ran = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER_ATTR) in workers]
+                MlflowClient().log_metric(launched_run, "trials_run", len(ran))
+                MlflowClient().set_tag(launched_run, "optuna.trial_numbers", " ".join(map(str, ran)))
     except KeyboardInterrupt:
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             MlflowClient().set_terminated(parent_run_id, "KILLED")  # a rerun continues it
@@ -426,11 +437,15 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
     signal.signal(signal.SIGTERM, raise_terminated)  # ends like Ctrl-C: the trial in progress is re-queued
     prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
+    # Read once and removed: neither the trials nor spawned workers may log into the run `mlflow run` opened.
+    launched_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         check_storage(config.storage, config.n_workers)
         with single_sqlite_worker(config.storage):
-            tune(config, prepare_config, args.data, args.env_manager)
+            tune(config, prepare_config, args.data, args.env_manager, launched_run=launched_run)
     except ParameterError as error:
+        if launched_run:
+            MlflowClient().set_tag(launched_run, ERROR_TAG, str(error))  # `mlflow run` ends it FAILED
         parser.exit(2, f"tune: error: {error}\n")
     except Terminated:
         fail("SIGTERM; the trial in progress was re-queued: rerun the same command to continue the study", 143)

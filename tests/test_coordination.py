@@ -1,0 +1,89 @@
+"""The study lock, in real processes: released when its holder dies, never while it lives, one holder at a time.
+
+Each case runs on both kinds of lock: ``flock`` beside a journal file, and a PostgreSQL advisory
+lock on the throwaway cluster of tests/servers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+# Holds the lock of study "s" for argv[2] seconds, printing when it holds and when it lets go.
+HOLDER = """
+import sys, time
+from experiments.coordination import study_lock
+lock = study_lock(sys.argv[1], "s")
+lock.acquire()
+print("acquired", time.time(), flush=True)
+time.sleep(float(sys.argv[2]))
+print("released", time.time(), flush=True)
+lock.release()
+"""
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request, tmp_path) -> str:
+    if request.param == "journal":
+        return str(tmp_path / "studies.journal")
+    return request.getfixturevalue("postgres").create_database(f"locks_{os.getpid()}_{time.monotonic_ns()}")
+
+
+def hold(storage: str, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLDER, storage, str(seconds)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def wait_until_held(holder: subprocess.Popen) -> float:
+    line = holder.stdout.readline()
+    assert line.startswith("acquired"), line
+    return float(line.split()[1])
+
+
+def still_waiting(waiter: subprocess.Popen, seconds: float) -> bool:
+    """Whether ``waiter`` has not taken the lock within ``seconds`` (it prints nothing until it has)."""
+    os.set_blocking(waiter.stdout.fileno(), False)
+    time.sleep(seconds)
+    line = waiter.stdout.readline()
+    os.set_blocking(waiter.stdout.fileno(), True)
+    assert not line, f"the waiter took the lock: {line}"
+    return waiter.poll() is None
+
+
+def test_a_holder_killed_while_holding_frees_the_lock_at_once(storage):
+    holder = hold(storage, 600)
+    wait_until_held(holder)
+    waiter = hold(storage, 0)
+    assert still_waiting(waiter, 1.0)
+    killed_at = time.time()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert wait_until_held(waiter) - killed_at < 5  # released by the kernel or the server, not by a timeout
+    assert waiter.wait(timeout=30) == 0
+
+
+def test_a_stalled_holder_keeps_the_lock_and_two_waiters_take_turns(storage):
+    holder = hold(storage, 1)
+    wait_until_held(holder)
+    holder.send_signal(signal.SIGSTOP)  # a holder that stalls: alive, silent, for as long as it likes
+    try:
+        waiters = [hold(storage, 1), hold(storage, 1)]
+        for waiter in waiters:
+            assert still_waiting(waiter, 2.5)  # no age-based breaking: the lock stays with the stalled holder
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    holder_released = float(holder.stdout.read().split()[1])
+    assert holder.wait(timeout=30) == 0
+    spans = []
+    for waiter in waiters:
+        out = waiter.communicate(timeout=60)[0].split()
+        assert waiter.returncode == 0
+        spans.append((float(out[1]), float(out[3])))
+    first, second = sorted(spans)
+    assert holder_released <= first[0] and first[1] <= second[0]  # one holder at a time

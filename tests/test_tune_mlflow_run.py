@@ -1,0 +1,161 @@
+"""Tuning through the user's door: `mlflow run . -e tune` and `-e evaluate -P model=models:/...@champion`,
+as the README tells users to run them, on 1000 real MNIST images and the tiny `smoke` study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.coordination import RETRY_OF_ATTR, counted
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def user(tmp_path, mnist_dir):
+    """A user's shell: their own folder and tracking store, the project somewhere else."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    venv_bin = str(Path(sys.executable).parent)  # the activated virtual environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_RUN_ID", None)
+    journal = str(tmp_path / "studies.journal")
+
+    def command(*params: str, entry_point: str = "tune", study_name: str = "s", **tune_params) -> list[str]:
+        if entry_point == "tune":
+            settings = {"study": "smoke", "study_name": study_name, "storage": journal, "epochs": 1, "device": "cpu",
+                        "data_dir": mnist_dir, "train_limit": 1000, "val_size": 500, **tune_params}
+            params = (*params, *[f"{k}={v}" for k, v in settings.items()])
+        args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+        return args + [arg for param in params for arg in ("-P", param)]
+
+    def run(*params: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(command(*params, **kwargs), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    def start(*params: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(command(*params, **kwargs), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    user = type("User", (), {})()
+    user.run, user.start, user.client, user.journal = run, start, MlflowClient(uri), journal
+    return user
+
+
+def study(user, name: str = "s") -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(user.journal)))
+
+
+def visible_runs(user, stage: str | None = None):
+    """The active runs of the Default experiment, of one stage or all."""
+    runs = user.client.search_runs(["0"])
+    return [run for run in runs if stage is None or run.data.tags.get("pipeline.stage") == stage]
+
+
+def top_level(user):
+    """What the runs table lists before any parent is expanded."""
+    return [run for run in visible_runs(user) if "mlflow.parentRunId" not in run.data.tags]
+
+
+def test_extend_rerun_refuse_and_evaluate_the_champion(user):
+    first = user.run("n_trials=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    [parent] = visible_runs(user, "tune")
+
+    extended = user.run("n_trials=4")  # the same command with a larger budget
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    trials = visible_runs(user, "trial")
+    assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}  # none in the launcher's run
+    assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]  # no empty launcher run in the table
+    [worker] = visible_runs(user, "worker")  # the second command's own run: a record of its worker, under the parent
+    assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id and worker.data.metrics["trials_run"] == 2
+    assert worker.data.tags["optuna.trial_numbers"] == "2 3"
+    assert len(counted(study(user).trials)) == 4
+    evaluations = visible_runs(user, "evaluate")
+    versions = user.client.search_model_versions("name = 'lstm-mnist'")
+    assert len(evaluations) == len(versions) and not [r for r in visible_runs(user) if r.info.run_name == "best-retrain"]
+
+    again = user.run("n_trials=4")  # nothing left: one line, exit 0, nothing new in the table
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study s is complete: 4 trials; best trial" in again.stderr
+    assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]
+    assert len(visible_runs(user, "trial")) == 4 and len(visible_runs(user, "evaluate")) == len(evaluations)
+
+    changed = user.run("n_trials=6", epochs=2)
+    assert changed.returncode != 0
+    assert "tune: error: study 's' was created with epochs=1 (this command: 2)" in changed.stderr
+    assert "another -P study_name" in changed.stderr
+    assert len(counted(study(user).trials)) == 4
+    [refused] = [run for run in top_level(user) if run.info.run_id != parent.info.run_id]
+    assert refused.info.status == "FAILED" and "created with epochs=1" in refused.data.tags["pipeline.error"]
+
+    champion = user.run("model=models:/lstm-mnist@champion", "device=cpu", entry_point="evaluate")
+    assert champion.returncode == 0, champion.stderr[-3000:]
+    assert "test_accuracy" in champion.stderr
+    version = user.client.get_model_version_by_alias("lstm-mnist", "champion")
+    newest = max(visible_runs(user, "evaluate"), key=lambda run: run.info.start_time)
+    assert newest.data.metrics["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+
+
+def test_two_mlflow_run_workers_started_at_once_share_one_study(user):
+    workers = [user.start("n_trials=5", n_workers=2, pruner="none"),
+               user.start("n_trials=5", pruner="none")]  # three processes in all
+    for worker in workers:
+        output = worker.communicate(timeout=600)[0]
+        assert worker.returncode == 0, output[-3000:]
+    trials = study(user).trials
+    assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials), [t.state.name for t in trials]
+    [parent] = visible_runs(user, "tune")
+    children = visible_runs(user, "trial")
+    assert sorted(int(run.data.tags["optuna.trial_number"]) for run in children) == [t.number for t in trials]
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]
+    [worker] = visible_runs(user, "worker")
+    assert worker.data.metrics["trials_run"] == len(worker.data.tags["optuna.trial_numbers"].split())
+    assert len(user.client.search_model_versions("name = 'lstm-mnist'")) == 1
+
+
+def test_ctrl_c_requeues_the_trial_in_progress_and_the_rerun_runs_it(user):
+    slow = {"epochs": 8, "train_limit": 5000, "pruner": "none"}
+    worker = user.start("n_trials=2", **slow)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # until a trial is training: its child run has logged an epoch
+        time.sleep(0.2)
+        try:
+            running = study(user).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:  # not created yet
+            continue
+        if running and "mlflow_run_id" in running[0].user_attrs and \
+                user.client.get_metric_history(running[0].user_attrs["mlflow_run_id"], "val_accuracy"):
+            break
+    else:
+        pytest.fail("no trial started training")
+    os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole foreground group
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode != 0
+    assert "re-queued" in output
+
+    trials = study(user).trials
+    interrupted = running[0].number
+    assert trials[interrupted].state.name == "FAIL" and len(counted(trials)) == interrupted  # it does not count
+    [copy] = [t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == interrupted]
+    assert copy.state.name == "WAITING"
+    killed = user.client.get_run(running[0].user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna.trial_state"] == "REQUEUED"
+
+    rerun = user.run("n_trials=2", **slow)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = study(user).trials
+    assert len(counted(trials)) == 2 and trials[copy.number].state.name == "COMPLETE"
+    assert trials[copy.number].params == trials[interrupted].params  # the same configuration, run again
+    [parent] = visible_runs(user, "tune")
+    assert parent.info.status == "FINISHED"
