@@ -27,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,6 +70,8 @@ class WorkerJob:
     data_ref: str  # the prepare run: the lineage every trial's run and model carries
     data_folder: str
     worker: int = 0
+    workers: int = 1  # how many run on this machine: they share its CPU threads
+    gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
 
 
 def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
@@ -86,6 +89,8 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
     config = trial_config(job.config, trial)
     tags = {"pipeline.stage": "trial", "pipeline.data": job.data_ref, "optuna.study_name": job.config.study_name,
             "optuna.trial_number": str(trial.number)}
+    if job.gpu is not None:
+        tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
     with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
                           parent_run_id=job.parent_run_id, tags=tags) as run:
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
@@ -233,8 +238,8 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     """One worker: train trials until the study has ``n_trials``; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, raise_terminated)  # a spawned worker's SIGTERM re-queues its trial too
-    if job.config.n_workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.config.n_workers))
+    if job.workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     data = load_prepared(job.data_folder)
     storage = open_storage(job.config, on_stale_trial)
     study = optuna.load_study(study_name=job.config.study_name, storage=storage,
@@ -248,12 +253,32 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
                worker=job.worker)
 
 
-def run_workers(jobs: list[WorkerJob]) -> set[str]:
-    """Run ``jobs`` in processes of their own; return their worker ids (host:pid)."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (or by index)."""
+    count = torch.cuda.device_count()
+    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def gpu_assignment(config: TuneConfig) -> list[str | None]:
+    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count;
+    None for workers on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
+    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    gpus = visible_gpus() if on_cuda else []
+    if config.n_workers != "auto":
+        count = int(config.n_workers)
+    else:
+        count = len(gpus) * config.workers_per_gpu if gpus else 1
+    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
+
+
+def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:
+    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    processes = [context.Process(target=run_worker, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
-    for process in processes:
-        process.start()
+    processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
+    for job, process in zip(jobs, processes):
+        with pinned_to(job.gpu):  # in the environment the worker starts with: set before CUDA starts there
+            process.start()
     try:
         for process in processes:
             process.join()
@@ -265,6 +290,23 @@ def run_workers(jobs: list[WorkerJob]) -> set[str]:
     if failed:
         print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
     return {f"{socket.gethostname()}:{p.pid}" for p in processes}
+
+
+@contextmanager
+def pinned_to(gpu: str | None):
+    """CUDA_VISIBLE_DEVICES=``gpu`` inside the block (a process started there sees only that GPU)."""
+    if gpu is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -394,11 +436,14 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
                 check_data(study, load_prepared(folder))
             MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
             job = WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(folder))
-            if config.n_workers == 1:
+            gpus = gpu_assignment(config)
+            if len(gpus) == 1:
                 run_worker(job, pruner)
                 workers = {worker_id()}
             else:
-                workers = run_workers([dataclasses.replace(job, worker=i) for i in range(config.n_workers)])
+                print(f"{len(gpus)} workers" + (f" on GPUs {', '.join(map(str, gpus))}" if gpus[0] is not None else ""),
+                      file=sys.stderr, flush=True)
+                workers = run_workers([dataclasses.replace(job, worker=i, workers=len(gpus), gpu=gpu) for i, gpu in enumerate(gpus)])
             if launched_run and launched_run != parent_run_id:  # what this worker's record shows
                 ran = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER_ATTR) in workers]
                 MlflowClient().log_metric(launched_run, "trials_run", len(ran))
@@ -440,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     # Read once and removed: neither the trials nor spawned workers may log into the run `mlflow run` opened.
     launched_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        check_storage(config.storage, config.n_workers)
+        check_storage(config.storage, len(gpu_assignment(config)))
         with single_sqlite_worker(config.storage):
             tune(config, prepare_config, args.data, args.env_manager, launched_run=launched_run)
     except ParameterError as error:

@@ -100,6 +100,12 @@ class TrainConfig:
     patience: int = param(0, "stop after this many epochs without a better val_accuracy (0 = never)", ge=0)
     seed: int = param(42, "seed of weights, shuffling and dropout", ge=0)
     device: str = param("auto", "where to train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+    # bf16: forward pass and loss under bfloat16 autocast, weights and Adam in float32; needs a
+    # CUDA GPU or a CPU with avx512_bf16. auto takes bf16 only where it was measured faster at
+    # the same accuracy (such CPUs: README, GPU), else fp32. Validation always runs in fp32.
+    precision: str = param("auto", "arithmetic of training; auto = bf16 where measured faster, else fp32", choices=("auto", "fp32", "bf16"))
+    # Same seed, same metrics on the same GPU model, driver and libraries, at some cost in speed.
+    deterministic: bool = param(False, "deterministic kernels only (torch.use_deterministic_algorithms)")
 
     def __post_init__(self):
         check_fields(self)
@@ -134,7 +140,9 @@ class TuneConfig:
     # a rerun with a larger number continues it. Trials whose worker died are retried, not counted.
     n_trials: int = param(20, "trials the study runs in all, whoever runs them", ge=1, le=100_000)
     timeout: int = param(0, "stop starting trials after this many seconds (0 = no limit)", ge=0)
-    n_workers: int = param(1, "worker processes on this machine (they share its GPU)", ge=1, le=64)
+    # auto: one per visible GPU times workers_per_gpu (worker i on GPU i mod count); 1 without a GPU.
+    n_workers: str = param("auto", "worker processes on this machine: auto, or a number from 1 to 64")
+    workers_per_gpu: int = param(1, "workers sharing each GPU when n_workers=auto (small models leave a GPU idle)", ge=1, le=16)
     # RDB storage only: a running trial silent for 3 heartbeats is failed and retried once.
     heartbeat_interval: int = param(20, "seconds between a running trial's heartbeats (RDB storage)", ge=1, le=3600)
     epochs: int = param(3, "epochs per trial", ge=1, le=1000)
@@ -149,6 +157,8 @@ class TuneConfig:
         for name in ("study_name", "storage", "register_name"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}='' is not allowed: must be a non-empty string")
+        if self.n_workers != "auto" and not (self.n_workers.isdigit() and 1 <= int(self.n_workers) <= 64):
+            raise ParameterError(f"n_workers={self.n_workers!r} is not allowed: must be auto or an integer from 1 to 64")
 
 
 # --- command line ----------------------------------------------------------------------------

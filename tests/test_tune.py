@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import weakref
+from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import coordination, summary
 from experiments import tune as tune_module
 from experiments.coordination import RETRY_OF_ATTR, counted
 from experiments.studies import STUDIES
-from experiments.tune import tune
+from experiments.tune import WorkerJob, gpu_assignment, run_workers, tune
 from pipeline import prepare
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
@@ -215,7 +219,7 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
 
 
 def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
-    config = smoke(tmp_path, n_trials=4, n_workers=2)
+    config = smoke(tmp_path, n_trials=4, n_workers="2")
     tune(config, PrepareConfig(), prepared_run)
     assert sorted(t.number for t in load(config).trials) == [0, 1, 2, 3]
     trials = runs_of("trial")
@@ -270,3 +274,38 @@ def test_storage_urls_are_checked_in_one_line_without_their_password():
     # A driver that is not installed (this project installs psycopg 3, not psycopg2) is one line.
     with pytest.raises(ParameterError, match=r"storage=postgresql\+psycopg2://\.\.\. needs the Python package 'psycopg2'"):
         coordination.check_storage("postgresql+psycopg2://optuna@db:5432/studies")
+
+
+def record_environment(job: WorkerJob) -> None:
+    """A spawned worker's first look at its world (module level: a spawned process imports it)."""
+    seen = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    Path(job.data_folder, f"worker-{job.worker}.json").write_text(json.dumps(seen))
+
+
+def test_workers_spread_over_every_gpu_and_several_share_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with three GPUs, faked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = TuneConfig(device="auto", workers_per_gpu=2)
+    assert gpu_assignment(config) == ["0", "1", "2", "0", "1", "2"]  # n_workers=auto: GPUs x workers_per_gpu
+    assert gpu_assignment(dataclasses.replace(config, n_workers="4")) == ["0", "1", "2", "0"]  # worker i on GPU i mod 3
+    assert gpu_assignment(dataclasses.replace(config, device="cpu")) == [None]
+    assert gpu_assignment(dataclasses.replace(config, device="cpu", n_workers="2")) == [None, None]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # a scheduler gave this job GPUs 5 and 7
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = gpu_assignment(dataclasses.replace(config, workers_per_gpu=2))
+    assert gpus == ["5", "7", "5", "7"]
+    jobs = [WorkerJob(config, "parent", "0", "data", str(tmp_path), worker=i, workers=4, gpu=gpu) for i, gpu in enumerate(gpus)]
+    run_workers(jobs, target=record_environment)
+    seen = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(4)]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in seen] == gpus  # each worker sees its own GPU only
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"  # and the launcher's environment is as it was
+
+
+def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_assignment(smoke(tmp_path, device="auto")) == [None]
+    assert smoke(tmp_path).n_workers == "auto" and TuneConfig().n_workers == "auto"
+    with pytest.raises(ParameterError, match="n_workers='0' is not allowed: must be auto or an integer from 1 to 64"):
+        smoke(tmp_path, n_workers="0")
