@@ -2,7 +2,9 @@
 
 Reads:  the model given by ``--model`` (a train run id or any MLflow model URI) and the
         ``prepared/`` test split of ``--data`` (by default, the data its train run used).
-Writes: metrics ``test_loss``, ``test_accuracy``, ``test_macro_f1``; artifacts
+Writes: params ``batch_size``, ``device``, ``resolved_device`` (on a GPU also its name, index
+        and memory); metrics ``test_loss``, ``test_accuracy``, ``test_macro_f1`` and MLflow's
+        ``system/*`` metrics; artifacts
         ``per_class.csv`` and ``per_class.html`` (precision, recall, F1 per class),
         ``confusion_matrix.png`` and ``confident_mistakes.png``.
 
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 
 from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
 from pipeline.data import DATASETS, NUM_CLASSES, DataError, Split
-from pipeline.tracking import load_prepared_run, log_params, model_uri, stage_run
-from pipeline.training import predict_logits, resolve_device
+from pipeline.tracking import device_params, load_prepared_run, log_params, model_uri, stage_run
+from pipeline.training import model_device, predict_logits, resolve_device
 
 
 @dataclass
@@ -45,9 +47,10 @@ class Evaluation:
 
 
 def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: list[str], batch_size: int = 1000) -> Evaluation:
-    """Score ``model`` (any callable from (B, T, F) floats to logits) on a split on its device."""
+    """Score ``model`` (any callable from (B, T, F) floats to logits) on a split; batches go to
+    the model's device."""
     logits = predict_logits(model, split.images, input_shape, batch_size).float()  # (N, 10)
-    labels = split.labels
+    labels = split.labels.to(logits.device)
     predictions = logits.argmax(1)
     confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
     true_positives = confusion.diag().double()
@@ -109,7 +112,7 @@ def evaluate_and_log(model, data_split: Split, input_shape: tuple[int, int], dat
     """Evaluate inside the active MLflow run and log its metrics, table and plots."""
     class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
     result = evaluate(model, data_split, input_shape, class_names, config.batch_size)
-    log_params(dataclasses.asdict(config))
+    log_params({**dataclasses.asdict(config), **device_params(model_device(model) or data_split.images.device)})
     mlflow.log_metrics(result.metrics())
     with tempfile.TemporaryDirectory() as tmp:
         result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
@@ -121,9 +124,10 @@ def evaluate_and_log(model, data_split: Split, input_shape: tuple[int, int], dat
 
 
 def load_model(uri: str, device: torch.device):
-    """The logged model and the (seq_len, input_size) its signature expects."""
+    """The logged model on ``device`` and the (seq_len, input_size) its signature expects."""
     info = mlflow.models.get_model_info(uri)
     _, seq_len, input_size = info.signature.inputs.inputs[0].shape  # (-1, T, F)
+    # Logged on the CPU; it holds no CPU constants (model.py builds h_0/c_0 from the input), so it moves whole.
     model = mlflow.pytorch.load_model(uri).to(device)
     return model, (seq_len, input_size), info.run_id
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import fail
@@ -61,7 +62,8 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
             MlflowClient().set_tag(launched, RESUMED_RUN_TAG, interrupted.info.run_id)
     run_id = interrupted.info.run_id if interrupted else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run, signal_handler(raise_terminated, signal.SIGTERM):
+    with start_run_with_system_metrics(run_id=run_id, run_name=None if run_id else stage) as run, \
+            signal_handler(raise_terminated, signal.SIGTERM):
         mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags})
         if resume_key:
             mlflow.set_tag(RESUME_KEY_TAG, resume_key)
@@ -75,6 +77,22 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         except Exception as error:
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
             raise
+
+
+# Epochs last seconds on a GPU: sample every second (MLflow's default is 10 s) and log each
+# sample. A run shorter than one interval logs none.
+SYSTEM_METRICS_INTERVAL_SECONDS = 1.0
+
+
+def start_run_with_system_metrics(**start_run_args) -> mlflow.ActiveRun:
+    """``mlflow.start_run(**start_run_args)`` that also logs MLflow's system metrics while the run is
+    open: ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, disk and
+    network, and where nvidia-ml-py finds a GPU ``system/gpu_0_utilization_percentage``,
+    ``system/gpu_0_memory_usage_megabytes`` and more. The sampling thread stops with the run.
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides the interval."""
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
+    return mlflow.start_run(log_system_metrics=True, **start_run_args)
 
 
 def find_interrupted(resume_key: str):
@@ -160,10 +178,25 @@ def model_uri(ref: str) -> str:
     return f"runs:/{ref}/{MODEL_NAME}" if _RUN_ID.match(ref) else ref
 
 
+def device_params(device: torch.device) -> dict[str, str | int | float]:
+    """Run params naming the device a stage ran on: its type, and for a GPU its name, index,
+    compute capability and total memory."""
+    params = {"resolved_device": device.type}  # what device=auto chose
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        properties = torch.cuda.get_device_properties(index)
+        params.update(
+            gpu_name=torch.cuda.get_device_name(index),
+            gpu_index=index,
+            gpu_capability=f"{properties.major}.{properties.minor}",  # 8.0 and later: bf16 and TF32 tensor cores
+            gpu_memory_gb=round(properties.total_memory / 1e9, 1),
+        )
+    return params
+
+
 def library_versions() -> dict[str, str]:
     import optuna
     import pandas
-    import torch
     import torchvision
 
     versions = {

@@ -1,10 +1,13 @@
 """Stage 2, train: the prepared split -> a trained LSTMClassifier logged to MLflow.
 
 Reads:  ``prepared/`` of the prepare run given by ``--data`` (run id, artifact URI or folder).
-Writes: params (every TrainConfig field, ``parameter_count``, ``device``, library versions,
-        the data's run and checksum); per-epoch metrics (step = epoch) ``train_loss``,
-        ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``,
+Writes: params (every TrainConfig field, ``parameter_count``, ``resolved_device`` and on a GPU
+        ``gpu_name``, ``gpu_index``, ``gpu_capability``, ``gpu_memory_gb``; the numerics in force:
+        ``resolved_precision``, ``tf32``, ``cudnn_benchmark``, ``cublas_workspace_config``;
+        library versions, the data's run and checksum); per-epoch metrics (step = epoch)
+        ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``,
         ``samples_per_second``, ``learning_rate``; ``best_val_accuracy`` and ``best_epoch``;
+        MLflow's ``system/*`` metrics (CPU, memory, GPU) every second;
         artifact ``model`` (the best-validation weights, pickle-free pt2, with signature and
         input example) and ``learning_curves.png``; a checkpoint per epoch under
         ``--checkpoint-dir/<run id>/``.
@@ -35,8 +38,8 @@ from mlflow.models.model import ModelInfo
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
-from pipeline.tracking import MODEL_NAME, digest, library_versions, load_prepared_run, log_params, stage_run
-from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, resolve_device, train
+from pipeline.tracking import MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_params, stage_run
+from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, numeric_settings, resolve_device, train
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
 
@@ -53,10 +56,12 @@ def train_and_log(
 
     Returns the training result and the logged model's info (None without ``log_model``).
     """
+    device = resolve_device(config.device)
     log_params({
         **dataclasses.asdict(config),
         **library_versions(),
-        "resolved_device": resolve_device(config.device).type,  # what device=auto chose
+        **device_params(device),  # what device=auto chose; a GPU's name, index and memory
+        **numeric_settings(config, device),  # what precision=auto chose, TF32, cuDNN autotuning, determinism
         "data_sha256": data.manifest["splits"]["train"]["sha256"],
     })
 
@@ -126,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints go to <this>/<run id>/ (default: checkpoints)")
     add_config_arguments(parser, TrainConfig)
     args, (config,) = build_configs(parser, argv, TrainConfig)
+    try:  # a device or precision this machine lacks stops the stage before anything starts
+        numeric_settings(config, resolve_device(config.device))
+    except RuntimeError as error:
+        parser.error(str(error))
 
     try:
         data = load_prepared_run(args.data)

@@ -15,10 +15,12 @@ import mlflow
 import pytest
 import torch
 
+from pipeline import evaluate
 from pipeline.config import TrainConfig
 from pipeline.data import SEQUENCE_SHAPES
 from pipeline.model import build_model
 from pipeline.train import log_trained_model
+from pipeline.training import predict_logits
 from tests.conftest import tiny_prepared
 
 CONFIGS = {
@@ -76,3 +78,14 @@ def test_logging_does_not_move_or_change_the_callers_model(tracking):
     assert all(p.device.type == "cpu" for p in model.parameters())
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_evaluate_loads_the_model_whole_onto_the_device_and_brings_the_data_to_it(tracking):
+    config = CONFIGS["rows"]
+    uri = log_like_the_train_stage(config)
+    model, input_shape, _ = evaluate.load_model(uri, torch.device("meta"))
+    assert input_shape == (28, 28)
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    images = tiny_prepared(n_train=8, n_val=4, n_test=7).test.images  # uint8 on the CPU
+    logits = predict_logits(model, images, input_shape, batch_size=3)  # batches of 3, 3 and 1
+    assert logits.shape == (7, 10) and logits.device.type == "meta"

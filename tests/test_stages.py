@@ -74,12 +74,15 @@ def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
     for field in TrainConfig.__dataclass_fields__:
         assert field in params
     assert params["hidden_size"] == "16" and params["resolved_device"] == "cpu"
+    assert params["resolved_precision"] in ("fp32", "bf16") and params["tf32"] == "false" and params["deterministic"] == "false"
     assert int(params["parameter_count"]) > 0 and params["torch_version"] == torch.__version__
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1)), name
     val = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert run.data.metrics["best_val_accuracy"] == max(val)
     assert {"learning_curves.png"} <= artifact_names(client, run.info.run_id)
+    # MLflow's system metrics, sampled while the stage ran (the GPU ones need nvidia-ml-py and a GPU)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
 
 
 def test_logged_model_reloads_with_the_live_model_logits(pipeline_runs):
@@ -104,8 +107,9 @@ def test_logged_model_reloads_with_the_live_model_logits(pipeline_runs):
 def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     client, run = pipeline_runs["client"], pipeline_runs["evaluate"]
     assert run.data.tags["pipeline.data"] == pipeline_runs["prepare"].info.run_id  # found through the train run
-    metrics = run.data.metrics
+    metrics = {name: value for name, value in run.data.metrics.items() if not name.startswith("system/")}
     assert set(metrics) == {"test_loss", "test_accuracy", "test_macro_f1"}
+    assert run.data.params["resolved_device"] == "cpu"
     assert 0 <= metrics["test_macro_f1"] <= 1 and metrics["test_loss"] > 0
     assert {"per_class.csv", "per_class.html", "confusion_matrix.png", "confident_mistakes.png"} <= artifact_names(client, run.info.run_id)
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_class.csv"))
