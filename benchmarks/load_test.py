@@ -1,11 +1,11 @@
 """Load test of the shared tuning infrastructure: K worker processes, one Optuna study, one MLflow server.
 
-Each worker process runs tune.py's worker loop (``run_trials``: the study's lock, ask, tell) with
+Each worker process runs tune.py's worker loop (``run_trials``: the study's lock, ask, lease, tell) with
 near-zero-cost trials against ONE Optuna study in PostgreSQL (RDBStorage with heartbeats) and
 logs each trial as a nested MLflow run to ONE ``mlflow server --app-name basic-auth`` whose store
-is the same cluster. A trial's bookkeeping is what tune.py does around training: lock, ask,
-suggest 3 params, start a child run under the study's parent run (tags), log the params and 3
-metrics, end the run, tell. The study's budget is K x trials-per-worker, shared as in tune.py.
+is the same cluster. A trial's bookkeeping is what tune.py does around training: the study lock (a
+PostgreSQL advisory lock), the check for lost trials, ask, the first heartbeat, suggest 3 params,
+a child run under the study's parent run (tags, params, 3 metrics), tell. The study's budget is K x trials-per-worker, shared as in tune.py.
 
     python -m benchmarks.load_test                       # K = 2 4 8 16, about 5 minutes on 2 cores
     python -m benchmarks.load_test --workers 2 --trials-per-worker 3 --out /tmp/load   # smoke run
@@ -47,19 +47,24 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
     import mlflow
     import optuna
 
-    from experiments.tune import open_storage, run_trials
+    from experiments.coordination import open_storage
+    from experiments.tune import on_stale_trial, run_trials
     from pipeline.config import TuneConfig
 
     os.environ.update(env, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")  # one "View run" line per trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = TuneConfig(study="smoke", study_name=study_name, storage=storage_url, n_trials=n_trials,
                         sampler="random", heartbeat_interval=10)
-    storage = open_storage(config)
+    storage = open_storage(config, on_stale_trial)
     study = optuna.load_study(study_name=study_name, storage=storage)
     latencies, mlflow_seconds, errors = [], [], []
+    last = [0.0]
 
-    def objective(trial: optuna.Trial, started) -> float:
-        started()
+    def objective(trial: optuna.Trial) -> float:
+        # The gap since the previous trial began is one whole trial's bookkeeping: tell, lock, ask, lease ... run.
+        now = time.perf_counter()
+        latencies.append(now - last[0])
+        last[0] = now
         hidden_size = trial.suggest_int("hidden_size", 16, 512, log=True)
         num_layers = trial.suggest_int("num_layers", 1, 3)
         learning_rate = trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
@@ -74,23 +79,16 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
         mlflow_seconds.append(time.perf_counter() - began)
         return val_accuracy
 
-    last = [0.0]
-
-    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # Runs right after tell, so the gap since the previous call is one whole trial: lock, ask ... tell.
-        now = time.perf_counter()
-        latencies.append(now - last[0])
-        last[0] = now
-        if trial.state != optuna.trial.TrialState.COMPLETE:
-            errors.append(f"trial {trial.number}: {trial.state.name}")
-
     start.wait()  # all workers of this round begin together, after their imports
     began = last[0] = time.perf_counter()
     try:
-        run_trials(study, storage, config, objective, callbacks=[record])
+        run_trials(study, storage, config, objective)
     except Exception as error:  # the storage or the server gave up
         errors.append(f"{type(error).__name__}: {error}")
-    results.put({"began": began, "ended": last[0], "latencies": latencies,
+    ended = time.perf_counter()
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker", "").endswith(f":{os.getpid()}")]
+    errors += [f"trial {t.number}: {t.state.name}" for t in mine if t.state != optuna.trial.TrialState.COMPLETE]
+    results.put({"began": began, "ended": ended, "latencies": latencies,
                  "mlflow_seconds": mlflow_seconds, "errors": errors, "trials": len(latencies)})
 
 
@@ -135,7 +133,7 @@ def markdown(report: dict) -> str:
               f"One Optuna study (PostgreSQL, RandomSampler, heartbeat 10 s) and one MLflow server "
               f"(basic-auth, {report['server_workers']} uvicorn worker(s), auth cache {report['auth_cache_ttl']} s) "
               f"shared by K worker processes, {report['trials_per_worker']} trials each; a trial is bookkeeping only. "
-              f"Latency: one trial, ask to tell; mlflow: its start_run..end_run part.\n\n`{report['command']}`\n\n")
+              f"Latency: one trial's bookkeeping, from one trial's start to the next; mlflow: its start_run..end_run part.\n\n`{report['command']}`\n\n")
     rows = ["| K workers | trials | trials/s | p50 ms | p95 ms | mlflow p50 ms | mlflow p95 ms | errors |",
             "|---|---|---|---|---|---|---|---|"]
     rows += [f"| {r['workers']} | {r['trials']} | {r['trials_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
