@@ -152,7 +152,7 @@ def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
     sampler_seeded = False
-    waiting_shown = False
+    waiting_since = patience = None
     while True:
         with lock:
             fail_lost_trials(study, config, on_lost=say_lost)
@@ -170,16 +170,28 @@ def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config
         if step is NextStep.STOP:
             return
         if step is NextStep.WAIT:
-            if time.monotonic() >= deadline:
-                return  # the last worker still running summarises
-            if not waiting_shown:
-                print(f"[worker {worker}] every trial is taken; waiting for the running ones (a lost one is re-queued)",
-                      file=sys.stderr, flush=True)
-                waiting_shown = True
+            # Wait for the others' trials: one that loses its worker is re-queued, and someone must run
+            # it. The bound only decides when to leave that to them; it never judges a trial dead.
+            if waiting_since is None:
+                waiting_since, patience = time.monotonic(), wait_bound(study)
+                print(f"[worker {worker}] every trial is taken; waiting up to {patience:.0f} s for the running ones "
+                      "(a lost one is re-queued and run here)", file=sys.stderr, flush=True)
+            if time.monotonic() >= min(deadline, waiting_since + patience):
+                running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+                print(f"[worker {worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
+                      "summarise the study; leaving (rerun this command if they die)", file=sys.stderr, flush=True)
+                return
             time.sleep(1)
             continue
+        waiting_since = None
         run_one(study, trial, lease, objective, lock, worker)
         release_memory()
+
+
+def wait_bound(study: optuna.Study) -> float:
+    """How long a worker with nothing to ask waits for the others: twice the longest trial so far, at least a minute."""
+    durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None]
+    return max(60.0, 2 * max(durations, default=0.0))
 
 
 def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int) -> None:

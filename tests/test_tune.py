@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -216,6 +218,33 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
     lost_run = MlflowClient().get_run(child.info.run_id)
     assert lost_run.info.status == "FAILED" and "stopped while running it" in lost_run.data.tags["optuna.fail_reason"]
     assert not [run for run in runs_of("trial") if run.info.status == "RUNNING"]
+
+
+def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a_lost_one_is_rerun(
+        tmp_path, prepared_run, monkeypatch, capsys):
+    config = smoke(tmp_path, n_trials=2)
+    tune(smoke(tmp_path, n_trials=1), PrepareConfig(), prepared_run)
+    study = load(config)
+    running = study.ask(study.trials[0].distributions)  # a live worker's trial, on another host say
+    running.set_user_attr("worker", "another-host:1")
+    lease = coordination.lease_path(config, "tiny", running.number)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(lease)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(tune_module, "wait_bound", lambda study: 2.0)
+        began = time.monotonic()
+        tune(config, PrepareConfig(), prepared_run)  # nothing to ask: waits 2 s for the live trial, then leaves
+        assert time.monotonic() - began < 60
+        assert load(config).trials[running.number].state.name == "RUNNING"  # a live lease is never taken over
+        assert "still run in other workers" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    tune(config, PrepareConfig(), prepared_run)  # its worker is gone now: re-queued, run here, summarised
+    trials = load(config).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"] and len(counted(trials)) == 2
 
 
 def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
