@@ -139,7 +139,9 @@ PLOTS = ("optimization_history", "intermediate_values", "param_importances", "pa
 
 
 def log_study_plots(study: optuna.Study, folder: Path) -> None:
-    """Optuna's plots as interactive HTML (plotly) and PNG (matplotlib); skip those the study can't draw yet."""
+    """Optuna's plots as one self-contained interactive page, ``study.html`` (plotly.js inlined once,
+    so it works offline and in the MLflow UI), and one PNG each (matplotlib); skip those the study
+    cannot draw yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,17 +150,25 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     import optuna.visualization.matplotlib as static
 
     folder.mkdir(parents=True, exist_ok=True)
+    sections = []
     for name in PLOTS:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
-                getattr(interactive, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
+                figure = getattr(interactive, f"plot_{name}")(study)
                 axes = getattr(static, f"plot_{name}")(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-            figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-            plt.close(figure)
+            # The first figure carries plotly.js; the others use it.
+            sections.append(f"<h2>{name.replace('_', ' ')}</h2>\n"
+                            + figure.to_html(full_html=False, include_plotlyjs=not sections))
+            picture = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            picture.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+            plt.close(picture)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of one trial
             print(f"note: no {name} plot yet ({error})", file=sys.stderr)
+    if sections:
+        title = f"study {study.study_name}: {len(study.trials)} trials"
+        (folder / "study.html").write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
+                                           f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
 
 
 def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> str:

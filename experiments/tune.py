@@ -46,7 +46,8 @@ from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATT
 from pipeline.config import OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs, fail
 from pipeline.data import PreparedData, load_prepared
 from pipeline.main import code_version, run_stage
-from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
+from pipeline.tracking import (ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated,
+                               start_run_with_system_metrics)
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged, resolve_device
 
@@ -91,8 +92,8 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
             "optuna.trial_number": str(trial.number)}
     if job.gpu is not None:
         tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
-    with mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
-                          parent_run_id=job.parent_run_id, tags=tags) as run:
+    with start_run_with_system_metrics(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
+                                       parent_run_id=job.parent_run_id, tags=tags) as run:
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone

@@ -11,10 +11,12 @@ import time
 import weakref
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from plotly.offline import get_plotlyjs
 
 from experiments import coordination, summary
 from experiments import tune as tune_module
@@ -48,7 +50,8 @@ def load(config: TuneConfig) -> optuna.Study:
     return optuna.load_study(study_name=config.study_name, storage=coordination.open_storage(config))
 
 
-def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_best_trial(tmp_path, prepared_run):
+def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_best_trial(tmp_path, prepared_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # these trials last a fraction of a second
     config = smoke(tmp_path)
     registered = tune(config, PrepareConfig(), prepared_run)
 
@@ -59,6 +62,7 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2"]
     assert all(run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == "COMPLETE" for run in trials)
     assert all(run.data.tags["pipeline.data"] == prepared_run for run in trials)  # lineage of every model
+    assert all("system/cpu_utilization_percentage" in run.data.metrics for run in trials)  # MLflow's system metrics
     assert all([m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [1] for run in trials)
 
     study = load(config)
@@ -67,8 +71,11 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
     assert parent.data.params["study_name"] == "tiny" and parent.data.params["sampler"] == "tpe"
     artifacts = {f.path for f in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "leaderboard.html", "plots"} <= artifacts
-    plots = {f.path for f in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.html", "plots/optimization_history.png"} <= plots
+    plots = {f.path: f.file_size for f in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/study.html", "plots/optimization_history.png", "plots/slice.png"} <= set(plots)
+    page = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="plots/study.html")).read_text()
+    assert "<script src=" not in page and page.count("Plotly.newPlot") >= 3  # offline: plotly.js inlined, once
+    assert plots["plots/study.html"] < 1.5 * len(get_plotlyjs())
 
     # The best trial's own model is registered: no retrain, picked by validation.
     version = MlflowClient().get_model_version_by_alias("tiny-lstm", "champion")
