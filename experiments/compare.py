@@ -1,7 +1,9 @@
 """The ``compare`` entry point: a leaderboard of runs, read with ``mlflow.search_runs``.
 
 Reads:  runs of one experiment, optionally only one study's trials or one parent run's children.
-Writes: ``leaderboard.md`` and ``leaderboard.csv`` in ``--output-dir``, and the markdown to stdout.
+Writes: the leaderboard as markdown to stdout; with ``--output-dir``, also ``leaderboard.md`` and
+        ``leaderboard.csv`` there. It opens no run (under `mlflow run`, the run that command opens
+        is left out of the table).
 
     python -m experiments.compare --study lstm-rows --sort-by best_val_accuracy --top-k 10
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.config import OneLineParser, TrainConfig, fail
+from pipeline.config import OneLineParser, TrainConfig, fail, parse_bool
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
@@ -65,37 +67,62 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def selected_experiment(name: str):
+    """The experiment to report on: ``--experiment``, else the one the user selected for the command
+    (`mlflow run --experiment-name/--experiment-id` sets MLFLOW_EXPERIMENT_ID, users set
+    MLFLOW_EXPERIMENT_NAME), else Default."""
+    if name:
+        return mlflow.get_experiment_by_name(name), name
+    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return mlflow.get_experiment(experiment_id), f"id {experiment_id}"
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    return mlflow.get_experiment_by_name(name), name
+
+
+def default_stage(study: str, parent_run: str) -> str:
+    """A study's leaderboard lists its trials once: not its prepare, evaluate or worker runs."""
+    if study:
+        return "trial"
+    if parent_run and mlflow.get_run(parent_run).data.tags.get("pipeline.stage") == "tune":
+        return "trial"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="compare", description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default"),
-                        help="experiment name (default: $MLFLOW_EXPERIMENT_NAME or Default)")
+    parser.add_argument("--experiment", default="",
+                        help="experiment name (default: the one selected with --experiment-name, $MLFLOW_EXPERIMENT_NAME, or Default)")
     parser.add_argument("--study", default="", help="only the trials of this Optuna study")
     parser.add_argument("--parent-run", default="", help="only the child runs of this parent run id")
-    parser.add_argument("--stage", default="", help="only runs of this stage tag: train, trial, evaluate, ... (default: trial with --study, else any)")
+    parser.add_argument("--stage", default="", help="only runs of this stage tag: train, trial, evaluate, ... (default: trial for a study, else any)")
     parser.add_argument("--sort-by", default="best_val_accuracy", help="metric to rank by (default: best_val_accuracy)")
-    parser.add_argument("--ascending", action="store_true", help="lower is better (for losses)")
+    parser.add_argument("--ascending", type=parse_bool, nargs="?", const=True, default=False,
+                        help="lower is better, for losses (default: false)")
     parser.add_argument("--top-k", type=int, default=10, help="rows to keep (default: 10)")
-    parser.add_argument("--output-dir", default=".", help="where leaderboard.md and leaderboard.csv go (default: .)")
+    parser.add_argument("--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"top_k={args.top_k} is not allowed: must be an integer >= 1")
 
-    experiment = mlflow.get_experiment_by_name(args.experiment)
+    experiment, described = selected_experiment(args.experiment)
     if experiment is None:
-        fail(f"no experiment named {args.experiment!r} in {mlflow.get_tracking_uri()}")
-    stage = args.stage or ("trial" if args.study else "")
+        fail(f"no experiment {described!r} in {mlflow.get_tracking_uri()}")
+    stage = args.stage or default_stage(args.study, args.parent_run)
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=filter_string(args.study, args.parent_run, stage))
+    if launched := os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this command: not a result
+        runs = runs[runs["run_id"] != launched] if not runs.empty else runs
     if runs.empty:
-        fail(f"no runs match in experiment {args.experiment!r}")
+        fail(f"no runs match in experiment {experiment.name!r}")
     try:
         table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
     except KeyError as error:
         fail(str(error.args[0]))
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(table)
-    (output / "leaderboard.md").write_text(markdown + "\n")
-    table.to_csv(output / "leaderboard.csv", index=False)
+    if args.output_dir:
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "leaderboard.md").write_text(markdown + "\n")
+        table.to_csv(output / "leaderboard.csv", index=False)
     print(markdown)
 
 
