@@ -17,8 +17,10 @@ Any number of workers may run the same command, on one machine (journal file) or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import io
 import math
 import multiprocessing
 import os
@@ -40,16 +42,16 @@ from optuna.trial import TrialState
 
 from experiments.coordination import (NextStep, TrialLease, check_storage, counted, fail_lost_trials, next_step, open_storage,
                                       WORKER_ATTR, public_storage, requeue, single_sqlite_worker, study_lock, worker_id)
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
+from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler, study_for, typical_cost
 from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATTR, Registered, needs_summary, report,
                                  summarise)
 from pipeline.config import OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs, fail
-from pipeline.data import PreparedData, load_prepared
+from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.main import code_version, run_stage
 from pipeline.tracking import (ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated,
                                start_run_with_system_metrics)
 from pipeline.train import log_trained_model, train_and_log
-from pipeline.training import TrainingDiverged, resolve_device
+from pipeline.training import TrainingDiverged, resolve_device, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's one MLflow parent run
 SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (see study_settings)
@@ -427,9 +429,11 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
     """Run (or continue, or extend) the study; the worker that ends it summarises it.
 
     ``launched_run`` is the run `mlflow run` opened for this command: it becomes the study's parent
-    run if the study is new, and is deleted otherwise. ``pruner`` overrides the named one (tests use
-    it to force pruning). Returns what was registered from the study's best trial, if anything.
+    run if the study is new, and this worker's record under the parent otherwise. ``pruner``
+    overrides the named one (tests use it to force pruning). Returns what was registered from the
+    study's best trial, if anything.
     """
+    config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
         study, parent_run_id = open_study(storage, config, launched_run)
@@ -445,11 +449,13 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
             if not data_ref:
                 data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
             folder = download(data_ref, PREPARED_ARTIFACT, tmp)
+            data = load_prepared(folder)
             with study_lock(config.storage, config.study_name):
-                check_data(study, load_prepared(folder))
+                check_data(study, data)
             MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
             job = WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(folder))
             gpus = gpu_assignment(config)
+            announce(study, config, data, gpus)
             if len(gpus) == 1:
                 run_worker(job, pruner)
                 workers = {worker_id()}
@@ -466,6 +472,30 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
             MlflowClient().set_terminated(parent_run_id, "KILLED")  # a rerun continues it
         raise
     return registered_of(study)
+
+
+def announce(study: optuna.Study, config: TuneConfig, data: PreparedData, gpus: list[str | None]) -> None:
+    """Say, before the first trial, what was chosen and about how long it takes here: trial 0's
+    speed is measured on a slice of the data, the rest scaled by the space's typical cost."""
+    device = resolve_device(config.device)
+    trials = study.get_trials(deepcopy=False)
+    to_run = max(0, config.n_trials - len(counted(trials)) - sum(t.state == TrialState.RUNNING for t in trials))
+    if not to_run:
+        return
+    definition = STUDIES[config.study]
+    probe = PreparedData(Split(*(t[:2048] for t in data.train)), Split(*(t[:256] for t in data.val)), data.test, data.manifest)
+    with contextlib.redirect_stderr(io.StringIO()):  # the probe's epoch line is not news
+        speed = train(dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(definition.baseline)), epochs=1),
+                      probe).history[0].samples_per_second
+    trial_zero_left = not trials or trials[0].state in (TrialState.WAITING, TrialState.RUNNING)
+    baselines = (1 if trial_zero_left else 0) + (to_run - (1 if trial_zero_left else 0)) * typical_cost(definition)
+    parallel = len({gpu for gpu in gpus if gpu is not None}) or 1  # workers sharing a GPU (or the CPU) share its speed
+    seconds = baselines * config.epochs * len(data.train.labels) / speed / parallel
+    why = {"lstm": "the GPU-sized space", "lstm-cpu": "the CPU-sized space", "smoke": "tiny models"}[config.study]
+    print(f"tune: study {config.study_name!r} ({config.study}: {why}) on {device.type}, {len(gpus)} worker(s): "
+          f"{to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {len(data.train.labels):,} images each; "
+          f"at most about {max(1, round(seconds / 60))} min here (trial 0 trains {speed:,.0f} images/s; pruning ends weak "
+          "trials sooner)", file=sys.stderr, flush=True)
 
 
 def registered_of(study: optuna.Study) -> Registered | None:

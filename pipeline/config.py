@@ -131,7 +131,8 @@ class EvaluateConfig:
 class TuneConfig:
     """Parameters of an Optuna study (experiments/tune.py); trials share everything else."""
 
-    study: str = param("lstm", "study definition in experiments/studies.py", choices=("lstm", "lstm-cpu", "smoke"))
+    # auto: the GPU-sized space (lstm) where CUDA is found, the CPU-sized one (lstm-cpu) elsewhere.
+    study: str = param("auto", "study definition in experiments/studies.py", choices=("auto", "lstm", "lstm-cpu", "smoke"))
     study_name: str = param("lstm-rows", "name of the Optuna study and of its MLflow parent run")
     # A journal file is crash-safe and safe for several processes on one machine; pass an RDB
     # URL (postgresql://user@host/db) to share a study across machines.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from plotly.offline import get_plotlyjs
 from experiments import coordination, summary
 from experiments import tune as tune_module
 from experiments.coordination import RETRY_OF_ATTR, counted
-from experiments.studies import STUDIES
+from experiments.studies import STUDIES, study_for, typical_cost
 from experiments.tune import WorkerJob, gpu_assignment, run_workers, tune
 from pipeline import prepare
 from pipeline import training as training_module
@@ -109,9 +110,14 @@ def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
     assert str(client.get_model_version_by_alias("m", "champion").version) == better_on_validation
 
 
-def test_the_default_study_starts_with_the_tutorial_configuration(tmp_path, prepared_run):
-    config = smoke(tmp_path, study="lstm", n_trials=1)
+def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuration_and_says_how_long(
+        tmp_path, prepared_run, capsys):
+    config = smoke(tmp_path, study="auto", n_trials=1)  # on a CPU: the CPU-sized space
     tune(config, PrepareConfig(), prepared_run)
+    announced = capsys.readouterr().err
+    assert "tune: study 'tiny' (lstm-cpu: the CPU-sized space) on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
+    assert re.search(r"at most about \d+ min here \(trial 0 trains [\d,]+ images/s", announced)
+    assert load(config).user_attrs["settings"]["study"] == "lstm-cpu"
     first = load(config).trials[0]
     assert first.number == 0
     assert {k: first.params[k] for k in ("hidden_size", "num_layers", "learning_rate")} == {
@@ -337,6 +343,12 @@ def test_workers_spread_over_every_gpu_and_several_share_one(monkeypatch, tmp_pa
     seen = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(4)]
     assert [s["CUDA_VISIBLE_DEVICES"] for s in seen] == gpus  # each worker sees its own GPU only
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"  # and the launcher's environment is as it was
+
+
+def test_auto_picks_the_space_by_device():
+    assert study_for("auto", on_cuda=True) == "lstm" and study_for("auto", on_cuda=False) == "lstm-cpu"
+    assert study_for("smoke", on_cuda=True) == "smoke"
+    assert typical_cost(STUDIES["lstm-cpu"]) < 0.2 < 1 < typical_cost(STUDIES["lstm"])  # per image, against trial 0
 
 
 def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
