@@ -40,14 +40,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.coordination import (NextStep, TrialLease, check_storage, counted, fail_lost_trials, next_step, open_storage,
+from experiments.coordination import (NextStep, TrialLease, storage_kind, check_storage, counted, fail_lost_trials, next_step, open_storage,
                                       WORKER_ATTR, public_storage, requeue, single_sqlite_worker, study_lock, worker_id)
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler, study_for, typical_cost
 from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATTR, Registered, needs_summary, report,
                                  summarise)
-from pipeline.config import OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs, fail
+from pipeline.config import (OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs,
+                             fail, user_path)
 from pipeline.data import PreparedData, Split, load_prepared
-from pipeline.main import code_version, run_stage
+from pipeline.main import StageFailed, code_version, run_stage
 from pipeline.tracking import (ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated,
                                start_run_with_system_metrics)
 from pipeline.train import log_trained_model, train_and_log
@@ -471,6 +472,9 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             MlflowClient().set_terminated(parent_run_id, "KILLED")  # a rerun continues it
         raise
+    except StageFailed:
+        MlflowClient().set_terminated(parent_run_id, "FAILED")  # its prepare failed; a rerun continues the study
+        raise
     return registered_of(study)
 
 
@@ -524,13 +528,18 @@ def main(argv: list[str] | None = None) -> None:
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
     signal.signal(signal.SIGTERM, raise_terminated)  # ends like Ctrl-C: the trial in progress is re-queued
-    prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
+    # Relative paths mean what they meant where the user started (`mlflow run` starts this in the project folder).
+    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir))
+    if storage_kind(config.storage) == "journal":
+        config = dataclasses.replace(config, storage=user_path(config.storage))
     # Read once and removed: neither the trials nor spawned workers may log into the run `mlflow run` opened.
     launched_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         check_storage(config.storage, len(gpu_assignment(config)))
         with single_sqlite_worker(config.storage):
             tune(config, prepare_config, args.data, args.env_manager, launched_run=launched_run)
+    except StageFailed as error:
+        fail(str(error))
     except ParameterError as error:
         if launched_run:
             MlflowClient().set_tag(launched_run, ERROR_TAG, str(error))  # `mlflow run` ends it FAILED

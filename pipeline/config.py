@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
@@ -226,3 +228,28 @@ def fail(message: str, status: int = 1):
     """Stop a stage with one line on stderr."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
+
+
+def launch_directory() -> Path:
+    """The folder the user started the command in.
+
+    `mlflow run <project>` starts an entry point inside the project folder, but its own process
+    keeps the user's working directory: under `mlflow run` (MLFLOW_RUN_ID set), find that process
+    among this one's ancestors (Linux /proc); anywhere else, the working directory.
+    """
+    if "MLFLOW_RUN_ID" in os.environ:
+        pid = os.getppid()
+        while pid > 1:
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"run" in args and any(Path(arg.decode(errors="replace")).name == "mlflow" for arg in args[:3]):
+                    return Path(os.readlink(f"/proc/{pid}/cwd"))
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+            except (OSError, ValueError, IndexError):
+                break
+    return Path.cwd()
+
+
+def user_path(path: str) -> str:
+    """``path`` as the user meant it: a relative one is relative to where they started the command."""
+    return str((launch_directory() / Path(path).expanduser()).resolve())

@@ -22,8 +22,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs
-from pipeline.tracking import RESUMED_RUN_TAG, digest, log_params
+from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, user_path
+from pipeline.tracking import ERROR_TAG, RESUMED_RUN_TAG, digest, log_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -54,6 +54,10 @@ def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+class StageFailed(RuntimeError):
+    """A stage run by ``run_stage`` exited with an error (which it printed itself)."""
+
+
 def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str) -> str:
     """Run one entry point as a child of ``parent`` (a run), or reuse its finished twin; return its run id."""
     client = MlflowClient()
@@ -71,15 +75,34 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     submitted = mlflow.run(
         str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
-        env_manager=env_manager, run_name=stage, synchronous=True,
+        env_manager=env_manager, run_name=stage, synchronous=False,
     )
+    try:
+        succeeded = submitted.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it end its run KILLED
+        submitted.cancel()
+        raise
     run_id = submitted.run_id
+    if not succeeded:
+        if client.get_run(run_id).info.status == "RUNNING":  # it stopped before it could end its run
+            client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
+        raise StageFailed(f"the {stage} stage failed (run {run_id}); its error is above")
     if resumed := client.get_run(run_id).data.tags.get(RESUMED_RUN_TAG):
         client.delete_run(run_id)  # an empty shell: the stage continued its interrupted run instead
         run_id = resumed
     client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)  # nests it under the pipeline run in the UI
     client.set_tag(run_id, CONTENT_KEY_TAG, key)  # only now that it finished
     return run_id
+
+
+def stages_note(parent, stages: dict[str, str]) -> str:
+    """A markdown description linking the pipeline run to its stage runs, the reused ones too:
+    a reused stage stays nested under the pipeline run that made it, so this one would look empty."""
+    reused = MlflowClient().get_run(parent.info.run_id).data.tags
+    rows = [f"| {stage} | [{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id}) | "
+            f"{'reused' if reused.get(f'pipeline.{stage}_reused') else 'run here'} |" for stage, run_id in stages.items()]
+    return "\n".join(["Stages of this pipeline:", "", "| stage | run | |", "|---|---|---|", *rows])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,18 +113,24 @@ def main(argv: list[str] | None = None) -> None:
     add_config_arguments(parser, PrepareConfig)
     add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
-    # Stages run in the project folder: make relative paths mean what they meant here.
-    prepare_config = dataclasses.replace(prepare_config, data_dir=str(Path(prepare_config.data_dir).resolve()))
-    checkpoint_dir = str(Path(args.checkpoint_dir).resolve())
+    # Stages run in the project folder: relative paths mean what they meant where the user started.
+    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir))
+    checkpoint_dir = user_path(args.checkpoint_dir)
 
     code = code_version()
     with mlflow.start_run(run_name="pipeline") as parent:
         mlflow.set_tag("pipeline.stage", "main")
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
-        prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
-        train_id = run_stage("train", {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
-        evaluate_id = run_stage("evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code)
-        mlflow.set_tags({"pipeline.prepare_run": prepare_id, "pipeline.train_run": train_id, "pipeline.evaluate_run": evaluate_id})
+        try:
+            prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
+            train_id = run_stage("train", {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
+            evaluate_id = run_stage("evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code)
+        except StageFailed as error:
+            mlflow.set_tag(ERROR_TAG, str(error))
+            fail(str(error))  # one line under the stage's own: no traceback (the run ends FAILED)
+        stages = {"prepare": prepare_id, "train": train_id, "evaluate": evaluate_id}
+        mlflow.set_tags({f"pipeline.{stage}_run": run_id for stage, run_id in stages.items()})
+        mlflow.set_tag("mlflow.note.content", stages_note(parent, stages))  # the run's description in the UI
         metrics = MlflowClient().get_run(evaluate_id).data.metrics
         mlflow.log_metrics({name: metrics[name] for name in ("test_accuracy", "test_macro_f1", "test_loss")})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail
+from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, user_path
 from pipeline.data import DataError, load_raw, save_prepared, split_train_val
 from pipeline.tracking import PREPARED_ARTIFACT, log_params, stage_run
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="prepare", description=__doc__.split("\n")[0])
     add_config_arguments(parser, PrepareConfig)
     _, (config,) = build_configs(parser, argv, PrepareConfig)
+    config = dataclasses.replace(config, data_dir=user_path(config.data_dir))  # relative to where the user started
 
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
         folder = Path(tmp) / PREPARED_ARTIFACT

@@ -35,7 +35,7 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
-from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail
+from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, user_path
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.tracking import MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_params, stage_run
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_prepared_run(args.data)
     except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
         fail(f"--data {args.data}: {error}")
-    checkpoint_root = Path(args.checkpoint_dir).resolve()
+    checkpoint_root = Path(user_path(args.checkpoint_dir))
     try:
         with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
             result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id)

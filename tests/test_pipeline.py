@@ -49,8 +49,10 @@ def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.Comp
 @pytest.mark.slow
 def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = ["-P", f"data_dir={mnist_dir}", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=2",
-              "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "learning_rate=0.005", "-P", f"checkpoint_dir={tmp_path / 'checkpoints'}"]
+    (tmp_path / "mnist").symlink_to(mnist_dir)
+    # Relative paths, from the user's folder (not the project's, where mlflow run starts the stages).
+    params = ["-P", "data_dir=mnist", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=2",
+              "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "learning_rate=0.005", "-P", "checkpoint_dir=checkpoints"]
     first = mlflow_run(params, tmp_path, uri)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test_accuracy" in first.stdout and "workflowType=machine_learning" in first.stdout
@@ -67,7 +69,8 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     assert runs["train"].data.params["hidden_size"] == "32"
     assert [m.step for m in client.get_metric_history(train_id, "val_accuracy")] == [1, 2]
     assert {f.path for f in client.list_artifacts(train_id)} >= {"learning_curves.png"}
-    assert len(list((tmp_path / "checkpoints" / train_id).glob("epoch-*.pt"))) == 2
+    assert len(list((tmp_path / "checkpoints" / train_id).glob("epoch-*.pt"))) == 2  # in the user's folder
+    assert not (REPO / "checkpoints").exists() or not (REPO / "checkpoints" / train_id).exists()
     assert runs["evaluate"].data.metrics["test_accuracy"] > 0.5  # chance is 0.1
     assert parent.data.metrics["test_accuracy"] == runs["evaluate"].data.metrics["test_accuracy"]
 
@@ -77,3 +80,20 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
         assert f"{stage}: reusing finished run {runs[stage].info.run_id}" in again.stderr
     stages = [run.data.tags["pipeline.stage"] for run in client.search_runs(["0"])]
     assert sorted(stages) == ["evaluate", "main", "main", "prepare", "train"]
+    [second] = [run for run in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if run.info.run_id != parent.info.run_id]
+    note = second.data.tags["mlflow.note.content"]  # the reusing pipeline run links the runs it reused
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"| {stage} | [{runs[stage].info.run_id}](#/experiments/0/runs/{runs[stage].info.run_id}) | reused |" in note
+
+
+def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    offline_and_empty = tmp_path / "no-data"
+    offline_and_empty.mkdir()
+    failed = mlflow_run(["-P", f"data_dir={offline_and_empty}"], tmp_path, uri)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr and "ExecutionException" not in failed.stderr
+    assert "error: train-images-idx3-ubyte, train-labels-idx1-ubyte" in failed.stderr  # the stage's own line
+    [main_run] = MlflowClient(uri).search_runs(["0"], "tags.`pipeline.stage` = 'main'")
+    assert main_run.info.status == "FAILED" and "the prepare stage failed" in main_run.data.tags["pipeline.error"]
+    assert "error: the prepare stage failed (run " in failed.stderr

@@ -25,11 +25,11 @@ def user(tmp_path, mnist_dir):
     venv_bin = str(Path(sys.executable).parent)  # the activated virtual environment
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     env.pop("MLFLOW_RUN_ID", None)
-    journal = str(tmp_path / "studies.journal")
+    journal = str(tmp_path / "studies.journal")  # given as a relative path: the user's folder, not the project's
 
     def command(*params: str, entry_point: str = "tune", study_name: str = "s", **tune_params) -> list[str]:
         if entry_point == "tune":
-            settings = {"study": "smoke", "study_name": study_name, "storage": journal, "epochs": 1, "device": "cpu",
+            settings = {"study": "smoke", "study_name": study_name, "storage": "studies.journal", "epochs": 1, "device": "cpu",
                         "data_dir": mnist_dir, "train_limit": 1000, "val_size": 500, **tune_params}
             params = (*params, *[f"{k}={v}" for k, v in settings.items()])
         args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
