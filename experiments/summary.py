@@ -7,6 +7,7 @@ registered version, on the registered artifact, and only reported: it never pick
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import warnings
@@ -116,8 +117,8 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
     tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": data_ref}
     with mlflow.start_run(run_name=f"evaluate {model_uri.removeprefix('models:/')}", experiment_id=experiment_id,
                           parent_run_id=parent_run_id, tags=tags):
-        evaluation = evaluate_and_log(model, data.test.to(torch_device), input_shape, data.manifest["dataset"],
-                                      EvaluateConfig(device=device))
+        evaluation = evaluate_and_log(model, dataclasses.replace(data, test=data.test.to(torch_device)), input_shape,
+                                      EvaluateConfig(device=device), data_ref)
     return evaluation.test_accuracy
 
 

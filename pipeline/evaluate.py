@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
-from pipeline.data import DATASETS, NUM_CLASSES, DataError, Split
-from pipeline.tracking import device_params, load_prepared_run, log_params, model_uri, stage_run
+from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
+from pipeline.tracking import device_params, load_prepared_run, log_data_inputs, log_params, model_uri, stage_run
 from pipeline.training import model_device, predict_logits, resolve_device
 
 
@@ -108,8 +108,10 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
     return figure
 
 
-def evaluate_and_log(model, data_split: Split, input_shape: tuple[int, int], dataset: str, config: EvaluateConfig) -> Evaluation:
-    """Evaluate inside the active MLflow run and log its metrics, table and plots."""
+def evaluate_and_log(model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = "") -> Evaluation:
+    """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, table and plots;
+    ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input."""
+    dataset, data_split = data.manifest["dataset"], data.test
     class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
     result = evaluate(model, data_split, input_shape, class_names, config.batch_size)
     log_params({**dataclasses.asdict(config), **device_params(model_device(model) or data_split.images.device)})
@@ -118,6 +120,9 @@ def evaluate_and_log(model, data_split: Split, input_shape: tuple[int, int], dat
         result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
         result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
         mlflow.log_artifacts(tmp)
+    mlflow.log_table(result.per_class, artifact_file="per_class.json")  # a sortable table in the UI's artifact view
+    if data_ref:
+        log_data_inputs(data, data_ref, {"test": "testing"})
     mlflow.log_figure(plot_confusion(result.confusion, class_names), "confusion_matrix.png")
     mlflow.log_figure(plot_confident_mistakes(data_split, result, class_names), "confident_mistakes.png")
     return result
@@ -146,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         data = load_prepared_run(data_ref)
     except (DataError, mlflow.exceptions.MlflowException, OSError, KeyError) as error:
         fail(f"cannot load the model {args.model} or its data: {error}")
-    test = data.test.to(device)
+    data = dataclasses.replace(data, test=data.test.to(device))
     with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
-        result = evaluate_and_log(model, test, input_shape, data.manifest["dataset"], config)
+        result = evaluate_and_log(model, data, input_shape, config, data_ref)
     print(f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  test_loss {result.test_loss:.4f}; run {run.info.run_id}", file=sys.stderr)
 
 

@@ -19,10 +19,11 @@ import warnings
 from pathlib import Path
 
 import mlflow
+import torch
 
 from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, user_path
-from pipeline.data import DataError, load_raw, save_prepared, split_train_val
-from pipeline.tracking import PREPARED_ARTIFACT, log_params, stage_run
+from pipeline.data import DataError, Split, load_raw, save_prepared, split_train_val
+from pipeline.tracking import PREPARED_ARTIFACT, log_params, log_split_input, stage_run
 
 
 def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
@@ -43,20 +44,10 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 
 
 def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> None:
-    """Record the prepared training split as this run's MLflow dataset input."""
-    import torch
-
+    """Record the prepared training split as this run's MLflow dataset input, from the raw files."""
     train = torch.load(folder / "train.pt", weights_only=True)
-    with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
-        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
-        dataset = mlflow.data.from_numpy(
-            train["images"].numpy(),
-            targets=train["labels"].numpy(),
-            source=str(Path(config.data_dir).resolve()),
-            name=f"{config.dataset}-train",
-            digest=manifest["splits"]["train"]["sha256"][:16],
-        )
-    mlflow.log_input(dataset, context="training")
+    log_split_input(Split(train["images"], train["labels"]), f"{config.dataset}-train", manifest["splits"]["train"]["sha256"],
+                    str(Path(config.data_dir).resolve()), "training")
 
 
 def main(argv: list[str] | None = None) -> None:

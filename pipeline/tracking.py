@@ -11,6 +11,7 @@ import sys
 import hashlib
 import json
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import fail
-from pipeline.data import PreparedData, load_prepared
+from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.training import signal_handler
 
 # MLflow's per-file download bars drown the stages' own progress lines.
@@ -171,6 +172,29 @@ def load_prepared_run(ref: str) -> PreparedData:
     """The prepared split a prepare run (id, artifact URI or local folder) logged."""
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
         return load_prepared(download(ref, PREPARED_ARTIFACT, tmp))
+
+
+def log_split_input(split: Split, name: str, sha256: str, source: str, context: str) -> None:
+    """Record ``split`` as a dataset input of the active run: the runs table's Dataset column."""
+    with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_numpy(split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source,
+                                         name=name, digest=sha256[:16])
+    mlflow.log_input(dataset, context=context)
+
+
+def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str]) -> None:
+    """Record the prepared splits a run read (``contexts``: split name -> MLflow context, such as
+    ``{"train": "training"}``), with the prepare run's ``prepared/`` folder as their source."""
+    if Path(data_ref).is_dir():
+        source = str(Path(data_ref).resolve())
+    elif _RUN_ID.match(data_ref):
+        source = f"{mlflow.get_run(data_ref).info.artifact_uri}/{PREPARED_ARTIFACT}"
+    else:
+        source = data_ref
+    for split, context in contexts.items():
+        log_split_input(getattr(data, split), f"{data.manifest['dataset']}-{split}", data.manifest["splits"][split]["sha256"],
+                        source, context)
 
 
 def model_uri(ref: str) -> str:

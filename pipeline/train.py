@@ -38,7 +38,8 @@ from mlflow.models.model import ModelInfo
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, user_path
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
-from pipeline.tracking import MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_params, stage_run
+from pipeline.tracking import (MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_data_inputs, log_params,
+                               stage_run)
 from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, numeric_settings, resolve_device, train
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
@@ -51,10 +52,13 @@ def train_and_log(
     checkpoint_dir: str | Path | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log_model: bool = True,
+    data_ref: str = "",
 ) -> tuple[TrainResult, ModelInfo | None]:
     """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
 
-    Returns the training result and the logged model's info (None without ``log_model``).
+    ``data_ref`` (the prepare run or folder ``data`` came from) makes the train and validation
+    splits the run's dataset inputs. Returns the training result and the logged model's info
+    (None without ``log_model``).
     """
     device = resolve_device(config.device)
     log_params({
@@ -64,6 +68,8 @@ def train_and_log(
         **numeric_settings(config, device),  # what precision=auto chose, TF32, cuDNN autotuning, determinism
         "data_sha256": data.manifest["splits"]["train"]["sha256"],
     })
+    if data_ref:
+        log_data_inputs(data, data_ref, {"train": "training", "val": "validation"})
 
     def log_epoch(metrics: EpochMetrics) -> None:
         mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_root = Path(user_path(args.checkpoint_dir))
     try:
         with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
-            result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id)
+            result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id, data_ref=args.data)
     except TrainingDiverged as error:  # the run ended FAILED; its last good checkpoint stays
         fail(str(error))
     print(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr)

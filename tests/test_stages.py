@@ -83,6 +83,12 @@ def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
     assert {"learning_curves.png"} <= artifact_names(client, run.info.run_id)
     # MLflow's system metrics, sampled while the stage ran (the GPU ones need nvidia-ml-py and a GPU)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # The data it saw, for the runs table's Dataset column: the prepare run's train and val splits
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert {context: dataset.name for context, dataset in inputs.items()} == {"training": "mnist-train", "validation": "mnist-val"}
+    [prepared] = client.get_run(pipeline_runs["prepare"].info.run_id).inputs.dataset_inputs
+    assert inputs["training"].digest == prepared.dataset.digest  # the very split prepare recorded
+    assert pipeline_runs["prepare"].info.run_id in inputs["validation"].source  # from the prepare run's artifacts
 
 
 def test_logged_model_reloads_with_the_live_model_logits(pipeline_runs):
@@ -111,7 +117,12 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     assert set(metrics) == {"test_loss", "test_accuracy", "test_macro_f1"}
     assert run.data.params["resolved_device"] == "cpu"
     assert 0 <= metrics["test_macro_f1"] <= 1 and metrics["test_loss"] > 0
-    assert {"per_class.csv", "per_class.html", "confusion_matrix.png", "confident_mistakes.png"} <= artifact_names(client, run.info.run_id)
+    assert {"per_class.csv", "per_class.html", "per_class.json", "confusion_matrix.png",
+            "confident_mistakes.png"} <= artifact_names(client, run.info.run_id)
+    shown = mlflow.load_table("per_class.json", run_ids=[run.info.run_id])  # what the UI's table view reads
+    assert len(shown) == 10 and list(shown.columns)[:5] == ["class", "precision", "recall", "f1", "support"]
+    [dataset_input] = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.name == "mnist-test" and dataset_input.tags[0].value == "testing"
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_class.csv"))
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
     assert table["support"].sum() == 10_000
