@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -73,21 +74,17 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         # MLflow starts the stage with the shell's `python`: make that this interpreter, even
         # when its virtual environment was never activated.
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    submitted = mlflow.run(
-        str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
-        env_manager=env_manager, run_name=stage, synchronous=False,
-    )
     try:
-        succeeded = submitted.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it end its run KILLED
-        submitted.cancel()
-        raise
+        submitted = mlflow.run(
+            str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
+            env_manager=env_manager, run_name=stage, synchronous=True,
+        )
+    except mlflow.projects.ExecutionException as error:  # "Run (ID '<id>') failed"; MLflow ended it FAILED
+        if failed := re.search(r"[0-9a-f]{32}", str(error)):
+            client.set_tag(failed.group(), "mlflow.parentRunId", parent.info.run_id)
+        where = f" (run {failed.group()})" if failed else ""
+        raise StageFailed(f"the {stage} stage failed{where}; its error is above") from None
     run_id = submitted.run_id
-    if not succeeded:
-        if client.get_run(run_id).info.status == "RUNNING":  # it stopped before it could end its run
-            client.set_terminated(run_id, "FAILED")
-        client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
-        raise StageFailed(f"the {stage} stage failed (run {run_id}); its error is above")
     if resumed := client.get_run(run_id).data.tags.get(RESUMED_RUN_TAG):
         client.delete_run(run_id)  # an empty shell: the stage continued its interrupted run instead
         run_id = resumed
