@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.infra import mlflow_server, postgres_cluster
+from experiments.infra import mlflow_server, postgres_cluster
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; nan for no values."""

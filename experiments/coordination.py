@@ -329,7 +329,9 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
     """Re-queue the running trials of a journal study whose worker is gone (call holding the study
     lock). On PostgreSQL Optuna does it from heartbeats, calling the storage's stale-trial callback."""
     if storage_kind(config.storage) == "postgresql":
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+            optuna.storages.fail_stale_trials(study)
         return
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if lease_held(config, study.study_name, trial):

@@ -20,7 +20,7 @@ OBJECTIVE_METRIC = "val_accuracy"
 
 @dataclass(frozen=True)
 class StudyDefinition:
-    description: str
+    description: str  # one line, printed when a study starts
     suggest: Callable[[optuna.Trial], dict]  # TrainConfig overrides for one trial
     baseline: dict  # enqueued as trial 0: the same keys suggest() samples
     fixed: dict = field(default_factory=dict)  # TrainConfig overrides every trial shares
@@ -68,7 +68,7 @@ TUTORIAL = {"hidden_size": 256, "num_layers": 2, "learning_rate": 1e-3, "batch_s
 
 STUDIES = {
     "lstm": StudyDefinition(
-        description="nn.LSTM over MNIST rows: size, depth, learning rate, batch, direction, dropout",
+        description="the GPU-sized space: size, depth, learning rate, batch, direction, dropout",
         suggest=suggest_lstm,
         baseline=TUTORIAL,
         search_space={
@@ -81,7 +81,7 @@ STUDIES = {
         },
     ),
     "lstm-cpu": StudyDefinition(
-        description="the lstm study cut to what a CPU trains in a minute or two: smaller, no 3rd layer, no backward pass",
+        description="the CPU-sized space: smaller models, no 3rd layer, no backward direction",
         suggest=suggest_lstm_cpu,
         baseline={k: v for k, v in TUTORIAL.items() if k != "bidirectional"},  # not searched here
         search_space={

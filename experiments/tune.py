@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,9 @@ def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config
                 if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
                     study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
                     sampler_seeded = True
-                trial = study.ask()
+                with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+                    trial = study.ask()
                 lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
             elif step is NextStep.STOP and summarise and needs_summary(study):
                 summarise()
@@ -495,8 +498,7 @@ def announce(study: optuna.Study, config: TuneConfig, data: PreparedData, gpus: 
     baselines = (1 if trial_zero_left else 0) + (to_run - (1 if trial_zero_left else 0)) * typical_cost(definition)
     parallel = len({gpu for gpu in gpus if gpu is not None}) or 1  # workers sharing a GPU (or the CPU) share its speed
     seconds = baselines * config.epochs * len(data.train.labels) / speed / parallel
-    why = {"lstm": "the GPU-sized space", "lstm-cpu": "the CPU-sized space", "smoke": "tiny models"}[config.study]
-    print(f"tune: study {config.study_name!r} ({config.study}: {why}) on {device.type}, {len(gpus)} worker(s): "
+    print(f"tune: study {config.study_name!r} ({config.study}: {definition.description}) on {device.type}, {len(gpus)} worker(s): "
           f"{to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {len(data.train.labels):,} images each; "
           f"at most about {max(1, round(seconds / 60))} min here (trial 0 trains {speed:,.0f} images/s; pruning ends weak "
           "trials sooner)", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 server with basic-auth, both on loopback, started once per session under pytest's tmp folder.
 
 Loaded as a plugin by tests/conftest.py (``pytest_plugins = ["tests.servers"]``). The start and
-stop code is benchmarks/infra.py's, which the load test uses too.
+stop code is experiments/infra.py's, which the load test uses too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.infra import InfraError, MlflowServer, Postgres, mlflow_server as start_mlflow_server, postgres_bindir, postgres_cluster
+from experiments.infra import InfraError, MlflowServer, Postgres, mlflow_server as start_mlflow_server, postgres_bindir, postgres_cluster
 
 
 @pytest.fixture(scope="session")

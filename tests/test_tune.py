@@ -115,7 +115,8 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     config = smoke(tmp_path, study="auto", n_trials=1)  # on a CPU: the CPU-sized space
     tune(config, PrepareConfig(), prepared_run)
     announced = capsys.readouterr().err
-    assert "tune: study 'tiny' (lstm-cpu: the CPU-sized space) on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
+    assert "tune: study 'tiny' (lstm-cpu: the CPU-sized space: smaller models" in announced
+    assert "on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
     assert re.search(r"at most about \d+ min here \(trial 0 trains [\d,]+ images/s", announced)
     assert load(config).user_attrs["settings"]["study"] == "lstm-cpu"
     first = load(config).trials[0]
@@ -300,6 +301,23 @@ def test_every_trials_model_is_released_whatever_its_ending(tmp_path, prepared_r
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
     # The speed probe's model, then each trial's, was gone before the next one was built.
     assert alive_at_next_start == [[False] * n for n in range(6)]
+
+
+def test_a_summary_that_fails_is_not_recorded_and_the_rerun_registers(tmp_path, prepared_run, monkeypatch):
+    real = summary.register_best
+
+    def registry_down(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("the model registry is unreachable")
+
+    monkeypatch.setattr(summary, "register_best", registry_down)
+    config = smoke(tmp_path, n_trials=2)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unreachable"):
+        tune(config, PrepareConfig(), prepared_run)
+    assert "summarised_at" not in load(config).user_attrs  # not marked done: the rerun must summarise
+    monkeypatch.setattr(summary, "register_best", real)
+    registered = tune(config, PrepareConfig(), prepared_run)  # no trial left to run, but a summary owed
+    assert registered is not None and str(registered.version) == "1"
+    assert len(runs_of("trial")) == 2 and load(config).user_attrs["summarised_at"] == 2
 
 
 def test_storage_urls_are_checked_in_one_line_without_their_password():
