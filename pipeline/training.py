@@ -96,7 +96,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
     """Whether ``device`` has bfloat16 arithmetic; ``flags``: the CPU's (default: this one's)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulated on pre-Ampere GPUs: slow
     if device.type == "cpu":
         # Without avx512_bf16 (AVX2-only CPUs) oneDNN emulates bf16: slower than fp32.
         return "avx512_bf16" in (cpu_flags() if flags is None else flags)

@@ -89,3 +89,15 @@ def test_evaluate_loads_the_model_whole_onto_the_device_and_brings_the_data_to_i
     images = tiny_prepared(n_train=8, n_val=4, n_test=7).test.images  # uint8 on the CPU
     logits = predict_logits(model, images, input_shape, batch_size=3)  # batches of 3, 3 and 1
     assert logits.shape == (7, 10) and logits.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["rows", "bidirectional"])
+def test_the_logged_model_predicts_on_the_gpu_what_it_predicts_on_the_cpu(name, tracking):
+    config = CONFIGS[name]
+    uri = log_like_the_train_stage(config)
+    x = torch.rand(16, *SEQUENCE_SHAPES[config.reading_order])
+    on_cpu = mlflow.pytorch.load_model(uri)(x)
+    on_gpu = mlflow.pytorch.load_model(uri).to("cuda")(x.cuda())
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)  # TF32 and cuDNN against the CPU's kernels

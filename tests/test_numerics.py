@@ -58,7 +58,8 @@ def test_auto_keeps_fp32_on_cuda_until_bf16_is_measured_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve_precision("auto", CUDA) == "fp32"
     assert resolve_precision("bf16", CUDA) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # pre-Ampere
+    # A pre-Ampere GPU: torch emulates bf16 there (slowly) and by default says it is supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     with pytest.raises(RuntimeError, match="cuda device has no bfloat16 support"):
         resolve_precision("bf16", CUDA)
 
@@ -160,3 +161,13 @@ def test_the_train_run_logs_the_numerics_that_were_in_force(tracking, precision,
     assert params["cudnn_benchmark"] == str(in_force[0]["cudnn_benchmark"]).lower() == "false"
     assert params["tf32"] == "false"  # a CPU has no TF32
     assert params["resolved_device"] == "cpu" and "gpu_name" not in params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deterministic_fp32_gives_the_same_metrics_twice_on_the_gpu():
+    config = dataclasses.replace(TINY, device="cuda", precision="fp32", deterministic=True, num_layers=2, dropout=0.1)
+    first, second = (train(config, tiny_prepared(), progress=False) for _ in range(2))  # raises if an op has no deterministic kernel
+    assert [dataclasses.astuple(m)[:5] for m in first.history] == [dataclasses.astuple(m)[:5] for m in second.history]
+    for name, value in first.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
