@@ -40,7 +40,8 @@ from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.tracking import (MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_data_inputs, log_params,
                                stage_run)
-from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, numeric_settings, resolve_device, train
+from pipeline.training import (EpochMetrics, TrainingDiverged, TrainResult, numeric_settings, resolve_device, set_cublas_workspace,
+                               train)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
 
@@ -61,11 +62,13 @@ def train_and_log(
     (None without ``log_model``).
     """
     device = resolve_device(config.device)
+    settings = numeric_settings(config, device)  # what precision=auto chose, TF32, cuDNN autotuning, determinism
+    set_cublas_workspace(settings)  # before device_params starts CUDA
     log_params({
         **dataclasses.asdict(config),
         **library_versions(),
         **device_params(device),  # what device=auto chose; a GPU's name, index and memory
-        **numeric_settings(config, device),  # what precision=auto chose, TF32, cuDNN autotuning, determinism
+        **settings,
         "data_sha256": data.manifest["splits"]["train"]["sha256"],
     })
     if data_ref:

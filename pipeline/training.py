@@ -132,12 +132,18 @@ def numeric_settings(config: TrainConfig, device: torch.device) -> dict[str, str
     return settings
 
 
+def set_cublas_workspace(settings: dict) -> None:
+    """Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG before CUDA starts: set it (unless the
+    user did) as soon as the settings are known, ahead of any query that initialises CUDA."""
+    if "cublas_workspace_config" in settings:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", settings["cublas_workspace_config"])
+
+
 @contextmanager
 def numerics(settings: dict):
     """Put ``numeric_settings`` in force inside the block and restore the previous global flags on
     leaving: the tuner and the tests train many models in one process."""
-    if "cublas_workspace_config" in settings:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", settings["cublas_workspace_config"])  # before cuBLAS starts
+    set_cublas_workspace(settings)
     cudnn = torch.backends.cudnn
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 cudnn.benchmark, cudnn.deterministic)

@@ -144,6 +144,23 @@ def test_without_deterministic_no_cublas_setting_is_made(monkeypatch):
         assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a GPU run that stops where training starts")
+def test_the_train_stage_sets_the_cublas_workspace_before_it_first_asks_cuda(tracking, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    def gpu_params(device):  # the first call that starts CUDA
+        seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return {"resolved_device": "cuda"}
+
+    monkeypatch.setattr(train_stage, "resolve_device", lambda name: CUDA)
+    monkeypatch.setattr(train_stage, "device_params", gpu_params)
+    config = dataclasses.replace(TINY, device="cuda", deterministic=True)
+    with mlflow.start_run(), pytest.raises(RuntimeError, match="sees no CUDA GPU"):  # train() itself finds none
+        train_and_log(config, tiny_prepared(), log_model=False)
+    assert seen == [":4096:8"]
+
+
 @pytest.mark.parametrize("precision, deterministic", [("auto", True), ("fp32", False)])
 def test_the_train_run_logs_the_numerics_that_were_in_force(tracking, precision, deterministic):
     config = dataclasses.replace(TINY, precision=precision, deterministic=deterministic)
