@@ -29,6 +29,7 @@ from pathlib import Path
 
 from experiments.infra import mlflow_server, postgres_cluster
 
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; nan for no values."""
     if not values:
@@ -48,7 +49,7 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
     import optuna
 
     from experiments.coordination import open_storage
-    from experiments.tune import on_stale_trial, run_trials
+    from experiments.worker import on_stale_trial, run_trials
     from pipeline.config import TuneConfig
 
     os.environ.update(env, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")  # one "View run" line per trial

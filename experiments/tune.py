@@ -10,7 +10,9 @@ Writes: an Optuna study in ``--storage`` (rerun the command to continue or exten
         ``champion`` if its val_accuracy beats the champion's (experiments/summary.py).
 
 Any number of workers may run the same command, on one machine (journal file) or many
-(PostgreSQL); experiments/coordination.py says how they agree.
+(PostgreSQL): this module opens (or joins) the study and its parent run, experiments/worker.py
+runs the trials, experiments/coordination.py says how workers agree, and experiments/summary.py
+what a finished study leaves.
 
     python -m experiments.tune --study-name lstm-rows --n-trials 40 --data-dir ../shared/data
 """
@@ -19,313 +21,50 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import io
 import math
-import multiprocessing
 import os
 import signal
-import socket
 import sys
 import tempfile
-import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import mlflow
 import optuna
-import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.coordination import (NextStep, TrialLease, storage_kind, check_storage, counted, fail_lost_trials, next_step, open_storage,
-                                      WORKER_ATTR, public_storage, requeue, single_sqlite_worker, study_lock, worker_id)
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler, study_for, typical_cost
-from experiments.summary import (MLFLOW_RUN_ATTR, MODEL_URI_ATTR, REGISTERED_ATTR, Registered, needs_summary, report,
-                                 summarise)
-from pipeline.config import (OneLineParser, ParameterError, PrepareConfig, TrainConfig, TuneConfig, add_config_arguments, build_configs,
-                             fail, user_path)
+from experiments.coordination import (
+    WORKER_ATTR,
+    check_storage,
+    counted,
+    open_storage,
+    public_storage,
+    single_sqlite_worker,
+    storage_kind,
+    study_lock,
+    worker_id,
+)
+from experiments.studies import OBJECTIVE_METRIC, STUDIES, study_for, typical_cost
+from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
+from experiments.worker import WorkerJob, best_value, gpu_assignment, on_stale_trial, run_worker, run_workers, trial_config
+from pipeline.config import (
+    OneLineParser,
+    ParameterError,
+    PrepareConfig,
+    TuneConfig,
+    add_config_arguments,
+    build_configs,
+    fail,
+    user_path,
+)
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.main import StageFailed, code_version, run_stage
-from pipeline.tracking import (ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated,
-                               start_run_with_system_metrics)
-from pipeline.train import log_trained_model, train_and_log
-from pipeline.training import TrainingDiverged, resolve_device, train
+from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
+from pipeline.training import resolve_device, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's one MLflow parent run
 SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (see study_settings)
 DATA_ATTR = "data_sha256"  # study user attribute: the checksums of the train and val splits it tunes on
-# A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
-TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
-
-
-# --- one trial ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """What a worker process needs: plain values only, so it crosses a process boundary."""
-
-    config: TuneConfig
-    parent_run_id: str
-    experiment_id: str
-    data_ref: str  # the prepare run: the lineage every trial's run and model carries
-    data_folder: str
-    worker: int = 0
-    workers: int = 1  # how many run on this machine: they share its CPU threads
-    gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
-
-
-def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
-    definition = STUDIES[config.study]
-    overrides = {**definition.fixed, **definition.suggest(trial)}
-    return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
-
-
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
-    """Train one sampled configuration in its own child run; return its best val_accuracy.
-
-    The model is logged only when it beats every trial finished so far, so the study's best
-    trial always has its own model to register, and no retrain is needed.
-    """
-    config = trial_config(job.config, trial)
-    tags = {"pipeline.stage": "trial", "pipeline.data": job.data_ref, "optuna.study_name": job.config.study_name,
-            "optuna.trial_number": str(trial.number)}
-    if job.gpu is not None:
-        tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
-    with start_run_with_system_metrics(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
-                                       parent_run_id=job.parent_run_id, tags=tags) as run:
-        trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
-        device = resolve_device(config.device)
-        if device.type == "cuda":  # the allocator's peak, this trial's alone
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def report_epoch(metrics):
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar")
-
-        try:
-            result, _ = train_and_log(config, data, on_epoch=report_epoch, log_model=False, data_ref=job.data_ref)
-            if device.type == "cuda":
-                mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-            if result.best_val_accuracy > best_value(trial.study):
-                trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
-        except optuna.TrialPruned as pruned:
-            mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
-            mlflow.end_run("KILLED")
-            raise
-        except BaseException as error:
-            interrupted = isinstance(error, KeyboardInterrupt)
-            state = "REQUEUED" if interrupted else "FAIL"  # an interrupted trial runs again, and only that run counts
-            mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
-            mlflow.end_run("KILLED" if interrupted else "FAILED")
-            raise
-        mlflow.set_tag("optuna.trial_state", "COMPLETE")
-        return result.best_val_accuracy
-
-
-def best_value(study: optuna.Study) -> float:
-    try:
-        return study.best_value
-    except ValueError:  # no complete trial yet
-        return -math.inf
-
-
-def release_memory() -> None:
-    """Free the finished trial's tensors before the next trial allocates its own. Call it once the
-    trial's frames are gone: after its exception, if any, was handled and dropped."""
-    gc.collect()  # tracebacks hold frames in reference cycles, which only the collector frees
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-# --- the worker loop ------------------------------------------------------------------------------
-
-
-def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig,
-               objective: Callable[[optuna.Trial], float], *, summarise: Callable[[], None] | None = None,
-               worker: int = 0) -> None:
-    """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
-    their worker and decide the next step; train one trial at a time with the lock released.
-
-    The worker that finds no trial running and the summary stale runs ``summarise``, still holding the lock.
-    """
-    lock = study_lock(config.storage, config.study_name)
-    deadline = time.monotonic() + (config.timeout or math.inf)
-    sampler_seeded = False
-    waiting_since = patience = None
-    while True:
-        with lock:
-            fail_lost_trials(study, config, on_lost=say_lost)
-            step = next_step(study, config.n_trials)
-            if step is NextStep.RUN and time.monotonic() >= deadline:  # timeout: start nothing new
-                step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
-            if step is NextStep.RUN:
-                if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
-                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-                    sampler_seeded = True
-                with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-                    trial = study.ask()
-                lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
-            elif step is NextStep.STOP and summarise and needs_summary(study):
-                summarise()
-        if step is NextStep.STOP:
-            return
-        if step is NextStep.WAIT:
-            # Wait for the others' trials: one that loses its worker is re-queued, and someone must run
-            # it. The bound only decides when to leave that to them; it never judges a trial dead.
-            if waiting_since is None:
-                waiting_since, patience = time.monotonic(), wait_bound(study)
-                print(f"[worker {worker}] every trial is taken; waiting up to {patience:.0f} s for the running ones "
-                      "(a lost one is re-queued and run here)", file=sys.stderr, flush=True)
-            if time.monotonic() >= min(deadline, waiting_since + patience):
-                running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-                print(f"[worker {worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
-                      "summarise the study; leaving (rerun this command if they die)", file=sys.stderr, flush=True)
-                return
-            time.sleep(1)
-            continue
-        waiting_since = None
-        run_one(study, trial, lease, objective, lock, worker)
-        release_memory()
-
-
-def wait_bound(study: optuna.Study) -> float:
-    """How long a worker with nothing to ask waits for the others: twice the longest trial so far, at least a minute."""
-    durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None]
-    return max(60.0, 2 * max(durations, default=0.0))
-
-
-def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int) -> None:
-    """Run ``trial`` and tell its result; an interrupted one is re-queued, and the interrupt goes on."""
-    try:
-        value = objective(trial)
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-    except TRIAL_ERRORS:
-        study.tell(trial, state=TrialState.FAIL)
-    except KeyboardInterrupt as stop:
-        with lock:
-            requeue(study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})",
-                    lost_worker=False)
-        print(f"[worker {worker}] trial {trial.number} interrupted: re-queued, it will run again on the next start",
-              file=sys.stderr, flush=True)
-        raise
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    else:
-        study.tell(trial, value)
-    finally:
-        lease.release()
-    say_done(study, study.get_trials(deepcopy=False)[trial.number], worker)
-
-
-def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:
-    value = f" {OBJECTIVE_METRIC} {trial.value:.4f}" if trial.value is not None else ""
-    best = best_value(study)
-    best_text = f"best {best:.4f} (trial {study.best_trial.number})" if best > -math.inf else "no complete trial yet"
-    print(f"[worker {worker}] trial {trial.number} {trial.state.name}{value} | {best_text}", file=sys.stderr, flush=True)
-
-
-def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
-    if run_id := trial.user_attrs.get(MLFLOW_RUN_ATTR):
-        client = MlflowClient()
-        try:
-            client.set_tag(run_id, "optuna.trial_state", "REQUEUED")
-            client.set_tag(run_id, "optuna.fail_reason", reason)
-            client.set_terminated(run_id, "FAILED")
-        except mlflow.exceptions.MlflowException as error:
-            print(f"warning: could not end the MLflow run of trial {trial.number}: {error}", file=sys.stderr)
-    print(f"trial {trial.number}: {reason}; re-queued with the same parameters", file=sys.stderr, flush=True)
-
-
-def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """PostgreSQL: Optuna failed a trial whose heartbeats stopped; re-queue it once."""
-    reason = f"its worker {trial.user_attrs.get('worker', '(not yet recorded)')} stopped sending heartbeats"
-    requeue(study, trial, reason, lost_worker=True)
-    say_lost(study, trial, reason)
-
-
-def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
-    """One worker: train trials until the study has ``n_trials``; any number may run at once."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_terminated)  # a spawned worker's SIGTERM re-queues its trial too
-    if job.workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
-    data = load_prepared(job.data_folder)
-    storage = open_storage(job.config, on_stale_trial)
-    study = optuna.load_study(study_name=job.config.study_name, storage=storage,
-                              pruner=pruner or make_pruner(job.config.pruner, job.config.epochs))
-
-    def summarise_study() -> None:
-        registered = summarise(study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device)
-        print(report(study, registered), file=sys.stderr, flush=True)
-
-    run_trials(study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study,
-               worker=job.worker)
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (or by index)."""
-    count = torch.cuda.device_count()
-    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
-    return (listed or [str(i) for i in range(count)])[:count]
-
-
-def gpu_assignment(config: TuneConfig) -> list[str | None]:
-    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count;
-    None for workers on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
-    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    gpus = visible_gpus() if on_cuda else []
-    if config.n_workers != "auto":
-        count = int(config.n_workers)
-    else:
-        count = len(gpus) * config.workers_per_gpu if gpus else 1
-    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
-
-
-def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:
-    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
-    for job, process in zip(jobs, processes):
-        with pinned_to(job.gpu):  # in the environment the worker starts with: set before CUDA starts there
-            process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them re-queue their trials
-        for process in processes:
-            process.join()
-        raise
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
-    return {f"{socket.gethostname()}:{p.pid}" for p in processes}
-
-
-@contextmanager
-def pinned_to(gpu: str | None):
-    """CUDA_VISIBLE_DEVICES=``gpu`` inside the block (a process started there sees only that GPU)."""
-    if gpu is None:
-        yield
-        return
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -424,8 +163,15 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
         line += f"; best trial {study.best_trial.number}, {OBJECTIVE_METRIC} {study.best_value:.4f}"
     if registered := study.user_attrs.get(REGISTERED_ATTR):
         line += (f"; registered as {registered['name']} version {registered['version']} "
-                 f"(test_accuracy {registered['test_accuracy']:.4f})")
+                 f"(test_accuracy {registered['test_accuracy']:.4f}), {champion_of(registered['name'])}")
     return line + ". Raise -P n_trials to extend it."
+
+
+def champion_of(name: str) -> str:
+    try:
+        return f"champion: version {MlflowClient().get_model_version_by_alias(name, CHAMPION).version}"
+    except mlflow.exceptions.MlflowException:
+        return "no champion"
 
 
 def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from experiments import tune as tune_module
+from experiments import worker as worker_module
 from experiments.coordination import WORKER_ATTR
 from experiments.tune import tune
 from pipeline import prepare
@@ -137,7 +137,7 @@ def prepared_run(tracking, mnist_dir) -> str:
 
 def test_gpu_memory_is_back_to_its_baseline_after_an_out_of_memory_trial(tmp_path, prepared_run, monkeypatch):
     hog_bytes = 8 * 2**30
-    real = tune_module.train_and_log
+    real = worker_module.train_and_log
     at_start, hogs = [], []  # (allocated, reserved, hog still alive) when each trial starts training
 
     def out_of_memory_in_the_second_trial(*args, **kwargs):
@@ -148,7 +148,7 @@ def test_gpu_memory_is_back_to_its_baseline_after_an_out_of_memory_trial(tmp_pat
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (forced, holding {hog.numel() / 2**30:.0f} GiB)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "train_and_log", out_of_memory_in_the_second_trial)
+    monkeypatch.setattr(worker_module, "train_and_log", out_of_memory_in_the_second_trial)
     config = TuneConfig(study="smoke", study_name="oom", storage=str(tmp_path / "studies.journal"), n_trials=3, n_workers="1",
                         epochs=1, pruner="none", device="cuda", register_name="oom-lstm")
     before = torch.cuda.memory_allocated()

@@ -20,10 +20,11 @@ from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
 from experiments import coordination, summary
-from experiments import tune as tune_module
+from experiments import worker as worker_module
 from experiments.coordination import RETRY_OF_ATTR, counted
 from experiments.studies import STUDIES, study_for, typical_cost
-from experiments.tune import WorkerJob, gpu_assignment, run_workers, tune
+from experiments.tune import tune
+from experiments.worker import WorkerJob, gpu_assignment, run_workers
 from pipeline import prepare
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
@@ -137,7 +138,7 @@ def test_pruned_trials_end_killed(tmp_path, prepared_run):
 
 
 def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, monkeypatch):
-    real = tune_module.train_and_log
+    real = worker_module.train_and_log
     calls = []
 
     def diverge_once(*args, **kwargs):
@@ -146,7 +147,7 @@ def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, mon
             raise TrainingDiverged("train_loss is nan in epoch 1")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "train_and_log", diverge_once)
+    monkeypatch.setattr(worker_module, "train_and_log", diverge_once)
     tune(smoke(tmp_path), PrepareConfig(), prepared_run)
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     [failed] = [run for run in runs_of("trial") if run.info.status == "FAILED"]
@@ -155,7 +156,7 @@ def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, mon
 
 
 def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_path, prepared_run, monkeypatch):
-    real = tune_module.train_and_log
+    real = worker_module.train_and_log
     calls = []
 
     def interrupt_the_second(*args, **kwargs):
@@ -164,7 +165,7 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "train_and_log", interrupt_the_second)
+    monkeypatch.setattr(worker_module, "train_and_log", interrupt_the_second)
     config = smoke(tmp_path, n_trials=2)
     with pytest.raises(KeyboardInterrupt):
         tune(config, PrepareConfig(), prepared_run)
@@ -198,6 +199,7 @@ def test_extending_a_study_summarises_once_and_a_finished_one_says_so(tmp_path, 
     tune(smoke(tmp_path, n_trials=4), PrepareConfig(), prepared_run)  # nothing left to do
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("study tiny is complete: 4 trials; best trial") and "registered as tiny-lstm" in line
+    assert "champion: version" in line
     assert len(runs_of("trial")) == 4 and len(runs_of("evaluate")) == len(versions)
 
 
@@ -247,7 +249,7 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        monkeypatch.setattr(tune_module, "wait_bound", lambda study: 2.0)
+        monkeypatch.setattr(worker_module, "wait_bound", lambda study: 2.0)
         began = time.monotonic()
         tune(config, PrepareConfig(), prepared_run)  # nothing to ask: waits 2 s for the live trial, then leaves
         assert time.monotonic() - began < 60
@@ -293,9 +295,9 @@ def test_every_trials_model_is_released_whatever_its_ending(tmp_path, prepared_r
         if kind == "oom":
             raise __import__("torch").cuda.OutOfMemoryError("forced")
 
-    real_train = tune_module.train_and_log
+    real_train = worker_module.train_and_log
     monkeypatch.setattr(training_module, "build_model", tracked_build)
-    monkeypatch.setattr(tune_module, "train_and_log", lambda *a, on_epoch, **k: real_train(
+    monkeypatch.setattr(worker_module, "train_and_log", lambda *a, on_epoch, **k: real_train(
         *a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k))
     tune(smoke(tmp_path, n_trials=5, pruner="none"), PrepareConfig(), prepared_run)
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
