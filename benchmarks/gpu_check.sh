@@ -13,7 +13,7 @@
 # precision.md, to-accuracy.md. Steps, each under a hard time limit (the study gets what the
 # others leave of BUDGET_S):
 #   probe        versions, cuDNN, which LSTM kernels run (hidden 256 and 32, fp32 and bf16), ms/step
-#   tests        pytest -m gpu tests/test_gpu.py: `mlflow run` main and -e tune on the GPU, bf16 vs
+#   tests        pytest -m gpu (tests/test_gpu.py, test_logged_model.py, test_numerics.py): `mlflow run` main and -e tune on the GPU, bf16 vs
 #                fp32, GPU memory after an out-of-memory trial
 #   precision    fp32 against bf16 autocast, 2 seeds: samples/s and test accuracy (benchmarks/precision.py)
 #   throughput   project loop against the tutorial's, same GPU and configuration: target >= 10x samples/s
@@ -141,7 +141,7 @@ xdist=() tests_cap=$(cap tests)  # the tests are independent: side by side they 
 if [ "$QUICK" != 1 ]; then
   if "$PY" -c "import xdist" 2> /dev/null; then xdist=(-n 4); else tests_cap=$(( tests_cap + 60 )); fi
 fi
-step tests "$(limit_of "$tests_cap")" "$PY" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider \
+step tests "$(limit_of "$tests_cap")" "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_logged_model.py tests/test_numerics.py -p no:cacheprovider \
   --junitxml="$WORK/pytest.xml" -o junit_family=xunit1 ${xdist[@]+"${xdist[@]}"}
 
 step precision "$(limit_of "$(cap precision)")" "$PY" -m benchmarks.precision --device "$DEVICE" --data-dir "$DATA_DIR" \
