@@ -87,7 +87,8 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
                 raise optuna.TrialPruned(f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar")
 
         try:
-            result, _ = train_and_log(config, data, on_epoch=report_epoch, log_model=False, data_ref=job.data_ref)
+            result, _ = train_and_log(config, data, on_epoch=report_epoch, log_model=False, data_ref=job.data_ref,
+                                      label=f"[worker {job.worker}] trial {trial.number}")
             if device.type == "cuda":
                 mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
             if result.best_val_accuracy > best_value(trial.study):

@@ -54,11 +54,12 @@ def train_and_log(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log_model: bool = True,
     data_ref: str = "",
+    label: str = "",
 ) -> tuple[TrainResult, ModelInfo | None]:
     """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
 
     ``data_ref`` (the prepare run or folder ``data`` came from) makes the train and validation
-    splits the run's dataset inputs. Returns the training result and the logged model's info
+    splits the run's dataset inputs; ``label`` starts each epoch's progress line. Returns the training result and the logged model's info
     (None without ``log_model``).
     """
     device = resolve_device(config.device)
@@ -79,7 +80,7 @@ def train_and_log(
         if on_epoch:
             on_epoch(metrics)
 
-    result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir)
+    result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir, label=label)
     if result.resumed_from_epoch:
         log_missing_epochs(result.history)
     log_params({"parameter_count": count_parameters(result.model)})

@@ -194,8 +194,12 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool | None = None,
+    label: str = "",
 ) -> TrainResult:
     """Train an LSTMClassifier on ``data.train``, choosing the epoch by ``data.val``.
+
+    Each epoch prints one line to stderr, starting with ``label`` (a study's worker and trial)
+    and ending with the estimated time left while epochs remain.
 
     ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned).
     With ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes
@@ -206,10 +210,10 @@ def train(
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)
     with numerics(settings):
-        return _train(config, data, device, settings["resolved_precision"], on_epoch, checkpoint_dir, progress)
+        return _train(config, data, device, settings["resolved_precision"], on_epoch, checkpoint_dir, progress, label)
 
 
-def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress) -> TrainResult:
+def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, label="") -> TrainResult:
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
@@ -327,10 +331,11 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress) 
             if val_accuracy > best_val_accuracy:
                 best_val_accuracy, best_epoch = val_accuracy, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            left = (config.epochs - epoch) * sum(m.epoch_seconds for m in history) / len(history)
             print(
-                f"epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  train_accuracy {metrics.train_accuracy:.4f}  "
-                f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s  "
-                f"{metrics.samples_per_second:.0f} samples/s",
+                f"{label + ' ' if label else ''}epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  "
+                f"train_accuracy {metrics.train_accuracy:.4f}  val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  "
+                f"{seconds:.1f}s  {metrics.samples_per_second:.0f} samples/s" + (f"  ETA {duration(left)}" if left else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -347,6 +352,16 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress) 
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, history, best_epoch, best_val_accuracy, device, stopped_early, resumed_from, precision)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for people: 42s, 3m05s, 1h02m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @contextmanager

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 
 import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training import Checkpoints, TrainingDiverged, TrainingInterrupted, evaluate_split, train
+from pipeline.training import Checkpoints, TrainingDiverged, TrainingInterrupted, duration, evaluate_split, train
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
@@ -27,6 +28,14 @@ def test_it_learns_and_reports_each_epoch():
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.best_val_accuracy > 0.5  # chance is 0.1
     assert all(m.samples_per_second > 0 and m.epoch_seconds > 0 for m in seen)
+
+
+def test_each_epoch_prints_one_line_with_its_label_and_the_time_left(capsys):
+    train(TINY, tiny_prepared(), progress=False, label="[worker 1] trial 7")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "epoch " in line]
+    assert [line.split(" epoch ")[0] for line in lines] == ["[worker 1] trial 7"] * 3
+    assert [re.search(r"ETA (\d+m)?\d+s$", line) is not None for line in lines] == [True, True, False]  # none after the last
+    assert duration(42.4) == "42s" and duration(185) == "3m05s" and duration(3720) == "1h02m"
 
 
 def test_the_returned_model_holds_the_best_epoch_weights():

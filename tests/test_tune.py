@@ -119,6 +119,7 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     assert "tune: study 'tiny' (lstm-cpu: the CPU-sized space: smaller models" in announced
     assert "on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
     assert re.search(r"at most about \d+ min here \(trial 0 trains [\d,]+ images/s", announced)
+    assert "\n[worker 0] trial 0 epoch 1/1  train_loss" in announced  # each epoch's line says whose it is
     assert load(config).user_attrs["settings"]["study"] == "lstm-cpu"
     first = load(config).trials[0]
     assert first.number == 0
