@@ -38,7 +38,8 @@ def test_a_study_leaderboard_is_sorted_cut_and_written_only_where_asked(tracking
     assert table["hidden_size"].tolist() == [64, 128] and table["rank"].tolist() == [1, 2]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert markdown.splitlines()[1].startswith("| --- |") and "| 0.97 |" in markdown
-    assert markdown.strip() == capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    assert markdown.strip() == captured.out.strip()
 
     before = set(os.listdir(tmp_path))
     compare.main(["--parent-run", parent, "--ascending", "true"])  # a study's parent: its trials, once each
@@ -52,7 +53,8 @@ def test_an_unknown_metric_names_the_ones_there(tracking, tmp_path, capsys):
     make_runs(MlflowClient())
     with pytest.raises(SystemExit):
         compare.main(["--sort-by", "accuracy"])
-    assert "no run has the metric 'accuracy'; these do: best_val_accuracy" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "no run has the metric 'accuracy'; these do: best_val_accuracy" in captured.err
 
 
 def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):

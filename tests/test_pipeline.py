@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +11,35 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import main as main_module
 from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
 from tests.conftest import REPO
 
 
-def test_content_key_changes_with_parameters_inputs_and_code():
-    base = content_key("train", {"data": "a", "epochs": "2"}, "code1")
-    assert base == content_key("train", {"epochs": "2", "data": "a"}, "code1")
-    assert base != content_key("train", {"data": "a", "epochs": "3"}, "code1")
-    assert base != content_key("train", {"data": "b", "epochs": "2"}, "code1")
-    assert base != content_key("train", {"data": "a", "epochs": "2"}, "code2")
-    assert base != content_key("evaluate", {"data": "a", "epochs": "2"}, "code1")
-    assert len(code_version()) == 64
+def test_content_key_changes_with_parameters_inputs_and_pipeline_code_only(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "pipeline", project / "pipeline")
+    for name in ("MLproject", "requirements.txt", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    (project / "experiments").mkdir()
+    (project / "experiments" / "tune.py").write_text("# tuning code\n")
+    monkeypatch.setattr(main_module, "PROJECT_DIR", project)
+
+    def key(parameters=None, stage="train"):
+        return content_key(stage, parameters or {"data": "prepare-run-a", "epochs": "2"}, code_version())
+
+    base = key()
+    assert base == key({"epochs": "2", "data": "prepare-run-a"})  # order does not matter
+    assert base != key({"data": "prepare-run-a", "epochs": "3"})  # a parameter
+    assert base != key({"data": "prepare-run-b", "epochs": "2"})  # an input run
+    assert base != key(stage="evaluate")
+    for elsewhere in ("README.md", "experiments/tune.py"):  # not what a stage runs
+        (project / elsewhere).write_text((project / elsewhere).read_text() + "\n# edited\n")
+        assert key() == base, elsewhere
+    for code in ("pipeline/training.py", "MLproject", "requirements.txt"):  # what a stage runs
+        (project / code).write_text((project / code).read_text() + "\n# edited\n")
+        assert key() != base, code
+        base = key()
 
 
 def test_only_finished_runs_are_reused(tracking):

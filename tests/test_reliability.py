@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import prepare, train
 from pipeline.data import DataError, save_prepared
-from pipeline.main import find_reusable
+from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
 from pipeline.tracking import ERROR_TAG, RESUME_KEY_TAG, load_prepared_run
 from tests.conftest import REPO, tiny_prepared
 
@@ -159,11 +159,16 @@ def test_kill_9_while_prepare_logs_leaves_output_that_is_refused_and_not_reused(
     # Its manifest is there, so mere existence would pass; the checksums do not.
     with pytest.raises(DataError, match=r"train.pt: missing or does not match its manifest checksum"):
         load_prepared_run(run.info.run_id)
-    assert find_reusable(MlflowClient(), "0", "any key") is None  # only FINISHED runs carry a content key
+    # Even carrying the content key main would look for, a run that did not finish is never reused.
+    key = content_key("prepare", {"data_dir": str(synthetic_mnist), "val_size": "100"}, code_version())
+    MlflowClient().set_tag(run.info.run_id, CONTENT_KEY_TAG, key)
+    assert find_reusable(MlflowClient(), "0", key) is None
 
     prepare.main(flags)  # the next run rebuilds from the raw files
     (finished,) = MlflowClient().search_runs(["0"], "tags.`pipeline.stage` = 'prepare' and attributes.status = 'FINISHED'")
     assert len(load_prepared_run(finished.info.run_id).train.labels) == 300
+    MlflowClient().set_tag(finished.info.run_id, CONTENT_KEY_TAG, key)
+    assert find_reusable(MlflowClient(), "0", key) == finished.info.run_id  # the finished one is
 
 
 LOGGER = """
@@ -228,7 +233,8 @@ def test_a_diverging_train_stage_ends_failed_with_its_reason_and_is_not_resumed(
     with pytest.raises(SystemExit) as exit_:
         train.main(["--data", str(folder), *TRAIN_FLAGS])
     assert exit_.value.code == 1
-    assert "train_loss is nan in epoch 1; lower learning_rate" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "train_loss is nan in epoch 1; lower learning_rate" in captured.err
     (run,) = MlflowClient().search_runs(["0"])
     assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG].startswith("TrainingDiverged: train_loss is nan")
     with pytest.raises(SystemExit):

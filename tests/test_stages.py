@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import evaluate, prepare, train
 from pipeline.config import TrainConfig
-from pipeline.data import load_prepared, to_sequences
+from pipeline.data import Split, load_prepared, to_sequences
 from pipeline.model import build_model
 from pipeline.tracking import download
 from tests.conftest import corrupt_file
@@ -126,7 +126,29 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_class.csv"))
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
     assert table["support"].sum() == 10_000
-    assert table["f1"].mean() == pytest.approx(metrics["test_macro_f1"])
+    assert table["f1"].mean() == pytest.approx(metrics["test_macro_f1"])  # the logged table and metric agree
+
+
+def test_evaluate_matches_a_hand_computed_confusion_matrix():
+    # true 0 0 0 1 1 2 | 3 4 5 6 7 8 9 ; predicted 0 0 1 1 2 2 | 3 4 5 6 7 8 9
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    predicted = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9])
+    images = torch.zeros(len(labels), 28, 28, dtype=torch.uint8)
+    images[:, 0, 0] = predicted * 10  # the "model" reads its answer from the first pixel
+
+    def model(x):  # (B, 28, 28) in [0, 1] -> one-hot logits
+        return torch.nn.functional.one_hot((x[:, 0, 0] * 255 / 10).round().long(), 10).float()
+
+    result = evaluate.evaluate(model, Split(images, labels), (28, 28), [str(k) for k in range(10)])
+    # class 0: TP 2, FP 0, FN 1; class 1: TP 1, FP 1, FN 1; class 2: TP 1, FP 1, FN 0; classes 3-9: perfect
+    expected = {0: (1.0, 2 / 3, 0.8), 1: (0.5, 0.5, 0.5), 2: (0.5, 1.0, 2 / 3)}
+    for k, (precision, recall, f1) in expected.items():
+        row = result.per_class.iloc[k]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision, recall, f1))
+    assert result.per_class["f1"].iloc[3:].tolist() == [1.0] * 7
+    assert result.test_macro_f1 == pytest.approx((0.8 + 0.5 + 2 / 3 + 7) / 10)
+    assert result.test_accuracy == pytest.approx(11 / 13)
+    assert result.confusion[0].tolist()[:3] == [2, 1, 0] and result.confusion[1].tolist()[:3] == [0, 1, 1]
 
 
 def test_prepare_with_a_bad_file_exits_and_leaves_no_run(tracking, synthetic_mnist, capsys):
@@ -134,7 +156,8 @@ def test_prepare_with_a_bad_file_exits_and_leaves_no_run(tracking, synthetic_mni
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--data-dir", str(synthetic_mnist), "--val-size", "100"])
     assert exit_info.value.code == 1
-    assert str(path) in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert str(path) in captured.err
     assert MlflowClient().search_runs(["0"]) == []
     prepare.main(["--data-dir", str(write_good(synthetic_mnist)), "--val-size", "100"])  # good files: it succeeds
     [run] = MlflowClient().search_runs(["0"])

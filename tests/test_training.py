@@ -115,7 +115,8 @@ def test_a_signal_stops_after_the_batch_and_the_rerun_resumes_there(tmp_path, si
     assert stopped.value.checkpoint == tmp_path / "epoch-0002-partial.pt"
     position = torch.load(stopped.value.checkpoint, weights_only=True)
     assert position["epoch"] == 1 and position["partial"]["next_start"] == config.batch_size  # one batch of epoch 2 done
-    assert "stopping after this batch" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "stopping after this batch" in captured.err
 
     resumed = train(config, data, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_epoch == 1
@@ -137,7 +138,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
     newest = tmp_path / "epoch-0003.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     assert Checkpoints(tmp_path).latest()["epoch"] == 2
-    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "skipping unreadable checkpoint" in captured.err
 
 
 class PlantMarker:
@@ -156,7 +158,8 @@ def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     torch.save({"epoch": 99, "payload": PlantMarker(marker)}, tmp_path / "ckpt" / "epoch-0099.pt")
     assert Checkpoints(tmp_path / "ckpt").latest()["epoch"] == 3  # the planted newest one is skipped
     assert not marker.exists()
-    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "skipping unreadable checkpoint" in captured.err
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path):
@@ -165,3 +168,26 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path):
     with pytest.raises(TrainingDiverged, match="train_loss is nan in epoch 1; lower learning_rate"):
         train(TINY, exploding, checkpoint_dir=tmp_path, progress=False)
     assert Checkpoints(tmp_path).paths() == []  # nothing written from the diverged epoch
+
+
+def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from pipeline import training as training_module
+
+    real, calls = training_module.F.cross_entropy, []
+    batches_per_epoch = -(-len(tiny_prepared().train.labels) // TINY.batch_size)
+
+    def nan_from_epoch_2(logits, labels, *args, **kwargs):
+        loss = real(logits, labels, *args, **kwargs)
+        if logits.requires_grad:  # training batches only, not validation
+            calls.append(1)
+            if len(calls) > batches_per_epoch:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(training_module.F, "cross_entropy", nan_from_epoch_2)
+    with pytest.raises(TrainingDiverged, match="train_loss is nan in epoch 2"):
+        train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    [kept] = Checkpoints(tmp_path).paths()
+    assert kept.name == "epoch-0001.pt"  # the last good one stays, and nothing of epoch 2 was written
+    saved = Checkpoints(tmp_path).latest()
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())

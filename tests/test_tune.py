@@ -255,7 +255,8 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
         tune(config, PrepareConfig(), prepared_run)  # nothing to ask: waits 2 s for the live trial, then leaves
         assert time.monotonic() - began < 60
         assert load(config).trials[running.number].state.name == "RUNNING"  # a live lease is never taken over
-        assert "still run in other workers" in capsys.readouterr().err
+        captured = capsys.readouterr()
+        assert "still run in other workers" in captured.err
     finally:
         holder.kill()
         holder.wait()
