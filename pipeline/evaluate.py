@@ -18,14 +18,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
 from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
@@ -75,7 +72,8 @@ def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: lis
 
 
 def plot_confusion(confusion: torch.Tensor, class_names: list[str]):
-    figure, axis = plt.subplots(figsize=(8, 7))
+    figure = Figure(figsize=(8, 7))
+    axis = figure.subplots()
     image = axis.imshow(confusion.log1p(), cmap="Blues")  # log scale: the off-diagonal errors stay visible
     for (true, predicted), count in zip(torch.cartesian_prod(torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)).tolist(), confusion.flatten().tolist()):
         color = "white" if true == predicted else "black"
@@ -85,7 +83,6 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str]):
     axis.set_yticklabels(class_names)
     figure.colorbar(image, ax=axis, label="log(1 + count)")
     figure.tight_layout()
-    plt.close(figure)
     return figure
 
 
@@ -96,7 +93,8 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
     worst = wrong[confidence[wrong].argsort(descending=True)][:count]
     columns = 5
     rows = max(1, -(-len(worst) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
+    figure = Figure(figsize=(2 * columns, 2.3 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, worst.tolist()):
@@ -104,7 +102,6 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
         axis.set_title(f"said {class_names[predictions[index]]} ({confidence[index]:.2f})\nwas {class_names[labels[index]]}", fontsize=8)
     figure.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})")
     figure.tight_layout()
-    plt.close(figure)
     return figure
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import re
 import signal
 import socket
 import sys
-import hashlib
-import json
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -22,9 +22,6 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import fail
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.training import signal_handler
-
-# MLflow's per-file download bars drown the stages' own progress lines.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PREPARED_ARTIFACT = "prepared"
 MODEL_NAME = "model"
@@ -165,6 +162,7 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
     """Local folder holding the artifact ``ref`` points at: a run id, artifact URI or local path."""
     if Path(ref).is_dir():
         return Path(ref)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its per-file bars drown the stages' lines
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst)))
 
 

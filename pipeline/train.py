@@ -26,22 +26,34 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import mlflow
 import torch
+from matplotlib.figure import Figure
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
 from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, user_path
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
-from pipeline.tracking import (MODEL_NAME, device_params, digest, library_versions, load_prepared_run, log_data_inputs, log_params,
-                               stage_run)
-from pipeline.training import (EpochMetrics, TrainingDiverged, TrainResult, numeric_settings, resolve_device, set_cublas_workspace,
-                               train)
+from pipeline.tracking import (
+    MODEL_NAME,
+    device_params,
+    digest,
+    library_versions,
+    load_prepared_run,
+    log_data_inputs,
+    log_params,
+    stage_run,
+)
+from pipeline.training import (
+    EpochMetrics,
+    TrainingDiverged,
+    TrainResult,
+    numeric_settings,
+    resolve_device,
+    set_cublas_workspace,
+    train,
+)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
 
@@ -122,7 +134,8 @@ def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order:
 
 def plot_learning_curves(history: list[EpochMetrics]):
     epochs = [m.epoch for m in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))  # no pyplot: no global backend or figure registry
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
     for split in ("train", "val"):
         loss_axis.plot(epochs, [getattr(m, f"{split}_loss") for m in history], marker="o", label=f"{split}_loss")
         accuracy_axis.plot(epochs, [getattr(m, f"{split}_accuracy") for m in history], marker="o", label=f"{split}_accuracy")
@@ -131,7 +144,6 @@ def plot_learning_curves(history: list[EpochMetrics]):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    plt.close(figure)
     return figure
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -137,3 +139,17 @@ def test_any_train_config_is_valid_or_rejected_by_name(overrides):
         assert not isinstance(value, str) or field.metadata["choices"] and value in field.metadata["choices"]
     assert config.hidden_size >= 1 and config.num_layers >= 1 and config.learning_rate > 0 and config.epochs >= 1
     assert not (config.dropout > 0 and config.num_layers == 1)
+
+
+def test_importing_the_project_changes_no_global_state():
+    """No module sets environment variables or a matplotlib backend when imported: only running does."""
+    probe = """
+import os, sys
+before = dict(os.environ)
+import mlflow, torch  # their own import-time state is theirs
+after_libraries = dict(os.environ)
+import experiments.compare, experiments.tune, pipeline.evaluate, pipeline.main, pipeline.prepare, pipeline.train
+print(sorted(k for k in os.environ if os.environ.get(k) != after_libraries.get(k)), "matplotlib.pyplot" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["[]", "False"], done.stderr[-2000:]
