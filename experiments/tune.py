@@ -59,7 +59,8 @@ from pipeline.config import (
 )
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.main import StageFailed, code_version, run_stage
-from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, Terminated, download, log_params, raise_terminated
+from pipeline.signals import Terminated, raise_terminated
+from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, download, log_params
 from pipeline.training import resolve_device, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's one MLflow parent run

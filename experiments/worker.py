@@ -32,7 +32,8 @@ from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sam
 from experiments.summary import MLFLOW_RUN_ATTR, MODEL_URI_ATTR, needs_summary, report, summarise
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData, load_prepared
-from pipeline.tracking import raise_terminated, start_run_with_system_metrics
+from pipeline.signals import raise_terminated
+from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged, resolve_device
 

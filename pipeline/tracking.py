@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import fail
 from pipeline.data import PreparedData, Split, load_prepared
-from pipeline.training import signal_handler
+from pipeline.signals import raise_terminated, signal_handler
 
 PREPARED_ARTIFACT = "prepared"
 MODEL_NAME = "model"
@@ -33,16 +33,6 @@ HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"
 RESUME_KEY_TAG = "pipeline.resume_key"  # what the run computes: a rerun with the same key may resume it
 ERROR_TAG = "pipeline.error"  # set when the stage failed by itself (bad input, divergence): never resumed
 RESUMED_RUN_TAG = "pipeline.resumed_run"  # on the run `mlflow run` opened, when the stage resumed another
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a scheduler's preemption, `kill`): handled like Ctrl-C."""
-
-    signal_number = signal.SIGTERM
-
-
-def raise_terminated(signal_number, frame):
-    raise Terminated  # by default SIGTERM ends the process before any cleanup: the run would stay RUNNING
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, atomic_write, to_sequences
 from pipeline.model import LSTMClassifier, build_model
+from pipeline.signals import signal_handler
 
 
 class TrainingDiverged(RuntimeError):
@@ -384,21 +384,6 @@ def stop_requests():
 
     with signal_handler(request, signal.SIGINT, signal.SIGTERM):
         yield stop
-
-
-@contextmanager
-def signal_handler(handler: Callable, *signal_numbers: int):
-    """Handle ``signal_numbers`` with ``handler`` inside the block, then restore the previous
-    handlers. Only the main thread may install handlers; in any other nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.signal(number, handler) for number in signal_numbers}
-    try:
-        yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):

@@ -1,0 +1,37 @@
+"""Signals for the stages and the training loop: SIGTERM handled like Ctrl-C, and handlers for a block.
+
+The lowest layer of ``pipeline/``: it imports nothing of the project, so the loop
+(``training.py``) and the MLflow helpers (``tracking.py``) both use it without reaching sideways.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler's preemption, `kill`): handled like Ctrl-C."""
+
+    signal_number = signal.SIGTERM
+
+
+def raise_terminated(signal_number, frame):
+    raise Terminated  # by default SIGTERM ends the process before any cleanup: the run would stay RUNNING
+
+
+@contextmanager
+def signal_handler(handler: Callable, *signal_numbers: int):
+    """Handle ``signal_numbers`` with ``handler`` inside the block, then restore the previous
+    handlers. Only the main thread may install handlers; in any other nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in signal_numbers}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
