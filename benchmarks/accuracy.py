@@ -28,20 +28,45 @@ def run_seed(seed: int, data_dir: str, extra: list[str], tracking_uri: str, work
     """One pipeline run in ``workdir`` (its artifacts and checkpoints land there); its numbers."""
     command = [sys.executable, "-m", "pipeline.main", "--data-dir", str(Path(data_dir).resolve()), "--seed", str(seed), *extra]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=workdir, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                                                          "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    subprocess.run(
+        command,
+        check=True,
+        cwd=workdir,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     seconds = time.perf_counter() - started
     client = MlflowClient(tracking_uri)
-    [run] = client.search_runs(["0"], f"tags.`pipeline.stage` = 'main' and params.seed = '{seed}' and attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    [run] = client.search_runs(
+        ["0"],
+        f"tags.`pipeline.stage` = 'main' and params.seed = '{seed}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     train = client.get_run(run.data.tags["pipeline.train_run"])
-    return {"seed": seed, "test_accuracy": run.data.metrics["test_accuracy"], "test_macro_f1": run.data.metrics["test_macro_f1"],
-            "best_val_accuracy": train.data.metrics["best_val_accuracy"], "wall_seconds": round(seconds, 1),
-            "run_id": run.info.run_id, "config": {k: v for k, v in train.data.params.items() if k in CONFIG_PARAMS}}
+    return {
+        "seed": seed,
+        "test_accuracy": run.data.metrics["test_accuracy"],
+        "test_macro_f1": run.data.metrics["test_macro_f1"],
+        "best_val_accuracy": train.data.metrics["best_val_accuracy"],
+        "wall_seconds": round(seconds, 1),
+        "run_id": run.info.run_id,
+        "config": {k: v for k, v in train.data.params.items() if k in CONFIG_PARAMS},
+    }
 
 
-CONFIG_PARAMS = ("hidden_size", "num_layers", "learning_rate", "batch_size", "epochs", "dropout", "bidirectional",
-                 "reading_order", "lr_schedule", "resolved_device", "torch_version")
+CONFIG_PARAMS = (
+    "hidden_size",
+    "num_layers",
+    "learning_rate",
+    "batch_size",
+    "epochs",
+    "dropout",
+    "bidirectional",
+    "reading_order",
+    "lr_schedule",
+    "resolved_device",
+    "torch_version",
+)
 
 
 def main() -> None:
@@ -61,18 +86,33 @@ def main() -> None:
             print(f"seed {seed}: test_accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_seconds']:.0f} s)", flush=True)
 
     accuracies = [run["test_accuracy"] for run in runs]
-    summary = {"mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-               "min": min(accuracies), "max": max(accuracies)}
+    summary = {
+        "mean": statistics.mean(accuracies),
+        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "min": min(accuracies),
+        "max": max(accuracies),
+    }
     now = datetime.datetime.now()
-    report = {"date": now.isoformat(timespec="seconds"), "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]),
-              "cpus": os.cpu_count(), "summary": summary, "runs": runs}
-    rows = [f"| {r['seed']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['best_val_accuracy']:.4f} | "
-            f"{r['wall_seconds']:.0f} |" for r in runs]
-    text = (f"# test accuracy over {len(runs)} seeds, {report['date']}\n\n`{report['command']}`\n\n"
-            f"configuration: {runs[0]['config']}\n\n"
-            "| seed | test_accuracy | test_macro_f1 | best_val_accuracy | wall s |\n|---|---|---|---|---|\n" + "\n".join(rows) +
-            f"\n\n**mean {summary['mean']:.4f} ± {summary['std']:.4f}** (sample std), min {summary['min']:.4f}, "
-            f"max {summary['max']:.4f}\n")
+    report = {
+        "date": now.isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]),
+        "cpus": os.cpu_count(),
+        "summary": summary,
+        "runs": runs,
+    }
+    rows = [
+        f"| {r['seed']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['best_val_accuracy']:.4f} | "
+        f"{r['wall_seconds']:.0f} |"
+        for r in runs
+    ]
+    text = (
+        f"# test accuracy over {len(runs)} seeds, {report['date']}\n\n`{report['command']}`\n\n"
+        f"configuration: {runs[0]['config']}\n\n"
+        "| seed | test_accuracy | test_macro_f1 | best_val_accuracy | wall s |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\n**mean {summary['mean']:.4f} ± {summary['std']:.4f}** (sample std), min {summary['min']:.4f}, "
+        f"max {summary['max']:.4f}\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"accuracy-{now.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

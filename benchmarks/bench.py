@@ -35,7 +35,7 @@ import torch
 from benchmarks.measure import MNIST_TRAIN_IMAGES
 from benchmarks.tutorial_baseline import write_raw_mnist
 from pipeline.config import OneLineParser, ParameterError, TrainConfig, fail, parse_bool
-from pipeline.data import NUM_CLASSES, DataError, SEQUENCE_SHAPES, load_raw, save_prepared, split_train_val
+from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES, DataError, load_raw, save_prepared, split_train_val
 from pipeline.training import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +79,11 @@ def config_label(config: TrainConfig) -> str:
     label = f"h{config.hidden_size}-l{config.num_layers}-b{config.batch_size}-{config.reading_order}"
     shown = ("hidden_size", "num_layers", "batch_size", "reading_order", "device", "seed", "epochs")
     defaults = TrainConfig()
-    changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(TrainConfig)
-               if f.name not in shown and getattr(config, f.name) != getattr(defaults, f.name)]
+    changed = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in shown and getattr(config, f.name) != getattr(defaults, f.name)
+    ]
     return " ".join([label, *changed])
 
 
@@ -121,8 +124,13 @@ def run_job(job: dict) -> dict:
 def training_job(kind: str, loop: str, config: TrainConfig, args, mnist_root: Path, **fields) -> dict:
     """A measurement of one loop training ``config``; ``fields`` are the kind's own arguments."""
     return {
-        "kind": kind, "loop": loop, "config": dataclasses.asdict(config), "raw_root": str(mnist_root),
-        "num_workers": args.num_workers, "seed": args.seed, **fields,
+        "kind": kind,
+        "loop": loop,
+        "config": dataclasses.asdict(config),
+        "raw_root": str(mnist_root),
+        "num_workers": args.num_workers,
+        "seed": args.seed,
+        **fields,
     }
 
 
@@ -181,17 +189,25 @@ def throughput(args, device: str, mnist_root: Path, workdir: Path) -> dict:
     for repeat, config, (loop, variant) in itertools.product(range(args.repeats), configs, runs):
         job = training_job("epoch", loop, config, args, mnist_root, samples=args.samples, val_samples=args.val_samples)
         result = run_job({**job, **variant})
-        log(f"[{repeat + 1}/{args.repeats}] {config_label(config)} {loop} {variant_label(variant)}: "
-            f"{result['samples_per_second']:.0f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB")
+        log(
+            f"[{repeat + 1}/{args.repeats}] {config_label(config)} {loop} {variant_label(variant)}: "
+            f"{result['samples_per_second']:.0f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB"
+        )
         measurements.append({"config": config_label(config), "loop": loop, "variant": variant, **result})
 
     rows = [throughput_row(config, loop, variant, measurements, peaks, device) for config in configs for loop, variant in runs]
     time_to_accuracy = []
     if args.target_accuracy > 0:  # the baseline and the first project variant
-        time_to_accuracy = [time_to_accuracy_row(config, loop, variant, args, mnist_root)
-                            for config in configs for loop, variant in runs[:2]]
-    return {"rows": rows, "time_to_accuracy": time_to_accuracy, "data_memory": memory,
-            "matmul_peak_flops": peaks, "measurements": measurements}
+        time_to_accuracy = [
+            time_to_accuracy_row(config, loop, variant, args, mnist_root) for config in configs for loop, variant in runs[:2]
+        ]
+    return {
+        "rows": rows,
+        "time_to_accuracy": time_to_accuracy,
+        "data_memory": memory,
+        "matmul_peak_flops": peaks,
+        "measurements": measurements,
+    }
 
 
 def throughput_row(config: TrainConfig, loop: str, variant: dict, measurements: list[dict], peaks: dict, device: str) -> dict:
@@ -228,13 +244,22 @@ def time_to_accuracy_row(config: TrainConfig, loop: str, variant: dict, args, mn
     for repeat in range(args.repeats):
         seeded = dataclasses.replace(config, seed=config.seed + repeat)  # same images, another initialisation
         job = training_job(
-            "time_to_accuracy", loop, seeded, args, mnist_root,
-            samples=args.accuracy_train_samples, val_samples=args.accuracy_val_samples, target_accuracy=args.target_accuracy,
-            max_epochs=args.accuracy_max_epochs, max_seconds=args.accuracy_max_seconds,
+            "time_to_accuracy",
+            loop,
+            seeded,
+            args,
+            mnist_root,
+            samples=args.accuracy_train_samples,
+            val_samples=args.accuracy_val_samples,
+            target_accuracy=args.target_accuracy,
+            max_epochs=args.accuracy_max_epochs,
+            max_seconds=args.accuracy_max_seconds,
         )
         runs.append(run_job({**job, **variant}))
-        log(f"time to val_accuracy {args.target_accuracy}: {config_label(config)} {loop} seed {seeded.seed}: "
-            f"{runs[-1]['seconds_to_target']} s (best {runs[-1]['best_val_accuracy']})")
+        log(
+            f"time to val_accuracy {args.target_accuracy}: {config_label(config)} {loop} seed {seeded.seed}: "
+            f"{runs[-1]['seconds_to_target']} s (best {runs[-1]['best_val_accuracy']})"
+        )
     reached = [run["seconds_to_target"] for run in runs if run["seconds_to_target"] is not None]
     return {
         "config": config_label(config),
@@ -272,8 +297,10 @@ def scaling(args, device: str, mnist_root: Path, workdir: Path) -> dict:
     for repeat, (label, config), loop in itertools.product(range(args.repeats), points.items(), args.loops):
         job = training_job("epoch", loop, config, args, mnist_root, samples=0, seconds=args.seconds, val_samples=args.val_samples)
         result = run_job(job)
-        log(f"[{repeat + 1}/{args.repeats}] {label} {loop}: {result['samples_per_second']:.0f} samples/s "
-            f"over {result['samples']} images")
+        log(
+            f"[{repeat + 1}/{args.repeats}] {label} {loop}: {result['samples_per_second']:.0f} samples/s "
+            f"over {result['samples']} images"
+        )
         measurements.append({"config": label, "loop": loop, **result, "achieved_flops": achieved_flops(config, result)})
 
     rows = []
@@ -284,20 +311,22 @@ def scaling(args, device: str, mnist_root: Path, workdir: Path) -> dict:
             at_base = select(measurements, config=config_label(base), loop=loop)
             speed = median_range(m["samples_per_second"] for m in mine)
             flops = statistics.median(m["achieved_flops"] for m in mine)
-            rows.append({
-                "factor": factor,
-                "value": value,
-                "config": config_label(config),
-                "loop": loop,
-                "samples": statistics.median(m["samples"] for m in mine),
-                "samples_per_second": speed,
-                "relative_to_base": speed["median"] / statistics.median(m["samples_per_second"] for m in at_base),
-                "forward_flops_per_sample": forward_flops_per_sample(config),
-                "achieved_flops": flops,
-                "peak_fraction": flops / peaks[threads],
-                "peak_rss_mib": max(m["peak_rss_mib"] for m in mine),
-                "cuda_peak_mib": max_or_none(m["cuda_peak_mib"] for m in mine),
-            })
+            rows.append(
+                {
+                    "factor": factor,
+                    "value": value,
+                    "config": config_label(config),
+                    "loop": loop,
+                    "samples": statistics.median(m["samples"] for m in mine),
+                    "samples_per_second": speed,
+                    "relative_to_base": speed["median"] / statistics.median(m["samples_per_second"] for m in at_base),
+                    "forward_flops_per_sample": forward_flops_per_sample(config),
+                    "achieved_flops": flops,
+                    "peak_fraction": flops / peaks[threads],
+                    "peak_rss_mib": max(m["peak_rss_mib"] for m in mine),
+                    "cuda_peak_mib": max_or_none(m["cuda_peak_mib"] for m in mine),
+                }
+            )
     return {"base": config_label(base), "rows": rows, "matmul_peak_flops": peaks, "measurements": measurements}
 
 
@@ -349,18 +378,41 @@ def header(mode: str, env: dict, settings: str, peaks: dict) -> str:
 
 
 def throughput_markdown(report: dict, env: dict, args) -> str:
-    settings = (f"Each row: median (min-max) of {args.repeats} fresh processes, each timing one epoch of "
-                f"{args.samples} training + {args.val_samples} validation images after a warm-up.")
-    headers = ["config", "loop", "variant", "samples/s", "x baseline", "target", "epoch s", "peak RSS MiB",
-               "train +RSS MiB", "GFLOP/s", "% of peak"]
+    settings = (
+        f"Each row: median (min-max) of {args.repeats} fresh processes, each timing one epoch of "
+        f"{args.samples} training + {args.val_samples} validation images after a warm-up."
+    )
+    headers = [
+        "config",
+        "loop",
+        "variant",
+        "samples/s",
+        "x baseline",
+        "target",
+        "epoch s",
+        "peak RSS MiB",
+        "train +RSS MiB",
+        "GFLOP/s",
+        "% of peak",
+    ]
     if env["device"] == "cuda":
         headers.append("CUDA peak MiB")
     rows = []
     for row in report["rows"]:
         target = "" if row["target_ratio"] is None else f">= {row['target_ratio']} {'met' if row['meets_target'] else 'MISSED'}"
-        cells = [row["config"], row["loop"], variant_label(row["variant"]), _speed(row["samples_per_second"]),
-                 f"{row['ratio_to_baseline']:.2f}", target, f"{row['epoch_seconds']:.2f}", _mib(row["peak_rss_mib"]),
-                 _mib(row["train_rss_growth_mib"]), f"{row['achieved_flops'] / 1e9:.1f}", f"{100 * row['peak_fraction']:.1f}"]
+        cells = [
+            row["config"],
+            row["loop"],
+            variant_label(row["variant"]),
+            _speed(row["samples_per_second"]),
+            f"{row['ratio_to_baseline']:.2f}",
+            target,
+            f"{row['epoch_seconds']:.2f}",
+            _mib(row["peak_rss_mib"]),
+            _mib(row["train_rss_growth_mib"]),
+            f"{row['achieved_flops'] / 1e9:.1f}",
+            f"{100 * row['peak_fraction']:.1f}",
+        ]
         if env["device"] == "cuda":
             cells.append(_mib(row["cuda_peak_mib"]))
         rows.append(cells)
@@ -371,16 +423,23 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
         project = [row for row in report["rows"] if row["config"] == config and row["loop"] == "project"]
         if len(project) > 1:
             best = max(project, key=lambda row: row["samples_per_second"]["median"])
-            fastest.append(f"- {config}: fastest project variant is {variant_label(best['variant'])} "
-                           f"({best['samples_per_second']['median']:.0f} samples/s)")
+            fastest.append(
+                f"- {config}: fastest project variant is {variant_label(best['variant'])} "
+                f"({best['samples_per_second']['median']:.0f} samples/s)"
+            )
     if fastest:
         parts.append("Fastest variant of the project loop:\n\n" + "\n".join(fastest))
 
     if report["time_to_accuracy"]:
         tta_rows = [
-            [t["config"], t["loop"], t["target_accuracy"], t["reached"],
-             "-" if t["seconds_to_target"] is None else _speed(t["seconds_to_target"]),
-             f"{t['best_val_accuracy']:.4f}"]
+            [
+                t["config"],
+                t["loop"],
+                t["target_accuracy"],
+                t["reached"],
+                "-" if t["seconds_to_target"] is None else _speed(t["seconds_to_target"]),
+                f"{t['best_val_accuracy']:.4f}",
+            ]
             for t in report["time_to_accuracy"]
         ]
         parts.append(
@@ -402,13 +461,23 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
 
 
 def scaling_markdown(report: dict, env: dict, args) -> str:
-    settings = (f"Base {report['base']}; one factor changes at a time. Each row: median (min-max) of {args.repeats} "
-                f"fresh processes, each timing one epoch sized to about {args.seconds} s after a warm-up.")
+    settings = (
+        f"Base {report['base']}; one factor changes at a time. Each row: median (min-max) of {args.repeats} "
+        f"fresh processes, each timing one epoch sized to about {args.seconds} s after a warm-up."
+    )
     headers = ["factor", "value", "loop", "samples/s", "x base", "MFLOP/sample (fwd)", "GFLOP/s", "% of peak", "peak RSS MiB"]
     rows = [
-        [row["factor"], row["value"], row["loop"], _speed(row["samples_per_second"]), f"{row['relative_to_base']:.2f}",
-         f"{row['forward_flops_per_sample'] / 1e6:.1f}", f"{row['achieved_flops'] / 1e9:.1f}",
-         f"{100 * row['peak_fraction']:.1f}", _mib(row["peak_rss_mib"])]
+        [
+            row["factor"],
+            row["value"],
+            row["loop"],
+            _speed(row["samples_per_second"]),
+            f"{row['relative_to_base']:.2f}",
+            f"{row['forward_flops_per_sample'] / 1e6:.1f}",
+            f"{row['achieved_flops'] / 1e9:.1f}",
+            f"{100 * row['peak_fraction']:.1f}",
+            _mib(row["peak_rss_mib"]),
+        ]
         for row in report["rows"]
     ]
     return header("scaling", env, settings, report["matmul_peak_flops"]) + "\n\n" + markdown_table(headers, rows) + "\n"
@@ -446,12 +515,34 @@ def build_parser() -> argparse.ArgumentParser:
         add_flag(sub, "--out", "folder for the .json and .md results", type=Path, default=Path("benchmarks/results"))
 
     add_flag(tp, "--samples", "training images per timed epoch, the same for both loops", type=int, default=12_800)
-    add_flag(tp, "--configs", "TrainConfig overrides, one configuration each", nargs="+", type=parse_config,
-             default=[parse_config(c) for c in DEFAULT_CONFIGS], metavar="FIELD=VALUE,...", shown=" ".join(DEFAULT_CONFIGS))
-    add_flag(tp, "--threads", "also measure the project loop at these torch thread counts", nargs="+", type=int,
-             shown=f"torch's, here {torch.get_num_threads()}")
-    add_flag(tp, "--mkldnn", "measure the project loop with oneDNN (mkldnn) kernels on and/or off", nargs="+",
-             type=on_off, default=[True], metavar="on|off", shown="on")
+    add_flag(
+        tp,
+        "--configs",
+        "TrainConfig overrides, one configuration each",
+        nargs="+",
+        type=parse_config,
+        default=[parse_config(c) for c in DEFAULT_CONFIGS],
+        metavar="FIELD=VALUE,...",
+        shown=" ".join(DEFAULT_CONFIGS),
+    )
+    add_flag(
+        tp,
+        "--threads",
+        "also measure the project loop at these torch thread counts",
+        nargs="+",
+        type=int,
+        shown=f"torch's, here {torch.get_num_threads()}",
+    )
+    add_flag(
+        tp,
+        "--mkldnn",
+        "measure the project loop with oneDNN (mkldnn) kernels on and/or off",
+        nargs="+",
+        type=on_off,
+        default=[True],
+        metavar="on|off",
+        shown="on",
+    )
     add_flag(tp, "--target-accuracy", "also time each loop to this val_accuracy (0 = skip)", type=float, default=0.0)
     add_flag(tp, "--accuracy-train-samples", "training images of a time-to-accuracy run", type=int, default=10_000)
     add_flag(tp, "--accuracy-val-samples", "validation images of a time-to-accuracy run", type=int, default=2000)
@@ -459,14 +550,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(tp, "--accuracy-max-seconds", "... or after the epoch that passes this many seconds", type=float, default=600)
 
     base = "hidden_size=128,num_layers=1,batch_size=128"
-    add_flag(sc, "--base", "the configuration each sweep changes one factor of", type=parse_config,
-             default=parse_config(base), metavar="FIELD=VALUE,...", shown=base)
+    add_flag(
+        sc,
+        "--base",
+        "the configuration each sweep changes one factor of",
+        type=parse_config,
+        default=parse_config(base),
+        metavar="FIELD=VALUE,...",
+        shown=base,
+    )
     sweep = {"nargs": "+", "type": int}
     add_flag(sc, "--hidden-sizes", "hidden_size sweep", **sweep, default=[32, 64, 128, 256, 512], shown="32 64 128 256 512")
     add_flag(sc, "--num-layers", "num_layers sweep", **sweep, default=[1, 2, 3, 4], shown="1 2 3 4")
     add_flag(sc, "--batch-sizes", "batch_size sweep", **sweep, default=[32, 64, 128, 256, 512], shown="32 64 128 256 512")
-    add_flag(sc, "--reading-orders", "reading_order sweep: rows = 28 steps of 28 pixels, pixels = 784 steps of 1", nargs="+",
-             choices=("rows", "pixels"), default=["rows", "pixels"], shown="rows pixels")
+    add_flag(
+        sc,
+        "--reading-orders",
+        "reading_order sweep: rows = 28 steps of 28 pixels, pixels = 784 steps of 1",
+        nargs="+",
+        choices=("rows", "pixels"),
+        default=["rows", "pixels"],
+        shown="rows pixels",
+    )
     add_flag(sc, "--seconds", "each timed epoch is sized to last about this long", type=float, default=5.0)
     add_flag(sc, "--loops", "loops to measure", nargs="+", choices=("project", "baseline"), default=["project"], shown="project")
     return parser

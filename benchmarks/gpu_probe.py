@@ -35,14 +35,25 @@ RNN_OPS = {"aten::_cudnn_rnn": "cudnn", "aten::_thnn_fused_lstm_cell": "aten fus
 
 
 def environment(device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device.type,
-           "cuda": torch.version.cuda, "cudnn_available": torch.backends.cudnn.is_available(),
-           "cudnn_enabled": torch.backends.cudnn.enabled, "cudnn_version": torch.backends.cudnn.version()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device.type,
+        "cuda": torch.version.cuda,
+        "cudnn_available": torch.backends.cudnn.is_available(),
+        "cudnn_enabled": torch.backends.cudnn.enabled,
+        "cudnn_version": torch.backends.cudnn.version(),
+    }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        env.update(gpu_name=properties.name, gpu_capability=f"{properties.major}.{properties.minor}",
-                   gpu_memory_gb=round(properties.total_memory / 1e9, 1), gpu_count=torch.cuda.device_count(),
-                   bf16_supported=torch.cuda.is_bf16_supported(), multiprocessors=properties.multi_processor_count)
+        env.update(
+            gpu_name=properties.name,
+            gpu_capability=f"{properties.major}.{properties.minor}",
+            gpu_memory_gb=round(properties.total_memory / 1e9, 1),
+            gpu_count=torch.cuda.device_count(),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            multiprocessors=properties.multi_processor_count,
+        )
         try:
             import pynvml
 
@@ -59,11 +70,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(hidden_size: int, num_layers: int, batch_size: int, precision: str, device: torch.device,
-            profile_steps: int = 3, timed_steps: int = 20) -> dict:
+def measure(
+    hidden_size: int,
+    num_layers: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    profile_steps: int = 3,
+    timed_steps: int = 20,
+) -> dict:
     """Train steps of random rows-MNIST-shaped batches; see the module docstring."""
-    config = TrainConfig(hidden_size=hidden_size, num_layers=num_layers, batch_size=batch_size, device=device.type,
-                         precision=precision)
+    config = TrainConfig(
+        hidden_size=hidden_size, num_layers=num_layers, batch_size=batch_size, device=device.type, precision=precision
+    )
     row = {"hidden_size": hidden_size, "num_layers": num_layers, "batch_size": batch_size, "precision": precision}
     try:
         settings = numeric_settings(config, device)
@@ -125,16 +144,26 @@ def rnn_path(profiler) -> dict:
             kernels[event.name] = kernels.get(event.name, 0.0) + float(duration or 0.0)
     top = sorted(kernels.items(), key=lambda item: -item[1])[:6]
     rnn_kernels = sorted(name for name in kernels if any(word in name.lower() for word in ("rnn", "lstm", "persist", "cudnn")))
-    return {"lstm_path": "+".join(paths) or "unknown", "top_kernels": [f"{name[:90]} ({us:.0f} us)" for name, us in top],
-            "rnn_kernels": [name[:120] for name in rnn_kernels[:8]]}
+    return {
+        "lstm_path": "+".join(paths) or "unknown",
+        "top_kernels": [f"{name[:90]} ({us:.0f} us)" for name, us in top],
+        "rnn_kernels": [name[:120] for name in rnn_kernels[:8]],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, metavar="HIDDEN,LAYERS,BATCH",
-                        help=f"configurations to measure (default: {' '.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"), help="(default: fp32 bf16)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=DEFAULT_SHAPES,
+        metavar="HIDDEN,LAYERS,BATCH",
+        help=f"configurations to measure (default: {' '.join(DEFAULT_SHAPES)})",
+    )
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"), help="(default: fp32 bf16)"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

@@ -75,7 +75,9 @@ def tests_section(work: Path, steps: dict) -> tuple[list[str], dict]:
             elif child.tag == "skipped":
                 outcome = "skipped: " + child.get("message", "")
         properties = {p.get("name"): p.get("value") for p in case.iter("property")}
-        cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)), "properties": properties})
+        cases.append(
+            {"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)), "properties": properties}
+        )
     counts = defaultdict(int)
     for case in cases:
         counts[case["outcome"].split(":")[0]] += 1
@@ -87,8 +89,10 @@ def tests_section(work: Path, steps: dict) -> tuple[list[str], dict]:
     lines = [line] + [f"  FAILED {case['name']}" for case in cases if case["outcome"] == "failed"]
     bf16 = next((case["properties"] for case in cases if "bf16_samples_per_second" in case["properties"]), None)
     if bf16:
-        lines.append(f"  bf16 test: {bf16['bf16_samples_per_second']} vs fp32 {bf16['fp32_samples_per_second']} samples/s, "
-                     f"val_accuracy {bf16['bf16_val_accuracy']} vs {bf16['fp32_val_accuracy']} (tests ran side by side)")
+        lines.append(
+            f"  bf16 test: {bf16['bf16_samples_per_second']} vs fp32 {bf16['fp32_samples_per_second']} samples/s, "
+            f"val_accuracy {bf16['bf16_val_accuracy']} vs {bf16['fp32_val_accuracy']} (tests ran side by side)"
+        )
     return lines, {"cases": cases}
 
 
@@ -99,10 +103,16 @@ def probe_section(work: Path, steps: dict) -> tuple[list[str], dict]:
     probe = json.loads(path.read_text())
     env = probe["environment"]
     where = env.get("gpu_name") or env["device"]
-    lines = [f"device: {where}" + (f", capability {env['gpu_capability']}, {env['gpu_memory_gb']} GB, driver {env.get('driver')}"
-                                   if env.get("gpu_name") else "")
-             + f"; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn_version']} "
-             f"({'enabled' if env['cudnn_enabled'] else 'DISABLED'})"]
+    lines = [
+        f"device: {where}"
+        + (
+            f", capability {env['gpu_capability']}, {env['gpu_memory_gb']} GB, driver {env.get('driver')}"
+            if env.get("gpu_name")
+            else ""
+        )
+        + f"; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn_version']} "
+        f"({'enabled' if env['cudnn_enabled'] else 'DISABLED'})"
+    ]
     for row in probe["measurements"]:
         label = f"h{row['hidden_size']}-l{row['num_layers']}-b{row['batch_size']} {row['precision']}"
         if "error" in row:
@@ -111,8 +121,10 @@ def probe_section(work: Path, steps: dict) -> tuple[list[str], dict]:
         memory = f", peak {row['peak_memory_mb']:.0f} MB" if "peak_memory_mb" in row else ""
         kernels = row.get("rnn_kernels") or row.get("top_kernels")
         kernel = f"; kernel {kernels[0][:70]}" if kernels else ""
-        lines.append(f"  LSTM {label}: {row['lstm_path']} path, {row['ms_per_step']:.2f} ms/step, "
-                     f"{row['samples_per_second']:,} samples/s{memory}{kernel}")
+        lines.append(
+            f"  LSTM {label}: {row['lstm_path']} path, {row['ms_per_step']:.2f} ms/step, "
+            f"{row['samples_per_second']:,} samples/s{memory}{kernel}"
+        )
     return lines, probe
 
 
@@ -142,8 +154,10 @@ def throughput_section(work: Path, steps: dict) -> tuple[list[str], dict]:
         ratio = row["ratio_to_baseline"]
         gap = f"{ratio - THROUGHPUT_RATIO:+.1f}x against >= {THROUGHPUT_RATIO:.0f}x"
         memory = f", peak {row['cuda_peak_mib']:.0f} MiB" if row.get("cuda_peak_mib") else ""
-        lines.append(f"  {row['config']}: {row['samples_per_second']['median']:,.0f} vs {baseline['samples_per_second']['median']:,.0f}"
-                     f" = {ratio:.1f}x{memory}: {verdict(ratio >= THROUGHPUT_RATIO, gap)}")
+        lines.append(
+            f"  {row['config']}: {row['samples_per_second']['median']:,.0f} vs {baseline['samples_per_second']['median']:,.0f}"
+            f" = {ratio:.1f}x{memory}: {verdict(ratio >= THROUGHPUT_RATIO, gap)}"
+        )
     return lines, report
 
 
@@ -156,14 +170,21 @@ def to_accuracy_section(work: Path, steps: dict) -> tuple[list[str], dict]:
     lines = []
     if reached:
         seconds = reached["train_seconds"]
-        lines.append(f"time to {target:.2%} test accuracy: {seconds:.1f} s of training ({reached['config']}, {reached['epochs']} "
-                     f"epochs, test_accuracy {reached['test_accuracy']:.4f}): "
-                     f"{verdict(seconds <= SECONDS_TO_99, f'{seconds - SECONDS_TO_99:+.1f} s against <= {SECONDS_TO_99:.0f} s')}; stretch "
-                     f"{verdict(seconds <= STRETCH_SECONDS_TO_99, f'{seconds - STRETCH_SECONDS_TO_99:+.1f} s against <= {STRETCH_SECONDS_TO_99:.0f} s')}")
+        lines.append(
+            f"time to {target:.2%} test accuracy: {seconds:.1f} s of training ({reached['config']}, {reached['epochs']} "
+            f"epochs, test_accuracy {reached['test_accuracy']:.4f}): "
+            f"{verdict(seconds <= SECONDS_TO_99, f'{seconds - SECONDS_TO_99:+.1f} s against <= {SECONDS_TO_99:.0f} s')}; stretch "
+            + verdict(
+                seconds <= STRETCH_SECONDS_TO_99,
+                f"{seconds - STRETCH_SECONDS_TO_99:+.1f} s against <= {STRETCH_SECONDS_TO_99:.0f} s",
+            )
+        )
     else:
         best = max(report["rows"], key=lambda row: row["test_accuracy"], default=None)
-        lines.append(f"time to {target:.2%} test accuracy: MISSED, not reached ({step_note(steps, 'to_accuracy')})"
-                     + (f"; best {best['test_accuracy']:.4f} ({best['config']}, {best['epochs']} epochs)" if best else ""))
+        lines.append(
+            f"time to {target:.2%} test accuracy: MISSED, not reached ({step_note(steps, 'to_accuracy')})"
+            + (f"; best {best['test_accuracy']:.4f} ({best['config']}, {best['epochs']} epochs)" if best else "")
+        )
     for candidate in report.get("candidates", []):
         mine = [row for row in report["rows"] if row["config"] == candidate["config"]]
         if candidate["reached"]:
@@ -207,18 +228,24 @@ def study_section(work: Path, steps: dict, results: Path) -> tuple[list[str], di
         notes.append(f"at that rate {len(done) / span * STUDY_SECONDS:.0f} trials in {STUDY_SECONDS} s")
     if steps.get("study", {}).get("status") != "0":
         notes.append(f"step {step_note(steps, 'study')}")
-    lines = [f"study: {len(done)} trials counted in {span_text} ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-             f"{states['FAIL']} failed), {len(workers)} worker process(es); "
-             + verdict(met, f"{len(done) - STUDY_TRIALS:+d} trials against >= {STUDY_TRIALS} in {STUDY_SECONDS} s")
-             + (f" ({'; '.join(notes)})" if notes else "")]
+    lines = [
+        f"study: {len(done)} trials counted in {span_text} ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+        f"{states['FAIL']} failed), {len(workers)} worker process(es); "
+        + verdict(met, f"{len(done) - STUDY_TRIALS:+d} trials against >= {STUDY_TRIALS} in {STUDY_SECONDS} s")
+        + (f" ({'; '.join(notes)})" if notes else "")
+    ]
     registered = study.user_attrs.get("registered")
     if registered:
-        lines.append(f"  registered {registered['name']} version {registered['version']} from trial {registered['trial']}: "
-                     f"val_accuracy {registered['val_accuracy']:.4f}, test_accuracy {registered['test_accuracy']:.4f}")
+        lines.append(
+            f"  registered {registered['name']} version {registered['version']} from trial {registered['trial']}: "
+            f"val_accuracy {registered['val_accuracy']:.4f}, test_accuracy {registered['test_accuracy']:.4f}"
+        )
     else:
         best = max((t for t in done if t.value is not None), key=lambda t: t.value, default=None)
-        lines.append("  nothing registered (the study's summary did not run)"
-                     + (f"; best trial {best.number}, val_accuracy {best.value:.4f}" if best else ""))
+        lines.append(
+            "  nothing registered (the study's summary did not run)"
+            + (f"; best trial {best.number}, val_accuracy {best.value:.4f}" if best else "")
+        )
 
     rows, samples = trial_rows(MlflowClient(), trials)
     by_second = defaultdict(list)  # concurrent trials sample the same GPU: average within each second first
@@ -226,19 +253,28 @@ def study_section(work: Path, steps: dict, results: Path) -> tuple[list[str], di
         by_second[timestamp // 1000].append(value)
     utilization = [statistics.fmean(values) for values in by_second.values()]
     if utilization:
-        lines.append(f"  GPU utilisation while trials ran: mean {statistics.fmean(utilization):.0f}%, median "
-                     f"{statistics.median(utilization):.0f}% over {len(utilization)} s sampled (MLflow system metrics of the trial runs)")
+        lines.append(
+            f"  GPU utilisation while trials ran: mean {statistics.fmean(utilization):.0f}%, median "
+            f"{statistics.median(utilization):.0f}% over {len(utilization)} s sampled (MLflow system metrics of the trial runs)"
+        )
     else:
         lines.append(f"  GPU utilisation: no {GPU_UTILIZATION} in the trial runs")
     peaks = [row for row in rows if row.get("peak_gpu_memory_mb") is not None]
     if peaks:
         low, high = min(peaks, key=lambda r: r["peak_gpu_memory_mb"]), max(peaks, key=lambda r: r["peak_gpu_memory_mb"])
-        lines.append(f"  peak GPU memory per trial: {low['peak_gpu_memory_mb']:.0f} MB ({low['config']}) to "
-                     f"{high['peak_gpu_memory_mb']:.0f} MB ({high['config']}), median "
-                     f"{statistics.median(r['peak_gpu_memory_mb'] for r in peaks):.0f} MB (study.md has every trial)")
+        lines.append(
+            f"  peak GPU memory per trial: {low['peak_gpu_memory_mb']:.0f} MB ({low['config']}) to "
+            f"{high['peak_gpu_memory_mb']:.0f} MB ({high['config']}), median "
+            f"{statistics.median(r['peak_gpu_memory_mb'] for r in peaks):.0f} MB (study.md has every trial)"
+        )
     write_study_table(results / "study.md", rows, lines)
-    return lines, {"trials": rows, "span_seconds": span, "states": dict(states), "registered": registered,
-                   "gpu_utilization_by_second": utilization}
+    return lines, {
+        "trials": rows,
+        "span_seconds": span,
+        "states": dict(states),
+        "registered": registered,
+        "gpu_utilization_by_second": utilization,
+    }
 
 
 def trial_rows(client, trials) -> tuple[list[dict], list[tuple[int, float]]]:
@@ -252,17 +288,27 @@ def trial_rows(client, trials) -> tuple[list[dict], list[tuple[int, float]]]:
         params = run.data.params
         history = client.get_metric_history(run_id, GPU_UTILIZATION)
         samples += [(m.timestamp, m.value) for m in history]
-        config = (f"h{params.get('hidden_size')}-l{params.get('num_layers')}-b{params.get('batch_size')}"
-                  + (" bi" if params.get("bidirectional") == "true" else "") + f" {params.get('resolved_precision', '')}".rstrip())
-        rows.append({
-            "trial": trial.number, "state": trial.state.name, "config": config,
-            "learning_rate": float(params["learning_rate"]) if "learning_rate" in params else None, "dropout": params.get("dropout"),
-            "val_accuracy": trial.value, "peak_gpu_memory_mb": run.data.metrics.get("peak_gpu_memory_mb"),
-            "gpu_utilization_mean": statistics.fmean(m.value for m in history) if history else None,
-            "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start else None,
-            "worker": trial.user_attrs.get("worker"),
-        })
+        config = (
+            f"h{params.get('hidden_size')}-l{params.get('num_layers')}-b{params.get('batch_size')}"
+            + (" bi" if params.get("bidirectional") == "true" else "")
+            + f" {params.get('resolved_precision', '')}".rstrip()
+        )
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "config": config,
+                "learning_rate": float(params["learning_rate"]) if "learning_rate" in params else None,
+                "dropout": params.get("dropout"),
+                "val_accuracy": trial.value,
+                "peak_gpu_memory_mb": run.data.metrics.get("peak_gpu_memory_mb"),
+                "gpu_utilization_mean": statistics.fmean(m.value for m in history) if history else None,
+                "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+                if trial.datetime_complete and trial.datetime_start
+                else None,
+                "worker": trial.user_attrs.get("worker"),
+            }
+        )
     return rows, samples
 
 
@@ -270,11 +316,16 @@ def write_study_table(path: Path, rows: list[dict], lines: list[str]) -> None:
     def cell(value, spec=""):
         return "" if value is None else format(value, spec)
 
-    table = ["| trial | state | config | learning_rate | val_accuracy | peak GPU MB | GPU util % | seconds | worker |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['trial']} | {r['state']} | {r['config']} | {cell(r['learning_rate'], '.3g')} | {cell(r['val_accuracy'], '.4f')} | "
-              f"{cell(r['peak_gpu_memory_mb'], '.0f')} | {cell(r['gpu_utilization_mean'], '.0f')} | {cell(r['seconds'], '.1f')} | "
-              f"{r['worker']} |" for r in rows]
+    table = [
+        "| trial | state | config | learning_rate | val_accuracy | peak GPU MB | GPU util % | seconds | worker |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['trial']} | {r['state']} | {r['config']} | {cell(r['learning_rate'], '.3g')} | {cell(r['val_accuracy'], '.4f')} | "
+        f"{cell(r['peak_gpu_memory_mb'], '.0f')} | {cell(r['gpu_utilization_mean'], '.0f')} | {cell(r['seconds'], '.1f')} | "
+        f"{r['worker']} |"
+        for r in rows
+    ]
     path.write_text("# The GPU check's study\n\n" + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n")
 
 
@@ -293,25 +344,36 @@ def main(argv: list[str] | None = None) -> None:
 
     steps = read_steps(args.work)
     results, lines = {"steps": steps}, []
-    sections = [("tests", lambda: tests_section(args.work, steps)), ("probe", lambda: probe_section(args.work, steps)),
-                ("precision", lambda: precision_section(args.work, steps)), ("throughput", lambda: throughput_section(args.work, steps)),
-                ("to_accuracy", lambda: to_accuracy_section(args.work, steps)),
-                ("study", lambda: study_section(args.work, steps, args.results))]
+    sections = [
+        ("tests", lambda: tests_section(args.work, steps)),
+        ("probe", lambda: probe_section(args.work, steps)),
+        ("precision", lambda: precision_section(args.work, steps)),
+        ("throughput", lambda: throughput_section(args.work, steps)),
+        ("to_accuracy", lambda: to_accuracy_section(args.work, steps)),
+        ("study", lambda: study_section(args.work, steps, args.results)),
+    ]
     for name, section in sections:
         try:
             section_lines, results[name] = section()
         except Exception as error:  # one broken section must not hide the others
-            section_lines, results[name] = [f"{name}: could not summarise ({type(error).__name__}: {error})"], {
-                "error": traceback.format_exc()}
+            section_lines, results[name] = (
+                [f"{name}: could not summarise ({type(error).__name__}: {error})"],
+                {"error": traceback.format_exc()},
+            )
         lines += section_lines
-    for name, pattern, target in (("bench", "throughput-*.md", "throughput.md"), ("precision", "precision-*.md", "precision.md"),
-                                  ("to-accuracy", "to-accuracy-*.md", "to-accuracy.md")):
+    for name, pattern, target in (
+        ("bench", "throughput-*.md", "throughput.md"),
+        ("precision", "precision-*.md", "precision.md"),
+        ("to-accuracy", "to-accuracy-*.md", "to-accuracy.md"),
+    ):
         if found := newest(args.work / name, pattern):
             shutil.copy(found, args.results / target)
 
     within = args.elapsed <= args.budget
-    lines.append(f"whole check: {args.elapsed} s: {verdict(within, f'{args.elapsed - args.budget:+d} s against <= {args.budget} s')}; "
-                 "steps " + ", ".join(f"{name} {step_note(steps, name)}" for name in steps))
+    lines.append(
+        f"whole check: {args.elapsed} s: {verdict(within, f'{args.elapsed - args.budget:+d} s against <= {args.budget} s')}; "
+        "steps " + ", ".join(f"{name} {step_note(steps, name)}" for name in steps)
+    )
     title = f"GPU check summary ({args.device}{', QUICK: toy sizes, the targets mean nothing' if args.quick else ''})"
     block = "\n".join([f"==== {title} " + "=" * max(4, 100 - len(title)), *lines, f"results: {args.results}", "=" * 106])
     (args.results / "summary.md").write_text(block + "\n")

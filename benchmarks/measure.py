@@ -98,10 +98,19 @@ def run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, *,
         return train(config, data, on_epoch=on_epoch, progress=False).history
     if loop == "baseline":
         return train_tutorial(
-            raw_root, train_indices, val_indices,
-            hidden_size=config.hidden_size, num_layers=config.num_layers, batch_size=config.batch_size,
-            epochs=config.epochs, device=resolve_device(config.device), seq_shape=SEQUENCE_SHAPES[config.reading_order],
-            learning_rate=config.learning_rate, seed=config.seed, num_workers=num_workers, on_epoch=on_epoch,
+            raw_root,
+            train_indices,
+            val_indices,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            device=resolve_device(config.device),
+            seq_shape=SEQUENCE_SHAPES[config.reading_order],
+            learning_rate=config.learning_rate,
+            seed=config.seed,
+            num_workers=num_workers,
+            on_epoch=on_epoch,
         )
     raise ValueError(f"unknown loop {loop!r}: project or baseline")
 
@@ -154,8 +163,9 @@ def measure_epoch(loop, config, raw_root, samples, val_samples, seconds=0.0, war
     }
 
 
-def measure_time_to_accuracy(loop, config, raw_root, samples, val_samples, target_accuracy, max_epochs, max_seconds,
-                             num_workers=0, seed=42):
+def measure_time_to_accuracy(
+    loop, config, raw_root, samples, val_samples, target_accuracy, max_epochs, max_seconds, num_workers=0, seed=42
+):
     """Wall time from calling the loop (cold) until val_accuracy >= ``target_accuracy``, or a cap."""
     config = TrainConfig(**{**config, "epochs": max_epochs})
     mnist_train = load_mnist_train(loop, raw_root)

@@ -15,9 +15,9 @@ validation images, so both loops' samples per second mean the same thing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision

@@ -90,16 +90,26 @@ def default_stage(study: str, parent_run: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="compare", description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", default="",
-                        help="experiment name (default: the one selected with --experiment-name, $MLFLOW_EXPERIMENT_NAME, or Default)")
+    parser.add_argument(
+        "--experiment",
+        default="",
+        help="experiment name (default: the one selected with --experiment-name, $MLFLOW_EXPERIMENT_NAME, or Default)",
+    )
     parser.add_argument("--study", default="", help="only the trials of this Optuna study")
     parser.add_argument("--parent-run", default="", help="only the child runs of this parent run id")
-    parser.add_argument("--stage", default="", help="only runs of this stage tag: train, trial, evaluate, ... (default: trial for a study, else any)")
+    parser.add_argument(
+        "--stage",
+        default="",
+        help="only runs of this stage tag: train, trial, evaluate, ... (default: trial for a study, else any)",
+    )
     parser.add_argument("--sort-by", default="best_val_accuracy", help="metric to rank by (default: best_val_accuracy)")
-    parser.add_argument("--ascending", type=parse_bool, nargs="?", const=True, default=False,
-                        help="lower is better, for losses (default: false)")
+    parser.add_argument(
+        "--ascending", type=parse_bool, nargs="?", const=True, default=False, help="lower is better, for losses (default: false)"
+    )
     parser.add_argument("--top-k", type=int, default=10, help="rows to keep (default: 10)")
-    parser.add_argument("--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)")
+    parser.add_argument(
+        "--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)"
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"top_k={args.top_k} is not allowed: must be an integer >= 1")

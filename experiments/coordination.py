@@ -60,14 +60,18 @@ def check_storage(storage: str, n_workers: int = 1) -> None:
     kind = storage_kind(storage)
     if kind == "journal":
         if not Path(storage).resolve().parent.is_dir():
-            raise ParameterError(f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist")
+            raise ParameterError(
+                f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist"
+            )
         return
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     scheme = storage.split("://")[0]
     if kind not in ("sqlite", "postgresql"):
-        raise ParameterError(f"storage={scheme}://... is not allowed: must be a journal file path, sqlite:///<file> or postgresql://...")
+        raise ParameterError(
+            f"storage={scheme}://... is not allowed: must be a journal file path, sqlite:///<file> or postgresql://..."
+        )
     try:
         url = make_url(storage)
         dialect = url.get_dialect()
@@ -76,14 +80,20 @@ def check_storage(storage: str, n_workers: int = 1) -> None:
     try:
         dialect.import_dbapi()
     except ModuleNotFoundError as missing:
-        raise ParameterError(f"storage={scheme}://... needs the Python package {missing.name!r}, which is not installed: "
-                             f"pip install it, or name an installed driver (postgresql+psycopg://, postgresql+psycopg2://)") from None
+        raise ParameterError(
+            f"storage={scheme}://... needs the Python package {missing.name!r}, which is not installed: "
+            f"pip install it, or name an installed driver (postgresql+psycopg://, postgresql+psycopg2://)"
+        ) from None
     if url.password and not (url.password.startswith("${") and url.password.endswith("}")):
-        raise ParameterError(f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
-                             "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)")
+        raise ParameterError(
+            f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
+            "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)"
+        )
     if kind == "sqlite" and n_workers > 1:
-        raise ParameterError(f"n_workers={n_workers} is not allowed with storage=sqlite://...: SQLite is not safe for "
-                             "several workers; use a journal file (one machine) or PostgreSQL (many)")
+        raise ParameterError(
+            f"n_workers={n_workers} is not allowed with storage=sqlite://...: SQLite is not safe for "
+            "several workers; use a journal file (one machine) or PostgreSQL (many)"
+        )
 
 
 def public_storage(storage: str) -> str:
@@ -119,8 +129,9 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
                     heartbeat_stale_trial_callback=on_stale_trial,
                 )
             except DBAPIError as error:
-                raise ParameterError(f"storage={config.storage.split('://')[0]}://... cannot be opened: "
-                                     f"{str(error.orig).splitlines()[0]}") from None
+                raise ParameterError(
+                    f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
+                ) from None
 
 
 # --- the study lock ---------------------------------------------------------------------------------
@@ -229,8 +240,10 @@ def single_sqlite_worker(storage: str):
         return
     lock = FileLock(lock_folder(storage) / "worker.lock")
     if not lock.acquire(blocking=False):
-        raise ParameterError("storage=sqlite://... is used by another tune worker, and SQLite is not safe for several: "
-                             "wait for it, or use a journal file (one machine) or PostgreSQL (many)")
+        raise ParameterError(
+            "storage=sqlite://... is used by another tune worker, and SQLite is not safe for several: "
+            "wait for it, or use a journal file (one machine) or PostgreSQL (many)"
+        )
     try:
         yield
     finally:
@@ -253,7 +266,9 @@ class TrialLease:
         self.stop = threading.Event()
         self.lock, self.thread = None, None
         if storage_kind(config.storage) == "postgresql":
-            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(
+                storage.get_study_id_from_name(study.study_name), trial.number
+            )
             storage.record_heartbeat(trial_id)  # before the study lock is released: never RUNNING without one
             self.thread = threading.Thread(target=self._beat, args=(storage, trial_id, config.heartbeat_interval), daemon=True)
             self.thread.start()
@@ -320,8 +335,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: b
     trials = study.get_trials(deepcopy=False)
     lost = trial.user_attrs.get(LOST_WORKERS_ATTR, 0) + lost_worker
     if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
-        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number, REQUEUE_REASON_ATTR: reason,
-                                                      LOST_WORKERS_ATTR: lost})
+        study.enqueue_trial(
+            trial.params, user_attrs={RETRY_OF_ATTR: trial.number, REQUEUE_REASON_ATTR: reason, LOST_WORKERS_ATTR: lost}
+        )
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 

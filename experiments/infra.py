@@ -46,7 +46,9 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 def postgres_bindir() -> Path:
     """The folder holding initdb and pg_ctl: Debian's newest /usr/lib/postgresql/<version>/bin, else PATH."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     if debian:
         return debian[-1].parent
     found = shutil.which("pg_ctl")
@@ -70,8 +72,9 @@ class Postgres:
 
         password = secrets.token_hex(16)  # hex: nothing to escape in a URL
         # autocommit: CREATE DATABASE refuses to run inside a transaction
-        with psycopg.connect(host=self.host, port=self.port, user="postgres", password=self.password, dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host=self.host, port=self.port, user="postgres", password=self.password, dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
         return f"postgresql://{name}:{password}@{self.host}:{self.port}/{name}"
@@ -110,15 +113,26 @@ def postgres_cluster(folder: Path, max_connections: int = 300) -> Iterator[Postg
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*as_postgres, *args], capture_output=True, text=True)
 
-    done = run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}", "--auth=scram-sha-256",
-               "--encoding=UTF8", "--locale=C")
+    done = run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        f"--pwfile={pwfile}",
+        "--auth=scram-sha-256",
+        "--encoding=UTF8",
+        "--locale=C",
+    )
     pwfile.unlink()
     if done.returncode != 0:
         raise InfraError(f"initdb failed:\n{done.stdout}{done.stderr}")
     port = free_port()
     with open(data / "postgresql.conf", "a") as conf:
-        conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
-                   f"max_connections = {max_connections}\n")
+        conf.write(
+            f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
+            f"max_connections = {max_connections}\n"
+        )
     done = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
     if done.returncode != 0:
         raise InfraError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n--- {log} ---\n{log_tail(log)}")
@@ -145,28 +159,37 @@ class MlflowServer:
         """A new non-admin user; it gets the server's default_permission (READ) everywhere."""
         from mlflow.server.auth.routes import CREATE_USER
 
-        response = requests.post(self.uri + CREATE_USER, json={"username": username, "password": password},
-                                 auth=self.admin, timeout=30)
+        response = requests.post(
+            self.uri + CREATE_USER, json={"username": username, "password": password}, auth=self.admin, timeout=30
+        )
         response.raise_for_status()
 
     def grant(self, username: str, experiment_id: str, permission: str) -> None:
         """Give ``username`` READ, USE, EDIT, MANAGE or NO_PERMISSIONS on one experiment."""
         from mlflow.server.auth.routes import GRANT_USER_PERMISSION
 
-        response = requests.post(self.uri + GRANT_USER_PERMISSION, auth=self.admin, timeout=30,
-                                 json={"username": username, "resource_type": "experiment",
-                                       "resource_id": experiment_id, "permission": permission})
+        response = requests.post(
+            self.uri + GRANT_USER_PERMISSION,
+            auth=self.admin,
+            timeout=30,
+            json={"username": username, "resource_type": "experiment", "resource_id": experiment_id, "permission": permission},
+        )
         response.raise_for_status()
 
     def env(self, username: str, password: str) -> dict[str, str]:
         """The environment variables a worker process needs to log to this server as ``username``."""
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": username,
-                "MLFLOW_TRACKING_PASSWORD": password}
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": password}
 
 
 @contextmanager
-def mlflow_server(folder: Path, backend_store_uri: str, auth_database_uri: str, workers: int = 2,
-                  auth_cache_ttl: int = 60, timeout: float = 120.0) -> Iterator[MlflowServer]:
+def mlflow_server(
+    folder: Path,
+    backend_store_uri: str,
+    auth_database_uri: str,
+    workers: int = 2,
+    auth_cache_ttl: int = 60,
+    timeout: float = 120.0,
+) -> Iterator[MlflowServer]:
     """Start an MLflow tracking server with basic-auth on a free port; stop it and its workers on exit.
 
     Runs and experiments go to ``backend_store_uri``, users and permissions to ``auth_database_uri``,
@@ -177,22 +200,39 @@ def mlflow_server(folder: Path, backend_store_uri: str, auth_database_uri: str, 
     folder.mkdir(parents=True, exist_ok=True)
     admin = ("admin", secrets.token_hex(16))
     auth_config = folder / "basic_auth.ini"
-    auth_config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
-                           f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\nauth_cache_ttl_seconds = {auth_cache_ttl}\n")
+    auth_config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
+        f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\nauth_cache_ttl_seconds = {auth_cache_ttl}\n"
+    )
     auth_config.chmod(0o600)  # it holds the admin password
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
-    env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
-               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))  # basic-auth's CSRF protection needs one
+    env.update(
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16)
+    )  # basic-auth's CSRF protection needs one
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = folder / "mlflow-server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(folder / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     with open(log, "wb") as log_file:
         # Its own process group: the uvicorn supervisor and its workers all stop with one signal.
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=folder,
-                                  start_new_session=True)
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     try:
         _wait_healthy(server, uri, log, timeout)
         yield MlflowServer(uri=uri, admin=admin, log=log)

@@ -9,8 +9,8 @@ the command line. To add a study, add a definition to ``STUDIES``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import optuna
 

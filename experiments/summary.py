@@ -50,8 +50,9 @@ def needs_summary(study: optuna.Study) -> bool:
     return study.user_attrs.get(SUMMARISED_ATTR) != len(counted(study.get_trials(deepcopy=False)))
 
 
-def summarise(study: optuna.Study, parent_run_id: str, register_name: str, data: PreparedData, data_ref: str,
-              device: str) -> Registered | None:
+def summarise(
+    study: optuna.Study, parent_run_id: str, register_name: str, data: PreparedData, data_ref: str, device: str
+) -> Registered | None:
     """Log the leaderboard and plots to the parent run, register the best trial's model; call
     holding the study lock once no trial runs. Recorded as done only when all of it succeeded."""
     client = MlflowClient()
@@ -87,8 +88,15 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
-def register_best(study: optuna.Study, best: optuna.trial.FrozenTrial, parent_run_id: str, register_name: str,
-                  data: PreparedData, data_ref: str, device: str) -> Registered | None:
+def register_best(
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    parent_run_id: str,
+    register_name: str,
+    data: PreparedData,
+    data_ref: str,
+    device: str,
+) -> Registered | None:
     """Register the model the best trial logged, unless it already is; test it once; maybe crown it."""
     previous = study.user_attrs.get(REGISTERED_ATTR)
     if previous and previous["trial"] == best.number and previous["name"] == register_name:
@@ -98,9 +106,15 @@ def register_best(study: optuna.Study, best: optuna.trial.FrozenTrial, parent_ru
         print(f"warning: trial {best.number} logged no model, so nothing is registered", file=sys.stderr)
         return None
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, register_name, tags={
-        "optuna.study_name": study.study_name, "optuna.trial_number": str(best.number),
-        OBJECTIVE_METRIC: f"{best.value:.6f}"}).version
+    version = mlflow.register_model(
+        model_uri,
+        register_name,
+        tags={
+            "optuna.study_name": study.study_name,
+            "optuna.trial_number": str(best.number),
+            OBJECTIVE_METRIC: f"{best.value:.6f}",
+        },
+    ).version
     test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
     client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
     crowned = crown_if_better(register_name, version, best.value)
@@ -115,10 +129,19 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
     model, input_shape, _ = load_model(model_uri, torch_device)
     experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": data_ref}
-    with mlflow.start_run(run_name=f"evaluate {model_uri.removeprefix('models:/')}", experiment_id=experiment_id,
-                          parent_run_id=parent_run_id, tags=tags):
-        evaluation = evaluate_and_log(model, dataclasses.replace(data, test=data.test.to(torch_device)), input_shape,
-                                      EvaluateConfig(device=device), data_ref)
+    with mlflow.start_run(
+        run_name=f"evaluate {model_uri.removeprefix('models:/')}",
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    ):
+        evaluation = evaluate_and_log(
+            model,
+            dataclasses.replace(data, test=data.test.to(torch_device)),
+            input_shape,
+            EvaluateConfig(device=device),
+            data_ref,
+        )
     return evaluation.test_accuracy
 
 
@@ -159,8 +182,9 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
                 figure = getattr(interactive, f"plot_{name}")(study)
                 axes = getattr(static, f"plot_{name}")(study)
             # The first figure carries plotly.js; the others use it.
-            sections.append(f"<h2>{name.replace('_', ' ')}</h2>\n"
-                            + figure.to_html(full_html=False, include_plotlyjs=not sections))
+            sections.append(
+                f"<h2>{name.replace('_', ' ')}</h2>\n" + figure.to_html(full_html=False, include_plotlyjs=not sections)
+            )
             picture = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
             picture.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
             plt.close(picture)
@@ -168,8 +192,10 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
             print(f"note: no {name} plot yet ({error})", file=sys.stderr)
     if sections:
         title = f"study {study.study_name}: {len(study.trials)} trials"
-        (folder / "study.html").write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
-                                           f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+        (folder / "study.html").write_text(
+            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+        )
 
 
 def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> str:
@@ -178,10 +204,14 @@ def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> 
     columns = ["number", OBJECTIVE_METRIC, "state", *[c for c in board.columns if c.startswith("params_")], "duration"]
     table = board[[c for c in columns if c in board]].head(top)
     table.columns = [c.removeprefix("params_") for c in table.columns]
-    lines = [f"study {study.study_name}: {len(counted(study.get_trials(deepcopy=False)))} trials counted; best {top}:",
-             table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    lines = [
+        f"study {study.study_name}: {len(counted(study.get_trials(deepcopy=False)))} trials counted; best {top}:",
+        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+    ]
     if registered:
         role = "the champion" if registered.champion else "not the champion (a better one holds the alias)"
-        lines.append(f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
-                     f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}")
+        lines.append(
+            f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
+            f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"
+        )
     return "\n".join(lines)

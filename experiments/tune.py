@@ -73,8 +73,13 @@ DATA_ATTR = "data_sha256"  # study user attribute: the checksums of the train an
 
 def study_settings(config: TuneConfig) -> dict:
     """What every trial of a study must share; a rerun that asks for other values is refused."""
-    return {"study": config.study, "epochs": config.epochs, "sampler": config.sampler, "pruner": config.pruner,
-            "search_space": STUDIES[config.study].search_space}
+    return {
+        "study": config.study,
+        "epochs": config.epochs,
+        "sampler": config.sampler,
+        "pruner": config.pruner,
+        "search_space": STUDIES[config.study].search_space,
+    }
 
 
 def differences(stored: dict, asked: dict) -> list[str]:
@@ -83,8 +88,10 @@ def differences(stored: dict, asked: dict) -> list[str]:
 
 def refuse_other_settings(study_name: str, stored: dict, asked: dict) -> None:
     if changed := differences(stored, asked):
-        raise ParameterError(f"study {study_name!r} was created with {'; '.join(changed)}: its trials would not compare; "
-                             "rerun with its settings, or start a new study with another -P study_name")
+        raise ParameterError(
+            f"study {study_name!r} was created with {'; '.join(changed)}: its trials would not compare; "
+            "rerun with its settings, or start a new study with another -P study_name"
+        )
 
 
 def open_study(storage: optuna.storages.BaseStorage, config: TuneConfig, launched_run: str | None) -> tuple[optuna.Study, str]:
@@ -139,14 +146,28 @@ def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> 
     ending a deleted run fails, which would fail the command.)"""
     client = MlflowClient()
     client.update_run(launched_run, name=f"worker {worker_id()}")
-    tags = {"mlflow.parentRunId": parent_run_id, "pipeline.stage": "worker", "pipeline.joined_run": parent_run_id,
-            "optuna.study_name": config.study_name}
+    tags = {
+        "mlflow.parentRunId": parent_run_id,
+        "pipeline.stage": "worker",
+        "pipeline.joined_run": parent_run_id,
+        "optuna.study_name": config.study_name,
+    }
     for key, value in tags.items():
         client.set_tag(launched_run, key, value)
+
+
 def log_parent_params(parent_run_id: str, config: TuneConfig) -> None:
-    params = {"study": config.study, "study_name": config.study_name, "storage": public_storage(config.storage),
-              "sampler": config.sampler, "pruner": config.pruner, "epochs": config.epochs, "seed": config.seed,
-              "search_space": str(STUDIES[config.study].search_space), "objective": f"maximize {OBJECTIVE_METRIC}"}
+    params = {
+        "study": config.study,
+        "study_name": config.study_name,
+        "storage": public_storage(config.storage),
+        "sampler": config.sampler,
+        "pruner": config.pruner,
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "search_space": str(STUDIES[config.study].search_space),
+        "objective": f"maximize {OBJECTIVE_METRIC}",
+    }
     with mlflow.start_run(run_id=parent_run_id):
         log_params(params)
     MlflowClient().update_run(parent_run_id, status="RUNNING")  # until the summary ends it
@@ -163,8 +184,10 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
     if best_value(study) > -math.inf:
         line += f"; best trial {study.best_trial.number}, {OBJECTIVE_METRIC} {study.best_value:.4f}"
     if registered := study.user_attrs.get(REGISTERED_ATTR):
-        line += (f"; registered as {registered['name']} version {registered['version']} "
-                 f"(test_accuracy {registered['test_accuracy']:.4f}), {champion_of(registered['name'])}")
+        line += (
+            f"; registered as {registered['name']} version {registered['version']} "
+            f"(test_accuracy {registered['test_accuracy']:.4f}), {champion_of(registered['name'])}"
+        )
     return line + ". Raise -P n_trials to extend it."
 
 
@@ -175,8 +198,14 @@ def champion_of(name: str) -> str:
         return "no champion"
 
 
-def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", env_manager: str = "local",
-         pruner: optuna.pruners.BasePruner | None = None, launched_run: str | None = None) -> Registered | None:
+def tune(
+    config: TuneConfig,
+    prepare_config: PrepareConfig,
+    data_ref: str = "",
+    env_manager: str = "local",
+    pruner: optuna.pruners.BasePruner | None = None,
+    launched_run: str | None = None,
+) -> Registered | None:
     """Run (or continue, or extend) the study; the worker that ends it summarises it.
 
     ``launched_run`` is the run `mlflow run` opened for this command: it becomes the study's parent
@@ -211,9 +240,14 @@ def tune(config: TuneConfig, prepare_config: PrepareConfig, data_ref: str = "", 
                 run_worker(job, pruner)
                 workers = {worker_id()}
             else:
-                print(f"{len(gpus)} workers" + (f" on GPUs {', '.join(map(str, gpus))}" if gpus[0] is not None else ""),
-                      file=sys.stderr, flush=True)
-                workers = run_workers([dataclasses.replace(job, worker=i, workers=len(gpus), gpu=gpu) for i, gpu in enumerate(gpus)])
+                print(
+                    f"{len(gpus)} workers" + (f" on GPUs {', '.join(map(str, gpus))}" if gpus[0] is not None else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                workers = run_workers(
+                    [dataclasses.replace(job, worker=i, workers=len(gpus), gpu=gpu) for i, gpu in enumerate(gpus)]
+                )
             if launched_run and launched_run != parent_run_id:  # what this worker's record shows
                 ran = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER_ATTR) in workers]
                 MlflowClient().log_metric(launched_run, "trials_run", len(ran))
@@ -239,16 +273,23 @@ def announce(study: optuna.Study, config: TuneConfig, data: PreparedData, gpus: 
     definition = STUDIES[config.study]
     probe = PreparedData(Split(*(t[:2048] for t in data.train)), Split(*(t[:256] for t in data.val)), data.test, data.manifest)
     with contextlib.redirect_stderr(io.StringIO()):  # the probe's epoch line is not news
-        speed = train(dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(definition.baseline)), epochs=1),
-                      probe).history[0].samples_per_second
+        speed = (
+            train(dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(definition.baseline)), epochs=1), probe)
+            .history[0]
+            .samples_per_second
+        )
     trial_zero_left = not trials or trials[0].state in (TrialState.WAITING, TrialState.RUNNING)
     baselines = (1 if trial_zero_left else 0) + (to_run - (1 if trial_zero_left else 0)) * typical_cost(definition)
     parallel = len({gpu for gpu in gpus if gpu is not None}) or 1  # workers sharing a GPU (or the CPU) share its speed
     seconds = baselines * config.epochs * len(data.train.labels) / speed / parallel
-    print(f"tune: study {config.study_name!r} ({config.study}: {definition.description}) on {device.type}, {len(gpus)} worker(s): "
-          f"{to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {len(data.train.labels):,} images each; "
-          f"at most about {max(1, round(seconds / 60))} min here (trial 0 trains {speed:,.0f} images/s; pruning ends weak "
-          "trials sooner)", file=sys.stderr, flush=True)
+    print(
+        f"tune: study {config.study_name!r} ({config.study}: {definition.description}) on {device.type}, {len(gpus)} worker(s): "
+        f"{to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {len(data.train.labels):,} images each; "
+        f"at most about {max(1, round(seconds / 60))} min here (trial 0 trains {speed:,.0f} images/s; pruning ends weak "
+        "trials sooner)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def registered_of(study: optuna.Study) -> Registered | None:
@@ -263,15 +304,23 @@ def check_data(study: optuna.Study, data: PreparedData) -> None:
     if stored is None:
         study.set_user_attr(DATA_ATTR, sha256)
     elif stored != sha256:
-        raise ParameterError(f"study {study.study_name!r} was created on other data (train/val checksums differ): "
-                             "its trials would not compare; use the same prepare parameters, or another -P study_name")
+        raise ParameterError(
+            f"study {study.study_name!r} was created on other data (train/val checksums differ): "
+            "its trials would not compare; use the same prepare parameters, or another -P study_name"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="tune", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="", help="prepare run id to tune on (default: reuse or run prepare with the data flags)")
-    parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
-                        help="environment a prepare run starts in (default: local)")
+    parser.add_argument(
+        "--data", default="", help="prepare run id to tune on (default: reuse or run prepare with the data flags)"
+    )
+    parser.add_argument(
+        "--env-manager",
+        default="local",
+        choices=("local", "virtualenv", "uv", "conda"),
+        help="environment a prepare run starts in (default: local)",
+    )
     add_config_arguments(parser, TuneConfig)
     add_config_arguments(parser, PrepareConfig, skip=("seed",))
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)

@@ -17,9 +17,9 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import mlflow
 import optuna
@@ -71,12 +71,17 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
     trial always has its own model to register, and no retrain is needed.
     """
     config = trial_config(job.config, trial)
-    tags = {"pipeline.stage": "trial", "pipeline.data": job.data_ref, "optuna.study_name": job.config.study_name,
-            "optuna.trial_number": str(trial.number)}
+    tags = {
+        "pipeline.stage": "trial",
+        "pipeline.data": job.data_ref,
+        "optuna.study_name": job.config.study_name,
+        "optuna.trial_number": str(trial.number),
+    }
     if job.gpu is not None:
         tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
-    with start_run_with_system_metrics(run_name=f"trial-{trial.number}", experiment_id=job.experiment_id,
-                                       parent_run_id=job.parent_run_id, tags=tags) as run:
+    with start_run_with_system_metrics(
+        run_name=f"trial-{trial.number}", experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
+    ) as run:
         trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone
@@ -85,11 +90,19 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
         def report_epoch(metrics):
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar")
+                raise optuna.TrialPruned(
+                    f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar"
+                )
 
         try:
-            result, _ = train_and_log(config, data, on_epoch=report_epoch, log_model=False, data_ref=job.data_ref,
-                                      label=f"[worker {job.worker}] trial {trial.number}")
+            result, _ = train_and_log(
+                config,
+                data,
+                on_epoch=report_epoch,
+                log_model=False,
+                data_ref=job.data_ref,
+                label=f"[worker {job.worker}] trial {trial.number}",
+            )
             if device.type == "cuda":
                 mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
             if result.best_val_accuracy > best_value(trial.study):
@@ -126,9 +139,15 @@ def release_memory() -> None:
 # --- the worker loop ------------------------------------------------------------------------------
 
 
-def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig,
-               objective: Callable[[optuna.Trial], float], *, summarise: Callable[[], None] | None = None,
-               worker: int = 0) -> None:
+def run_trials(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    config: TuneConfig,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    summarise: Callable[[], None] | None = None,
+    worker: int = 0,
+) -> None:
     """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
     their worker and decide the next step; train one trial at a time with the lock released.
 
@@ -161,12 +180,20 @@ def run_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, config
             # it. The bound only decides when to leave that to them; it never judges a trial dead.
             if waiting_since is None:
                 waiting_since, patience = time.monotonic(), wait_bound(study)
-                print(f"[worker {worker}] every trial is taken; waiting up to {patience:.0f} s for the running ones "
-                      "(a lost one is re-queued and run here)", file=sys.stderr, flush=True)
+                print(
+                    f"[worker {worker}] every trial is taken; waiting up to {patience:.0f} s for the running ones "
+                    "(a lost one is re-queued and run here)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if time.monotonic() >= min(deadline, waiting_since + patience):
                 running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-                print(f"[worker {worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
-                      "summarise the study; leaving (rerun this command if they die)", file=sys.stderr, flush=True)
+                print(
+                    f"[worker {worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
+                    "summarise the study; leaving (rerun this command if they die)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
             time.sleep(1)
             continue
@@ -191,10 +218,14 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
         study.tell(trial, state=TrialState.FAIL)
     except KeyboardInterrupt as stop:
         with lock:
-            requeue(study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})",
-                    lost_worker=False)
-        print(f"[worker {worker}] trial {trial.number} interrupted: re-queued, it will run again on the next start",
-              file=sys.stderr, flush=True)
+            requeue(
+                study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})", lost_worker=False
+            )
+        print(
+            f"[worker {worker}] trial {trial.number} interrupted: re-queued, it will run again on the next start",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
@@ -241,15 +272,17 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     data = load_prepared(job.data_folder)
     storage = open_storage(job.config, on_stale_trial)
-    study = optuna.load_study(study_name=job.config.study_name, storage=storage,
-                              pruner=pruner or make_pruner(job.config.pruner, job.config.epochs))
+    study = optuna.load_study(
+        study_name=job.config.study_name, storage=storage, pruner=pruner or make_pruner(job.config.pruner, job.config.epochs)
+    )
 
     def summarise_study() -> None:
         registered = summarise(study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device)
         print(report(study, registered), file=sys.stderr, flush=True)
 
-    run_trials(study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study,
-               worker=job.worker)
+    run_trials(
+        study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study, worker=job.worker
+    )
 
 
 def visible_gpus() -> list[str]:
@@ -275,7 +308,7 @@ def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run
     """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
-    for job, process in zip(jobs, processes):
+    for job, process in zip(jobs, processes, strict=True):
         with pinned_to(job.gpu):  # in the environment the worker starts with: set before CUDA starts there
             process.start()
     try:

@@ -55,21 +55,33 @@ class DatasetSpec:
 def _files(md5s: tuple[str, str, str, str]) -> tuple[RawFile, ...]:
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     magics, counts = (0x803, 0x801, 0x803, 0x801), (60_000, 60_000, 10_000, 10_000)
-    return tuple(RawFile(*row) for row in zip(names, md5s, magics, counts))
+    return tuple(RawFile(*row) for row in zip(names, md5s, magics, counts, strict=True))
 
 
 DATASETS = {
     "mnist": DatasetSpec(
         torchvision.datasets.MNIST,
         "MNIST",
-        _files(("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
-                "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")),
+        _files(
+            (
+                "6bbc9ace898e44ae57da46a324031adb",
+                "a25bea736e30d166cdddb491f175f624",
+                "2646ac647ad5339dbf082846283269ea",
+                "27ae3e4e09519cfbb04c329615203637",
+            )
+        ),
     ),
     "fashion-mnist": DatasetSpec(
         torchvision.datasets.FashionMNIST,
         "FashionMNIST",
-        _files(("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
-                "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965")),
+        _files(
+            (
+                "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                "9018921c3c673c538a1fc5bad174d6f9",
+                "8181f5470baa50b63fa0f6fddb340f0a",
+                "15d484375f8d13e6eb1aabb0c3f46965",
+            )
+        ),
         extra_dirs=("/usr/share/datasets/fashion-mnist",),  # Debian's dataset-fashion-mnist
     ),
 }
@@ -158,15 +170,17 @@ def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, d
         raw_folder = Path(staging) / spec.folder / "raw"
         raw_folder.mkdir(parents=True)
         counts = []
-        for raw, path in zip(spec.files, paths):
+        for raw, path in zip(spec.files, paths, strict=True):
             data = read_raw_file(path)
             check_raw_file(path, data, raw)
             counts.append(int.from_bytes(data[4:8], "big"))
             (raw_folder / raw.name).write_bytes(data)
         for i in (0, 2):  # (images, labels) of train, then of test
             if counts[i] != counts[i + 1]:
-                raise DataError(f"{paths[i]} holds {counts[i]} images but {paths[i + 1]} holds {counts[i + 1]} labels; "
-                                "they must come from the same release")
+                raise DataError(
+                    f"{paths[i]} holds {counts[i]} images but {paths[i + 1]} holds {counts[i + 1]} labels; "
+                    "they must come from the same release"
+                )
         train, test = (spec.torchvision_class(staging, train=is_train, download=False) for is_train in (True, False))
         train, test = (Split(d.data.contiguous(), d.targets.long()) for d in (train, test))
     return train, test, {raw.name: raw.md5 for raw in spec.files}
@@ -240,7 +254,7 @@ def save_prepared(out_dir: Path, splits: dict[str, Split], manifest: dict) -> di
     for name, (images, labels) in splits.items():
         path = out_dir / f"{name}.pt"
         tensors = {"images": images.to(torch.uint8).contiguous(), "labels": labels.to(torch.uint8).contiguous()}
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp, tensors=tensors: torch.save(tensors, tmp))
         manifest["splits"][name] = {
             "file": path.name,
             "count": len(labels),
@@ -276,5 +290,3 @@ def to_sequences(images: torch.Tensor, reading_order: str) -> torch.Tensor:
     """uint8 images (B, 28, 28) -> float sequences (B, seq_len, input_size) in [0, 1]."""
     seq_len, input_size = SEQUENCE_SHAPES[reading_order]
     return images.reshape(-1, seq_len, input_size).float().div_(255)
-
-

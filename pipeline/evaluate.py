@@ -49,18 +49,22 @@ def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: lis
     logits = predict_logits(model, split.images, input_shape, batch_size).float()  # (N, 10)
     labels = split.labels.to(logits.device)
     predictions = logits.argmax(1)
-    confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
+    confusion = (
+        torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
+    )
     true_positives = confusion.diag().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)
     recall = true_positives / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    per_class = pd.DataFrame({
-        "class": class_names,
-        "precision": precision.numpy(),
-        "recall": recall.numpy(),
-        "f1": f1.numpy(),
-        "support": confusion.sum(1).numpy(),
-    })
+    per_class = pd.DataFrame(
+        {
+            "class": class_names,
+            "precision": precision.numpy(),
+            "recall": recall.numpy(),
+            "f1": f1.numpy(),
+            "support": confusion.sum(1).numpy(),
+        }
+    )
     return Evaluation(
         test_loss=F.cross_entropy(logits, labels).item(),
         test_accuracy=(predictions == labels).double().mean().item(),
@@ -75,10 +79,20 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str]):
     figure = Figure(figsize=(8, 7))
     axis = figure.subplots()
     image = axis.imshow(confusion.log1p(), cmap="Blues")  # log scale: the off-diagonal errors stay visible
-    for (true, predicted), count in zip(torch.cartesian_prod(torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)).tolist(), confusion.flatten().tolist()):
+    for (true, predicted), count in zip(
+        torch.cartesian_prod(torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)).tolist(),
+        confusion.flatten().tolist(),
+        strict=True,
+    ):
         color = "white" if true == predicted else "black"
         axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=color)
-    axis.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted class", ylabel="true class", title="confusion matrix (test)")
+    axis.set(
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        xlabel="predicted class",
+        ylabel="true class",
+        title="confusion matrix (test)",
+    )
     axis.set_xticklabels(class_names, rotation=45, ha="right")
     axis.set_yticklabels(class_names)
     figure.colorbar(image, ax=axis, label="log(1 + count)")
@@ -97,15 +111,19 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, index in zip(axes.flat, worst.tolist()):
+    for axis, index in zip(axes.flat, worst.tolist(), strict=False):  # more axes than mistakes, at times
         axis.imshow(split.images[index].cpu(), cmap="gray")
-        axis.set_title(f"said {class_names[predictions[index]]} ({confidence[index]:.2f})\nwas {class_names[labels[index]]}", fontsize=8)
+        axis.set_title(
+            f"said {class_names[predictions[index]]} ({confidence[index]:.2f})\nwas {class_names[labels[index]]}", fontsize=8
+        )
     figure.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})")
     figure.tight_layout()
     return figure
 
 
-def evaluate_and_log(model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = "") -> Evaluation:
+def evaluate_and_log(
+    model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = ""
+) -> Evaluation:
     """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, table and plots;
     ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input."""
     dataset, data_split = data.manifest["dataset"], data.test
@@ -137,7 +155,9 @@ def load_model(uri: str, device: torch.device):
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="train run id or MLflow model URI (runs:/..., models:/...)")
-    parser.add_argument("--data", default="", help="prepare run id, artifact URI or folder (default: the data the model's train run used)")
+    parser.add_argument(
+        "--data", default="", help="prepare run id, artifact URI or folder (default: the data the model's train run used)"
+    )
     add_config_arguments(parser, EvaluateConfig)
     args, (config,) = build_configs(parser, argv, EvaluateConfig)
 
@@ -151,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     data = dataclasses.replace(data, test=data.test.to(device))
     with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
         result = evaluate_and_log(model, data, input_shape, config, data_ref)
-    print(f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  test_loss {result.test_loss:.4f}; run {run.info.run_id}", file=sys.stderr)
+    print(
+        f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  "
+        f"test_loss {result.test_loss:.4f}; run {run.info.run_id}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

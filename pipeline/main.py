@@ -76,8 +76,13 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     try:
         submitted = mlflow.run(
-            str(PROJECT_DIR), entry_point=stage, parameters=parameters, experiment_id=experiment_id,
-            env_manager=env_manager, run_name=stage, synchronous=True,
+            str(PROJECT_DIR),
+            entry_point=stage,
+            parameters=parameters,
+            experiment_id=experiment_id,
+            env_manager=env_manager,
+            run_name=stage,
+            synchronous=True,
         )
     except mlflow.projects.ExecutionException as error:  # "Run (ID '<id>') failed"; MLflow ended it FAILED
         if failed := re.search(r"[0-9a-f]{32}", str(error)):
@@ -97,16 +102,27 @@ def stages_note(parent, stages: dict[str, str]) -> str:
     """A markdown description linking the pipeline run to its stage runs, the reused ones too:
     a reused stage stays nested under the pipeline run that made it, so this one would look empty."""
     reused = MlflowClient().get_run(parent.info.run_id).data.tags
-    rows = [f"| {stage} | [{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id}) | "
-            f"{'reused' if reused.get(f'pipeline.{stage}_reused') else 'run here'} |" for stage, run_id in stages.items()]
+    rows = [
+        f"| {stage} | [{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id}) | "
+        f"{'reused' if reused.get(f'pipeline.{stage}_reused') else 'run here'} |"
+        for stage, run_id in stages.items()
+    ]
     return "\n".join(["Stages of this pipeline:", "", "| stage | run | |", "|---|---|---|", *rows])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="main", description=__doc__.split("\n")[0])
-    parser.add_argument("--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
-                        help="environment each stage runs in; local = this one, which `mlflow run .` already built (default: local)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="the train stage's checkpoints go to <this>/<run id>/ (default: checkpoints)")
+    parser.add_argument(
+        "--env-manager",
+        default="local",
+        choices=("local", "virtualenv", "uv", "conda"),
+        help="environment each stage runs in; local = this one, which `mlflow run .` already built (default: local)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default="checkpoints",
+        help="the train stage's checkpoints go to <this>/<run id>/ (default: checkpoints)",
+    )
     add_config_arguments(parser, PrepareConfig)
     add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
@@ -120,8 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
         try:
             prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
-            train_id = run_stage("train", {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)}, parent, args.env_manager, code)
-            evaluate_id = run_stage("evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code)
+            train_id = run_stage(
+                "train",
+                {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)},
+                parent,
+                args.env_manager,
+                code,
+            )
+            evaluate_id = run_stage(
+                "evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code
+            )
         except StageFailed as error:
             mlflow.set_tag(ERROR_TAG, str(error))
             fail(str(error))  # one line under the stage's own: no traceback (the run ends FAILED)

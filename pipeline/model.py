@@ -32,13 +32,16 @@ class LSTMClassifier(nn.Module):
     ):
         super().__init__()
         if dropout > 0 and num_layers == 1:
-            raise ValueError(
-                f"dropout={dropout} needs num_layers >= 2: nn.LSTM applies it between stacked layers"
-            )
+            raise ValueError(f"dropout={dropout} needs num_layers >= 2: nn.LSTM applies it between stacked layers")
         self.num_directions = 2 if bidirectional else 1
         self.lstm = nn.LSTM(
-            input_size, hidden_size, num_layers, bias=bias, batch_first=True,
-            dropout=dropout, bidirectional=bidirectional,
+            input_size,
+            hidden_size,
+            num_layers,
+            bias=bias,
+            batch_first=True,
+            dropout=dropout,
+            bidirectional=bidirectional,
         )
         self.head = nn.Linear(self.num_directions * hidden_size, num_classes)
         # Standardising inside the model keeps the logged model's contract simple: pixels in [0, 1].

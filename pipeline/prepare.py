@@ -45,8 +45,13 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> None:
     """Record the prepared training split as this run's MLflow dataset input, from the raw files."""
     train = torch.load(folder / "train.pt", weights_only=True)
-    log_split_input(Split(train["images"], train["labels"]), f"{config.dataset}-train", manifest["splits"]["train"]["sha256"],
-                    str(Path(config.data_dir).resolve()), "training")
+    log_split_input(
+        Split(train["images"], train["labels"]),
+        f"{config.dataset}-train",
+        manifest["splits"]["train"]["sha256"],
+        str(Path(config.data_dir).resolve()),
+        "training",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 
 class Terminated(KeyboardInterrupt):

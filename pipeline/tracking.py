@@ -50,8 +50,10 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
             MlflowClient().set_tag(launched, RESUMED_RUN_TAG, interrupted.info.run_id)
     run_id = interrupted.info.run_id if interrupted else None
-    with start_run_with_system_metrics(run_id=run_id, run_name=None if run_id else stage) as run, \
-            signal_handler(raise_terminated, signal.SIGTERM):
+    with (
+        start_run_with_system_metrics(run_id=run_id, run_name=None if run_id else stage) as run,
+        signal_handler(raise_terminated, signal.SIGTERM),
+    ):
         mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags})
         if resume_key:
             mlflow.set_tag(RESUME_KEY_TAG, resume_key)
@@ -153,7 +155,9 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
     if Path(ref).is_dir():
         return Path(ref)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its per-file bars drown the stages' lines
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst)))
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst))
+    )
 
 
 def load_prepared_run(ref: str) -> PreparedData:
@@ -166,8 +170,9 @@ def log_split_input(split: Split, name: str, sha256: str, source: str, context: 
     """Record ``split`` as a dataset input of the active run: the runs table's Dataset column."""
     with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
-        dataset = mlflow.data.from_numpy(split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source,
-                                         name=name, digest=sha256[:16])
+        dataset = mlflow.data.from_numpy(
+            split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source, name=name, digest=sha256[:16]
+        )
     mlflow.log_input(dataset, context=context)
 
 
@@ -181,8 +186,9 @@ def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str])
     else:
         source = data_ref
     for split, context in contexts.items():
-        log_split_input(getattr(data, split), f"{data.manifest['dataset']}-{split}", data.manifest["splits"][split]["sha256"],
-                        source, context)
+        log_split_input(
+            getattr(data, split), f"{data.manifest['dataset']}-{split}", data.manifest["splits"][split]["sha256"], source, context
+        )
 
 
 def model_uri(ref: str) -> str:

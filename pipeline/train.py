@@ -23,8 +23,8 @@ import copy
 import dataclasses
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 import torch
@@ -55,7 +55,15 @@ from pipeline.training import (
     train,
 )
 
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "learning_rate")
+EPOCH_METRICS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "epoch_seconds",
+    "samples_per_second",
+    "learning_rate",
+)
 
 
 def train_and_log(
@@ -71,19 +79,21 @@ def train_and_log(
     """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
 
     ``data_ref`` (the prepare run or folder ``data`` came from) makes the train and validation
-    splits the run's dataset inputs; ``label`` starts each epoch's progress line. Returns the training result and the logged model's info
-    (None without ``log_model``).
+    splits the run's dataset inputs; ``label`` starts each epoch's progress line. Returns the
+    training result and the logged model's info (None without ``log_model``).
     """
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)  # what precision=auto chose, TF32, cuDNN autotuning, determinism
     set_cublas_workspace(settings)  # before device_params starts CUDA
-    log_params({
-        **dataclasses.asdict(config),
-        **library_versions(),
-        **device_params(device),  # what device=auto chose; a GPU's name, index and memory
-        **settings,
-        "data_sha256": data.manifest["splits"]["train"]["sha256"],
-    })
+    log_params(
+        {
+            **dataclasses.asdict(config),
+            **library_versions(),
+            **device_params(device),  # what device=auto chose; a GPU's name, index and memory
+            **settings,
+            "data_sha256": data.manifest["splits"]["train"]["sha256"],
+        }
+    )
     if data_ref:
         log_data_inputs(data, data_ref, {"train": "training", "val": "validation"})
 
@@ -150,7 +160,9 @@ def plot_learning_curves(history: list[EpochMetrics]):
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="train", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="prepare run id, artifact URI of its prepared/ folder, or a local folder")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints go to <this>/<run id>/ (default: checkpoints)")
+    parser.add_argument(
+        "--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints go to <this>/<run id>/ (default: checkpoints)"
+    )
     add_config_arguments(parser, TrainConfig)
     args, (config,) = build_configs(parser, argv, TrainConfig)
     try:  # a device or precision this machine lacks stops the stage before anything starts
@@ -168,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
             result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id, data_ref=args.data)
     except TrainingDiverged as error:  # the run ended FAILED; its last good checkpoint stays
         fail(str(error))
-    print(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr)
+    print(
+        f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr
+    )
 
 
 def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:

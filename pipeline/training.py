@@ -16,10 +16,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +145,12 @@ def numerics(settings: dict):
     leaving: the tuner and the tests train many models in one process."""
     set_cublas_workspace(settings)
     cudnn = torch.backends.cudnn
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                cudnn.benchmark, cudnn.deterministic)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
     torch.use_deterministic_algorithms(settings["deterministic"])
     cudnn.benchmark, cudnn.deterministic = settings["cudnn_benchmark"], settings["deterministic"]
     if settings["tf32"]:
@@ -174,7 +178,10 @@ def predict_logits(model: Callable, images: torch.Tensor, input_shape: tuple[int
     """Logits (N, num_classes) of uint8 ``images`` (N, 28, 28) read as (seq_len, input_size) sequences,
     computed where the model is (each uint8 batch is moved there, a no-op when it is there already)."""
     device = model_device(model) or images.device
-    batches = (images[i : i + batch_size].to(device).reshape(-1, *input_shape).float().div_(255) for i in range(0, len(images), batch_size))
+    batches = (
+        images[i : i + batch_size].to(device).reshape(-1, *input_shape).float().div_(255)
+        for i in range(0, len(images), batch_size)
+    )
     return torch.cat([model(x) for x in batches])  # x: (B, T, F)
 
 
@@ -304,8 +311,13 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, 
                 if stop.signal_number:  # a plain Python int: checking it costs no host sync
                     path = None
                     if checkpoints:
-                        position = {"order": order.cpu(), "next_start": start + config.batch_size, "loss_sum": loss_sum.cpu(),
-                                    "correct": correct.cpu(), "seconds": time.perf_counter() - started}
+                        position = {
+                            "order": order.cpu(),
+                            "next_start": start + config.batch_size,
+                            "loss_sum": loss_sum.cpu(),
+                            "correct": correct.cpu(),
+                            "seconds": time.perf_counter() - started,
+                        }
                         path = checkpoints.save(f"epoch-{epoch:04d}-partial", checkpoint_state(epoch - 1, partial=position))
                     raise TrainingInterrupted(stop.signal_number, path)
 
@@ -379,8 +391,12 @@ def stop_requests():
             raise KeyboardInterrupt
         # Another signal (the SIGTERM `mlflow run` sends its stage after a Ctrl-C) changes nothing.
         stop.signal_number = stop.signal_number or signal_number
-        print(f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     with signal_handler(request, signal.SIGINT, signal.SIGTERM):
         yield stop

@@ -11,7 +11,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from experiments.infra import InfraError, MlflowServer, Postgres, mlflow_server as start_mlflow_server, postgres_bindir, postgres_cluster
+from experiments.infra import (
+    InfraError,
+    MlflowServer,
+    Postgres,
+    postgres_bindir,
+    postgres_cluster,
+)
+from experiments.infra import (
+    mlflow_server as start_mlflow_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +40,10 @@ def mlflow_server(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
     ``.uri``, ``.admin`` (username, password), ``.create_user(username, password)``,
     ``.grant(username, experiment_id, permission)``, ``.env(username, password) -> dict``."""
     # One worker: startup dominates these tests' runtime and each worker imports MLflow anew.
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), postgres.create_database("tracking"),
-                             postgres.create_database("auth"), workers=1) as server:
+    with start_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-server"),
+        postgres.create_database("tracking"),
+        postgres.create_database("auth"),
+        workers=1,
+    ) as server:
         yield server

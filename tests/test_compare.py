@@ -17,9 +17,12 @@ from tests.conftest import REPO
 
 def make_runs(client: MlflowClient, experiment_id: str = "0", accuracies=(0.91, 0.97, 0.95)) -> str:
     parent = client.create_run(experiment_id, tags={"pipeline.stage": "tune", "optuna.study_name": "s"}).info.run_id
-    for number, (hidden, accuracy) in enumerate(zip([32, 64, 128], accuracies)):
-        run = client.create_run(experiment_id, run_name=f"trial-{number}", tags={
-            "pipeline.stage": "trial", "optuna.study_name": "s", "mlflow.parentRunId": parent})
+    for number, (hidden, accuracy) in enumerate(zip([32, 64, 128], accuracies, strict=True)):
+        run = client.create_run(
+            experiment_id,
+            run_name=f"trial-{number}",
+            tags={"pipeline.stage": "trial", "optuna.study_name": "s", "mlflow.parentRunId": parent},
+        )
         client.log_param(run.info.run_id, "hidden_size", hidden)
         client.log_metric(run.info.run_id, "best_val_accuracy", accuracy)
         client.set_terminated(run.info.run_id)
@@ -65,9 +68,30 @@ def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     env.pop("MLFLOW_RUN_ID", None)
-    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "compare", "--env-manager", "local",
-                           "--experiment-name", "mine", "-P", "study=s", "-P", "top_k=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "compare",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mine",
+            "-P",
+            "study=s",
+            "-P",
+            "top_k=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 1 | trial-1 |" in done.stdout and "0.97" in done.stdout  # "mine", not Default
     assert not (REPO / "leaderboard.md").exists() and not (tmp_path / "leaderboard.md").exists()

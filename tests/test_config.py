@@ -120,10 +120,18 @@ def test_flags_show_their_defaults(capsys):
         train.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for field in dataclasses.fields(TrainConfig):
-        assert re.search(rf"--{field.name.replace('_', '-')} .*?\(default: {re.escape(str(field.default))}\)", help_text), field.name
+        assert re.search(rf"--{field.name.replace('_', '-')} .*?\(default: {re.escape(str(field.default))}\)", help_text), (
+            field.name
+        )
 
 
-values = st.one_of(st.integers(-10, 100_000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8), st.sampled_from(["rows", "pixels", "cpu", "cosine"]))
+values = st.one_of(
+    st.integers(-10, 100_000),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.text(max_size=8),
+    st.sampled_from(["rows", "pixels", "cpu", "cosine"]),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,3 +161,10 @@ print(sorted(k for k in os.environ if os.environ.get(k) != after_libraries.get(k
 """
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["[]", "False"], done.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") :].split("```bash\n")[1].split("```")[0].splitlines()
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("bash setup.sh")]
+    assert len(quick_start) == 2 and ci == [quick_start[1]]

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from pipeline import data as data_module
-from pipeline.data import DataError, load_prepared, load_raw, save_prepared, split_train_val, to_sequences
-from pipeline.data import RawFile
+from pipeline.data import DataError, RawFile, load_prepared, load_raw, save_prepared, split_train_val, to_sequences
 from tests.conftest import REPO, write_synthetic_mnist
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -75,7 +74,9 @@ def test_images_and_labels_of_different_lengths_are_named(tmp_path, monkeypatch)
     labels_path.write_bytes(gzip.compress(shorter))
     trusted = RawFile(spec.files[1].name, hashlib.md5(shorter).hexdigest(), 0x801, 399)
     monkeypatch.setitem(data_module.DATASETS, "mnist", dataclasses.replace(spec, files=(spec.files[0], trusted, *spec.files[2:])))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz holds 400 images but .*train-labels-idx1-ubyte.gz holds 399 labels"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte.gz holds 400 images but .*train-labels-idx1-ubyte.gz holds 399 labels"
+    ):
         load_raw("mnist", tmp_path)
 
 
@@ -97,8 +98,12 @@ except data.DataError as error:
 
 def test_the_checks_hold_under_python_O(synthetic_mnist, tmp_path):
     corrupt(synthetic_mnist, lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:])
-    done = subprocess.run([sys.executable, "-O", "-c", LOAD_UNDER_O, str(synthetic_mnist), str(tmp_path / "good")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", LOAD_UNDER_O, str(synthetic_mnist), str(tmp_path / "good")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 3, done.stderr
     assert "altered bytes" in done.stdout
 
@@ -185,8 +190,11 @@ def test_fashion_mnist_is_also_found_where_debian_installs_it(tmp_path, monkeypa
         path.rename(debian / path.name)  # flat, as the Debian package lays them out
     fashion = data_module.DATASETS["fashion-mnist"]
     assert fashion.extra_dirs == ("/usr/share/datasets/fashion-mnist",)
-    monkeypatch.setitem(data_module.DATASETS, "fashion-mnist",
-                        data_module.DatasetSpec(fashion.torchvision_class, fashion.folder, spec.files, (str(debian),)))
+    monkeypatch.setitem(
+        data_module.DATASETS,
+        "fashion-mnist",
+        data_module.DatasetSpec(fashion.torchvision_class, fashion.folder, spec.files, (str(debian),)),
+    )
     train, test, _ = load_raw("fashion-mnist", tmp_path / "empty-data-dir")
     assert (len(train.labels), len(test.labels)) == (400, 100)
 

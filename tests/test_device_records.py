@@ -25,6 +25,7 @@ GPUS = {  # index -> (name, total memory in bytes, compute capability)
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """torch.cuda answering as a machine with GPUS, the current one being index 0."""
+
     def properties(index):
         name, total_memory, (major, minor) = GPUS[index]
         return SimpleNamespace(name=name, total_memory=total_memory, major=major, minor=minor)
@@ -36,10 +37,18 @@ def fake_gpus(monkeypatch):
 
 def test_a_gpu_run_records_the_gpus_name_index_and_memory(fake_gpus):
     assert device_params(torch.device("cuda")) == {
-        "resolved_device": "cuda", "gpu_name": "NVIDIA H200", "gpu_index": 0, "gpu_capability": "9.0", "gpu_memory_gb": 150.1,
+        "resolved_device": "cuda",
+        "gpu_name": "NVIDIA H200",
+        "gpu_index": 0,
+        "gpu_capability": "9.0",
+        "gpu_memory_gb": 150.1,
     }
     assert device_params(torch.device("cuda:1")) == {  # the GPU asked for, not the current one
-        "resolved_device": "cuda", "gpu_name": "NVIDIA A100-SXM4-40GB", "gpu_index": 1, "gpu_capability": "8.0", "gpu_memory_gb": 42.3,
+        "resolved_device": "cuda",
+        "gpu_name": "NVIDIA A100-SXM4-40GB",
+        "gpu_index": 1,
+        "gpu_capability": "8.0",
+        "gpu_memory_gb": 42.3,
     }
 
 

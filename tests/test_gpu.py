@@ -66,8 +66,17 @@ def shell(tmp_path, mnist_dir):
 
 
 def test_the_pipeline_trains_and_evaluates_on_the_gpu(shell, mnist_dir, tmp_path):
-    done = shell.run("main", data_dir=mnist_dir, train_limit=20000, epochs=2, hidden_size=128, num_layers=1,
-                     learning_rate=0.005, device="cuda", checkpoint_dir=tmp_path / "checkpoints")
+    done = shell.run(
+        "main",
+        data_dir=mnist_dir,
+        train_limit=20000,
+        epochs=2,
+        hidden_size=128,
+        num_layers=1,
+        learning_rate=0.005,
+        device="cuda",
+        checkpoint_dir=tmp_path / "checkpoints",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     runs = {run.data.tags["pipeline.stage"]: run for run in shell.client.search_runs(["0"])}
@@ -84,9 +93,21 @@ def test_the_pipeline_trains_and_evaluates_on_the_gpu(shell, mnist_dir, tmp_path
 
 
 def test_two_workers_share_the_gpu_and_the_best_trial_becomes_champion(shell, mnist_dir):
-    done = shell.run("tune", study="smoke", study_name="gpu", storage=shell.journal, n_trials=4, n_workers="auto",
-                     workers_per_gpu=2, epochs=2, pruner="none", device="cuda", data_dir=mnist_dir, train_limit=2000,
-                     val_size=1000)
+    done = shell.run(
+        "tune",
+        study="smoke",
+        study_name="gpu",
+        storage=shell.journal,
+        n_trials=4,
+        n_workers="auto",
+        workers_per_gpu=2,
+        epochs=2,
+        pruner="none",
+        device="cuda",
+        data_dir=mnist_dir,
+        train_limit=2000,
+        val_size=1000,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     gpu = visible_gpu()
     assert f"2 workers on GPUs {gpu}, {gpu}" in done.stderr
@@ -122,8 +143,11 @@ def test_bf16_trains_as_well_as_fp32(mnist_20k, record_property, capsys):
         record_property(f"{precision}_samples_per_second", round(speed[precision]))
         record_property(f"{precision}_val_accuracy", round(accuracy[precision], 4))
     with capsys.disabled():
-        print(f"\nbf16 vs fp32 (hidden 128, 1 layer, 20,000 images, 3 epochs): samples/s {speed['bf16']:.0f} vs "
-              f"{speed['fp32']:.0f} ({speed['bf16'] / speed['fp32']:.2f}x); val_accuracy {accuracy['bf16']:.4f} vs {accuracy['fp32']:.4f}")
+        print(
+            f"\nbf16 vs fp32 (hidden 128, 1 layer, 20,000 images, 3 epochs): samples/s {speed['bf16']:.0f} vs "
+            f"{speed['fp32']:.0f} ({speed['bf16'] / speed['fp32']:.2f}x); "
+            f"val_accuracy {accuracy['bf16']:.4f} vs {accuracy['fp32']:.4f}"
+        )
     assert accuracy["fp32"] > 0.95
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01
 
@@ -149,8 +173,17 @@ def test_gpu_memory_is_back_to_its_baseline_after_an_out_of_memory_trial(tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "train_and_log", out_of_memory_in_the_second_trial)
-    config = TuneConfig(study="smoke", study_name="oom", storage=str(tmp_path / "studies.journal"), n_trials=3, n_workers="1",
-                        epochs=1, pruner="none", device="cuda", register_name="oom-lstm")
+    config = TuneConfig(
+        study="smoke",
+        study_name="oom",
+        storage=str(tmp_path / "studies.journal"),
+        n_trials=3,
+        n_workers="1",
+        epochs=1,
+        pruner="none",
+        device="cuda",
+        register_name="oom-lstm",
+    )
     before = torch.cuda.memory_allocated()
     tune(config, PrepareConfig(), prepared_run)
     after = torch.cuda.memory_allocated()

@@ -9,9 +9,16 @@ import pytest
 from tests.conftest import REPO
 
 LAYERS = {  # a module may import modules of lower layers only
-    "pipeline.config": 0, "pipeline.signals": 0, "pipeline.data": 1, "pipeline.model": 2,
-    "pipeline.tracking": 3, "pipeline.training": 3,
-    "pipeline.prepare": 4, "pipeline.train": 4, "pipeline.evaluate": 4, "pipeline.main": 5,
+    "pipeline.config": 0,
+    "pipeline.signals": 0,
+    "pipeline.data": 1,
+    "pipeline.model": 2,
+    "pipeline.tracking": 3,
+    "pipeline.training": 3,
+    "pipeline.prepare": 4,
+    "pipeline.train": 4,
+    "pipeline.evaluate": 4,
+    "pipeline.main": 5,
 }
 
 
@@ -30,7 +37,9 @@ def test_pipeline_modules_import_only_lower_layers(module):
     path = REPO / (module.replace(".", "/") + ".py")
     for imported in project_imports(path):
         assert imported in LAYERS, f"{module} imports {imported}, outside pipeline/"
-        assert LAYERS[imported] < LAYERS[module], f"{module} (layer {LAYERS[module]}) imports {imported} (layer {LAYERS[imported]})"
+        assert LAYERS[imported] < LAYERS[module], (
+            f"{module} (layer {LAYERS[module]}) imports {imported} (layer {LAYERS[imported]})"
+        )
 
 
 def test_nothing_imports_benchmarks_but_benchmarks():

@@ -13,8 +13,13 @@ from pipeline.model import LSTMClassifier, build_model
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("input_size, seq_len", [(28, 28), (1, 784)])
 def test_logits_shape_for_every_option(num_layers, bidirectional, input_size, seq_len):
-    model = LSTMClassifier(input_size=input_size, hidden_size=8, num_layers=num_layers, bidirectional=bidirectional,
-                           dropout=0.1 if num_layers > 1 else 0.0)
+    model = LSTMClassifier(
+        input_size=input_size,
+        hidden_size=8,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        dropout=0.1 if num_layers > 1 else 0.0,
+    )
     assert model(torch.rand(3, seq_len, input_size)).shape == (3, 10)
 
 

@@ -39,7 +39,10 @@ def test_precision_and_deterministic_are_validated():
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n"
+    )
     assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "missing") == set()  # macOS: no /proc, so no bf16 claimed
 
@@ -50,7 +53,9 @@ def test_bf16_needs_avx512_bf16_on_a_cpu():
     assert resolve_precision("auto", CPU, AVX2_ONLY) == "fp32"
     assert resolve_precision("fp32", CPU, SAPPHIRE_RAPIDS) == "fp32"
     assert resolve_precision("bf16", CPU, SAPPHIRE_RAPIDS) == "bf16"
-    with pytest.raises(RuntimeError, match="precision=bf16 was asked for, but this CPU has no avx512_bf16; use precision=fp32 or auto"):
+    with pytest.raises(
+        RuntimeError, match="precision=bf16 was asked for, but this CPU has no avx512_bf16; use precision=fp32 or auto"
+    ):
         resolve_precision("bf16", CPU, AVX2_ONLY)
 
 
@@ -125,10 +130,23 @@ def test_deterministic_on_cuda_fixes_the_cublas_workspace_and_turns_tf32_on(monk
     else:
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", user_value)
     settings = numeric_settings(dataclasses.replace(TINY, device="cuda", deterministic=True), CUDA)
-    assert settings == {"resolved_precision": "fp32", "tf32": True, "cudnn_benchmark": False, "deterministic": True,
-                        "cublas_workspace_config": user_value or ":4096:8"}
-    flags = lambda: (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,  # noqa: E731
-                     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert settings == {
+        "resolved_precision": "fp32",
+        "tf32": True,
+        "cudnn_benchmark": False,
+        "deterministic": True,
+        "cublas_workspace_config": user_value or ":4096:8",
+    }
+
+    def flags():
+        return (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        )
+
     before = flags()
     with numerics(settings):
         assert flags() == (True, True, False, True, True)
@@ -167,7 +185,9 @@ def test_the_train_run_logs_the_numerics_that_were_in_force(tracking, precision,
     in_force = []
 
     def record(metrics):
-        in_force.append({"deterministic": torch.are_deterministic_algorithms_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark})
+        in_force.append(
+            {"deterministic": torch.are_deterministic_algorithms_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+        )
 
     with mlflow.start_run() as run:
         dtypes = lstm_dtypes_while(lambda: train_and_log(config, tiny_prepared(), on_epoch=record, log_model=False))
@@ -184,7 +204,9 @@ def test_the_train_run_logs_the_numerics_that_were_in_force(tracking, precision,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_deterministic_fp32_gives_the_same_metrics_twice_on_the_gpu():
     config = dataclasses.replace(TINY, device="cuda", precision="fp32", deterministic=True, num_layers=2, dropout=0.1)
-    first, second = (train(config, tiny_prepared(), progress=False) for _ in range(2))  # raises if an op has no deterministic kernel
+    first, second = (
+        train(config, tiny_prepared(), progress=False) for _ in range(2)
+    )  # raises if an op has no deterministic kernel
     assert [dataclasses.astuple(m)[:5] for m in first.history] == [dataclasses.astuple(m)[:5] for m in second.history]
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)

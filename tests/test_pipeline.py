@@ -60,8 +60,14 @@ def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.Comp
     venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +75,24 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "mnist").symlink_to(mnist_dir)
     # Relative paths, from the user's folder (not the project's, where mlflow run starts the stages).
-    params = ["-P", "data_dir=mnist", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=2",
-              "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "learning_rate=0.005", "-P", "checkpoint_dir=checkpoints"]
+    params = [
+        "-P",
+        "data_dir=mnist",
+        "-P",
+        "train_limit=4000",
+        "-P",
+        "val_size=1000",
+        "-P",
+        "epochs=2",
+        "-P",
+        "hidden_size=32",
+        "-P",
+        "num_layers=1",
+        "-P",
+        "learning_rate=0.005",
+        "-P",
+        "checkpoint_dir=checkpoints",
+    ]
     first = mlflow_run(params, tmp_path, uri)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test_accuracy" in first.stdout and "workflowType=machine_learning" in first.stdout
@@ -98,7 +120,9 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
         assert f"{stage}: reusing finished run {runs[stage].info.run_id}" in again.stderr
     stages = [run.data.tags["pipeline.stage"] for run in client.search_runs(["0"])]
     assert sorted(stages) == ["evaluate", "main", "main", "prepare", "train"]
-    [second] = [run for run in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if run.info.run_id != parent.info.run_id]
+    [second] = [
+        run for run in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if run.info.run_id != parent.info.run_id
+    ]
     note = second.data.tags["mlflow.note.content"]  # the reusing pipeline run links the runs it reused
     for stage in ("prepare", "train", "evaluate"):
         assert f"| {stage} | [{runs[stage].info.run_id}](#/experiments/0/runs/{runs[stage].info.run_id}) | reused |" in note

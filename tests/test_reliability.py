@@ -25,8 +25,22 @@ from pipeline.tracking import ERROR_TAG, RESUME_KEY_TAG, load_prepared_run
 from tests.conftest import REPO, tiny_prepared
 
 EPOCHS = 5
-TRAIN_FLAGS = ["--hidden-size", "16", "--num-layers", "2", "--dropout", "0.2", "--batch-size", "64",
-               "--learning-rate", "0.01", "--epochs", str(EPOCHS), "--device", "cpu"]
+TRAIN_FLAGS = [
+    "--hidden-size",
+    "16",
+    "--num-layers",
+    "2",
+    "--dropout",
+    "0.2",
+    "--batch-size",
+    "64",
+    "--learning-rate",
+    "0.01",
+    "--epochs",
+    str(EPOCHS),
+    "--device",
+    "cpu",
+]
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
@@ -48,8 +62,9 @@ class Stage:
         self.log = tmp_path / f"stage-{time.monotonic_ns()}.log"
 
     def start(self) -> subprocess.Popen:
-        self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL,
-                                        stderr=self.log.open("w"))
+        self.process = subprocess.Popen(
+            self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log.open("w")
+        )
         return self.process
 
     def run(self) -> int:
@@ -121,8 +136,13 @@ def test_neither_a_run_that_failed_by_itself_nor_a_finished_one_is_resumed(tmp_p
     train.main(command)
     (finished,) = MlflowClient().search_runs(["0"])
     with mlflow.start_run(run_name="train") as failed:  # the same command, failed by a divergence or a bug
-        mlflow.set_tags({"pipeline.stage": "train", RESUME_KEY_TAG: finished.data.tags[RESUME_KEY_TAG],
-                         ERROR_TAG: "TrainingDiverged: train_loss is nan in epoch 1"})
+        mlflow.set_tags(
+            {
+                "pipeline.stage": "train",
+                RESUME_KEY_TAG: finished.data.tags[RESUME_KEY_TAG],
+                ERROR_TAG: "TrainingDiverged: train_loss is nan in epoch 1",
+            }
+        )
         mlflow.end_run("FAILED")
     train.main(command)
     runs = MlflowClient().search_runs(["0"])
@@ -200,8 +220,9 @@ def test_four_processes_logging_to_one_local_store_lose_nothing(tmp_path, tracki
     for run in runs:
         worker = int(run.data.params["worker"])
         assert run.info.status == "FINISHED"
-        assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "value"), key=lambda m: m.step)] == \
-            [worker * 1000 + step for step in range(steps)]
+        assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "value"), key=lambda m: m.step)] == [
+            worker * 1000 + step for step in range(steps)
+        ]
         assert len(client.get_metric_history(run.info.run_id, "b")) == steps
         assert len([tag for tag in run.data.tags if tag.startswith("at_")]) == steps // 20
 

@@ -41,18 +41,46 @@ def cluster(postgres, mlflow_server, tmp_path, monkeypatch):
     folder = tmp_path / "prepared"
     save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist", "seed": 0})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
-    env.update(mlflow_server.env(name, password), MLFLOW_EXPERIMENT_NAME=name, PGPASSWORD=url.password,
-               PYTHONPATH=str(REPO))
+    env.update(mlflow_server.env(name, password), MLFLOW_EXPERIMENT_NAME=name, PGPASSWORD=url.password, PYTHONPATH=str(REPO))
     storage = f"{url.drivername}://{url.username}@{url.host}:{url.port}/{url.database}"  # its password: PGPASSWORD
-    return {"name": name, "client": client, "experiment_id": experiment_id, "env": env, "folder": folder,
-            "storage": storage, "url": url.render_as_string(hide_password=False), "secrets": (password, url.password),
-            "tmp": tmp_path}
+    return {
+        "name": name,
+        "client": client,
+        "experiment_id": experiment_id,
+        "env": env,
+        "folder": folder,
+        "storage": storage,
+        "url": url.render_as_string(hide_password=False),
+        "secrets": (password, url.password),
+        "tmp": tmp_path,
+    }
 
 
 def start_workers(cluster, count: int, n_trials: int, *extra: str) -> list[tuple[subprocess.Popen, object]]:
-    command = [sys.executable, "-m", "experiments.tune", "--study", "smoke", "--study-name", cluster["name"],
-               "--storage", cluster["storage"], "--n-trials", str(n_trials), "--epochs", "1", "--pruner", "none",
-               "--device", "cpu", "--data", str(cluster["folder"]), "--register-name", cluster["name"], *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.tune",
+        "--study",
+        "smoke",
+        "--study-name",
+        cluster["name"],
+        "--storage",
+        cluster["storage"],
+        "--n-trials",
+        str(n_trials),
+        "--epochs",
+        "1",
+        "--pruner",
+        "none",
+        "--device",
+        "cpu",
+        "--data",
+        str(cluster["folder"]),
+        "--register-name",
+        cluster["name"],
+        *extra,
+    ]
     workers = []
     for i in range(count):
         log = (cluster["tmp"] / f"worker-{i}.log").open("w+")
@@ -103,8 +131,11 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes
             study = optuna.load_study(study_name=cluster["name"], storage=storage)
         except KeyError:  # not created yet
             continue
-        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                   if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "mlflow_run_id" in t.user_attrs]
+        running = [
+            t
+            for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "mlflow_run_id" in t.user_attrs
+        ]
         if running:
             break
     else:

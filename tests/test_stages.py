@@ -42,12 +42,29 @@ def pipeline_runs(tmp_path_factory, mnist_dir):
         prepare.main(["--data-dir", str(mnist_dir), "--train-limit", "1000", "--val-size", "500", "--seed", "3"])
         client = MlflowClient()
         prepare_run = only_run(client, "prepare")
-        train.main(["--data", prepare_run.info.run_id, "--hidden-size", "16", "--num-layers", "1",
-                    "--epochs", str(EPOCHS), "--device", "cpu"])
+        train.main(
+            [
+                "--data",
+                prepare_run.info.run_id,
+                "--hidden-size",
+                "16",
+                "--num-layers",
+                "1",
+                "--epochs",
+                str(EPOCHS),
+                "--device",
+                "cpu",
+            ]
+        )
         train_run = only_run(client, "train")
         evaluate.main(["--model", train_run.info.run_id, "--device", "cpu"])
-        yield {"root": root, "client": client, "prepare": prepare_run, "train": train_run,
-               "evaluate": only_run(client, "evaluate")}
+        yield {
+            "root": root,
+            "client": client,
+            "prepare": prepare_run,
+            "train": train_run,
+            "evaluate": only_run(client, "evaluate"),
+        }
         mlflow.set_tracking_uri(None)
 
 
@@ -85,7 +102,10 @@ def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # The data it saw, for the runs table's Dataset column: the prepare run's train and val splits
     inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
-    assert {context: dataset.name for context, dataset in inputs.items()} == {"training": "mnist-train", "validation": "mnist-val"}
+    assert {context: dataset.name for context, dataset in inputs.items()} == {
+        "training": "mnist-train",
+        "validation": "mnist-val",
+    }
     [prepared] = client.get_run(pipeline_runs["prepare"].info.run_id).inputs.dataset_inputs
     assert inputs["training"].digest == prepared.dataset.digest  # the very split prepare recorded
     assert pipeline_runs["prepare"].info.run_id in inputs["validation"].source  # from the prepare run's artifacts
@@ -117,8 +137,13 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     assert set(metrics) == {"test_loss", "test_accuracy", "test_macro_f1"}
     assert run.data.params["resolved_device"] == "cpu"
     assert 0 <= metrics["test_macro_f1"] <= 1 and metrics["test_loss"] > 0
-    assert {"per_class.csv", "per_class.html", "per_class.json", "confusion_matrix.png",
-            "confident_mistakes.png"} <= artifact_names(client, run.info.run_id)
+    assert {
+        "per_class.csv",
+        "per_class.html",
+        "per_class.json",
+        "confusion_matrix.png",
+        "confident_mistakes.png",
+    } <= artifact_names(client, run.info.run_id)
     shown = mlflow.load_table("per_class.json", run_ids=[run.info.run_id])  # what the UI's table view reads
     assert len(shown) == 10 and list(shown.columns)[:5] == ["class", "precision", "recall", "f1", "support"]
     [dataset_input] = client.get_run(run.info.run_id).inputs.dataset_inputs

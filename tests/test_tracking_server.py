@@ -24,6 +24,7 @@ def unique(prefix: str) -> str:
 @pytest.fixture
 def log_in_as(mlflow_server, monkeypatch):
     """Switch this process's MLflow client to ``(username, password)``, as a worker's env would."""
+
     def log_in(username: str, password: str) -> MlflowClient:
         for name, value in mlflow_server.env(username, password).items():
             monkeypatch.setenv(name, value)
@@ -50,8 +51,12 @@ def test_write_without_credentials_is_rejected(mlflow_server):
 
 
 def test_wrong_password_is_rejected(mlflow_server, reader):
-    response = requests.get(mlflow_server.uri + API + "/experiments/search", params={"max_results": 1},
-                            auth=(reader[0], "not-" + reader[1]), timeout=30)
+    response = requests.get(
+        mlflow_server.uri + API + "/experiments/search",
+        params={"max_results": 1},
+        auth=(reader[0], "not-" + reader[1]),
+        timeout=30,
+    )
     assert response.status_code == 401
 
 
@@ -60,14 +65,20 @@ def test_read_only_user_reads_but_cannot_write(mlflow_server, log_in_as, reader)
     experiment_id = admin.create_experiment(unique("shared"))
     run_id = admin.create_run(experiment_id).info.run_id
 
-    read = requests.get(mlflow_server.uri + API + "/experiments/get", params={"experiment_id": experiment_id},
-                        auth=reader, timeout=30)
+    read = requests.get(
+        mlflow_server.uri + API + "/experiments/get", params={"experiment_id": experiment_id}, auth=reader, timeout=30
+    )
     assert read.status_code == 200 and read.json()["experiment"]["experiment_id"] == experiment_id
 
-    create_run = requests.post(mlflow_server.uri + API + "/runs/create", json={"experiment_id": experiment_id},
-                               auth=reader, timeout=30)
-    log_metric = requests.post(mlflow_server.uri + API + "/runs/log-metric", auth=reader, timeout=30,
-                               json={"run_id": run_id, "key": "val_accuracy", "value": 0.5, "timestamp": 0, "step": 0})
+    create_run = requests.post(
+        mlflow_server.uri + API + "/runs/create", json={"experiment_id": experiment_id}, auth=reader, timeout=30
+    )
+    log_metric = requests.post(
+        mlflow_server.uri + API + "/runs/log-metric",
+        auth=reader,
+        timeout=30,
+        json={"run_id": run_id, "key": "val_accuracy", "value": 0.5, "timestamp": 0, "step": 0},
+    )
     assert create_run.status_code == 403
     assert log_metric.status_code == 403
     assert "val_accuracy" not in admin.get_run(run_id).data.metrics
@@ -83,8 +94,9 @@ def test_granted_user_logs_runs_through_the_mlflow_client(mlflow_server, log_in_
     log_in_as(*editor)
     with mlflow.start_run(experiment_id=experiment_id, run_name="parent") as parent:
         # A nested run does not inherit its parent's experiment; "0" (Default) is READ-only here.
-        with mlflow.start_run(experiment_id=experiment_id, run_name="trial-0", nested=True,
-                              tags={"optuna.trial_number": "0"}) as child:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name="trial-0", nested=True, tags={"optuna.trial_number": "0"}
+        ) as child:
             mlflow.log_params({"hidden_size": 64, "learning_rate": 0.001})
             for step, value in enumerate([0.5, 0.7, 0.9]):
                 mlflow.log_metric("val_accuracy", value, step=step)

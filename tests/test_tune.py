@@ -39,8 +39,15 @@ def prepared_run(tracking, mnist_dir) -> str:
 
 
 def smoke(tmp_path, **overrides) -> TuneConfig:
-    settings = {"study": "smoke", "study_name": "tiny", "storage": str(tmp_path / "studies.journal"), "n_trials": 3,
-                "epochs": 1, "device": "cpu", "register_name": "tiny-lstm"}
+    settings = {
+        "study": "smoke",
+        "study_name": "tiny",
+        "storage": str(tmp_path / "studies.journal"),
+        "n_trials": 3,
+        "epochs": 1,
+        "device": "cpu",
+        "register_name": "tiny-lstm",
+    }
     return TuneConfig(**{**settings, **overrides})
 
 
@@ -112,7 +119,8 @@ def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
 
 
 def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuration_and_says_how_long(
-        tmp_path, prepared_run, capsys):
+    tmp_path, prepared_run, capsys
+):
     config = smoke(tmp_path, study="auto", n_trials=1)  # on a CPU: the CPU-sized space
     tune(config, PrepareConfig(), prepared_run)
     announced = capsys.readouterr().err
@@ -124,7 +132,10 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     first = load(config).trials[0]
     assert first.number == 0
     assert {k: first.params[k] for k in ("hidden_size", "num_layers", "learning_rate")} == {
-        "hidden_size": 256, "num_layers": 2, "learning_rate": 1e-3}
+        "hidden_size": 256,
+        "num_layers": 2,
+        "learning_rate": 1e-3,
+    }
 
 
 def test_pruned_trials_end_killed(tmp_path, prepared_run):
@@ -238,16 +249,25 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
 
 
 def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a_lost_one_is_rerun(
-        tmp_path, prepared_run, monkeypatch, capsys):
+    tmp_path, prepared_run, monkeypatch, capsys
+):
     config = smoke(tmp_path, n_trials=2)
     tune(smoke(tmp_path, n_trials=1), PrepareConfig(), prepared_run)
     study = load(config)
     running = study.ask(study.trials[0].distributions)  # a live worker's trial, on another host say
     running.set_user_attr("worker", "another-host:1")
     lease = coordination.lease_path(config, "tiny", running.number)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(lease)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(lease),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         monkeypatch.setattr(worker_module, "wait_bound", lambda study: 2.0)
@@ -299,8 +319,9 @@ def test_every_trials_model_is_released_whatever_its_ending(tmp_path, prepared_r
 
     real_train = worker_module.train_and_log
     monkeypatch.setattr(training_module, "build_model", tracked_build)
-    monkeypatch.setattr(worker_module, "train_and_log", lambda *a, on_epoch, **k: real_train(
-        *a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k))
+    monkeypatch.setattr(
+        worker_module, "train_and_log", lambda *a, on_epoch, **k: real_train(*a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k)
+    )
     tune(smoke(tmp_path, n_trials=5, pruner="none"), PrepareConfig(), prepared_run)
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
     # The speed probe's model, then each trial's, was gone before the next one was built.

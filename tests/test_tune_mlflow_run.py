@@ -29,8 +29,17 @@ def user(tmp_path, mnist_dir):
 
     def command(*params: str, entry_point: str = "tune", study_name: str = "s", **tune_params) -> list[str]:
         if entry_point == "tune":
-            settings = {"study": "smoke", "study_name": study_name, "storage": "studies.journal", "epochs": 1, "device": "cpu",
-                        "data_dir": mnist_dir, "train_limit": 1000, "val_size": 500, **tune_params}
+            settings = {
+                "study": "smoke",
+                "study_name": study_name,
+                "storage": "studies.journal",
+                "epochs": 1,
+                "device": "cpu",
+                "data_dir": mnist_dir,
+                "train_limit": 1000,
+                "val_size": 500,
+                **tune_params,
+            }
             params = (*params, *[f"{k}={v}" for k, v in settings.items()])
         args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
         return args + [arg for param in params for arg in ("-P", param)]
@@ -39,8 +48,15 @@ def user(tmp_path, mnist_dir):
         return subprocess.run(command(*params, **kwargs), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
     def start(*params: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(command(*params, **kwargs), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            command(*params, **kwargs),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     user = type("User", (), {})()
     user.run, user.start, user.client, user.journal = run, start, MlflowClient(uri), journal
@@ -107,8 +123,10 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
 
 
 def test_two_mlflow_run_workers_started_at_once_share_one_study(user):
-    workers = [user.start("n_trials=5", n_workers=2, pruner="none"),
-               user.start("n_trials=5", pruner="none")]  # three processes in all
+    workers = [
+        user.start("n_trials=5", n_workers=2, pruner="none"),
+        user.start("n_trials=5", pruner="none"),
+    ]  # three processes in all
     for worker in workers:
         output = worker.communicate(timeout=600)[0]
         assert worker.returncode == 0, output[-3000:]
@@ -134,8 +152,11 @@ def test_ctrl_c_requeues_the_trial_in_progress_and_the_rerun_runs_it(user):
             running = study(user).get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except KeyError:  # not created yet
             continue
-        if running and "mlflow_run_id" in running[0].user_attrs and \
-                user.client.get_metric_history(running[0].user_attrs["mlflow_run_id"], "val_accuracy"):
+        if (
+            running
+            and "mlflow_run_id" in running[0].user_attrs
+            and user.client.get_metric_history(running[0].user_attrs["mlflow_run_id"], "val_accuracy")
+        ):
             break
     else:
         pytest.fail("no trial started training")
