@@ -272,6 +272,11 @@ def load_prepared(folder: str | os.PathLike) -> PreparedData:
     if not manifest_path.is_file():
         raise DataError(f"{folder}: no manifest.json, so not a complete prepared split; rerun the prepare stage")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{folder}: prepared in format {manifest.get('format_version')}, and this code reads format "
+            f"{FORMAT_VERSION}; rerun the prepare stage"
+        )
     splits = {}
     for name in SPLITS:
         entry = manifest["splits"][name]

@@ -173,6 +173,13 @@ def test_a_tampered_or_incomplete_prepared_split_is_refused(tmp_path, synthetic_
         load_prepared(folder)
 
 
+def test_a_split_prepared_in_another_format_is_refused_in_one_line(tmp_path, synthetic_mnist):
+    folder, manifest, _ = prepared_folder(tmp_path, synthetic_mnist)
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(DataError, match=r"prepared in format 0, and this code reads format 1; rerun the prepare stage"):
+        load_prepared(folder)
+
+
 @pytest.mark.parametrize("order, shape", [("rows", (2, 28, 28)), ("pixels", (2, 784, 1))])
 def test_reading_order_shapes_and_scales(order, shape):
     images = torch.full((2, 28, 28), 255, dtype=torch.uint8)
