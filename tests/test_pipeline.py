@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -12,7 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import main as main_module
+from pipeline.config import TrainConfig
 from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
+from pipeline.tracking import format_param
 from tests.conftest import REPO
 
 
@@ -106,7 +109,11 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert parent.data.tags[f"pipeline.{stage}_run"] == runs[stage].info.run_id
     train_id = runs["train"].info.run_id
-    assert runs["train"].data.params["hidden_size"] == "32"
+    # Every train parameter reached the train stage as given (-P) or defaulted, through two mlflow runs.
+    given = TrainConfig(hidden_size=32, num_layers=1, learning_rate=0.005, epochs=2)
+    for name, value in dataclasses.asdict(given).items():
+        assert runs["train"].data.params[name] == format_param(value), name
+    assert runs["prepare"].data.params["train_limit"] == "4000" and runs["prepare"].data.params["val_size"] == "1000"
     assert [m.step for m in client.get_metric_history(train_id, "val_accuracy")] == [1, 2]
     assert {f.path for f in client.list_artifacts(train_id)} >= {"learning_curves.png"}
     assert len(list((tmp_path / "checkpoints" / train_id).glob("epoch-*.pt"))) == 2  # in the user's folder
