@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import prepare, train
 from pipeline.data import DataError, save_prepared
 from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
-from pipeline.tracking import ERROR_TAG, RESUME_KEY_TAG, load_prepared_run
+from pipeline.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_KEY_TAG, find_interrupted, load_prepared_run
 from tests.conftest import REPO, tiny_prepared
 
 EPOCHS = 5
@@ -261,3 +262,19 @@ def test_a_diverging_train_stage_ends_failed_with_its_reason_and_is_not_resumed(
     with pytest.raises(SystemExit):
         train.main(["--data", str(folder), *TRAIN_FLAGS])
     assert len(MlflowClient().search_runs(["0"])) == 2  # the rerun started afresh instead of resuming a FAILED run
+
+
+def test_a_run_whose_process_still_lives_is_never_taken_over(tracking):
+    client = MlflowClient()
+
+    def interrupted_run(pid: int) -> str:
+        tags = {RESUME_KEY_TAG: f"key-{pid}", HOST_TAG: socket.gethostname(), PID_TAG: str(pid)}
+        return client.create_run("0", tags=tags).info.run_id  # left RUNNING, as by kill -9 or a live process
+
+    alive = interrupted_run(os.getpid())  # this very process: alive
+    assert find_interrupted(f"key-{os.getpid()}") is None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = interrupted_run(gone.pid)
+    assert find_interrupted(f"key-{gone.pid}").info.run_id == dead
+    assert client.get_run(alive).info.status == "RUNNING"  # untouched
