@@ -24,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, user_path
-from pipeline.tracking import ERROR_TAG, RESUMED_RUN_TAG, digest, log_params
+from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, log_params
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -87,6 +87,8 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
     except mlflow.projects.ExecutionException as error:  # "Run (ID '<id>') failed"; MLflow ended it FAILED
         if failed := re.search(r"[0-9a-f]{32}", str(error)):
             client.set_tag(failed.group(), "mlflow.parentRunId", parent.info.run_id)
+            if INTERRUPTED_TAG in client.get_run(failed.group()).data.tags:  # MLflow ended it FAILED over the stage's KILLED
+                client.set_terminated(failed.group(), "KILLED")
         where = f" (run {failed.group()})" if failed else ""
         raise StageFailed(f"the {stage} stage failed{where}; its error is above") from None
     run_id = submitted.run_id

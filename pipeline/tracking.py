@@ -33,6 +33,7 @@ HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"
 RESUME_KEY_TAG = "pipeline.resume_key"  # what the run computes: a rerun with the same key may resume it
 ERROR_TAG = "pipeline.error"  # set when the stage failed by itself (bad input, divergence): never resumed
 RESUMED_RUN_TAG = "pipeline.resumed_run"  # on the run `mlflow run` opened, when the stage resumed another
+INTERRUPTED_TAG = "pipeline.interrupted"  # the signal that stopped a stage: its run ended KILLED
 
 
 @contextmanager
@@ -60,8 +61,10 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
         try:
             yield run
         except KeyboardInterrupt as stopped:
-            mlflow.end_run(status="KILLED")
             number = getattr(stopped, "signal_number", signal.SIGINT)
+            # `mlflow run` overwrites a stage's KILLED with FAILED once it exits: say what happened in a tag too.
+            mlflow.set_tag(INTERRUPTED_TAG, signal.Signals(number).name)
+            mlflow.end_run(status="KILLED")
             then = "rerun the same command to resume it" if resume_key else "rerun the same command to start it again"
             fail(f"{stopped or signal.Signals(number).name}; run {run.info.run_id} ended KILLED: {then}", 128 + number)
         except Exception as error:

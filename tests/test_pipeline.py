@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,48 @@ def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_
     [main_run] = MlflowClient(uri).search_runs(["0"], "tags.`pipeline.stage` = 'main'")
     assert main_run.info.status == "FAILED" and "the prepare stage failed" in main_run.data.tags["pipeline.error"]
     assert "error: the prepare stage failed (run " in failed.stderr
+
+
+def train_stage_pid(checkpoint_root: Path) -> int:
+    """The pid of the `python -m pipeline.train` process writing under ``checkpoint_root``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.train" in args and str(checkpoint_root).encode() in args:
+            return int(cmdline.parent.name)
+    raise AssertionError("no train stage process found")
+
+
+@pytest.mark.slow
+def test_main_resumes_an_interrupted_train_run_and_deletes_the_launchers_empty_run(tmp_path, mnist_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mnist").symlink_to(mnist_dir)
+    params = ["-P", "data_dir=mnist", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=4",
+              "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "checkpoint_dir=checkpoints"]  # fmt: skip
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_RUN_ID", None)
+    first = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", *params],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "checkpoints").glob("*/epoch-0001.pt")):
+        assert time.monotonic() < deadline and first.poll() is None, "the train stage never checkpointed epoch 1"
+        time.sleep(0.1)
+    [checkpoint] = list((tmp_path / "checkpoints").glob("*/epoch-0001.pt"))
+    interrupted = checkpoint.parent.name
+    os.kill(train_stage_pid(tmp_path / "checkpoints"), signal.SIGTERM)  # a scheduler preempts the train stage
+    assert first.wait(timeout=300) != 0
+    client = MlflowClient(uri)
+    assert client.get_run(interrupted).info.status == "KILLED"
+
+    again = mlflow_run(params, tmp_path, uri)  # the same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming the interrupted train run {interrupted} (KILLED)" in again.stderr
+    trains = client.search_runs(["0"], "tags.`pipeline.stage` = 'train'")
+    assert [run.info.run_id for run in trains] == [interrupted]  # the launcher's empty train run was deleted
+    assert trains[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(interrupted, "val_accuracy")] == [1, 2, 3, 4]
+    [pipeline] = [r for r in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if r.info.status == "FINISHED"]
+    assert pipeline.data.tags["pipeline.train_run"] == interrupted
