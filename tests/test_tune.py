@@ -149,17 +149,21 @@ def test_pruned_trials_end_killed(tmp_path, prepared_run):
     assert not MlflowClient().search_registered_models()  # nothing complete, nothing registered
 
 
-def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, monkeypatch):
-    real = worker_module.train_and_log
-    calls = []
+def second_trial_raises(monkeypatch, error: BaseException) -> None:
+    """The second trial's training raises ``error``; the others train as usual."""
+    real, calls = worker_module.train_and_log, []
 
-    def diverge_once(*args, **kwargs):
+    def train_and_log(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise TrainingDiverged("train_loss is nan in epoch 1")
+            raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "train_and_log", diverge_once)
+    monkeypatch.setattr(worker_module, "train_and_log", train_and_log)
+
+
+def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, monkeypatch):
+    second_trial_raises(monkeypatch, TrainingDiverged("train_loss is nan in epoch 1"))
     tune(smoke(tmp_path), PrepareConfig(), prepared_run)
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     [failed] = [run for run in runs_of("trial") if run.info.status == "FAILED"]
@@ -168,16 +172,7 @@ def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, mon
 
 
 def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_path, prepared_run, monkeypatch):
-    real = worker_module.train_and_log
-    calls = []
-
-    def interrupt_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(worker_module, "train_and_log", interrupt_the_second)
+    second_trial_raises(monkeypatch, KeyboardInterrupt())
     config = smoke(tmp_path, n_trials=2)
     with pytest.raises(KeyboardInterrupt):
         tune(config, PrepareConfig(), prepared_run)
