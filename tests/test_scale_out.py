@@ -2,7 +2,7 @@
 
 Each worker is its own ``python -m experiments.tune`` process with credentials only in its
 environment (the tracking server's from MLFLOW_TRACKING_USERNAME/PASSWORD, the database's from
-PGPASSWORD), all started at the same moment, on tiny synthetic data.
+PGPASSWORD), on tiny synthetic data.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def cluster(postgres, mlflow_server, tmp_path, monkeypatch):
     }
 
 
-def start_workers(cluster, count: int, n_trials: int, *extra: str) -> list[tuple[subprocess.Popen, object]]:
+def start_workers(cluster, count: int, n_trials: int, *extra: str, first: int = 0) -> list[tuple[subprocess.Popen, object]]:
     command = [
         sys.executable,
         "-m",
@@ -82,7 +82,7 @@ def start_workers(cluster, count: int, n_trials: int, *extra: str) -> list[tuple
         *extra,
     ]
     workers = []
-    for i in range(count):
+    for i in range(first, first + count):
         log = (cluster["tmp"] / f"worker-{i}.log").open("w+")
         workers.append((subprocess.Popen(command, cwd=cluster["tmp"], env=cluster["env"], stdout=log, stderr=log), log))
     return workers
@@ -121,27 +121,36 @@ def test_three_workers_started_at_once_run_exactly_n_trials(cluster):
     check_one_parent_one_child_per_trial_one_registration(cluster, study)
 
 
+def frozen_inside_a_trial(cluster, worker: subprocess.Popen) -> bool:
+    """Stop ``worker`` (SIGSTOP) and say whether the study still shows a trial of its running.
+
+    A stopped process cannot finish its trial, so a True answer stays true until it is killed.
+    """
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        study = optuna.load_study(study_name=cluster["name"], storage=cluster["url"])
+    except KeyError:  # not created yet
+        study = None
+    running = study is not None and any(
+        t.user_attrs.get("worker", "").endswith(f":{worker.pid}") and "mlflow_run_id" in t.user_attrs
+        for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    )
+    if not running:
+        worker.send_signal(signal.SIGCONT)
+    return running
+
+
 def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(cluster):
-    (victim, _), (survivor, survivor_log) = start_workers(cluster, 2, 4, "--heartbeat-interval", "1")
-    storage = cluster["url"]
+    # The victim starts alone, so no other worker can take every trial before it starts one.
+    [(victim, victim_log)] = start_workers(cluster, 1, 4, "--heartbeat-interval", "1")
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until the victim is inside a trial
-        time.sleep(0.1)
-        try:
-            study = optuna.load_study(study_name=cluster["name"], storage=storage)
-        except KeyError:  # not created yet
-            continue
-        running = [
-            t
-            for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "mlflow_run_id" in t.user_attrs
-        ]
-        if running:
-            break
-    else:
-        pytest.fail("the victim never started a trial")
+    while not frozen_inside_a_trial(cluster, victim):
+        assert victim.poll() is None and time.monotonic() < deadline, output(victim_log)[-3000:]
+        time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    [(survivor, survivor_log)] = start_workers(cluster, 1, 4, "--heartbeat-interval", "1", first=1)
+    storage = cluster["url"]
 
     assert survivor.wait(timeout=600) == 0, output(survivor_log)[-3000:]
     study = optuna.load_study(study_name=cluster["name"], storage=storage)
