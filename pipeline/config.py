@@ -96,7 +96,7 @@ class TrainConfig:
     bidirectional: bool = param(False, "also read each sequence backwards")
     # rows: 28 steps of 28 pixels (the tutorial's); pixels: 784 steps of 1 (sequential MNIST).
     reading_order: str = param("rows", "how an image becomes a sequence", choices=("rows", "pixels"))
-    lr_schedule: str = param("cosine", "learning-rate schedule over all steps", choices=("cosine", "constant"))
+    lr_schedule: str = param("cosine", "learning-rate schedule over all steps", choices=("cosine", "onecycle", "constant"))
     # LSTMs occasionally spike; clipping the global gradient norm keeps one bad batch harmless.
     max_grad_norm: float = param(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     patience: int = param(0, "stop after this many epochs without a better val_accuracy (0 = never)", ge=0)

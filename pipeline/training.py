@@ -405,6 +405,8 @@ def stop_requests():
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.lr_schedule == "onecycle":  # warm up to learning_rate over the first 30% of steps, then anneal
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 

@@ -191,3 +191,15 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mo
     assert kept.name == "epoch-0001.pt"  # the last good one stays, and nothing of epoch 2 was written
     saved = Checkpoints(tmp_path).latest()
     assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_onecycle_warms_up_to_the_learning_rate_then_anneals_and_resumes_exactly(tmp_path):
+    config = dataclasses.replace(TINY, epochs=4, lr_schedule="onecycle", learning_rate=0.01)
+    uninterrupted = train(config, tiny_prepared(), progress=False)
+    rates = [m.learning_rate for m in uninterrupted.history]
+    assert rates[0] > 0.01 / 25 and max(rates) <= 0.01  # rising from learning_rate/25 towards the peak ...
+    assert rates[1] > rates[2] > rates[3] and rates[3] < 0.01 / 100  # ... then annealed to almost nothing
+    with pytest.raises(Crash):
+        train(config, tiny_prepared(), checkpoint_dir=tmp_path, on_epoch=crash_after(2), progress=False)
+    resumed = train(config, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    assert [m.learning_rate for m in resumed.history] == rates and losses(resumed) == losses(uninterrupted)
