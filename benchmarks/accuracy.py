@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.tables import markdown_table
+
 
 def run_seed(seed: int, data_dir: str, extra: list[str], tracking_uri: str, workdir: str) -> dict:
     """One pipeline run in ``workdir`` (its artifacts and checkpoints land there); its numbers."""
@@ -101,15 +103,19 @@ def main() -> None:
         "runs": runs,
     }
     rows = [
-        f"| {r['seed']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['best_val_accuracy']:.4f} | "
-        f"{r['wall_seconds']:.0f} |"
+        {
+            "seed": r["seed"],
+            "test_accuracy": f"{r['test_accuracy']:.4f}",
+            "test_macro_f1": f"{r['test_macro_f1']:.4f}",
+            "best_val_accuracy": f"{r['best_val_accuracy']:.4f}",
+            "wall s": f"{r['wall_seconds']:.0f}",
+        }
         for r in runs
     ]
     text = (
         f"# test accuracy over {len(runs)} seeds, {report['date']}\n\n`{report['command']}`\n\n"
         f"configuration: {runs[0]['config']}\n\n"
-        "| seed | test_accuracy | test_macro_f1 | best_val_accuracy | wall s |\n|---|---|---|---|---|\n"
-        + "\n".join(rows)
+        + markdown_table(rows)
         + f"\n\n**mean {summary['mean']:.4f} ± {summary['std']:.4f}** (sample std), min {summary['min']:.4f}, "
         f"max {summary['max']:.4f}\n"
     )

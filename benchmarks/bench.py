@@ -36,6 +36,7 @@ from benchmarks.measure import MNIST_TRAIN_IMAGES
 from benchmarks.tutorial_baseline import write_raw_mnist
 from pipeline.config import OneLineParser, ParameterError, TrainConfig, fail, parse_bool
 from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES, DataError, load_raw, save_prepared, split_train_val
+from pipeline.tables import markdown_table
 from pipeline.training import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,11 +356,6 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
-
-
 def _speed(speed: dict) -> str:
     return f"{speed['median']:.0f} ({speed['min']:.0f}-{speed['max']:.0f})"
 
@@ -416,7 +412,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
         if env["device"] == "cuda":
             cells.append(_mib(row["cuda_peak_mib"]))
         rows.append(cells)
-    parts = [header("throughput", env, settings, report["matmul_peak_flops"]), markdown_table(headers, rows)]
+    parts = [header("throughput", env, settings, report["matmul_peak_flops"]), markdown_table(rows, columns=headers)]
 
     fastest = []
     for config in dict.fromkeys(row["config"] for row in report["rows"]):
@@ -446,7 +442,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
             f"Time to validation accuracy (cold start, {args.accuracy_train_samples} training and {args.accuracy_val_samples} "
             f"validation images, at most {args.accuracy_max_epochs} epochs or {args.accuracy_max_seconds} s; "
             f"one training seed per repeat):\n\n"
-            + markdown_table(["config", "loop", "target", "reached", "seconds", "best val_accuracy"], tta_rows)
+            + markdown_table(tta_rows, columns=["config", "loop", "target", "reached", "seconds", "best val_accuracy"])
         )
 
     m = report["data_memory"]
@@ -480,7 +476,7 @@ def scaling_markdown(report: dict, env: dict, args) -> str:
         ]
         for row in report["rows"]
     ]
-    return header("scaling", env, settings, report["matmul_peak_flops"]) + "\n\n" + markdown_table(headers, rows) + "\n"
+    return header("scaling", env, settings, report["matmul_peak_flops"]) + "\n\n" + markdown_table(rows, columns=headers) + "\n"
 
 
 def write_report(out: Path, mode: str, device: str, report: dict, markdown: str) -> Path:

@@ -21,6 +21,8 @@ import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.tables import markdown_table
+
 # The issue's targets.
 THROUGHPUT_RATIO = 10.0  # project loop / tutorial loop, samples/s, same GPU and configuration
 SECONDS_TO_99, STRETCH_SECONDS_TO_99 = 10.0, 5.0  # training time to 99% test accuracy
@@ -317,16 +319,21 @@ def write_study_table(path: Path, rows: list[dict], lines: list[str]) -> None:
         return "" if value is None else format(value, spec)
 
     table = [
-        "| trial | state | config | learning_rate | val_accuracy | peak GPU MB | GPU util % | seconds | worker |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    table += [
-        f"| {r['trial']} | {r['state']} | {r['config']} | {cell(r['learning_rate'], '.3g')} | {cell(r['val_accuracy'], '.4f')} | "
-        f"{cell(r['peak_gpu_memory_mb'], '.0f')} | {cell(r['gpu_utilization_mean'], '.0f')} | {cell(r['seconds'], '.1f')} | "
-        f"{r['worker']} |"
+        {
+            "trial": r["trial"],
+            "state": r["state"],
+            "config": r["config"],
+            "learning_rate": cell(r["learning_rate"], ".3g"),
+            "val_accuracy": cell(r["val_accuracy"], ".4f"),
+            "peak GPU MB": cell(r["peak_gpu_memory_mb"], ".0f"),
+            "GPU util %": cell(r["gpu_utilization_mean"], ".0f"),
+            "seconds": cell(r["seconds"], ".1f"),
+            "worker": r["worker"],
+        }
         for r in rows
     ]
-    path.write_text("# The GPU check's study\n\n" + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n")
+    columns = ["trial", "state", "config", "learning_rate", "val_accuracy", "peak GPU MB", "GPU util %", "seconds", "worker"]
+    path.write_text("# The GPU check's study\n\n" + "\n".join(lines) + "\n\n" + markdown_table(table, columns=columns) + "\n")
 
 
 # --- the block ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from experiments.infra import mlflow_server, postgres_cluster
+from pipeline.tables import markdown_table
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,15 +176,19 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`\n\n"
     )
     rows = [
-        "| K workers | trials | trials/s | p50 ms | p95 ms | mlflow p50 ms | mlflow p95 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    rows += [
-        f"| {r['workers']} | {r['trials']} | {r['trials_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-        f"| {r['mlflow_p50_ms']:.0f} | {r['mlflow_p95_ms']:.0f} | {r['errors']} |"
+        {
+            "K workers": r["workers"],
+            "trials": r["trials"],
+            "trials/s": f"{r['trials_per_s']:.2f}",
+            "p50 ms": f"{r['p50_ms']:.0f}",
+            "p95 ms": f"{r['p95_ms']:.0f}",
+            "mlflow p50 ms": f"{r['mlflow_p50_ms']:.0f}",
+            "mlflow p95 ms": f"{r['mlflow_p95_ms']:.0f}",
+            "errors": r["errors"],
+        }
         for r in report["rounds"]
     ]
-    return header + "\n".join(rows) + "\n"
+    return header + markdown_table(rows) + "\n"
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from benchmarks.bench import parse_config
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.prepare import prepare
+from pipeline.tables import markdown_table
 from pipeline.training import cpu_flags, evaluate_split, resolve_device, train
 
 DEFAULT_CONFIG = "hidden_size=256,num_layers=2"  # the pipeline's defaults
@@ -166,11 +167,9 @@ def markdown(report: dict) -> str:
             "",
             f"Throughput, one epoch of {report['throughput_samples']} images, {len(next(iter(speeds.values())))} repeats:",
             "",
-            "| precision | samples/s median | samples/s best | every repeat |",
-            "|---|---|---|---|",
-            *(
-                f"| {p} | {statistics.median(s):.0f} | {max(s):.0f} | {' '.join(f'{v:.0f}' for v in s)} |"
-                for p, s in speeds.items()
+            markdown_table(
+                [[p, f"{statistics.median(s):.0f}", f"{max(s):.0f}", " ".join(f"{v:.0f}" for v in s)] for p, s in speeds.items()],
+                columns=["precision", "samples/s median", "samples/s best", "every repeat"],
             ),
         ]
         if {"fp32", "bf16"} <= set(speeds):
@@ -184,11 +183,15 @@ def markdown(report: dict) -> str:
             "",
             f"Accuracy, {c['epochs']} epochs on {report['train_images']} training images:",
             "",
-            "| precision | seed | samples/s (median epoch) | training s | best_val_accuracy | test_accuracy |",
-            "|---|---|---|---|---|---|",
-            *(
-                f"| {r['precision']} | {r['seed']} | {r['samples_per_second']:.0f} | {r['train_seconds']:.0f} | "
-                f"{r['best_val_accuracy']:.4f} | {r['test_accuracy']:.4f} |"
+            markdown_table(
+                {
+                    "precision": r["precision"],
+                    "seed": r["seed"],
+                    "samples/s (median epoch)": f"{r['samples_per_second']:.0f}",
+                    "training s": f"{r['train_seconds']:.0f}",
+                    "best_val_accuracy": f"{r['best_val_accuracy']:.4f}",
+                    "test_accuracy": f"{r['test_accuracy']:.4f}",
+                }
                 for r in rows
             ),
         ]

@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 
 from pipeline.config import OneLineParser, TrainConfig, fail, parse_bool
+from pipeline.tables import markdown_table
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
@@ -53,18 +54,6 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
                 pass
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (pandas' own needs the tabulate package)."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if pd.isna(value) else f"{value:.4g}"
-        return "" if value is None else str(value)
-
-    rows = [list(table.columns), ["---"] * len(table.columns)] + [[cell(v) for v in row] for row in table.itertuples(index=False)]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def selected_experiment(name: str):
@@ -127,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
     except KeyError as error:
         fail(str(error.args[0]))
-    markdown = to_markdown(table)
+    markdown = markdown_table(table)
     if args.output_dir:
         output = Path(args.output_dir)
         output.mkdir(parents=True, exist_ok=True)

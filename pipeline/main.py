@@ -24,7 +24,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, user_path
-from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, log_params
+from pipeline.tables import markdown_table
+from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, log_params, ui_link
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -105,11 +106,14 @@ def stages_note(parent, stages: dict[str, str]) -> str:
     a reused stage stays nested under the pipeline run that made it, so this one would look empty."""
     reused = MlflowClient().get_run(parent.info.run_id).data.tags
     rows = [
-        f"| {stage} | [{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id}) | "
-        f"{'reused' if reused.get(f'pipeline.{stage}_reused') else 'run here'} |"
+        [
+            stage,
+            f"[{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id})",
+            "reused" if reused.get(f"pipeline.{stage}_reused") else "run here",
+        ]
         for stage, run_id in stages.items()
     ]
-    return "\n".join(["Stages of this pipeline:", "", "| stage | run | |", "|---|---|---|", *rows])
+    return "Stages of this pipeline:\n\n" + markdown_table(rows, columns=["stage", "run", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\ntest_accuracy {metrics['test_accuracy']:.4f}  (test_macro_f1 {metrics['test_macro_f1']:.4f})\n"
         f"runs: pipeline {parent.info.run_id}, prepare {prepare_id}, train {train_id}, evaluate {evaluate_id}\n"
-        f"see them: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}\n"
-        f"  then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"see them: {ui_link(experiment_id)}"
     )
 
 

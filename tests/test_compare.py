@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import compare
 from tests.conftest import REPO
+from tests.test_tables import table_rows
 
 
 def make_runs(client: MlflowClient, experiment_id: str = "0", accuracies=(0.91, 0.97, 0.95)) -> str:
@@ -40,14 +41,15 @@ def test_a_study_leaderboard_is_sorted_cut_and_written_only_where_asked(tracking
     assert table["run"].tolist() == ["trial-1", "trial-2"]  # best first, the other study left out
     assert table["hidden_size"].tolist() == [64, 128] and table["rank"].tolist() == [1, 2]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert markdown.splitlines()[1].startswith("| --- |") and "| 0.97 |" in markdown
+    rows = [(row["rank"], row["run"], row["best_val_accuracy"]) for row in table_rows(markdown)]
+    assert rows == [("1", "trial-1", "0.97"), ("2", "trial-2", "0.95")]
     captured = capsys.readouterr()
     assert markdown.strip() == captured.out.strip()
 
     before = set(os.listdir(tmp_path))
     compare.main(["--parent-run", parent, "--ascending", "true"])  # a study's parent: its trials, once each
     printed = capsys.readouterr().out
-    assert [line.split(" | ")[1] for line in printed.splitlines()[2:]] == ["trial-0", "trial-2", "trial-1"]
+    assert [row["run"] for row in table_rows(printed)] == ["trial-0", "trial-2", "trial-1"]
     assert set(os.listdir(tmp_path)) == before  # no --output-dir: no file written
     assert len(MlflowClient().search_runs(["0"])) == 6  # and no run opened
 
@@ -93,5 +95,6 @@ def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 1 | trial-1 |" in done.stdout and "0.97" in done.stdout  # "mine", not Default
+    [row] = table_rows(done.stdout[done.stdout.index("| rank") :])
+    assert (row["run"], row["best_val_accuracy"]) == ("trial-1", "0.97")  # "mine", not Default
     assert not (REPO / "leaderboard.md").exists() and not (tmp_path / "leaderboard.md").exists()

@@ -1,4 +1,4 @@
-"""Dependencies point one way: stages -> tracking/training -> model/data/config/signals; tests never import benchmarks."""
+"""Dependencies point one way: stages -> tracking/training -> model/data/config/signals/tables; tests never import benchmarks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tests.conftest import REPO
 LAYERS = {  # a module may import modules of lower layers only
     "pipeline.config": 0,
     "pipeline.signals": 0,
+    "pipeline.tables": 0,
     "pipeline.data": 1,
     "pipeline.model": 2,
     "pipeline.tracking": 3,

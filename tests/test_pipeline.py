@@ -19,6 +19,7 @@ from pipeline.config import TrainConfig
 from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
 from pipeline.tracking import format_param
 from tests.conftest import REPO
+from tests.test_tables import table_rows
 
 
 def test_content_key_changes_with_parameters_inputs_and_pipeline_code_only(tmp_path, monkeypatch):
@@ -133,8 +134,11 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
         run for run in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if run.info.run_id != parent.info.run_id
     ]
     note = second.data.tags["mlflow.note.content"]  # the reusing pipeline run links the runs it reused
-    for stage in ("prepare", "train", "evaluate"):
-        assert f"| {stage} | [{runs[stage].info.run_id}](#/experiments/0/runs/{runs[stage].info.run_id}) | reused |" in note
+    linked = {row["stage"]: (row["run"], row[""]) for row in table_rows(note[note.index("| stage") :])}
+    assert linked == {
+        stage: (f"[{runs[stage].info.run_id}](#/experiments/0/runs/{runs[stage].info.run_id})", "reused")
+        for stage in ("prepare", "train", "evaluate")
+    }
 
 
 def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_path):
