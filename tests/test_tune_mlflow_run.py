@@ -1,5 +1,5 @@
 """Tuning through the user's door: `mlflow run . -e tune` and `-e evaluate -P model=models:/...@champion`,
-as the README tells users to run them, on 1000 real MNIST images and the tiny `smoke` study."""
+as README.md and docs/tuning.md tell users to run them, on 1000 real MNIST images and the tiny `smoke` study."""
 
 from __future__ import annotations
 
