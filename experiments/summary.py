@@ -24,6 +24,7 @@ from experiments.studies import OBJECTIVE_METRIC
 from pipeline.config import EvaluateConfig
 from pipeline.data import PreparedData
 from pipeline.evaluate import evaluate_and_log, load_model
+from pipeline.tracking import ui_link
 from pipeline.training import resolve_device
 
 CHAMPION = "champion"
@@ -198,8 +199,8 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
         )
 
 
-def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> str:
-    """The lines a person reads at the end: the best trials as a table, and the champion."""
+def report(study: optuna.Study, registered: Registered | None, experiment_id: str, top: int = 5) -> str:
+    """The lines a person reads at the end: the best trials as a table, the champion, and where to look."""
     board = leaderboard(study)
     columns = ["number", OBJECTIVE_METRIC, "state", *[c for c in board.columns if c.startswith("params_")], "duration"]
     table = board[[c for c in columns if c in board]].head(top)
@@ -214,4 +215,5 @@ def report(study: optuna.Study, registered: Registered | None, top: int = 5) -> 
             f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
             f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"
         )
+    lines.append(f"see the trials: {ui_link(experiment_id)}")
     return "\n".join(lines)

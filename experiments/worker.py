@@ -278,7 +278,7 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
 
     def summarise_study() -> None:
         registered = summarise(study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device)
-        print(report(study, registered), file=sys.stderr, flush=True)
+        print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
     run_trials(
         study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study, worker=job.worker

@@ -129,6 +129,15 @@ def current_experiment_id() -> str:
     return "0"  # MLflow's Default experiment
 
 
+def ui_link(experiment_id: str) -> str:
+    """Where to see an experiment's runs table in the MLflow UI ("Model training", not the GenAI view)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
+
+
 def digest(payload: dict) -> str:
     """A stable hash of JSON-able ``payload``: the same content gives the same key in any process."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

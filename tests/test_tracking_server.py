@@ -14,6 +14,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking import ui_link
+
 API = "/api/2.0/mlflow"
 
 
@@ -124,3 +126,14 @@ def test_grant_is_limited_to_its_experiment(mlflow_server, log_in_as):
     client.create_run(granted)
     with pytest.raises(mlflow.exceptions.MlflowException, match="403"):
         client.create_run(other)
+
+
+def test_the_ui_link_opens_the_servers_runs_table_or_says_how_to_start_a_ui():
+    mlflow.set_tracking_uri("http://tracking.example:5000/")
+    assert ui_link("7") == "http://tracking.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+    mlflow.set_tracking_uri("sqlite:///runs/mlflow.db")
+    assert ui_link("7") == (
+        "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db, "
+        "then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    mlflow.set_tracking_uri(None)

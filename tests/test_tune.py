@@ -128,6 +128,13 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     assert "on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
     assert re.search(r"at most about \d+ min here \(trial 0 trains [\d,]+ images/s", announced)
     assert "\n[worker 0] trial 0 epoch 1/1  train_loss" in announced  # each epoch's line says whose it is
+    # It ends with a table of the best trials and the link to them in the UI's runs table.
+    assert re.search(r"best 5:\n +number +val_accuracy +state +batch_size +dropout +hidden_size", announced)
+    [parent] = runs_of("tune")
+    page = f"/#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning"
+    assert announced.rstrip().endswith(
+        f"see the trials: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then open http://127.0.0.1:5000{page}"
+    )
     assert load(config).user_attrs["settings"]["study"] == "lstm-cpu"
     first = load(config).trials[0]
     assert first.number == 0
