@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -222,148 +222,196 @@ def train(
 
 def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, label="") -> TrainResult:
     torch.manual_seed(config.seed)
-    shuffle = torch.Generator().manual_seed(config.seed)
-    model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
-    # The fused kernel updates all parameters in one pass: 5% more samples/s at hidden 128 on a CPU.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
-
+    run = _Run.start(config, data, device)
     train_split, val_split = data.train.to(device), data.val.to(device)
-    n_train = len(train_split.labels)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    scheduler = _scheduler(optimizer, config, total_steps=config.epochs * steps_per_epoch)
-
-    history: list[EpochMetrics] = []
-    best_state, best_epoch, best_val_accuracy = None, 0, -1.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     start_epoch, partial = 1, None
     if checkpoints and (saved := checkpoints.latest()):
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        shuffle.set_state(saved["shuffle_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        history = [EpochMetrics(**m) for m in saved["history"]]
-        best_state, best_epoch, best_val_accuracy = saved["best_model"], saved["best_epoch"], saved["best_val_accuracy"]
-        start_epoch, partial = saved["epoch"] + 1, saved.get("partial")
+        start_epoch, partial = run.restore(saved)
         within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
         print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
-    resumed_from = start_epoch - 1
-
-    def checkpoint_state(epoch: int, **extra) -> dict:
-        """Everything needed to continue after ``epoch`` bit for bit (``partial``: inside the next one)."""
-        state = {
-            "epoch": epoch,
-            "config": dataclasses.asdict(config),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "shuffle_rng": shuffle.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "history": [dataclasses.asdict(m) for m in history],
-            "best_model": best_state,
-            "best_epoch": best_epoch,
-            "best_val_accuracy": best_val_accuracy,
-            **extra,
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        return state
 
     show_bar = sys.stderr.isatty() if progress is None else progress
     stopped_early = False
     with stop_requests() as stop:
         for epoch in range(start_epoch, config.epochs + 1):
-            model.train()
-            if partial:  # resume inside this epoch, where the interrupted run stopped
-                order, first = partial["order"].to(device), partial["next_start"]
-                loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
-                started = time.perf_counter() - partial["seconds"]
-                partial = None
-            else:
-                order, first = torch.randperm(n_train, generator=shuffle).to(device), 0
-                loss_sum = torch.zeros((), device=device)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-                started = time.perf_counter()
-            batches = range(first, n_train, config.batch_size)
-            if show_bar:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
-            for start in batches:
-                index = order[start : start + config.batch_size]
-                x = to_sequences(train_split.images[index], config.reading_order)  # (B, T, F)
-                y = train_split.labels[index]  # (B,)
-                # bf16: the LSTM and the head compute in bfloat16, the loss in float32; gradients
-                # reach the float32 weights through autocast's casts, so no loss scaling is needed.
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    logits = model(x)  # (B, 10)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * len(index)
-                correct += (logits.argmax(1) == y).sum()
-                if stop.signal_number:  # a plain Python int: checking it costs no host sync
-                    path = None
-                    if checkpoints:
-                        position = {
-                            "order": order.cpu(),
-                            "next_start": start + config.batch_size,
-                            "loss_sum": loss_sum.cpu(),
-                            "correct": correct.cpu(),
-                            "seconds": time.perf_counter() - started,
-                        }
-                        path = checkpoints.save(f"epoch-{epoch:04d}-partial", checkpoint_state(epoch - 1, partial=position))
-                    raise TrainingInterrupted(stop.signal_number, path)
-
-            train_loss = loss_sum.item() / n_train  # the epoch's one host sync
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(
-                    f"train_loss is {train_loss} in epoch {epoch}; lower learning_rate "
-                    f"(now {config.learning_rate}) or set max_grad_norm"
-                )
-            val_loss, val_accuracy = evaluate_split(model, val_split, config.reading_order)  # fp32, as the model is logged
-            seconds = time.perf_counter() - started
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_loss,
-                train_accuracy=correct.item() / n_train,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-                epoch_seconds=seconds,
-                samples_per_second=n_train / seconds,
-                learning_rate=optimizer.param_groups[0]["lr"],
-            )
-            history.append(metrics)
-            if val_accuracy > best_val_accuracy:
-                best_val_accuracy, best_epoch = val_accuracy, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            left = (config.epochs - epoch) * sum(m.epoch_seconds for m in history) / len(history)
-            print(
-                f"{label + ' ' if label else ''}epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  "
-                f"train_accuracy {metrics.train_accuracy:.4f}  val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  "
-                f"{seconds:.1f}s  {metrics.samples_per_second:.0f} samples/s" + (f"  ETA {duration(left)}" if left else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            loss_sum, correct, started = _train_epoch(run, train_split, epoch, precision, stop, checkpoints, show_bar, partial)
+            partial = None
+            metrics = _end_epoch(run, val_split, epoch, loss_sum, correct, started)
+            _print_epoch(metrics, run.history, config.epochs, label)
             if checkpoints:
-                checkpoints.save(f"epoch-{epoch:04d}", checkpoint_state(epoch))
+                checkpoints.save(f"epoch-{epoch:04d}", run.checkpoint(epoch))
             if on_epoch:
                 on_epoch(metrics)
-            if config.patience and epoch - best_epoch >= config.patience:
+            if config.patience and epoch - run.best_epoch >= config.patience:
                 stopped_early = True
                 print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
                 break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model = run.model
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     model.eval()
-    return TrainResult(model, history, best_epoch, best_val_accuracy, device, stopped_early, resumed_from, precision)
+    return TrainResult(
+        model, run.history, run.best_epoch, run.best_val_accuracy, device, stopped_early, start_epoch - 1, precision
+    )
+
+
+def _train_epoch(run: _Run, split: Split, epoch: int, precision: str, stop, checkpoints, show_bar: bool, partial=None):
+    """One pass over ``split`` in a new shuffled order, or the rest of an interrupted one (``partial``).
+
+    Returns the summed loss and the count of correct predictions (tensors on the device, so no
+    batch waits for the host) and when the epoch started. A stop request ends it after the batch
+    in progress, with a checkpoint of that position.
+    """
+    config, device, n_train = run.config, run.device, len(split.labels)
+    run.model.train()
+    if partial:  # resume inside this epoch, where the interrupted run stopped
+        order, first = partial["order"].to(device), partial["next_start"]
+        loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+        started = time.perf_counter() - partial["seconds"]
+    else:
+        order, first = torch.randperm(n_train, generator=run.shuffle).to(device), 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        started = time.perf_counter()
+    batches = range(first, n_train, config.batch_size)
+    if show_bar:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+    for start in batches:
+        index = order[start : start + config.batch_size]
+        x = to_sequences(split.images[index], config.reading_order)  # (B, T, F)
+        y = split.labels[index]  # (B,)
+        # bf16: the LSTM and the head compute in bfloat16, the loss in float32; gradients
+        # reach the float32 weights through autocast's casts, so no loss scaling is needed.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = run.model(x)  # (B, 10)
+            loss = F.cross_entropy(logits, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        loss_sum += loss.detach() * len(index)
+        correct += (logits.argmax(1) == y).sum()
+        if stop.signal_number:  # a plain Python int: checking it costs no host sync
+            path = None
+            if checkpoints:
+                position = {
+                    "order": order.cpu(),
+                    "next_start": start + config.batch_size,
+                    "loss_sum": loss_sum.cpu(),
+                    "correct": correct.cpu(),
+                    "seconds": time.perf_counter() - started,
+                }
+                path = checkpoints.save(f"epoch-{epoch:04d}-partial", run.checkpoint(epoch - 1, partial=position))
+            raise TrainingInterrupted(stop.signal_number, path)
+    return loss_sum, correct, started
+
+
+def _end_epoch(run: _Run, val_split: Split, epoch: int, loss_sum, correct, started: float) -> EpochMetrics:
+    """The epoch's metrics, added to the history; the weights kept if validation is the best yet."""
+    config, n_train = run.config, run.n_train
+    train_loss = loss_sum.item() / n_train  # the epoch's one host sync
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"train_loss is {train_loss} in epoch {epoch}; lower learning_rate (now {config.learning_rate}) or set max_grad_norm"
+        )
+    val_loss, val_accuracy = evaluate_split(run.model, val_split, config.reading_order)  # fp32, as the model is logged
+    seconds = time.perf_counter() - started
+    metrics = EpochMetrics(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_accuracy=correct.item() / n_train,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        epoch_seconds=seconds,
+        samples_per_second=n_train / seconds,
+        learning_rate=run.optimizer.param_groups[0]["lr"],
+    )
+    run.history.append(metrics)
+    if val_accuracy > run.best_val_accuracy:
+        run.best_val_accuracy, run.best_epoch = val_accuracy, epoch
+        run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    return metrics
+
+
+def _print_epoch(metrics: EpochMetrics, history: list[EpochMetrics], epochs: int, label: str) -> None:
+    """One line to stderr per epoch; the estimated time left while epochs remain."""
+    left = (epochs - metrics.epoch) * sum(m.epoch_seconds for m in history) / len(history)
+    print(
+        f"{label + ' ' if label else ''}epoch {metrics.epoch}/{epochs}  train_loss {metrics.train_loss:.4f}  "
+        f"train_accuracy {metrics.train_accuracy:.4f}  val_loss {metrics.val_loss:.4f}  "
+        f"val_accuracy {metrics.val_accuracy:.4f}  {metrics.epoch_seconds:.1f}s  {metrics.samples_per_second:.0f} samples/s"
+        + (f"  ETA {duration(left)}" if left else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+@dataclass
+class _Run:
+    """What training carries from batch to batch and epoch to epoch: all a checkpoint holds."""
+
+    config: TrainConfig
+    device: torch.device
+    n_train: int
+    model: LSTMClassifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    shuffle: torch.Generator  # the order of each epoch's training images
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_state: dict | None = None  # the weights of the best epoch so far
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: PreparedData, device: torch.device) -> _Run:
+        """A new model and optimizer (after ``torch.manual_seed``: the model's initial weights use it)."""
+        shuffle = torch.Generator().manual_seed(config.seed)
+        model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
+        # The fused kernel updates all parameters in one pass: 5% more samples/s at hidden 128 on a CPU.
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
+        n_train = len(data.train.labels)
+        total_steps = config.epochs * math.ceil(n_train / config.batch_size)
+        return cls(config, device, n_train, model, optimizer, _scheduler(optimizer, config, total_steps), shuffle)
+
+    def checkpoint(self, epoch: int, **extra) -> dict:
+        """Everything needed to continue after ``epoch`` bit for bit (``partial``: inside the next one)."""
+        state = {
+            "epoch": epoch,
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "shuffle_rng": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [dataclasses.asdict(m) for m in self.history],
+            "best_model": self.best_state,
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            **extra,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore(self, saved: dict) -> tuple[int, dict | None]:
+        """Continue from a ``checkpoint``: returns the epoch to start and the position inside it, if any."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.shuffle.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        self.history = [EpochMetrics(**m) for m in saved["history"]]
+        self.best_state, self.best_epoch = saved["best_model"], saved["best_epoch"]
+        self.best_val_accuracy = saved["best_val_accuracy"]
+        return saved["epoch"] + 1, saved.get("partial")
 
 
 def duration(seconds: float) -> str:
