@@ -104,7 +104,7 @@ class TrainConfig:
     device: str = param("auto", "where to train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
     # bf16: forward pass and loss under bfloat16 autocast, weights and Adam in float32; needs a
     # CUDA GPU or a CPU with avx512_bf16. auto takes bf16 only where it was measured faster at
-    # the same accuracy (such CPUs: README, GPU), else fp32. Validation always runs in fp32.
+    # the same accuracy (such CPUs: docs/gpu.md), else fp32. Validation always runs in fp32.
     precision: str = param(
         "auto", "arithmetic of training; auto = bf16 where measured faster, else fp32", choices=("auto", "fp32", "bf16")
     )
