@@ -5,9 +5,10 @@
 
 ``throughput`` trains each configuration with both loops (``benchmarks/tutorial_baseline.py`` and
 ``pipeline.training.train``) on the same images, device and batch size, and reports samples per
-second, their ratio, epoch time, peak memory, achieved FLOP/s against a matmul peak and,
-optionally, the time to reach a validation accuracy. ``--threads`` and ``--mkldnn`` add variants
-of the project loop. ``scaling`` measures the project loop (or both) while hidden_size,
+second, their ratio, epoch time, peak memory, achieved FLOP/s against the matmul peak of the
+precision each row trained in (fp32, or bf16 where ``precision=auto`` picks it) and, optionally,
+the time to reach a validation accuracy. ``--threads`` and ``--mkldnn`` add variants of the
+project loop. ``scaling`` measures the project loop (or both) while hidden_size,
 num_layers, batch_size and reading_order change one at a time around a base configuration.
 
 Every measurement is a fresh process (``benchmarks/measure.py``): one warm-up epoch of a few
@@ -37,14 +38,18 @@ from benchmarks.tutorial_baseline import write_raw_mnist
 from pipeline.config import OneLineParser, ParameterError, TrainConfig, fail, parse_bool
 from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES, DataError, load_raw, save_prepared, split_train_val
 from pipeline.tables import markdown_table
-from pipeline.training import resolve_device
+from pipeline.training import bf16_supported, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 # The issue's configurations: (hidden_size, num_layers, batch_size) -> the project/baseline
 # samples-per-second ratio it asks for on CPU.
 CPU_TARGETS = {(128, 1, 128): 1.5, (256, 2, 128): 1.2}
 DEFAULT_CONFIGS = ["hidden_size=128,num_layers=1,batch_size=128", "hidden_size=256,num_layers=2,batch_size=128"]
-MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # big enough to reach the float32 peak, a second or less
+# The peak that "% of peak" divides by: the best of MATMUL_REPEATS matmuls of this size, in each
+# precision a row may train in (bf16 reads about 4x fp32 on an avx512_bf16 CPU; dividing bf16 rows
+# by the fp32 peak gave 102-116%). One fp32 matmul of 4096 takes about a second on 2 CPU cores.
+MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}
+MATMUL_REPEATS = 5
 
 
 # --- configurations ----------------------------------------------------------------------------
@@ -153,14 +158,27 @@ def variant_label(variant: dict) -> str:
     return f"threads={variant['threads']} mkldnn={'on' if variant['mkldnn'] else 'off'}"
 
 
-def matmul_peaks(device: str, thread_counts: set[int]) -> dict[int, float]:
-    """Float32 matmul FLOP/s per thread count (one count on CUDA, where threads don't matter)."""
+def matmul_peaks(device: str, thread_counts: set[int]) -> dict[int, dict[str, float]]:
+    """Matmul FLOP/s per thread count (one count on CUDA, where threads don't matter) and precision:
+    fp32, and bf16 where the device has it (``precision=auto`` trains in bf16 on avx512_bf16 CPUs)."""
+    precisions = ["fp32", "bf16"] if bf16_supported(torch.device(device)) else ["fp32"]
+    size = MATMUL_SIZE.get(device, 4096)
     peaks = {}
     for threads in sorted(thread_counts) if device == "cpu" else [min(thread_counts)]:
-        result = run_job({"kind": "matmul_peak", "device": device, "size": MATMUL_SIZE.get(device, 4096), "threads": threads})
-        peaks[threads] = result["best_flops"]
-        log(f"matmul peak at {threads} thread(s): {result['best_flops'] / 1e9:.1f} GFLOP/s")
+        peaks[threads] = {}
+        for precision in precisions:
+            job = {"kind": "matmul_peak", "device": device, "size": size, "precision": precision, "repeats": MATMUL_REPEATS}
+            peaks[threads][precision] = run_job({**job, "threads": threads})["best_flops"]
+            log(f"{precision} matmul peak at {threads} thread(s): {peaks[threads][precision] / 1e9:.1f} GFLOP/s")
     return peaks
+
+
+def peak_fraction(flops: float, precision: str, peaks: dict[int, dict[str, float]], threads: int) -> float | None:
+    """``flops`` over the matmul peak of the precision the row trained in, at its thread count
+    (on CUDA, the one count measured); None where that precision's peak was not measured."""
+    at_threads = peaks.get(threads) or next(iter(peaks.values()))
+    peak = at_threads.get(precision)
+    return flops / peak if peak else None
 
 
 def data_memory(mnist_root: Path, workdir: Path) -> dict:
@@ -221,10 +239,12 @@ def throughput_row(config: TrainConfig, loop: str, variant: dict, measurements: 
     if device == "cpu" and loop == "project" and config.reading_order == "rows":
         target = CPU_TARGETS.get((config.hidden_size, config.num_layers, config.batch_size))
     flops = statistics.median(achieved_flops(config, m) for m in mine)
+    precision = mine[0]["precision"]
     return {
         "config": label,
         "loop": loop,
         "variant": variant,
+        "precision": precision,
         "samples": mine[0]["samples"],
         "samples_per_second": speed,
         "ratio_to_baseline": ratio,
@@ -235,7 +255,7 @@ def throughput_row(config: TrainConfig, loop: str, variant: dict, measurements: 
         "train_rss_growth_mib": max_or_none(m["train_rss_growth_mib"] for m in mine),
         "cuda_peak_mib": max_or_none(m["cuda_peak_mib"] for m in mine),
         "achieved_flops": flops,
-        "peak_fraction": flops / peaks.get(variant["threads"], max(peaks.values())),
+        "peak_fraction": peak_fraction(flops, precision, peaks, variant["threads"]),
     }
 
 
@@ -312,18 +332,20 @@ def scaling(args, device: str, mnist_root: Path, workdir: Path) -> dict:
             at_base = select(measurements, config=config_label(base), loop=loop)
             speed = median_range(m["samples_per_second"] for m in mine)
             flops = statistics.median(m["achieved_flops"] for m in mine)
+            precision = mine[0]["precision"]
             rows.append(
                 {
                     "factor": factor,
                     "value": value,
                     "config": config_label(config),
                     "loop": loop,
+                    "precision": precision,
                     "samples": statistics.median(m["samples"] for m in mine),
                     "samples_per_second": speed,
                     "relative_to_base": speed["median"] / statistics.median(m["samples_per_second"] for m in at_base),
                     "forward_flops_per_sample": forward_flops_per_sample(config),
                     "achieved_flops": flops,
-                    "peak_fraction": flops / peaks[threads],
+                    "peak_fraction": peak_fraction(flops, precision, peaks, threads),
                     "peak_rss_mib": max(m["peak_rss_mib"] for m in mine),
                     "cuda_peak_mib": max_or_none(m["cuda_peak_mib"] for m in mine),
                 }
@@ -364,12 +386,23 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def header(mode: str, env: dict, settings: str, peaks: dict) -> str:
-    peak_text = ", ".join(f"{peak / 1e9:.0f} GFLOP/s at {threads} thread(s)" for threads, peak in peaks.items())
+    peak_text = "; ".join(
+        f"{threads} thread(s): " + ", ".join(f"{precision} {peak / 1e9:.0f} GFLOP/s" for precision, peak in by_precision.items())
+        for threads, by_precision in peaks.items()
+    )
+    size = MATMUL_SIZE.get(env["device"], 4096)
+    tf32 = " (fp32 on TF32 tensor cores, as training)" if env["device"] == "cuda" else ""
     return (
         f"# {mode}: {env['device']} ({env['device_name']}), {env['date']}\n\n"
         f"torch {env['torch']}, {env['default_threads']} thread(s) by default. {settings} "
-        f"Float32 matmul peak: {peak_text}.\n\n`{env['command']}`"
+        f"Matmul peak, best of {MATMUL_REPEATS} at {size}x{size}{tf32}: {peak_text}. "
+        f"'% of peak' divides a row's GFLOP/s by the peak of the precision it trained in (its precision column) "
+        f"at its thread count.\n\n`{env['command']}`"
     )
 
 
@@ -382,6 +415,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
         "config",
         "loop",
         "variant",
+        "precision",
         "samples/s",
         "x baseline",
         "target",
@@ -389,7 +423,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
         "peak RSS MiB",
         "train +RSS MiB",
         "GFLOP/s",
-        "% of peak",
+        "% of peak (own precision)",
     ]
     if env["device"] == "cuda":
         headers.append("CUDA peak MiB")
@@ -400,6 +434,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
             row["config"],
             row["loop"],
             variant_label(row["variant"]),
+            row["precision"],
             _speed(row["samples_per_second"]),
             f"{row['ratio_to_baseline']:.2f}",
             target,
@@ -407,7 +442,7 @@ def throughput_markdown(report: dict, env: dict, args) -> str:
             _mib(row["peak_rss_mib"]),
             _mib(row["train_rss_growth_mib"]),
             f"{row['achieved_flops'] / 1e9:.1f}",
-            f"{100 * row['peak_fraction']:.1f}",
+            _percent(row["peak_fraction"]),
         ]
         if env["device"] == "cuda":
             cells.append(_mib(row["cuda_peak_mib"]))
@@ -461,17 +496,29 @@ def scaling_markdown(report: dict, env: dict, args) -> str:
         f"Base {report['base']}; one factor changes at a time. Each row: median (min-max) of {args.repeats} "
         f"fresh processes, each timing one epoch sized to about {args.seconds} s after a warm-up."
     )
-    headers = ["factor", "value", "loop", "samples/s", "x base", "MFLOP/sample (fwd)", "GFLOP/s", "% of peak", "peak RSS MiB"]
+    headers = [
+        "factor",
+        "value",
+        "loop",
+        "precision",
+        "samples/s",
+        "x base",
+        "MFLOP/sample (fwd)",
+        "GFLOP/s",
+        "% of peak (own precision)",
+        "peak RSS MiB",
+    ]
     rows = [
         [
             row["factor"],
             row["value"],
             row["loop"],
+            row["precision"],
             _speed(row["samples_per_second"]),
             f"{row['relative_to_base']:.2f}",
             f"{row['forward_flops_per_sample'] / 1e6:.1f}",
             f"{row['achieved_flops'] / 1e9:.1f}",
-            f"{100 * row['peak_fraction']:.1f}",
+            _percent(row["peak_fraction"]),
             _mib(row["peak_rss_mib"]),
         ]
         for row in report["rows"]

@@ -88,16 +88,18 @@ def prepared_data(mnist_train: Split, train_indices: list[int], val_indices: lis
 # --- the two loops behind one call -------------------------------------------------------------
 
 
-def run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, *, num_workers=0, on_epoch=None) -> list:
-    """Train with ``loop`` ("project" or "baseline"); returns its per-epoch history.
+def run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, *, num_workers=0, on_epoch=None):
+    """Train with ``loop`` ("project" or "baseline"); returns its per-epoch history and the precision
+    it trained in (``fp32`` or ``bf16``: the project's ``precision=auto`` resolves per device).
 
     Each history entry has ``epoch_seconds``, ``samples_per_second`` and ``val_accuracy``.
     """
     if loop == "project":
         data = prepared_data(mnist_train, train_indices, val_indices)
-        return train(config, data, on_epoch=on_epoch, progress=False).history
-    if loop == "baseline":
-        return train_tutorial(
+        result = train(config, data, on_epoch=on_epoch, progress=False)
+        return result.history, result.precision
+    if loop == "baseline":  # the tutorial's loop trains in float32
+        history = train_tutorial(
             raw_root,
             train_indices,
             val_indices,
@@ -112,6 +114,7 @@ def run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, *,
             num_workers=num_workers,
             on_epoch=on_epoch,
         )
+        return history, "fp32"
     raise ValueError(f"unknown loop {loop!r}: project or baseline")
 
 
@@ -142,18 +145,20 @@ def measure_epoch(loop, config, raw_root, samples, val_samples, seconds=0.0, war
 
     warmup_samples = warmup_batches * config.batch_size
     warmup_indices, val_indices = pick_indices(warmup_samples, val_samples, seed)
-    warmup = run_loop(loop, config, raw_root, mnist_train, warmup_indices, val_indices, num_workers=num_workers)[-1]
+    warmup = run_loop(loop, config, raw_root, mnist_train, warmup_indices, val_indices, num_workers=num_workers)[0][-1]
     if not samples:
         batches = max(warmup_batches, round(warmup.samples_per_second * seconds / config.batch_size))
         samples = min(batches * config.batch_size, MNIST_TRAIN_IMAGES - val_samples)
     train_indices, _ = pick_indices(samples, val_samples, seed)
-    timed = run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, num_workers=num_workers)[-1]
+    history, precision = run_loop(loop, config, raw_root, mnist_train, train_indices, val_indices, num_workers=num_workers)
+    timed = history[-1]
     train_peak = peak_rss_mib() if phase_peak_measured else None
     return {
         "samples": samples,
         "val_samples": val_samples,
         "samples_per_second": timed.samples_per_second,
         "epoch_seconds": timed.epoch_seconds,
+        "precision": precision,  # what the timed epoch trained in: its FLOP/s compare with this precision's peak
         "warmup_samples_per_second": warmup.samples_per_second,
         "rss_before_train_mib": rss_before,
         "peak_rss_mib": max(load_peak, train_peak or peak_rss_mib()),
@@ -194,10 +199,17 @@ def measure_time_to_accuracy(
     }
 
 
-def measure_matmul_peak(device: str, size: int, repeats: int = 5) -> dict:
-    """FLOP/s of a large float32 matmul: a practical peak for this device and thread count."""
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def measure_matmul_peak(device: str, size: int, precision: str = "fp32", repeats: int = 5) -> dict:
+    """FLOP/s of a large ``size`` x ``size`` matmul in ``precision`` (fp32 or bf16), best of ``repeats``
+    after a warm-up: a practical peak for this device, precision and thread count. On CUDA, fp32 runs
+    on TF32 tensor cores, as the project's training does there (``numeric_settings``)."""
     device = torch.device(device)
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # a fresh process: nothing else to restore
+    a, b = (torch.randn(size, size, device=device, dtype=MATMUL_DTYPES[precision]) for _ in range(2))
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         if device.type == "cuda":
@@ -208,7 +220,13 @@ def measure_matmul_peak(device: str, size: int, repeats: int = 5) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     flops = 2 * size**3
-    return {"size": size, "best_flops": flops / min(times[1:]), "median_flops": flops / statistics.median(times[1:])}
+    return {
+        "size": size,
+        "precision": precision,
+        "repeats": repeats,
+        "best_flops": flops / min(times[1:]),
+        "median_flops": flops / statistics.median(times[1:]),
+    }
 
 
 def measure_data_memory(prepared_dir: str) -> dict:
