@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from benchmarks.report import add_common_flags, write_report
 from pipeline.tables import markdown_table
 
 
@@ -74,9 +74,8 @@ CONFIG_PARAMS = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one pipeline run each (default: 1 2 3)")
-    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw (default: data)")
+    add_common_flags(parser, device=False)
     parser.add_argument("--tracking-uri", default="", help="MLflow store for the runs (default: a new one in a temp folder)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .json and .md results")
     parser.add_argument("extra", nargs="*", help="flags passed on to pipeline.main, after --")
     args = parser.parse_args()
 
@@ -119,10 +118,7 @@ def main() -> None:
         + f"\n\n**mean {summary['mean']:.4f} ± {summary['std']:.4f}** (sample std), min {summary['min']:.4f}, "
         f"max {summary['max']:.4f}\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"accuracy-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
+    stem = write_report(args.out, "accuracy", report, text)
     print("\n" + text + f"\nwritten: {stem}.json, {stem}.md")
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import MNIST_TRAIN_IMAGES
+from benchmarks.report import add_common_flags, write_report
 from benchmarks.tutorial_baseline import write_raw_mnist
 from pipeline.config import OneLineParser, ParameterError, TrainConfig, fail, parse_bool
 from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES, DataError, load_raw, save_prepared, split_train_val
@@ -526,14 +527,6 @@ def scaling_markdown(report: dict, env: dict, args) -> str:
     return header("scaling", env, settings, report["matmul_peak_flops"]) + "\n\n" + markdown_table(rows, columns=headers) + "\n"
 
 
-def write_report(out: Path, mode: str, device: str, report: dict, markdown: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{mode}-{device}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown)
-    return stem
-
-
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -549,13 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp = modes.add_parser("throughput", help="tutorial loop vs project loop, side by side")
     sc = modes.add_parser("scaling", help="project-loop samples/s against one factor at a time")
     for sub in (tp, sc):
-        add_flag(sub, "--device", "where both loops train", choices=("auto", "cpu", "cuda"), default="auto")
-        add_flag(sub, "--data-dir", "folder holding MNIST/raw/ (.gz or not); nothing is downloaded", default="data")
+        add_common_flags(sub)
         add_flag(sub, "--repeats", "fresh processes per measurement; tables show the median", type=int, default=3)
         add_flag(sub, "--val-samples", "validation images evaluated in each timed epoch", type=int, default=256)
         add_flag(sub, "--num-workers", "DataLoader workers of the tutorial loop", type=int, default=0)
         add_flag(sub, "--seed", "seed of the image choice and of training", type=int, default=42)
-        add_flag(sub, "--out", "folder for the .json and .md results", type=Path, default=Path("benchmarks/results"))
 
     add_flag(tp, "--samples", "training images per timed epoch, the same for both loops", type=int, default=12_800)
     add_flag(
@@ -654,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(device)
     report = {"environment": env, "settings": {k: v for k, v in vars(args).items() if k != "out"}, **report}
     markdown = to_markdown(report, env, args)
-    stem = write_report(args.out, args.mode, device, report, markdown)
+    stem = write_report(args.out, f"{args.mode}-{device}", report, markdown)
     print(markdown)
     log(f"wrote {stem}.json and {stem}.md in {time.perf_counter() - started:.0f} s")
 

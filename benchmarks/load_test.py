@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -28,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import add_common_flags, write_report
 from experiments.infra import mlflow_server, postgres_cluster
 from pipeline.tables import markdown_table
 
@@ -208,7 +208,7 @@ def main() -> None:
         default=60,
         help="seconds the server trusts a checked password; 0 hashes it on every request (default: 60)",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .json and .md results")
+    add_common_flags(parser, device=False, data_dir=False)
     args = parser.parse_args()
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(["mlflow", "optuna", "psycopg"])
@@ -256,10 +256,7 @@ def main() -> None:
         "rounds": rounds,
     }
     text = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"load-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
+    stem = write_report(args.out, "load", report, text)
     print(text + f"\nwritten: {stem}.json, {stem}.md")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench import parse_config
+from benchmarks.report import add_common_flags, write_report
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.prepare import prepare
@@ -38,8 +38,7 @@ DEFAULT_CONFIG = "hidden_size=256,num_layers=2"  # the pipeline's defaults
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
-    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw (default: data)")
+    add_common_flags(parser)
     parser.add_argument("--train-limit", type=int, default=0, help="training images, 0 = all 55,000 (default: 0)")
     parser.add_argument(
         "--config",
@@ -64,7 +63,6 @@ def main() -> None:
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"), help="(default: fp32 bf16)"
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .json and .md results")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -93,10 +91,7 @@ def main() -> None:
         "rows": rows,
     }
     text = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"precision-{device.type}-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
+    write_report(args.out, f"precision-{device.type}", report, text)
     print(text)
 
 
