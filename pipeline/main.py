@@ -116,8 +116,14 @@ def stages_note(parent, stages: dict[str, str]) -> str:
     return "Stages of this pipeline:\n\n" + markdown_table(rows, columns=["stage", "run", ""])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(prog="main", description=__doc__.split("\n")[0])
+# What a pipeline run reports: the evaluate run's test metrics and the train run's best validation accuracy.
+TEST_METRICS = ("test_accuracy", "test_macro_f1", "test_loss")
+REPORTED_METRICS = (*TEST_METRICS, "best_val_accuracy")
+
+
+def pipeline_parser(prog: str, description: str) -> OneLineParser:
+    """The flags of ``main``, which ``repeat`` shares: every prepare and train parameter, one ``--seed``."""
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument(
         "--env-manager",
         default="local",
@@ -131,41 +137,82 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_arguments(parser, PrepareConfig)
     add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
-    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    return parser
+
+
+def run_prepare(prepare_config: PrepareConfig, parent, env_manager: str, code: str) -> str:
+    """The prepare stage as a child of ``parent``, or its finished twin; its run id."""
     # Stages run in the project folder: relative paths mean what they meant where the user started.
     prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir))
-    checkpoint_dir = user_path(args.checkpoint_dir)
+    return run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code)
 
-    code = code_version()
-    with mlflow.start_run(run_name="pipeline") as parent:
+
+def run_pipeline(
+    prepare_config: PrepareConfig,
+    train_config: TrainConfig,
+    *,
+    env_manager: str,
+    checkpoint_dir: str,
+    code: str,
+    prepare_id: str | None = None,
+    run_name: str = "pipeline",
+):
+    """One pipeline run (stage tag ``main``): prepare -> train -> evaluate as its child runs.
+
+    Nested under the active run if there is one. With ``prepare_id`` the data comes from that
+    finished prepare run (one a caller shares between pipelines) and no prepare stage runs here.
+    Returns the pipeline run, its stage run ids and its ``REPORTED_METRICS``; a failing stage
+    raises ``StageFailed`` and the pipeline run ends FAILED.
+    """
+    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tag("pipeline.stage", "main")
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
         try:
-            prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, args.env_manager, code)
+            if prepare_id is None:
+                prepare_id = run_prepare(prepare_config, run, env_manager, code)
+            else:
+                mlflow.set_tag("pipeline.prepare_reused", "true")  # made elsewhere, as a reused stage is
             train_id = run_stage(
                 "train",
                 {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)},
-                parent,
-                args.env_manager,
+                run,
+                env_manager,
                 code,
             )
             evaluate_id = run_stage(
-                "evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, parent, args.env_manager, code
+                "evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, run, env_manager, code
             )
         except StageFailed as error:
             mlflow.set_tag(ERROR_TAG, str(error))
-            fail(str(error))  # one line under the stage's own: no traceback (the run ends FAILED)
+            raise
         stages = {"prepare": prepare_id, "train": train_id, "evaluate": evaluate_id}
         mlflow.set_tags({f"pipeline.{stage}_run": run_id for stage, run_id in stages.items()})
-        mlflow.set_tag("mlflow.note.content", stages_note(parent, stages))  # the run's description in the UI
-        metrics = MlflowClient().get_run(evaluate_id).data.metrics
-        mlflow.log_metrics({name: metrics[name] for name in ("test_accuracy", "test_macro_f1", "test_loss")})
+        mlflow.set_tag("mlflow.note.content", stages_note(run, stages))  # the run's description in the UI
+        client = MlflowClient()
+        metrics = {name: client.get_run(evaluate_id).data.metrics[name] for name in TEST_METRICS}
+        metrics["best_val_accuracy"] = client.get_run(train_id).data.metrics["best_val_accuracy"]
+        mlflow.log_metrics(metrics)
+    return run, stages, metrics
 
-    experiment_id = parent.info.experiment_id
+
+def main(argv: list[str] | None = None) -> None:
+    parser = pipeline_parser("main", __doc__.split("\n")[0])
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    try:
+        run, stages, metrics = run_pipeline(
+            prepare_config,
+            train_config,
+            env_manager=args.env_manager,
+            checkpoint_dir=user_path(args.checkpoint_dir),
+            code=code_version(),
+        )
+    except StageFailed as error:
+        fail(str(error))  # one line under the stage's own: no traceback (the run ended FAILED)
     print(
         f"\ntest_accuracy {metrics['test_accuracy']:.4f}  (test_macro_f1 {metrics['test_macro_f1']:.4f})\n"
-        f"runs: pipeline {parent.info.run_id}, prepare {prepare_id}, train {train_id}, evaluate {evaluate_id}\n"
-        f"see them: {ui_link(experiment_id)}"
+        f"runs: pipeline {run.info.run_id}, "
+        + ", ".join(f"{stage} {run_id}" for stage, run_id in stages.items())
+        + f"\nsee them: {ui_link(run.info.experiment_id)}"
     )
 
 
