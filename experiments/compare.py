@@ -1,11 +1,14 @@
 """The ``compare`` entry point: a leaderboard of runs, read with ``mlflow.search_runs``.
 
 Reads:  runs of one experiment, optionally only one study's trials or one parent run's children.
+        With ``--group-by-config``, runs of one configuration (every parameter but the seeds and
+        the device) make one row: each metric's mean ± sample std and the number of seeds.
 Writes: the leaderboard as markdown to stdout; with ``--output-dir``, also ``leaderboard.md`` and
         ``leaderboard.csv`` there. It opens no run (under `mlflow run`, the run that command opens
         is left out of the table).
 
     python -m experiments.compare --study lstm-rows --sort-by best_val_accuracy --top-k 10
+    python -m experiments.compare --group-by-config --sort-by test_accuracy
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pipeline.tables import markdown_table
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
+# A configuration, for --group-by-config: the training's parameters and which data (not where it lives).
+CONFIG_COLUMNS = [*PARAM_COLUMNS, "dataset", "val_size", "train_limit"]
 
 
 def filter_string(study: str = "", parent_run: str = "", stage: str = "") -> str:
@@ -56,6 +61,58 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
     return table.reset_index(drop=True)
 
 
+def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = False) -> pd.DataFrame:
+    """One row per configuration: its parameters, ``n_seeds``, ``seeds``, and each metric's
+    ``<metric>_mean`` and ``<metric>_std`` (sample std; empty for one seed), best mean first."""
+    if "tags.pipeline.evaluate_run" in runs:  # pipeline runs that reused one evaluate run are one result
+        evaluated = runs["tags.pipeline.evaluate_run"]
+        runs = runs[evaluated.isna() | ~evaluated.duplicated()]
+    if f"metrics.{sort_by}" not in runs:
+        metrics = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
+        raise KeyError(f"no run has the metric {sort_by!r}; these do: {', '.join(metrics) or 'none'}")
+    runs = runs[runs[f"metrics.{sort_by}"].notna()]  # a failed or unfinished run is no result
+    config = [f"params.{name}" for name in CONFIG_COLUMNS if f"params.{name}" in runs and runs[f"params.{name}"].notna().any()]
+    if not config:
+        raise KeyError(f"no run has a parameter to group by (one of: {', '.join(CONFIG_COLUMNS)})")
+    metrics = [
+        name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS]) if runs.get(f"metrics.{name}", pd.Series()).notna().any()
+    ]
+    seeds = runs["params.seed"] if "params.seed" in runs else pd.Series(None, index=runs.index, dtype=object)
+    runs = runs.assign(**{column: runs[column].fillna("") for column in config}, seed=seeds.fillna(""))
+    rows = []
+    for values, group in runs.groupby(config, sort=False):
+        row = dict(zip([column.removeprefix("params.") for column in config], values, strict=True))
+        row["n_seeds"] = len(group)
+        row["seeds"] = " ".join(sorted(group["seed"], key=lambda seed: (not seed.isdigit(), int(seed) if seed.isdigit() else 0)))
+        for name in metrics:
+            row[f"{name}_mean"] = group[f"metrics.{name}"].mean()
+            row[f"{name}_std"] = group[f"metrics.{name}"].std()  # pandas' default: the sample std, NaN for one seed
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
+    for column in config:  # MLflow keeps params as strings; numbers sort and print better as numbers
+        name = column.removeprefix("params.")
+        try:
+            table[name] = pd.to_numeric(table[name])
+        except (ValueError, TypeError):
+            pass
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def mean_and_std(table: pd.DataFrame) -> pd.DataFrame:
+    """A grouped leaderboard to print: each metric's mean and std as one ``0.9712 ± 0.0011`` cell."""
+    shown = table.copy()
+    for column in [c for c in table if c.endswith("_mean")]:
+        name = column.removesuffix("_mean")
+        std = table[f"{name}_std"]
+        shown[name] = [
+            "" if pd.isna(m) else f"{m:.4f}" + ("" if pd.isna(s) else f" ± {s:.4f}")
+            for m, s in zip(table[column], std, strict=True)
+        ]
+        shown = shown.drop(columns=[column, f"{name}_std"])
+    return shown
+
+
 def selected_experiment(name: str):
     """The experiment to report on: ``--experiment``, else the one the user selected for the command
     (`mlflow run --experiment-name/--experiment-id` sets MLFLOW_EXPERIMENT_ID, users set
@@ -68,13 +125,14 @@ def selected_experiment(name: str):
     return mlflow.get_experiment_by_name(name), name
 
 
-def default_stage(study: str, parent_run: str) -> str:
-    """A study's leaderboard lists its trials once: not its prepare, evaluate or worker runs."""
+def default_stage(study: str, parent_run: str, group_by_config: bool = False) -> str:
+    """A study's leaderboard lists its trials once: not its prepare, evaluate or worker runs. A
+    repeat's, and a grouping by configuration, its pipeline runs (one per seed, with test metrics)."""
     if study:
         return "trial"
-    if parent_run and mlflow.get_run(parent_run).data.tags.get("pipeline.stage") == "tune":
-        return "trial"
-    return ""
+    if parent_run:
+        return {"tune": "trial", "repeat": "main"}.get(mlflow.get_run(parent_run).data.tags.get("pipeline.stage"), "")
+    return "main" if group_by_config else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,13 +147,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stage",
         default="",
-        help="only runs of this stage tag: train, trial, evaluate, ... (default: trial for a study, else any)",
+        help="only runs of this stage tag: train, trial, main, ... (default: trial for a study, main for a repeat "
+        "or with --group-by-config, else any)",
     )
     parser.add_argument("--sort-by", default="best_val_accuracy", help="metric to rank by (default: best_val_accuracy)")
     parser.add_argument(
         "--ascending", type=parse_bool, nargs="?", const=True, default=False, help="lower is better, for losses (default: false)"
     )
     parser.add_argument("--top-k", type=int, default=10, help="rows to keep (default: 10)")
+    parser.add_argument(
+        "--group-by-config",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="one row per configuration (all parameters but seed and device): mean ± sample std of each metric over "
+        "its runs, and their number n_seeds; sorted by the mean (default: false)",
+    )
     parser.add_argument(
         "--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)"
     )
@@ -106,17 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     experiment, described = selected_experiment(args.experiment)
     if experiment is None:
         fail(f"no experiment {described!r} in {mlflow.get_tracking_uri()}")
-    stage = args.stage or default_stage(args.study, args.parent_run)
+    stage = args.stage or default_stage(args.study, args.parent_run, args.group_by_config)
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=filter_string(args.study, args.parent_run, stage))
     if launched := os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this command: not a result
         runs = runs[runs["run_id"] != launched] if not runs.empty else runs
     if runs.empty:
         fail(f"no runs match in experiment {experiment.name!r}")
     try:
-        table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
+        if args.group_by_config:
+            table = grouped_leaderboard(runs, args.sort_by, args.top_k, args.ascending)
+        else:
+            table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
     except KeyError as error:
         fail(str(error.args[0]))
-    markdown = markdown_table(table)
+    markdown = markdown_table(mean_and_std(table) if args.group_by_config else table)
     if args.output_dir:
         output = Path(args.output_dir)
         output.mkdir(parents=True, exist_ok=True)

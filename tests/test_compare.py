@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from experiments import compare
@@ -98,3 +100,47 @@ def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
     [row] = table_rows(done.stdout[done.stdout.index("| rank") :])
     assert (row["run"], row["best_val_accuracy"]) == ("trial-1", "0.97")  # "mine", not Default
     assert not (REPO / "leaderboard.md").exists() and not (tmp_path / "leaderboard.md").exists()
+
+
+def logged_run(client: MlflowClient, stage: str, params: dict, test_accuracy: float, **tags: str) -> None:
+    run = client.create_run("0", tags={"pipeline.stage": stage, **tags})
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric("test_accuracy", test_accuracy, 0, 0)],
+        params=[Param(name, str(value)) for name, value in params.items()],
+    )
+    client.set_terminated(run.info.run_id)
+
+
+def test_group_by_config_gives_mean_and_sample_std_over_seeds_once_per_result(tracking, tmp_path, capsys):
+    client = MlflowClient()
+    accuracies = {(32, 1): 0.90, (32, 2): 0.92, (32, 3): 0.97, (64, 1): 0.95, (64, 2): 0.96, (128, 1): 0.5}
+    for (hidden, seed), accuracy in accuracies.items():
+        params = {"hidden_size": hidden, "seed": seed, "dataset": "mnist", "device": "cpu"}
+        logged_run(client, "main", params, accuracy, **{"pipeline.evaluate_run": f"eval-{hidden}-{seed}"})
+    again = {"hidden_size": 64, "seed": 1, "dataset": "mnist", "device": "cpu"}  # a rerun that reused every stage
+    logged_run(client, "main", again, 0.95, **{"pipeline.evaluate_run": "eval-64-1"})
+    logged_run(client, "train", {"hidden_size": 64, "seed": 9}, 0.1)  # not a pipeline run: left out
+    failed = client.create_run("0", tags={"pipeline.stage": "main"})  # no test metric: no result
+    client.log_batch(failed.info.run_id, params=[Param("hidden_size", "32"), Param("seed", "4")])
+    client.set_terminated(failed.info.run_id, "FAILED")
+
+    compare.main(["--group-by-config", "--sort-by", "test_accuracy", "--top-k", "2", "--output-dir", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert table["hidden_size"].tolist() == [64, 32]  # by the mean; 128 cut by --top-k
+    assert table["n_seeds"].tolist() == [2, 3] and table["seeds"].tolist() == ["1 2", "1 2 3"]
+    assert table["test_accuracy_mean"].tolist() == pytest.approx([0.955, statistics.mean([0.90, 0.92, 0.97])])
+    assert table["test_accuracy_std"].tolist() == pytest.approx(
+        [statistics.stdev([0.95, 0.96]), statistics.stdev([0.90, 0.92, 0.97])]
+    )
+    rows = table_rows((tmp_path / "out" / "leaderboard.md").read_text())
+    assert [(row["hidden_size"], row["n_seeds"], row["test_accuracy"]) for row in rows] == [
+        ("64", "2", "0.9550 ± 0.0071"),
+        ("32", "3", "0.9300 ± 0.0361"),
+    ]
+    assert "device" not in rows[0] and "seed" not in rows[0]
+    capsys.readouterr()
+
+    compare.main(["--group-by-config", "true", "--sort-by", "test_accuracy"])  # one seed: a mean and no spread
+    printed = {row["hidden_size"]: row for row in table_rows(capsys.readouterr().out)}
+    assert printed["128"]["test_accuracy"] == "0.5000" and printed["128"]["n_seeds"] == "1"

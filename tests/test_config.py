@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiments import tune
+from experiments import compare, repeat, tune
 from pipeline import evaluate, main, prepare, train
-from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig, TuneConfig
+from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig, TuneConfig, parse_bool
 from tests.conftest import REPO
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
@@ -23,9 +25,10 @@ ENTRY_CONFIGS = {
     "train": [TrainConfig],
     "evaluate": [EvaluateConfig],
     "main": [PrepareConfig, TrainConfig],
+    "repeat": [PrepareConfig, TrainConfig],
     "tune": [TuneConfig, PrepareConfig],
 }
-MODULES = {"tune": "experiments.tune", "compare": "experiments.compare"}
+MODULES = {"tune": "experiments.tune", "compare": "experiments.compare", "repeat": "experiments.repeat"}
 
 
 def as_field_type(field: dataclasses.Field, value):
@@ -52,6 +55,28 @@ def test_every_mlproject_parameter_reaches_its_flag(entry_point):
     for name in spec["parameters"]:
         assert f"--{name.replace('_', '-')} {{{name}}}" in command, name
     assert command.startswith(f"python -m {MODULES.get(entry_point, 'pipeline.' + entry_point)} ")
+
+
+def flag_defaults(module) -> dict:
+    """What ``module.main()`` parses from no flags at all: every flag's default."""
+    parse_args, built = argparse.ArgumentParser.parse_args, []
+
+    def capture(parser, args=None, namespace=None):
+        built.append(parser)
+        raise SystemExit
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module.main([])
+    return vars(parse_args(built[0], []))
+
+
+@pytest.mark.parametrize("module, entry_point", [(compare, "compare"), (repeat, "repeat")])
+def test_mlproject_defaults_equal_the_flag_defaults(module, entry_point):
+    defaults = flag_defaults(module)
+    for name, declared in MLPROJECT["entry_points"][entry_point]["parameters"].items():
+        default = defaults[name]
+        as_flag_type = parse_bool if isinstance(default, bool) else type(default)
+        assert as_flag_type(str(declared["default"])) == default, f"{entry_point}.{name}"
 
 
 def pins(lines) -> dict[str, str]:
@@ -156,7 +181,8 @@ import os, sys
 before = dict(os.environ)
 import mlflow, torch  # their own import-time state is theirs
 after_libraries = dict(os.environ)
-import experiments.compare, experiments.tune, pipeline.evaluate, pipeline.main, pipeline.prepare, pipeline.train
+import experiments.compare, experiments.repeat, experiments.tune
+import pipeline.evaluate, pipeline.main, pipeline.prepare, pipeline.train
 print(sorted(k for k in os.environ if os.environ.get(k) != after_libraries.get(k)), "matplotlib.pyplot" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,146 @@
+"""The ``repeat`` entry point: the whole pipeline once per training seed, under one parent run.
+
+What a seed varies: the training (weights, shuffling, dropout). The data split is prepared once,
+with ``--seed``, and shared: every repeat trains and is evaluated on the same images, so the
+spread is the training's alone. Each seed is a pipeline run of its own (``pipeline.main``'s, stage
+tag ``main``, run name ``seed-<s>``) nested under the repeat run, with its train and evaluate runs
+nested under it; the shared prepare run is nested under the repeat run. Stages reuse finished
+runs as ``main`` does, so a rerun after a failure, or with one more seed, runs only what is new.
+
+Reads:  the prepare and train parameters of ``main``, and ``--seeds``.
+Writes: the repeat run (stage tag ``repeat``): the configuration's params, ``seeds``, and per test
+        metric ``<metric>_mean``, ``_std`` (sample standard deviation, from 2 seeds), ``_min`` and
+        ``_max``; ``repeat.md`` and ``repeat.html`` (one row per seed, then the summary), which
+        is also the run's description in the UI.
+
+    mlflow run . -e repeat --env-manager local -P seeds="1 2 3" -P data_dir=../shared/data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+
+import mlflow
+import pandas as pd
+
+from pipeline.config import ParameterError, PrepareConfig, TrainConfig, build_configs, fail, user_path
+from pipeline.main import REPORTED_METRICS, StageFailed, code_version, pipeline_parser, run_pipeline, run_prepare
+from pipeline.tables import markdown_table
+from pipeline.tracking import ERROR_TAG, log_params, ui_link
+
+DEFAULT_SEEDS = "1 2 3"
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"1 2 3"`` or ``"1,2,3"`` as (1, 2, 3); anything else raises ParameterError naming what is wrong."""
+    words = [word for word in re.split(r"[\s,]+", text.strip()) if word]
+    accepts = "integers >= 0 separated by spaces or commas, e.g. '1 2 3'"
+    if not words:
+        raise ParameterError(f"seeds={text!r} is not allowed: must be {accepts}")
+    bad = [word for word in words if not word.isdigit()]
+    if bad:
+        raise ParameterError(f"seeds={text!r} is not allowed: {bad[0]!r} is not an integer >= 0; must be {accepts}")
+    seeds = tuple(int(word) for word in words)
+    if repeated := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
+        raise ParameterError(f"seeds={text!r} is not allowed: {', '.join(map(str, repeated))} given twice; each seed once")
+    return seeds
+
+
+def summarize(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Mean, sample std (needs two seeds), min and max of each metric, as ``<metric>_mean`` and so on."""
+    summary = {}
+    for name in REPORTED_METRICS:
+        values = [metrics[name] for metrics in per_seed.values()]
+        summary[f"{name}_mean"] = statistics.mean(values)
+        if len(values) > 1:
+            summary[f"{name}_std"] = statistics.stdev(values)
+        summary[f"{name}_min"], summary[f"{name}_max"] = min(values), max(values)
+    return summary
+
+
+def repeat_table(per_seed: dict[int, dict[str, float]], runs: dict[int, str], summary: dict[str, float]) -> pd.DataFrame:
+    """One row per seed (with its pipeline run), then mean, std, min and max."""
+    rows = [{"seed": seed, **metrics, "run": runs[seed]} for seed, metrics in per_seed.items()]
+    for statistic in ("mean", "std", "min", "max"):
+        rows.append({"seed": statistic, **{name: summary.get(f"{name}_{statistic}") for name in REPORTED_METRICS}})
+    return pd.DataFrame(rows, columns=["seed", *REPORTED_METRICS, "run"])
+
+
+def one_line(summary: dict[str, float], seeds: tuple[int, ...]) -> str:
+    std = f" ± {summary['test_accuracy_std']:.4f}" if "test_accuracy_std" in summary else ""
+    return (
+        f"test_accuracy {summary['test_accuracy_mean']:.4f}{std} (mean ± sample std over {len(seeds)} seeds; "
+        f"min {summary['test_accuracy_min']:.4f}, max {summary['test_accuracy_max']:.4f})"
+    )
+
+
+def run_repeat(
+    prepare_config: PrepareConfig, train_config: TrainConfig, seeds: tuple[int, ...], *, env_manager: str, checkpoint_dir: str
+):
+    """The repeat run: prepare once, then one pipeline run per seed. Returns the run, the per-seed
+    metrics and pipeline run ids, and the summary; a failing stage raises ``StageFailed``."""
+    configs = {seed: dataclasses.replace(train_config, seed=seed) for seed in seeds}  # each one validated
+    code = code_version()
+    with mlflow.start_run(run_name="repeat") as parent:
+        mlflow.set_tag("pipeline.stage", "repeat")
+        config = {**dataclasses.asdict(train_config), **dataclasses.asdict(prepare_config)}  # seed: the split's
+        log_params({**config, "seeds": " ".join(map(str, seeds))})
+        per_seed, runs = {}, {}
+        try:
+            prepare_id = run_prepare(prepare_config, parent, env_manager, code)
+            mlflow.set_tag("pipeline.prepare_run", prepare_id)
+            for seed, seed_config in configs.items():
+                run, _, metrics = run_pipeline(
+                    prepare_config,
+                    seed_config,
+                    env_manager=env_manager,
+                    checkpoint_dir=checkpoint_dir,
+                    code=code,
+                    prepare_id=prepare_id,
+                    run_name=f"seed-{seed}",
+                )
+                per_seed[seed], runs[seed] = metrics, run.info.run_id
+                print(f"[repeat] seed {seed}: test_accuracy {metrics['test_accuracy']:.4f} (run {runs[seed]})", flush=True)
+        except StageFailed as error:
+            mlflow.set_tag(ERROR_TAG, str(error))
+            raise
+        summary = summarize(per_seed)
+        mlflow.log_metrics(summary)
+        table = repeat_table(per_seed, runs, summary)
+        mlflow.log_text(markdown_table(table) + "\n", "repeat.md")
+        mlflow.log_text(table.to_html(index=False, na_rep="", float_format="{:.4f}".format), "repeat.html")
+        linked = table.assign(
+            run=[f"[{r}](#/experiments/{parent.info.experiment_id}/runs/{r})" if r else r for r in table["run"].fillna("")]
+        )
+        mlflow.set_tag("mlflow.note.content", f"{one_line(summary, seeds)}\n\n{markdown_table(linked)}")
+    return parent, per_seed, runs, summary, table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = pipeline_parser("repeat", __doc__.split("\n")[0])
+    parser.add_argument(
+        "--seeds",
+        default=DEFAULT_SEEDS,
+        help=f"training seeds, one pipeline run each, separated by spaces or commas (default: {DEFAULT_SEEDS})",
+    )
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ParameterError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    try:
+        parent, _, _, summary, table = run_repeat(
+            prepare_config, train_config, seeds, env_manager=args.env_manager, checkpoint_dir=user_path(args.checkpoint_dir)
+        )
+    except StageFailed as error:
+        fail(f"{error}; rerun the same command: finished seeds are reused")
+    print(
+        f"\n{one_line(summary, seeds)}\n\n{markdown_table(table)}\n\n"
+        f"repeat run {parent.info.run_id}; see it: {ui_link(parent.info.experiment_id)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
