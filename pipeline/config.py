@@ -86,11 +86,14 @@ class PrepareConfig:
 class TrainConfig:
     """Hyperparameters of one training run. The model ones are nn.LSTM's own names."""
 
+    # The tutorial's model (256 hidden, 2 layers, batch 128) with a recipe chosen by measurement
+    # (docs/results.md): Adam at 2e-3 under the cosine schedule for 3 epochs reaches 99.0% test
+    # accuracy over seeds in under 2 epochs' time of the tutorial's own loop (0.001, 5 epochs before).
     hidden_size: int = param(256, "LSTM hidden units per direction", ge=1, le=4096)
     num_layers: int = param(2, "stacked LSTM layers", ge=1, le=16)
-    learning_rate: float = param(1e-3, "Adam learning rate (the peak one under a schedule)", gt=0, le=1)
+    learning_rate: float = param(2e-3, "Adam learning rate (the peak one under a schedule)", gt=0, le=1)
     batch_size: int = param(128, "training batch size", ge=1, le=65_536)
-    epochs: int = param(5, "passes over the training split", ge=1, le=1000)
+    epochs: int = param(3, "passes over the training split", ge=1, le=1000)
     # nn.LSTM applies dropout between stacked layers, so it needs num_layers >= 2.
     dropout: float = param(0.0, "dropout between stacked LSTM layers", ge=0, lt=1)
     bidirectional: bool = param(False, "also read each sequence backwards")
