@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from experiments import repeat
 from experiments.repeat import parse_seeds, summarize
 from pipeline.config import ParameterError
+from pipeline.main import StageFailed
 from tests.conftest import REPO
 from tests.test_tables import table_rows
 
@@ -96,3 +97,21 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
     mean = parent.data.metrics["test_accuracy_mean"]
     assert f"test_accuracy {mean:.4f} ± " in done.stdout and "over 2 seeds" in done.stdout
     assert "| seed" in done.stdout and "workflowType=machine_learning" in done.stdout  # the table, the UI link
+
+
+def test_a_failing_stage_ends_repeat_failed_with_one_line(tracking, monkeypatch, capsys):
+    def failing_prepare(*args):
+        raise StageFailed("the prepare stage failed (run 0123); its error is above")
+
+    monkeypatch.setattr(repeat, "run_prepare", failing_prepare)
+    with pytest.raises(SystemExit) as exit_info:
+        repeat.main(["--seeds", "1 2"])
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
+    assert (
+        last
+        == "error: the prepare stage failed (run 0123); its error is above; rerun the same command: finished seeds are reused"
+    )
+    [run] = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.error"].startswith("the prepare stage failed")
+    assert run.data.params["seeds"] == "1 2" and run.data.tags["pipeline.stage"] == "repeat"
