@@ -25,8 +25,16 @@ import statistics
 import mlflow
 import pandas as pd
 
-from pipeline.config import ParameterError, PrepareConfig, TrainConfig, build_configs, fail, user_path
-from pipeline.main import REPORTED_METRICS, StageFailed, code_version, pipeline_parser, run_pipeline, run_prepare
+from pipeline.config import ParameterError, PrepareConfig, TrainConfig, fail
+from pipeline.main import (
+    REPORTED_METRICS,
+    StageFailed,
+    code_version,
+    parse_pipeline_args,
+    pipeline_parser,
+    run_pipeline,
+    run_stage,
+)
 from pipeline.tables import markdown_table
 from pipeline.tracking import ERROR_TAG, log_params, ui_link
 
@@ -89,7 +97,7 @@ def run_repeat(
         log_params({**config, "seeds": " ".join(map(str, seeds))})
         per_seed, runs = {}, {}
         try:
-            prepare_id = run_prepare(prepare_config, parent, env_manager, code)
+            prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code)
             mlflow.set_tag("pipeline.prepare_run", prepare_id)
             for seed, seed_config in configs.items():
                 run, _, metrics = run_pipeline(
@@ -125,14 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_SEEDS,
         help=f"training seeds, one pipeline run each, separated by spaces or commas (default: {DEFAULT_SEEDS})",
     )
-    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    args, prepare_config, train_config = parse_pipeline_args(parser, argv)
     try:
         seeds = parse_seeds(args.seeds)
     except ParameterError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
         parent, _, _, summary, table = run_repeat(
-            prepare_config, train_config, seeds, env_manager=args.env_manager, checkpoint_dir=user_path(args.checkpoint_dir)
+            prepare_config, train_config, seeds, env_manager=args.env_manager, checkpoint_dir=args.checkpoint_dir
         )
     except StageFailed as error:
         fail(f"{error}; rerun the same command: finished seeds are reused")

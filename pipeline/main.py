@@ -140,11 +140,15 @@ def pipeline_parser(prog: str, description: str) -> OneLineParser:
     return parser
 
 
-def run_prepare(prepare_config: PrepareConfig, parent, env_manager: str, code: str) -> str:
-    """The prepare stage as a child of ``parent``, or its finished twin; its run id."""
-    # Stages run in the project folder: relative paths mean what they meant where the user started.
-    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir))
-    return run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code)
+def parse_pipeline_args(parser: OneLineParser, argv: list[str] | None):
+    """Parse ``pipeline_parser``'s flags (and any a caller added): the args, the prepare and the train config.
+
+    Stages run in the project folder, so relative paths are resolved here to mean what they meant
+    where the user started; here, because opening a run hides how to tell (see ``user_path``).
+    """
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    args.checkpoint_dir = user_path(args.checkpoint_dir)
+    return args, dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir)), train_config
 
 
 def run_pipeline(
@@ -169,7 +173,7 @@ def run_pipeline(
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
         try:
             if prepare_id is None:
-                prepare_id = run_prepare(prepare_config, run, env_manager, code)
+                prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), run, env_manager, code)
             else:
                 mlflow.set_tag("pipeline.prepare_reused", "true")  # made elsewhere, as a reused stage is
             train_id = run_stage(
@@ -196,14 +200,13 @@ def run_pipeline(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = pipeline_parser("main", __doc__.split("\n")[0])
-    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
+    args, prepare_config, train_config = parse_pipeline_args(pipeline_parser("main", __doc__.split("\n")[0]), argv)
     try:
         run, stages, metrics = run_pipeline(
             prepare_config,
             train_config,
             env_manager=args.env_manager,
-            checkpoint_dir=user_path(args.checkpoint_dir),
+            checkpoint_dir=args.checkpoint_dir,
             code=code_version(),
         )
     except StageFailed as error:

@@ -57,8 +57,9 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
     venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     env.pop("MLFLOW_RUN_ID", None)
-    settings = {"data_dir": mnist_dir, "train_limit": 500, "val_size": 200, "hidden_size": 8, "num_layers": 1,
-                "epochs": 1, "batch_size": 100, "device": "cpu", "seeds": "3,4"}  # fmt: skip
+    (tmp_path / "mnist").symlink_to(mnist_dir)  # relative paths: from the user's folder, not the project's
+    settings = {"data_dir": "mnist", "checkpoint_dir": "checkpoints", "train_limit": 500, "val_size": 200,
+                "hidden_size": 8, "num_layers": 1, "epochs": 1, "batch_size": 100, "device": "cpu", "seeds": "3,4"}  # fmt: skip
     params = [arg for name, value in settings.items() for arg in ("-P", f"{name}={value}")]
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "repeat", "--env-manager", "local", *params],
@@ -83,6 +84,7 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
         evaluate = client.get_run(run.data.tags["pipeline.evaluate_run"])
         train = client.get_run(run.data.tags["pipeline.train_run"])
         assert train.data.params["seed"] == seed and train.data.tags["mlflow.parentRunId"] == run.info.run_id
+        assert list((tmp_path / "checkpoints" / train.info.run_id).glob("epoch-*.pt"))
         assert run.data.metrics["test_accuracy"] == evaluate.data.metrics["test_accuracy"]
 
     for metric in ("test_accuracy", "test_macro_f1", "test_loss"):
@@ -100,10 +102,10 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
 
 
 def test_a_failing_stage_ends_repeat_failed_with_one_line(tracking, monkeypatch, capsys):
-    def failing_prepare(*args):
-        raise StageFailed("the prepare stage failed (run 0123); its error is above")
+    def failing_stage(stage, *args):
+        raise StageFailed(f"the {stage} stage failed (run 0123); its error is above")
 
-    monkeypatch.setattr(repeat, "run_prepare", failing_prepare)
+    monkeypatch.setattr(repeat, "run_stage", failing_stage)
     with pytest.raises(SystemExit) as exit_info:
         repeat.main(["--seeds", "1 2"])
     assert exit_info.value.code == 1
