@@ -87,8 +87,8 @@ def one_line(summary: dict[str, float], seeds: tuple[int, ...]) -> str:
 def run_repeat(
     prepare_config: PrepareConfig, train_config: TrainConfig, seeds: tuple[int, ...], *, env_manager: str, checkpoint_dir: str
 ):
-    """The repeat run: prepare once, then one pipeline run per seed. Returns the run, the per-seed
-    metrics and pipeline run ids, and the summary; a failing stage raises ``StageFailed``."""
+    """The repeat run: prepare once, then one pipeline run per seed. Returns the run, the summary
+    and the table of ``repeat_table``; a failing stage raises ``StageFailed``."""
     configs = {seed: dataclasses.replace(train_config, seed=seed) for seed in seeds}  # each one validated
     code = code_version()
     with mlflow.start_run(run_name="repeat") as parent:
@@ -123,7 +123,7 @@ def run_repeat(
             run=[f"[{r}](#/experiments/{parent.info.experiment_id}/runs/{r})" if r else r for r in table["run"].fillna("")]
         )
         mlflow.set_tag("mlflow.note.content", f"{one_line(summary, seeds)}\n\n{markdown_table(linked)}")
-    return parent, per_seed, runs, summary, table
+    return parent, summary, table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     except ParameterError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
-        parent, _, _, summary, table = run_repeat(
+        parent, summary, table = run_repeat(
             prepare_config, train_config, seeds, env_manager=args.env_manager, checkpoint_dir=args.checkpoint_dir
         )
     except StageFailed as error:
