@@ -15,7 +15,7 @@ a page does not show the runs it should. So it is the test that the records look
 (tests/test_screenshots.py runs it).
 
 Needs Debian's `chromium` (apt-get install chromium) and the MNIST files under --data-dir. About
-3 minutes on 2 CPU cores, mostly the start-up of the stage processes.
+5 minutes on a busy 2-core machine (3.5 minutes of CPU), mostly the start-up of stage processes.
 
     .venv/bin/python docs/screenshots.py --data-dir ../shared/data
     .venv/bin/python docs/screenshots.py --data-dir ../shared/data --out /tmp/pictures --keep
