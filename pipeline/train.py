@@ -177,12 +177,18 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_root = Path(user_path(args.checkpoint_dir))
     try:
         with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
+            mlflow.set_tag("mlflow.runName", run_name(config))  # tells trainings apart in the UI's chart legends
             result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id, data_ref=args.data)
     except TrainingDiverged as error:  # the run ended FAILED; its last good checkpoint stays
         fail(str(error))
     print(
         f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr
     )
+
+
+def run_name(config: TrainConfig) -> str:
+    """``train h256x2 lr0.002 b128 seed42``: what differs between trainings, readable in a legend."""
+    return f"train h{config.hidden_size}x{config.num_layers} lr{config.learning_rate:g} b{config.batch_size} seed{config.seed}"
 
 
 def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:

@@ -190,8 +190,8 @@ def evaluate_split(model: nn.Module, split: Split, reading_order: str) -> tuple[
     model.eval()
     logits = predict_logits(model, split.images, SEQUENCE_SHAPES[reading_order])
     loss = F.cross_entropy(logits, split.labels)
-    accuracy = (logits.argmax(1) == split.labels).float().mean()
-    return loss.item(), accuracy.item()
+    correct = (logits.argmax(1) == split.labels).sum().item()
+    return loss.item(), correct / len(split.labels)  # an exact ratio: 0.633, not float32's 0.63300001
 
 
 def train(

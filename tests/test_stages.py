@@ -91,12 +91,14 @@ def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
     for field in TrainConfig.__dataclass_fields__:
         assert field in params
     assert params["hidden_size"] == "16" and params["resolved_device"] == "cpu"
+    assert run.info.run_name == "train h16x1 lr0.002 b128 seed42"  # readable in the UI's chart legends
     assert params["resolved_precision"] in ("fp32", "bf16") and params["tf32"] == "false" and params["deterministic"] == "false"
     assert int(params["parameter_count"]) > 0 and params["torch_version"] == torch.__version__
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1)), name
     val = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert run.data.metrics["best_val_accuracy"] == max(val)
+    assert all(abs(v * 500 - round(v * 500)) < 1e-9 for v in val)  # ratios of 500 images, not float32 noise
     assert {"learning_curves.png"} <= artifact_names(client, run.info.run_id)
     # MLflow's system metrics, sampled while the stage ran (the GPU ones need nvidia-ml-py and a GPU)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
