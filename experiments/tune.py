@@ -7,7 +7,9 @@ Writes: an Optuna study in ``--storage`` (rerun the command to continue or exten
         trial number and state as tags; pruned trials end KILLED, failed ones FAILED). When no
         trial runs any more, the parent gets a leaderboard and Optuna's plots, and the best
         trial's own model is registered as ``--register-name``, tested once, and takes the alias
-        ``champion`` if its val_accuracy beats the champion's (experiments/summary.py).
+        ``champion`` if its val_accuracy beats the champion's (experiments/summary.py). With
+        ``--warm-start``, a new study's first trials after trial 0 are an earlier study's best
+        configurations (experiments/warm_start.py).
 
 Any number of workers may run the same command, on one machine (journal file) or many
 (PostgreSQL): this module opens (or joins) the study and its parent run, experiments/worker.py
@@ -46,6 +48,7 @@ from experiments.coordination import (
 )
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, study_for, typical_cost
 from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
+from experiments.warm_start import WARM_START_ATTR, WarmStart, enqueue, warm_start
 from experiments.worker import WorkerJob, best_value, gpu_assignment, on_stale_trial, run_worker, run_workers, trial_config
 from pipeline.config import (
     OneLineParser,
@@ -96,17 +99,23 @@ def refuse_other_settings(study_name: str, stored: dict, asked: dict) -> None:
 
 def open_study(storage: optuna.storages.BaseStorage, config: TuneConfig, launched_run: str | None) -> tuple[optuna.Study, str]:
     """Create the study or load it, and return it with its parent run id. Call holding the study
-    lock: the worker that creates it records its settings, trial 0 and parent run before any other looks."""
-    try:
-        study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=config.study_name, storage=storage)
-    if SETTINGS_ATTR in study.user_attrs:
+    lock: the worker that creates it records its settings, trial 0, its warm start and parent run
+    before any other looks."""
+    exists = config.study_name in optuna.study.get_all_study_names(storage)
+    study = optuna.load_study(study_name=config.study_name, storage=storage) if exists else None
+    if study and SETTINGS_ATTR in study.user_attrs:
         refuse_other_settings(config.study_name, study.user_attrs[SETTINGS_ATTR], study_settings(config))
+        refuse_other_warm_start(study, config)
     else:  # new, or its creator died before recording anything
-        study.set_user_attr(SETTINGS_ATTR, study_settings(config))
+        # Looked up before the study is created, so that a warm start refused creates nothing.
+        start = warm_start(storage, config.warm_start, config.warm_start_k, STUDIES[config.study]) if config.warm_start else None
+        study = study or optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
+            if start:
+                enqueue(study, start)
+                say_warm_start(start)
+        study.set_user_attr(SETTINGS_ATTR, study_settings(config))  # last: a creator that died before it is redone
     parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_run_id and not run_exists(parent_run_id):
         print(f"the study's parent run {parent_run_id} is not in this tracking store; opening a new one", file=sys.stderr)
@@ -115,6 +124,28 @@ def open_study(storage: optuna.storages.BaseStorage, config: TuneConfig, launche
         parent_run_id = open_parent_run(config, launched_run)
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
     return study, parent_run_id
+
+
+def refuse_other_warm_start(study: optuna.Study, config: TuneConfig) -> None:
+    """A warm start happens when a study is created; a rerun may omit -P warm_start, not name another."""
+    started_from = study.user_attrs.get(WARM_START_ATTR, {}).get("study", "")
+    if config.warm_start and config.warm_start != started_from:
+        raise ParameterError(
+            f"study {study.study_name!r} was created "
+            + (f"warm-started from {started_from!r}" if started_from else "without a warm start")
+            + f", not from {config.warm_start!r}: a warm start applies only when a study is created; "
+            "rerun without -P warm_start, or start a new -P study_name"
+        )
+
+
+def say_warm_start(start: WarmStart) -> None:
+    print(
+        f"warm start: enqueued {len(start.configurations)} configuration(s) of study {start.study!r} "
+        f"(its trials {', '.join(map(str, start.trials))}) after trial 0"
+        + (f"; not carried (outside this search space): {'; '.join(start.left_out)}" if start.left_out else ""),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_exists(run_id: str) -> bool:
@@ -156,7 +187,8 @@ def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> 
         client.set_tag(launched_run, key, value)
 
 
-def log_parent_params(parent_run_id: str, config: TuneConfig) -> None:
+def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Study) -> None:
+    started_from = study.user_attrs.get(WARM_START_ATTR, {})
     params = {
         "study": config.study,
         "study_name": config.study_name,
@@ -167,6 +199,9 @@ def log_parent_params(parent_run_id: str, config: TuneConfig) -> None:
         "seed": config.seed,
         "search_space": str(STUDIES[config.study].search_space),
         "objective": f"maximize {OBJECTIVE_METRIC}",
+        # where the enqueued configurations came from: the earlier study and its trial numbers, best first
+        "warm_start": started_from.get("study", ""),
+        "warm_start_trials": " ".join(map(str, started_from.get("trials", []))),
     }
     with mlflow.start_run(run_id=parent_run_id):
         log_params(params)
@@ -222,7 +257,7 @@ def tune(
     if line := finished_line(study, config.n_trials):
         print(line, file=sys.stderr)
         return registered_of(study)
-    log_parent_params(parent_run_id, config)
+    log_parent_params(parent_run_id, config, study)
     parent = MlflowClient().get_run(parent_run_id)
     try:
         with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:

@@ -159,6 +159,10 @@ class TuneConfig:
     seed: int = param(42, "seed of the sampler, the data split and every trial's training", ge=0)
     register_name: str = param("lstm-mnist", "MLflow registered model for the retrained best trial")
     device: str = param("auto", "where trials train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+    # Read only when the study is created: its first trials after trial 0 are the earlier study's
+    # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).
+    warm_start: str = param("", "earlier study in the same storage whose best configurations start this one ('' = none)")
+    warm_start_k: int = param(5, "how many of the earlier study's best configurations to enqueue", ge=1, le=100)
 
     def __post_init__(self):
         check_fields(self)

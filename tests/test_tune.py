@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from experiments import coordination, summary
+from experiments import coordination, summary, warm_start
 from experiments import worker as worker_module
 from experiments.coordination import RETRY_OF_ATTR, counted
 from experiments.studies import STUDIES, study_for, typical_cost
@@ -403,3 +403,65 @@ def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
     assert smoke(tmp_path).n_workers == "auto" and TuneConfig().n_workers == "auto"
     with pytest.raises(ParameterError, match="n_workers='0' is not allowed: must be auto or an integer from 1 to 64"):
         smoke(tmp_path, n_workers="0")
+
+
+# --- warm starts ----------------------------------------------------------------------------------
+
+
+def test_a_warm_start_cuts_the_earlier_configurations_to_the_new_search_space():
+    storage = optuna.storages.InMemoryStorage()
+    earlier = optuna.create_study(study_name="cpu", storage=storage, direction="maximize")
+    space = {
+        "hidden_size": optuna.distributions.IntDistribution(4, 256, log=True),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([128, 256]),
+    }
+    for value, hidden, lr in [(0.9, 128, 0.02), (0.95, 8, 0.05), (0.8, 16, 0.01), (0.7, 8, 0.05)]:
+        params = {"hidden_size": hidden, "learning_rate": lr, "batch_size": 128}
+        earlier.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    start = warm_start.warm_start(storage, "cpu", 5, STUDIES["smoke"])
+    # Best first; smoke does not search batch_size, and hidden_size 128 and learning_rate 0.05 are
+    # outside its ranges (its sampler draws them); the 0.7 trial is the 0.95 one again, once cut.
+    assert start.trials == [1, 0, 2] and start.study == "cpu"
+    assert start.configurations == [{"hidden_size": 8}, {"learning_rate": 0.02}, {"hidden_size": 16, "learning_rate": 0.01}]
+    assert {"trial 0: hidden_size=128", "trial 1: learning_rate=0.05", "trial 1: batch_size=128"} <= set(start.left_out)
+    with pytest.raises(ParameterError, match="warm_start='gone': no study of that name in this storage"):
+        warm_start.warm_start(storage, "gone", 5, STUDIES["smoke"])
+    optuna.create_study(study_name="empty", storage=storage)
+    with pytest.raises(ParameterError, match="warm_start='empty': that study has no complete trial"):
+        warm_start.warm_start(storage, "empty", 5, STUDIES["smoke"])
+
+
+def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tmp_path, prepared_run, capsys, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    first = smoke(tmp_path, study_name="first")
+    earlier = optuna.create_study(study_name="first", storage=coordination.open_storage(first), direction="maximize")
+    space = {
+        "hidden_size": optuna.distributions.IntDistribution(4, 16, log=True),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True),
+    }
+    for value, hidden, lr in [(0.5, 8, 0.01), (0.7, 12, 0.02), (0.6, 5, 0.003), (0.4, 16, 0.001)]:  # an earlier study's results
+        params = {"hidden_size": hidden, "learning_rate": lr}
+        earlier.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    best = [earlier.trials[1], earlier.trials[2]]
+
+    second = smoke(tmp_path, study_name="second", n_trials=3, warm_start="first", warm_start_k=2)
+    tune(second, PrepareConfig(), prepared_run)
+    trials = load(second).trials
+    assert trials[0].params == {"hidden_size": 8, "learning_rate": 1e-2}  # trial 0 is still the known configuration
+    assert [t.params for t in trials[1:3]] == [t.params for t in best]
+    assert f"warm start: enqueued 2 configuration(s) of study 'first' (its trials {best[0].number}, {best[1].number})" in (
+        capsys.readouterr().err
+    )
+    [parent] = [run for run in runs_of("tune") if run.info.run_name == "second"]
+    assert parent.data.params["warm_start"] == "first"
+    assert parent.data.params["warm_start_trials"] == f"{best[0].number} {best[1].number}"
+
+    tune(dataclasses.replace(second, n_trials=4), PrepareConfig(), prepared_run)  # an extension enqueues nothing
+    trials = load(second).trials
+    assert len(trials) == 4 and [t.params for t in trials].count(best[0].params) == 1
+    with pytest.raises(ParameterError, match="was created warm-started from 'first', not from 'second'"):
+        tune(dataclasses.replace(second, warm_start="second"), PrepareConfig(), prepared_run)
+    with pytest.raises(ParameterError, match="warm_start='missing': no study of that name"):
+        tune(smoke(tmp_path, study_name="third", warm_start="missing"), PrepareConfig(), prepared_run)
+    assert "third" not in optuna.study.get_all_study_names(coordination.open_storage(first))  # refused: nothing created

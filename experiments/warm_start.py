@@ -1,0 +1,80 @@
+"""Warm starts: a new study begins from the best configurations of an earlier study in the same storage.
+
+Read when a study is created, and only then (under the study lock, experiments/tune.py): the
+earlier study's ``k`` best complete trials by ``val_accuracy`` are cut to the new study's search
+space and enqueued after trial 0, best first. A parameter the new space does not sample, or a
+value outside its range, is left out: the new study's sampler draws it (or its fixed default
+applies), so a carried configuration never leaves the space it is compared in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import TrialState
+
+from experiments.studies import StudyDefinition
+from pipeline.config import ParameterError
+
+WARM_START_ATTR = "warm_start"  # study user attribute: where its enqueued configurations came from
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """What a new study carries from an earlier one."""
+
+    study: str  # the earlier study's name
+    trials: list[int]  # its trial numbers, best first, one per enqueued configuration
+    configurations: list[dict]  # the parameters enqueued, cut to the new search space
+    left_out: list[str]  # 'trial N: name=value' for each parameter not carried
+
+
+def search_space(definition: StudyDefinition, draws: int = 64) -> dict[str, BaseDistribution]:
+    """The distributions ``definition.suggest`` samples from, conditional ones included (from random draws)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space: dict[str, BaseDistribution] = {}
+    for _ in range(draws):
+        trial = study.ask()
+        definition.suggest(trial)
+        space.update(trial.distributions)
+    return space
+
+
+def contains(distribution: BaseDistribution, value) -> bool:
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    return distribution.low <= value <= distribution.high  # IntDistribution, FloatDistribution
+
+
+def warm_start(storage: optuna.storages.BaseStorage, source: str, k: int, definition: StudyDefinition) -> WarmStart:
+    """The best ``k`` configurations of study ``source``, cut to ``definition``'s space; a missing
+    study, or one without complete trials, is refused in one line."""
+    if source not in optuna.study.get_all_study_names(storage):
+        raise ParameterError(f"warm_start={source!r}: no study of that name in this storage")
+    earlier = optuna.load_study(study_name=source, storage=storage)
+    complete = earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ParameterError(f"warm_start={source!r}: that study has no complete trial to start from")
+    space = search_space(definition)
+    baseline = {name: value for name, value in definition.baseline.items() if name in space}
+    # val_accuracy is the first objective of every study, single- or multi-objective.
+    ranked = sorted(complete, key=lambda t: (-t.values[0], t.number))
+    trials, configurations, left_out = [], [], []
+    for trial in ranked:
+        carried = {name: value for name, value in trial.params.items() if name in space and contains(space[name], value)}
+        if carried and carried != baseline and carried not in configurations:  # trial 0 runs the baseline anyway
+            trials.append(trial.number)
+            configurations.append(carried)
+            left_out += [f"trial {trial.number}: {name}={value}" for name, value in trial.params.items() if name not in carried]
+        if len(configurations) == k:
+            break
+    return WarmStart(source, trials, configurations, left_out)
+
+
+def enqueue(study: optuna.Study, start: WarmStart) -> None:
+    """Enqueue the carried configurations and record where they came from (call once, at creation)."""
+    for params in start.configurations:
+        study.enqueue_trial(params)
+    study.set_user_attr(WARM_START_ATTR, {"study": start.study, "trials": start.trials})
