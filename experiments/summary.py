@@ -3,6 +3,9 @@ its best trial's own model registered, tested once, and made champion when valid
 
 Selection is by ``val_accuracy``, the study's objective. The test set is looked at once per
 registered version, on the registered artifact, and only reported: it never picks anything.
+A multi-objective study (val_accuracy and parameter_count) also leaves its Pareto front, as a
+table and a plot, and registers the compact rule's pick under the alias ``compact``
+(experiments/pareto.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from experiments.coordination import counted
+from experiments.pareto import COMPACT, COST_METRIC, compact_trial, complete, front_figure, front_table, most_accurate
 from experiments.studies import OBJECTIVE_METRIC
 from pipeline.config import EvaluateConfig
 from pipeline.data import PreparedData
 from pipeline.evaluate import evaluate_and_log, load_model
+from pipeline.tables import markdown_table
 from pipeline.tracking import ui_link
 from pipeline.training import resolve_device
 
@@ -32,6 +37,7 @@ MODEL_URI_ATTR = "model_uri"  # trial user attribute: the model it logged, when 
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # trial user attribute: its child run
 SUMMARISED_ATTR = "summarised_at"  # study user attribute: how many counted trials the last summary saw
 REGISTERED_ATTR = "registered"  # study user attribute: the version registered from its best trial
+COMPACT_ATTR = "compact"  # study user attribute: the version the compact rule picked (multi-objective studies)
 
 
 @dataclass(frozen=True)
@@ -52,29 +58,49 @@ def needs_summary(study: optuna.Study) -> bool:
 
 
 def summarise(
-    study: optuna.Study, parent_run_id: str, register_name: str, data: PreparedData, data_ref: str, device: str
+    study: optuna.Study,
+    parent_run_id: str,
+    register_name: str,
+    data: PreparedData,
+    data_ref: str,
+    device: str,
+    compact_within: float = 0.002,
 ) -> Registered | None:
-    """Log the leaderboard and plots to the parent run, register the best trial's model; call
+    """Log the leaderboard and plots to the parent run, register the best trial's model (and, in a
+    multi-objective study, log the Pareto front and register the compact rule's pick); call
     holding the study lock once no trial runs. Recorded as done only when all of it succeeded."""
     client = MlflowClient()
     trials = counted(study.get_trials(deepcopy=False))
     board = leaderboard(study)
+    multi_objective = len(study.directions) > 1
+    compact = compact_trial(complete(study), compact_within) if multi_objective and complete(study) else None
     with tempfile.TemporaryDirectory() as tmp:
         board.to_csv(f"{tmp}/leaderboard.csv", index=False)
         board.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
         log_study_plots(study, Path(tmp) / "plots")
+        if compact is not None:
+            Path(tmp, "plots").mkdir(exist_ok=True)
+            front = front_table(study)
+            front.to_csv(f"{tmp}/pareto_front.csv", index=False)
+            Path(tmp, "pareto_front.md").write_text(markdown_table(front) + "\n")
+            front_figure(study, compact).savefig(Path(tmp, "plots", "pareto_front.png"), dpi=110)
         client.log_artifacts(parent_run_id, tmp)
     states = pd.Series([trial.state.name for trial in trials]).value_counts()
     for state in ("COMPLETE", "PRUNED", "FAIL"):
         client.log_metric(parent_run_id, f"n_{state.lower()}_trials", int(states.get(state, 0)), step=len(trials))
     registered = None
     if states.get("COMPLETE", 0):
-        best = study.best_trial
-        client.log_metric(parent_run_id, f"best_{OBJECTIVE_METRIC}", best.value, step=len(trials))
+        best = most_accurate(complete(study))
+        client.log_metric(parent_run_id, f"best_{OBJECTIVE_METRIC}", best.values[0], step=len(trials))
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
         registered = register_best(study, best, parent_run_id, register_name, data, data_ref, device)
+    if compact is not None:
+        client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
+        rule = f"smallest {COST_METRIC} within {compact_within} of the best {OBJECTIVE_METRIC}"
+        client.set_tag(parent_run_id, "compact.rule", rule)
+        register_compact(study, compact, registered, parent_run_id, register_name, data, data_ref, device)
     client.set_terminated(parent_run_id, "FINISHED")
     study.set_user_attr(SUMMARISED_ATTR, len(trials))  # last: a summary that failed halfway is redone
     return registered
@@ -83,7 +109,7 @@ def summarise(
 def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """Every trial, best first: number, val_accuracy, state, parameters, seconds, attributes."""
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
-    trials = trials.rename(columns={"value": OBJECTIVE_METRIC})
+    trials = trials.rename(columns={"value": OBJECTIVE_METRIC, "values_0": OBJECTIVE_METRIC, "values_1": COST_METRIC})
     if "duration" in trials:
         trials["duration"] = trials["duration"].dt.total_seconds().round(1)
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
@@ -102,26 +128,66 @@ def register_best(
     previous = study.user_attrs.get(REGISTERED_ATTR)
     if previous and previous["trial"] == best.number and previous["name"] == register_name:
         return Registered(**previous)  # the best trial did not change: nothing new to register or test
-    model_uri = best.user_attrs.get(MODEL_URI_ATTR)
-    if not model_uri:
-        print(f"warning: trial {best.number} logged no model, so nothing is registered", file=sys.stderr)
+    made = register_trial(study, best, parent_run_id, register_name, data, data_ref, device)
+    if not made:
         return None
-    client = MlflowClient()
-    version = mlflow.register_model(
-        model_uri,
-        register_name,
-        tags={
-            "optuna.study_name": study.study_name,
-            "optuna.trial_number": str(best.number),
-            OBJECTIVE_METRIC: f"{best.value:.6f}",
-        },
-    ).version
-    test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
-    client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    crowned = crown_if_better(register_name, version, best.value)
-    registered = Registered(register_name, str(version), best.number, best.value, test_accuracy, crowned)
+    version, test_accuracy = made
+    crowned = crown_if_better(register_name, version, best.values[0])
+    registered = Registered(register_name, version, best.number, best.values[0], test_accuracy, crowned)
     study.set_user_attr(REGISTERED_ATTR, asdict(registered))
     return registered
+
+
+def register_compact(
+    study: optuna.Study,
+    compact: optuna.trial.FrozenTrial,
+    best: Registered | None,
+    parent_run_id: str,
+    register_name: str,
+    data: PreparedData,
+    data_ref: str,
+    device: str,
+) -> Registered | None:
+    """Give the compact rule's pick the alias ``compact``: the best trial's version when it is the
+    same trial (tested once already), else its own version, registered and tested once."""
+    previous = study.user_attrs.get(COMPACT_ATTR)
+    if previous and previous["trial"] == compact.number and previous["name"] == register_name:
+        registered = Registered(**previous)
+    elif best and best.trial == compact.number:
+        registered = best
+    else:
+        made = register_trial(study, compact, parent_run_id, register_name, data, data_ref, device)
+        if not made:
+            return None
+        version, test_accuracy = made
+        registered = Registered(register_name, version, compact.number, compact.values[0], test_accuracy, False)
+    MlflowClient().set_registered_model_alias(register_name, COMPACT, registered.version)
+    study.set_user_attr(COMPACT_ATTR, asdict(registered))
+    return registered
+
+
+def register_trial(
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    parent_run_id: str,
+    register_name: str,
+    data: PreparedData,
+    data_ref: str,
+    device: str,
+) -> tuple[str, float] | None:
+    """Register the model ``trial`` logged and test it once; its version and test_accuracy."""
+    model_uri = trial.user_attrs.get(MODEL_URI_ATTR)
+    if not model_uri:
+        print(f"warning: trial {trial.number} logged no model, so nothing is registered", file=sys.stderr)
+        return None
+    tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
+    tags[OBJECTIVE_METRIC] = f"{trial.values[0]:.6f}"
+    if len(trial.values) > 1:
+        tags[COST_METRIC] = str(int(trial.values[1]))
+    version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
+    test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
+    MlflowClient().set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    return version, test_accuracy
 
 
 def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: str, device: str) -> float:
@@ -176,12 +242,15 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
+    # A multi-objective study: these plots show its first objective, val_accuracy (the front has its own).
+    target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE_METRIC} if len(study.directions) > 1 else {}
     for name in PLOTS:
+        kwargs = target if name != "intermediate_values" else {}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
-                figure = getattr(interactive, f"plot_{name}")(study)
-                axes = getattr(static, f"plot_{name}")(study)
+                figure = getattr(interactive, f"plot_{name}")(study, **kwargs)
+                axes = getattr(static, f"plot_{name}")(study, **kwargs)
             # The first figure carries plotly.js; the others use it.
             sections.append(
                 f"<h2>{name.replace('_', ' ')}</h2>\n" + figure.to_html(full_html=False, include_plotlyjs=not sections)
@@ -202,7 +271,8 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
 def report(study: optuna.Study, registered: Registered | None, experiment_id: str, top: int = 5) -> str:
     """The lines a person reads at the end: the best trials as a table, the champion, and where to look."""
     board = leaderboard(study)
-    columns = ["number", OBJECTIVE_METRIC, "state", *[c for c in board.columns if c.startswith("params_")], "duration"]
+    params = [c for c in board.columns if c.startswith("params_")]
+    columns = ["number", OBJECTIVE_METRIC, COST_METRIC, "state", *params, "duration"]
     table = board[[c for c in columns if c in board]].head(top)
     table.columns = [c.removeprefix("params_") for c in table.columns]
     lines = [
@@ -214,6 +284,11 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
         lines.append(
             f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
             f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"
+        )
+    if compact := study.user_attrs.get(COMPACT_ATTR):
+        lines.append(
+            f"alias {COMPACT}: {compact['name']} version {compact['version']} from trial {compact['trial']}: "
+            f"{OBJECTIVE_METRIC} {compact['val_accuracy']:.4f}, test_accuracy {compact['test_accuracy']:.4f}"
         )
     lines.append(f"see the trials: {ui_link(experiment_id)}")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ Writes: an Optuna study in ``--storage`` (rerun the command to continue or exten
         trial's own model is registered as ``--register-name``, tested once, and takes the alias
         ``champion`` if its val_accuracy beats the champion's (experiments/summary.py). With
         ``--warm-start``, a new study's first trials after trial 0 are an earlier study's best
-        configurations (experiments/warm_start.py).
+        configurations (experiments/warm_start.py). With ``--cost parameter_count`` the study is
+        multi-objective (not pruned): its Pareto front is logged and the ``compact_within`` rule's
+        pick takes the alias ``compact`` (experiments/pareto.py).
 
 Any number of workers may run the same command, on one machine (journal file) or many
 (PostgreSQL): this module opens (or joins) the study and its parent run, experiments/worker.py
@@ -46,6 +48,7 @@ from experiments.coordination import (
     study_lock,
     worker_id,
 )
+from experiments.pareto import complete, most_accurate
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, study_for, typical_cost
 from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
 from experiments.warm_start import WARM_START_ATTR, WarmStart, enqueue, warm_start
@@ -76,13 +79,21 @@ DATA_ATTR = "data_sha256"  # study user attribute: the checksums of the train an
 
 def study_settings(config: TuneConfig) -> dict:
     """What every trial of a study must share; a rerun that asks for other values is refused."""
-    return {
+    settings = {
         "study": config.study,
         "epochs": config.epochs,
         "sampler": config.sampler,
         "pruner": config.pruner,
         "search_space": STUDIES[config.study].search_space,
     }
+    if config.cost != "none":  # only then: studies made before costs existed keep comparing equal
+        settings["cost"] = config.cost
+    return settings
+
+
+def directions(config: TuneConfig) -> list[str]:
+    """val_accuracy up; with a cost, the cost down too (a multi-objective study)."""
+    return ["maximize"] if config.cost == "none" else ["maximize", "minimize"]
 
 
 def differences(stored: dict, asked: dict) -> list[str]:
@@ -109,7 +120,7 @@ def open_study(storage: optuna.storages.BaseStorage, config: TuneConfig, launche
     else:  # new, or its creator died before recording anything
         # Looked up before the study is created, so that a warm start refused creates nothing.
         start = warm_start(storage, config.warm_start, config.warm_start_k, STUDIES[config.study]) if config.warm_start else None
-        study = study or optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
+        study = study or optuna.create_study(study_name=config.study_name, storage=storage, directions=directions(config))
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
             if start:
@@ -198,11 +209,13 @@ def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Stud
         "epochs": config.epochs,
         "seed": config.seed,
         "search_space": str(STUDIES[config.study].search_space),
-        "objective": f"maximize {OBJECTIVE_METRIC}",
+        "objective": f"maximize {OBJECTIVE_METRIC}" + (f", minimize {config.cost}" if config.cost != "none" else ""),
         # where the enqueued configurations came from: the earlier study and its trial numbers, best first
         "warm_start": started_from.get("study", ""),
         "warm_start_trials": " ".join(map(str, started_from.get("trials", []))),
     }
+    if config.cost != "none":
+        params["compact_within"] = config.compact_within
     with mlflow.start_run(run_id=parent_run_id):
         log_params(params)
     MlflowClient().update_run(parent_run_id, status="RUNNING")  # until the summary ends it
@@ -217,7 +230,8 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
         return None
     line = f"study {study.study_name} is complete: {len(counted(trials))} trials"
     if best_value(study) > -math.inf:
-        line += f"; best trial {study.best_trial.number}, {OBJECTIVE_METRIC} {study.best_value:.4f}"
+        best = most_accurate(complete(study))
+        line += f"; best trial {best.number}, {OBJECTIVE_METRIC} {best.values[0]:.4f}"
     if registered := study.user_attrs.get(REGISTERED_ATTR):
         line += (
             f"; registered as {registered['name']} version {registered['version']} "
@@ -249,6 +263,9 @@ def tune(
     study's best trial, if anything.
     """
     config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
+    if config.cost != "none" and config.pruner != "none":  # Optuna's pruners judge a single objective
+        print(f"note: cost={config.cost} makes a multi-objective study, which is not pruned (pruner=none)", file=sys.stderr)
+        config = dataclasses.replace(config, pruner="none")
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
         study, parent_run_id = open_study(storage, config, launched_run)

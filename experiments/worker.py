@@ -28,10 +28,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
+from experiments.pareto import COST_METRIC, complete, most_accurate, on_front
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
 from experiments.summary import MLFLOW_RUN_ATTR, MODEL_URI_ATTR, needs_summary, report, summarise
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData, load_prepared
+from pipeline.model import count_parameters
 from pipeline.signals import raise_terminated
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
@@ -64,13 +66,16 @@ def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
 
 
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
-    """Train one sampled configuration in its own child run; return its best val_accuracy.
+def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, int]:
+    """Train one sampled configuration in its own child run; return its best val_accuracy (and,
+    in a multi-objective study, its parameter count).
 
-    The model is logged only when it beats every trial finished so far, so the study's best
-    trial always has its own model to register, and no retrain is needed.
+    The model is logged only when it beats every trial finished so far (multi-objective: when no
+    finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
+    has its own model to register, and no retrain is needed.
     """
     config = trial_config(job.config, trial)
+    multi_objective = job.config.cost != "none"
     tags = {
         "pipeline.stage": "trial",
         "pipeline.data": job.data_ref,
@@ -88,6 +93,8 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
             torch.cuda.reset_peak_memory_stats(device)
 
         def report_epoch(metrics):
+            if multi_objective:  # Optuna takes intermediate values of single-objective studies only
+                return
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(
@@ -105,7 +112,8 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
             )
             if device.type == "cuda":
                 mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-            if result.best_val_accuracy > best_value(trial.study):
+            values = (result.best_val_accuracy, count_parameters(result.model))  # the cost: the same count in every trial
+            if on_front(values, complete(trial.study)) if multi_objective else values[0] > best_value(trial.study):
                 trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
         except optuna.TrialPruned as pruned:
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
@@ -118,14 +126,12 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float:
             mlflow.end_run("KILLED" if interrupted else "FAILED")
             raise
         mlflow.set_tag("optuna.trial_state", "COMPLETE")
-        return result.best_val_accuracy
+        return values if multi_objective else result.best_val_accuracy
 
 
 def best_value(study: optuna.Study) -> float:
-    try:
-        return study.best_value
-    except ValueError:  # no complete trial yet
-        return -math.inf
+    """The best val_accuracy of the study's complete trials (its first objective); -inf before any."""
+    return max((trial.values[0] for trial in complete(study)), default=-math.inf)
 
 
 def release_memory() -> None:
@@ -238,9 +244,13 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
 
 
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:
-    value = f" {OBJECTIVE_METRIC} {trial.value:.4f}" if trial.value is not None else ""
+    value = f" {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
+    if len(trial.values or ()) > 1:
+        value += f" {COST_METRIC} {trial.values[1]:,.0f}"
     best = best_value(study)
-    best_text = f"best {best:.4f} (trial {study.best_trial.number})" if best > -math.inf else "no complete trial yet"
+    best_text = "no complete trial yet"
+    if best > -math.inf:
+        best_text = f"best {best:.4f} (trial {most_accurate(complete(study)).number})"
     print(f"[worker {worker}] trial {trial.number} {trial.state.name}{value} | {best_text}", file=sys.stderr, flush=True)
 
 
@@ -277,7 +287,9 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     )
 
     def summarise_study() -> None:
-        registered = summarise(study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device)
+        registered = summarise(
+            study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device, job.config.compact_within
+        )
         print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
     run_trials(

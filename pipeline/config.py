@@ -154,7 +154,7 @@ class TuneConfig:
     # RDB storage only: a running trial silent for 3 heartbeats is failed and retried once.
     heartbeat_interval: int = param(20, "seconds between a running trial's heartbeats (RDB storage)", ge=1, le=3600)
     epochs: int = param(3, "epochs per trial", ge=1, le=1000)
-    sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes"))
+    sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes", "nsga2"))
     pruner: str = param("median", "stops weak trials early, by per-epoch val_accuracy", choices=("median", "hyperband", "none"))
     seed: int = param(42, "seed of the sampler, the data split and every trial's training", ge=0)
     register_name: str = param("lstm-mnist", "MLflow registered model for the retrained best trial")
@@ -163,12 +163,20 @@ class TuneConfig:
     # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).
     warm_start: str = param("", "earlier study in the same storage whose best configurations start this one ('' = none)")
     warm_start_k: int = param(5, "how many of the earlier study's best configurations to enqueue", ge=1, le=100)
+    # parameter_count: a multi-objective study, val_accuracy up and the model's size down (no pruning:
+    # Optuna's pruners judge one objective); its Pareto front is logged (experiments/pareto.py).
+    cost: str = param("none", "second objective, minimised beside val_accuracy", choices=("none", "parameter_count"))
+    # With a cost: the smallest model within this much val_accuracy of the best (0.002 = 0.2 points)
+    # is registered too, under the alias compact.
+    compact_within: float = param(0.002, "the compact model's allowed val_accuracy below the best", ge=0.0, le=1.0)
 
     def __post_init__(self):
         check_fields(self)
         for name in ("study_name", "storage", "register_name"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}='' is not allowed: must be a non-empty string")
+        if self.cost != "none" and self.sampler == "cmaes":
+            raise ParameterError("sampler=cmaes is not allowed with a cost: CMA-ES optimises one objective (use tpe or nsga2)")
         if self.n_workers != "auto" and not (self.n_workers.isdigit() and 1 <= int(self.n_workers) <= 64):
             raise ParameterError(f"n_workers={self.n_workers!r} is not allowed: must be auto or an integer from 1 to 64")
 

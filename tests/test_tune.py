@@ -14,12 +14,13 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from experiments import coordination, summary, warm_start
+from experiments import coordination, pareto, summary, warm_start
 from experiments import worker as worker_module
 from experiments.coordination import RETRY_OF_ATTR, counted
 from experiments.studies import STUDIES, study_for, typical_cost
@@ -465,3 +466,52 @@ def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tm
     with pytest.raises(ParameterError, match="warm_start='missing': no study of that name"):
         tune(smoke(tmp_path, study_name="third", warm_start="missing"), PrepareConfig(), prepared_run)
     assert "third" not in optuna.study.get_all_study_names(coordination.open_storage(first))  # refused: nothing created
+
+
+# --- multi-objective studies ----------------------------------------------------------------------
+
+
+def test_the_compact_rule_picks_the_smallest_model_within_the_margin_of_the_best():
+    def trial(number, accuracy, count):
+        made = optuna.trial.create_trial(values=[accuracy, count])
+        made.number = number
+        return made
+
+    trials = [trial(0, 0.990, 900), trial(1, 0.989, 300), trial(2, 0.9885, 300), trial(3, 0.987, 100), trial(4, 0.990, 800)]
+    assert pareto.compact_trial(trials, within=0.002).number == 1  # 0.2 points: 300 parameters, the more accurate of two
+    assert pareto.compact_trial(trials, within=0.0035).number == 3
+    assert pareto.compact_trial(trials, within=0.0).number == 4  # the best accuracy, and the smaller of the two
+    assert pareto.most_accurate(trials).number == 4
+    assert not pareto.on_front((0.989, 400), trials) and pareto.on_front((0.991, 1000), trials)
+
+
+def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_model(tmp_path, prepared_run, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    config = smoke(tmp_path, n_trials=4, cost="parameter_count", compact_within=0.05)
+    tune(config, PrepareConfig(), prepared_run)
+    study = load(config)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert study.user_attrs["settings"]["pruner"] == "none"  # Optuna's pruners judge one objective
+    trials = pareto.complete(study)
+    assert len(trials) == 4 and all(t.values[1] == t.values[1] // 1 > 0 for t in trials)
+
+    [parent] = runs_of("tune")
+    front = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.csv"))
+    assert set(front["number"]) == {t.number for t in study.best_trials}
+    for row in front.itertuples():  # non-dominated, among every complete trial
+        assert pareto.on_front((row.val_accuracy, row.parameter_count), trials)
+    table = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.md")).read_text()
+    assert re.match(r"\| number +\| val_accuracy +\| parameter_count +\| hidden_size +\| learning_rate +\|\n", table)
+    assert "plots/pareto_front.png" in {f.path for f in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+
+    # The compact rule, by hand: the fewest parameters within 0.05 of the best val_accuracy.
+    best = max(t.values[0] for t in trials)
+    expected = min((t for t in trials if t.values[0] >= best - 0.05), key=lambda t: (t.values[1], -t.values[0], t.number))
+    client = MlflowClient()
+    compact = client.get_model_version_by_alias("tiny-lstm", "compact")
+    champion = client.get_model_version_by_alias("tiny-lstm", "champion")
+    assert compact.tags["optuna.trial_number"] == str(expected.number) == parent.data.tags["compact.trial_number"]
+    assert champion.tags["optuna.trial_number"] == str(pareto.most_accurate(trials).number)
+    # Test is read once per registered version.
+    evaluated = sorted(run.data.tags["pipeline.model"] for run in runs_of("evaluate"))
+    assert evaluated == sorted({f"models:/tiny-lstm/{v.version}" for v in (compact, champion)})
