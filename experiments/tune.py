@@ -218,6 +218,7 @@ def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Stud
         params["compact_within"] = config.compact_within
     with mlflow.start_run(run_id=parent_run_id):
         log_params(params)
+        mlflow.set_tag("optuna.pruner", config.pruner)  # the one in use: `mlflow run` logged -P pruner as typed
     MlflowClient().update_run(parent_run_id, status="RUNNING")  # until the summary ends it
 
 

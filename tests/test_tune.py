@@ -496,6 +496,7 @@ def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_m
     assert len(trials) == 4 and all(t.values[1] == t.values[1] // 1 > 0 for t in trials)
 
     [parent] = runs_of("tune")
+    assert parent.data.tags["optuna.pruner"] == "none"
     front = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.csv"))
     assert set(front["number"]) == {t.number for t in study.best_trials}
     for row in front.itertuples():  # non-dominated, among every complete trial
