@@ -51,14 +51,7 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
     columns |= {f"metrics.{name}": name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS])}
     present = {source: name for source, name in columns.items() if source in table and table[source].notna().any()}
     table = table[list(present)].rename(columns=present)
-    for name in PARAM_COLUMNS:  # MLflow keeps params as strings; numbers sort and print better as numbers
-        if name in table:
-            try:
-                table[name] = pd.to_numeric(table[name])
-            except (ValueError, TypeError):
-                pass
-    table.insert(0, "rank", range(1, len(table) + 1))
-    return table.reset_index(drop=True)
+    return ranked(numbers_where_possible(table, PARAM_COLUMNS))
 
 
 def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = False) -> pd.DataFrame:
@@ -89,12 +82,21 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
             row[f"{name}_std"] = group[f"metrics.{name}"].std()  # pandas' default: the sample std, NaN for one seed
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
-    for column in config:  # MLflow keeps params as strings; numbers sort and print better as numbers
-        name = column.removeprefix("params.")
-        try:
-            table[name] = pd.to_numeric(table[name])
-        except (ValueError, TypeError):
-            pass
+    return ranked(numbers_where_possible(table, [column.removeprefix("params.") for column in config]))
+
+
+def numbers_where_possible(table: pd.DataFrame, names) -> pd.DataFrame:
+    """MLflow keeps params as strings; numbers sort and print better as numbers."""
+    for name in names:
+        if name in table:
+            try:
+                table[name] = pd.to_numeric(table[name])
+            except (ValueError, TypeError):
+                pass
+    return table
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
 
