@@ -108,17 +108,23 @@ def study_for(name: str, on_cuda: bool) -> str:
     return "lstm" if on_cuda else "lstm-cpu"
 
 
-def typical_cost(definition: StudyDefinition, draws: int = 200) -> float:
-    """The mean per-image cost of the study's trials, relative to its baseline (trial 0), from random
-    draws of its space; an LSTM's cost grows as num_layers * directions * hidden_size * (input + hidden_size)."""
+def relative_cost(definition: StudyDefinition, params: dict) -> float:
+    """A configuration's per-image training cost, relative to the study's baseline (trial 0); an
+    LSTM's cost grows as num_layers * directions * hidden_size * (input + hidden_size). A parameter
+    ``params`` leaves out (a warm start cut to the space) counts at the baseline's value."""
 
     def cost(params: dict) -> float:
         hidden, layers = params.get("hidden_size", 256), params.get("num_layers", 2)
         return layers * (2 if params.get("bidirectional") else 1) * hidden * (28 + hidden)
 
+    baseline = {**definition.fixed, **definition.baseline}
+    return cost({**baseline, **params}) / cost(baseline)
+
+
+def typical_cost(definition: StudyDefinition, draws: int = 200) -> float:
+    """The mean per-image cost of the study's sampled trials, relative to its baseline, from random draws of its space."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    samples = [cost({**definition.fixed, **definition.suggest(study.ask())}) for _ in range(draws)]
-    return sum(samples) / len(samples) / cost(definition.baseline)
+    return sum(relative_cost(definition, definition.suggest(study.ask())) for _ in range(draws)) / draws
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

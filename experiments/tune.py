@@ -49,7 +49,7 @@ from experiments.coordination import (
     worker_id,
 )
 from experiments.pareto import complete, most_accurate
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, study_for, typical_cost
+from experiments.studies import OBJECTIVE_METRIC, STUDIES, relative_cost, study_for, typical_cost
 from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
 from experiments.warm_start import WARM_START_ATTR, WarmStart, enqueue, warm_start
 from experiments.worker import WorkerJob, best_value, gpu_assignment, on_stale_trial, run_worker, run_workers, trial_config
@@ -317,7 +317,8 @@ def tune(
 
 def announce(study: optuna.Study, config: TuneConfig, data: PreparedData, gpus: list[str | None]) -> None:
     """Say, before the first trial, what was chosen and about how long it takes here: trial 0's
-    speed is measured on a slice of the data, the rest scaled by the space's typical cost."""
+    speed is measured on a slice of the data; each enqueued trial (trial 0, a warm start's) is
+    scaled by its own size, the trials still to be sampled by the space's typical cost."""
     device = resolve_device(config.device)
     trials = study.get_trials(deepcopy=False)
     to_run = max(0, config.n_trials - len(counted(trials)) - sum(t.state == TrialState.RUNNING for t in trials))
@@ -329,15 +330,18 @@ def announce(study: optuna.Study, config: TuneConfig, data: PreparedData, gpus: 
     with contextlib.redirect_stderr(io.StringIO()):  # the probe's epoch lines are not news
         # The second epoch's speed: the first also pays for thread pools, kernels and caches.
         speed = train(dataclasses.replace(baseline, epochs=2), probe).history[-1].samples_per_second
-    trial_zero_left = not trials or trials[0].state in (TrialState.WAITING, TrialState.RUNNING)
-    baselines = (1 if trial_zero_left else 0) + (to_run - (1 if trial_zero_left else 0)) * typical_cost(definition)
+    queued = [t.system_attrs.get("fixed_params", {}) for t in trials if t.state == TrialState.WAITING]
+    if not trials:
+        queued = [definition.baseline]  # trial 0, enqueued when the first worker starts
+    queued = queued[:to_run]
+    baselines = sum(relative_cost(definition, params) for params in queued)
+    baselines += (to_run - len(queued)) * typical_cost(definition)
     parallel = len({gpu for gpu in gpus if gpu is not None}) or 1  # workers sharing a GPU (or the CPU) share its speed
     seconds = baselines * config.epochs * len(data.train.labels) / speed / parallel
     print(
         f"tune: study {config.study_name!r} ({config.study}: {definition.description}) on {device.type}, {len(gpus)} worker(s): "
         f"{to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {len(data.train.labels):,} images each; "
-        f"at most about {max(1, round(seconds / 60))} min here (trial 0 trains {speed:,.0f} images/s; pruning ends weak "
-        "trials sooner)",
+        f"about {max(1, round(seconds / 60))} min here if none is pruned (trial 0 trains {speed:,.0f} images/s)",
         file=sys.stderr,
         flush=True,
     )

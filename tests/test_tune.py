@@ -21,14 +21,16 @@ from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
 from experiments import coordination, pareto, summary, warm_start
+from experiments import tune as tune_module
 from experiments import worker as worker_module
 from experiments.coordination import RETRY_OF_ATTR, counted
-from experiments.studies import STUDIES, study_for, typical_cost
+from experiments.studies import STUDIES, relative_cost, study_for, typical_cost
 from experiments.tune import tune
 from experiments.worker import WorkerJob, gpu_assignment, run_workers
 from pipeline import prepare
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
+from pipeline.data import PreparedData, Split
 from pipeline.training import TrainingDiverged
 
 
@@ -127,7 +129,7 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     announced = capsys.readouterr().err
     assert "tune: study 'tiny' (lstm-cpu: the CPU-sized space: smaller models" in announced
     assert "on cpu, 1 worker(s): 1 trial(s) left of 1" in announced
-    assert re.search(r"at most about \d+ min here \(trial 0 trains [\d,]+ images/s", announced)
+    assert re.search(r"about \d+ min here if none is pruned \(trial 0 trains [\d,]+ images/s", announced)
     assert "\n[worker 0] trial 0 epoch 1/1  train_loss" in announced  # each epoch's line says whose it is
     # It ends with a table of the best trials and the link to them in the UI's runs table.
     assert re.search(r"best 5:\n +number +val_accuracy +state +batch_size +dropout +hidden_size", announced)
@@ -396,6 +398,32 @@ def test_auto_picks_the_space_by_device():
     assert study_for("auto", on_cuda=True) == "lstm" and study_for("auto", on_cuda=False) == "lstm-cpu"
     assert study_for("smoke", on_cuda=True) == "smoke"
     assert typical_cost(STUDIES["lstm-cpu"]) < 0.2 < 1 < typical_cost(STUDIES["lstm"])  # per image, against trial 0
+
+
+def test_the_estimate_counts_enqueued_trials_at_their_own_size(tmp_path, monkeypatch, capsys):
+    # A warm start enqueues the earlier study's best, large configurations: scaling them by the
+    # space's typical (small) trial said 7 minutes for a study that took about 30.
+    definition = STUDIES["lstm-cpu"]
+    assert relative_cost(definition, {"hidden_size": 128, "num_layers": 1}) == 128 * 156 / (2 * 256 * 284)
+    assert relative_cost(definition, {}) == 1  # left-out parameters count at the baseline's value
+    speed = 100.0  # images/s for the baseline: 6,000 images, one epoch = 1 minute
+    history = [dataclasses.make_dataclass("Epoch", ["samples_per_second"])(speed)]
+    monkeypatch.setattr("experiments.tune.train", lambda *a, **k: dataclasses.make_dataclass("R", ["history"])(history))
+    split = Split(torch.zeros(6000, 28, 28, dtype=torch.uint8), torch.zeros(6000, dtype=torch.int64))
+    data = PreparedData(split, split, split, {})
+    config = smoke(tmp_path, study="lstm-cpu", n_trials=6)
+
+    def estimate(enqueued: list[dict]) -> int:
+        study = optuna.create_study()
+        for params in enqueued:
+            study.enqueue_trial(params)
+        tune_module.announce(study, config, data, [None])
+        return int(re.search(r"about (\d+) min here", capsys.readouterr().err).group(1))
+
+    baseline = definition.baseline
+    assert estimate([baseline] * 6) == 6
+    assert estimate([baseline]) == round(1 + 5 * typical_cost(definition)) == 2
+    assert estimate([]) == 2  # trial 0 is not enqueued yet: the first worker enqueues it
 
 
 def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
