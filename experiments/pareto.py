@@ -1,5 +1,6 @@
-"""Multi-objective studies: val_accuracy maximised together with a cost (the parameter count)
-minimised, their Pareto front as a table and a plot, and the rule that picks a compact model.
+"""Multi-objective studies: val_accuracy maximised together with a cost minimised (the parameter
+count, or the inference latency of one image), their Pareto front as a table and a plot, and the
+rule that picks a compact model.
 
 A trial is on the front when no other complete trial is at least as accurate and at most as
 costly, and strictly better in one of the two. Selection reads validation only.
@@ -11,11 +12,34 @@ import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
-from experiments.studies import OBJECTIVE_METRIC
+from experiments.studies import OBJECTIVE_METRIC, SETTINGS_ATTR
+from pipeline.data import SEQUENCE_SHAPES, PreparedData
+from pipeline.model import count_parameters
+from pipeline.training import inference_latency_ms
 
-COST_METRIC = "parameter_count"  # the second objective: deterministic, the same in every trial, free to measure
+COSTS = ("parameter_count", "latency_ms")  # the second objectives a study can minimise (-P cost)
 COMPACT = "compact"  # the alias of the model the compact rule picks, beside champion
+
+
+def measure_cost(name: str, model: nn.Module, data: PreparedData, reading_order: str) -> float:
+    """A trained model's cost, the same way in every trial: its parameter count (exact), or the
+    milliseconds it takes to classify the first validation image where it trained (a median)."""
+    if name == "parameter_count":
+        return count_parameters(model)
+    if name == "latency_ms":
+        return inference_latency_ms(model, data.val.images[:1], SEQUENCE_SHAPES[reading_order])
+    raise ValueError(f"unknown cost {name!r}; one of {', '.join(COSTS)}")
+
+
+def cost_name(study: optuna.Study) -> str:
+    """The cost a multi-objective study minimises, as its settings recorded it."""
+    return study.user_attrs.get(SETTINGS_ATTR, {}).get("cost", "parameter_count")
+
+
+def format_cost(name: str, value: float) -> str:
+    return f"{value:,.0f}" if name == "parameter_count" else f"{value:.3f}"
 
 
 def complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -49,15 +73,21 @@ def compact_trial(trials: list[FrozenTrial], within: float) -> FrozenTrial:
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front, most accurate first: trial number, both objectives, parameters."""
+    cost = cost_name(study)
     rows = [
-        {"number": t.number, OBJECTIVE_METRIC: t.values[0], COST_METRIC: int(t.values[1]), **t.params}
+        {
+            "number": t.number,
+            OBJECTIVE_METRIC: t.values[0],
+            cost: int(t.values[1]) if cost == "parameter_count" else t.values[1],
+            **t.params,
+        }
         for t in sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
     ]
     return pd.DataFrame(rows)
 
 
 def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Figure:
-    """Every complete trial as a point (parameter count, val_accuracy); the front as a staircase."""
+    """Every complete trial as a point (cost, val_accuracy); the front as a staircase."""
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
     trials = complete(study)
@@ -72,7 +102,7 @@ def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Fig
             [compact.values[1]], [compact.values[0]], s=120, facecolors="none", edgecolors="black", linewidths=1.5, label=COMPACT
         )
     axes.set_xscale("log")
-    axes.set_xlabel(f"{COST_METRIC} (log scale)")
+    axes.set_xlabel(f"{cost_name(study)} (log scale)")
     axes.set_ylabel(OBJECTIVE_METRIC)
     axes.set_title(f"study {study.study_name}: Pareto front of {len(front)} of {len(trials)} trials")
     axes.legend(loc="lower right")

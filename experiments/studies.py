@@ -16,6 +16,7 @@ import optuna
 
 # The metric a study maximises. Never test accuracy: the test set is looked at once, at the end.
 OBJECTIVE_METRIC = "val_accuracy"
+SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (experiments/tune.py)
 
 
 @dataclass(frozen=True)

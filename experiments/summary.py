@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from experiments.coordination import counted
-from experiments.pareto import COMPACT, COST_METRIC, compact_trial, complete, front_figure, front_table, most_accurate
+from experiments.pareto import COMPACT, compact_trial, complete, cost_name, format_cost, front_figure, front_table, most_accurate
 from experiments.studies import OBJECTIVE_METRIC
 from pipeline.config import EvaluateConfig
 from pipeline.data import PreparedData
@@ -98,7 +98,7 @@ def summarise(
         registered = register_best(study, best, parent_run_id, register_name, data, data_ref, device)
     if compact is not None:
         client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
-        rule = f"smallest {COST_METRIC} within {compact_within} of the best {OBJECTIVE_METRIC}"
+        rule = f"smallest {cost_name(study)} within {compact_within} of the best {OBJECTIVE_METRIC}"
         client.set_tag(parent_run_id, "compact.rule", rule)
         register_compact(study, compact, registered, parent_run_id, register_name, data, data_ref, device)
     client.set_terminated(parent_run_id, "FINISHED")
@@ -109,7 +109,7 @@ def summarise(
 def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """Every trial, best first: number, val_accuracy, state, parameters, seconds, attributes."""
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
-    trials = trials.rename(columns={"value": OBJECTIVE_METRIC, "values_0": OBJECTIVE_METRIC, "values_1": COST_METRIC})
+    trials = trials.rename(columns={"value": OBJECTIVE_METRIC, "values_0": OBJECTIVE_METRIC, "values_1": cost_name(study)})
     if "duration" in trials:
         trials["duration"] = trials["duration"].dt.total_seconds().round(1)
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
@@ -183,7 +183,7 @@ def register_trial(
     tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
     tags[OBJECTIVE_METRIC] = f"{trial.values[0]:.6f}"
     if len(trial.values) > 1:
-        tags[COST_METRIC] = str(int(trial.values[1]))
+        tags[cost_name(study)] = format_cost(cost_name(study), trial.values[1]).replace(",", "")
     version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
     test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
     MlflowClient().set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
@@ -272,7 +272,7 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
     """The lines a person reads at the end: the best trials as a table, the champion, and where to look."""
     board = leaderboard(study)
     params = [c for c in board.columns if c.startswith("params_")]
-    columns = ["number", OBJECTIVE_METRIC, COST_METRIC, "state", *params, "duration"]
+    columns = ["number", OBJECTIVE_METRIC, cost_name(study), "state", *params, "duration"]
     table = board[[c for c in columns if c in board]].head(top)
     table.columns = [c.removeprefix("params_") for c in table.columns]
     lines = [

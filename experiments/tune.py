@@ -49,7 +49,7 @@ from experiments.coordination import (
     worker_id,
 )
 from experiments.pareto import complete, most_accurate
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, relative_cost, study_for, typical_cost
+from experiments.studies import OBJECTIVE_METRIC, SETTINGS_ATTR, STUDIES, relative_cost, study_for, typical_cost
 from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
 from experiments.warm_start import WARM_START_ATTR, WarmStart, enqueue, warm_start
 from experiments.worker import WorkerJob, best_value, gpu_assignment, on_stale_trial, run_worker, run_workers, trial_config
@@ -70,7 +70,6 @@ from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, download, log_params
 from pipeline.training import resolve_device, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's one MLflow parent run
-SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (see study_settings)
 DATA_ATTR = "data_sha256"  # study user attribute: the checksums of the train and val splits it tunes on
 
 

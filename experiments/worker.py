@@ -28,12 +28,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
-from experiments.pareto import COST_METRIC, complete, most_accurate, on_front
+from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
 from experiments.summary import MLFLOW_RUN_ATTR, MODEL_URI_ATTR, needs_summary, report, summarise
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData, load_prepared
-from pipeline.model import count_parameters
 from pipeline.signals import raise_terminated
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
@@ -68,7 +67,7 @@ def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
 
 def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, int]:
     """Train one sampled configuration in its own child run; return its best val_accuracy (and,
-    in a multi-objective study, its parameter count).
+    in a multi-objective study, its cost, also logged as a metric of the run).
 
     The model is logged only when it beats every trial finished so far (multi-objective: when no
     finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
@@ -112,8 +111,11 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
             )
             if device.type == "cuda":
                 mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-            values = (result.best_val_accuracy, count_parameters(result.model))  # the cost: the same count in every trial
-            if on_front(values, complete(trial.study)) if multi_objective else values[0] > best_value(trial.study):
+            accuracy, cost = result.best_val_accuracy, None
+            if multi_objective:
+                cost = measure_cost(job.config.cost, result.model, data, config.reading_order)
+                mlflow.log_metric(job.config.cost, cost)
+            if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy > best_value(trial.study):
                 trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
         except optuna.TrialPruned as pruned:
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
@@ -126,7 +128,7 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
             mlflow.end_run("KILLED" if interrupted else "FAILED")
             raise
         mlflow.set_tag("optuna.trial_state", "COMPLETE")
-        return values if multi_objective else result.best_val_accuracy
+        return (accuracy, cost) if multi_objective else accuracy
 
 
 def best_value(study: optuna.Study) -> float:
@@ -246,7 +248,7 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:
     value = f" {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
     if len(trial.values or ()) > 1:
-        value += f" {COST_METRIC} {trial.values[1]:,.0f}"
+        value += f" {cost_name(study)} {format_cost(cost_name(study), trial.values[1])}"
     best = best_value(study)
     best_text = "no complete trial yet"
     if best > -math.inf:

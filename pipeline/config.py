@@ -163,9 +163,12 @@ class TuneConfig:
     # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).
     warm_start: str = param("", "earlier study in the same storage whose best configurations start this one ('' = none)")
     warm_start_k: int = param(5, "how many of the earlier study's best configurations to enqueue", ge=1, le=100)
-    # parameter_count: a multi-objective study, val_accuracy up and the model's size down (no pruning:
-    # Optuna's pruners judge one objective); its Pareto front is logged (experiments/pareto.py).
-    cost: str = param("none", "second objective, minimised beside val_accuracy", choices=("none", "parameter_count"))
+    # A multi-objective study: val_accuracy up and the model's size (parameter_count) or its time to
+    # classify one image (latency_ms) down; no pruning: Optuna's pruners judge one objective. Its
+    # Pareto front is logged (experiments/pareto.py).
+    cost: str = param(
+        "none", "second objective, minimised beside val_accuracy", choices=("none", "parameter_count", "latency_ms")
+    )
     # With a cost: the smallest model within this much val_accuracy of the best (0.002 = 0.2 points)
     # is registered too, under the alias compact.
     compact_within: float = param(0.002, "the compact model's allowed val_accuracy below the best", ge=0.0, le=1.0)

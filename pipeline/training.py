@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -183,6 +184,26 @@ def predict_logits(model: Callable, images: torch.Tensor, input_shape: tuple[int
         for i in range(0, len(images), batch_size)
     )
     return torch.cat([model(x) for x in batches])  # x: (B, T, F)
+
+
+def inference_latency_ms(model: nn.Module, image: torch.Tensor, input_shape: tuple[int, int], calls: int = 100) -> float:
+    """Milliseconds to classify one uint8 ``image`` (1, 28, 28) where the model is, as
+    ``predict_logits`` does for a caller: the median of ``calls`` timed calls after 10 untimed
+    ones (thread pools, caches, kernels), each synchronised on CUDA. The same way for every model,
+    so latencies compare within a machine and its thread count, not across them."""
+    model.eval()
+    device = model_device(model)
+
+    def call() -> float:
+        started = time.perf_counter()
+        predict_logits(model, image, input_shape)
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    for _ in range(10):
+        call()
+    return statistics.median(call() for _ in range(calls)) * 1000
 
 
 def evaluate_split(model: nn.Module, split: Split, reading_order: str) -> tuple[float, float]:

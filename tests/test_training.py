@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training import Checkpoints, TrainingDiverged, TrainingInterrupted, duration, evaluate_split, train
+from pipeline.model import LSTMClassifier
+from pipeline.training import (
+    Checkpoints,
+    TrainingDiverged,
+    TrainingInterrupted,
+    duration,
+    evaluate_split,
+    inference_latency_ms,
+    train,
+)
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
@@ -203,3 +212,13 @@ def test_onecycle_warms_up_to_the_learning_rate_then_anneals_and_resumes_exactly
         train(config, tiny_prepared(), checkpoint_dir=tmp_path, on_epoch=crash_after(2), progress=False)
     resumed = train(config, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
     assert [m.learning_rate for m in resumed.history] == rates and losses(resumed) == losses(uninterrupted)
+
+
+def test_inference_latency_grows_with_the_model_and_leaves_it_unchanged():
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    small, large = LSTMClassifier(hidden_size=8, num_layers=1), LSTMClassifier(hidden_size=512, num_layers=3)
+    large.train()
+    before = [p.clone() for p in large.parameters()]
+    small_ms, large_ms = (inference_latency_ms(m, image, (28, 28), calls=20) for m in (small, large))
+    assert 0 < small_ms < large_ms  # 3 x 512 x (512 + 28) against 8 x 36 multiply-adds a gate and step
+    assert not large.training and all(torch.equal(a, b) for a, b in zip(before, large.parameters(), strict=True))

@@ -544,3 +544,26 @@ def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_m
     # Test is read once per registered version.
     evaluated = sorted(run.data.tags["pipeline.model"] for run in runs_of("evaluate"))
     assert evaluated == sorted({f"models:/tiny-lstm/{v.version}" for v in (compact, champion)})
+
+
+def test_a_latency_study_measures_each_trial_once_and_logs_it_where_people_compare(tmp_path, prepared_run, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)
+    config = smoke(tmp_path, n_trials=3, cost="latency_ms", compact_within=0.05)
+    tune(config, PrepareConfig(), prepared_run)
+    study = load(config)
+    trials = pareto.complete(study)
+    assert len(trials) == 3 and all(0 < t.values[1] < 1000 for t in trials)  # milliseconds for one image
+    for trial in trials:  # the value Optuna minimised is the metric on the trial's run, for the runs table
+        run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.metrics["latency_ms"] == trial.values[1]
+
+    [parent] = runs_of("tune")
+    assert parent.data.params["objective"] == "maximize val_accuracy, minimize latency_ms"
+    assert parent.data.tags["compact.rule"] == "smallest latency_ms within 0.05 of the best val_accuracy"
+    front = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.csv"))
+    assert set(front["number"]) == {t.number for t in study.best_trials}
+    for row in front.itertuples():
+        assert pareto.on_front((row.val_accuracy, row.latency_ms), trials)
+    compact = MlflowClient().get_model_version_by_alias("tiny-lstm", "compact")
+    picked = study.trials[int(compact.tags["optuna.trial_number"])]
+    assert float(compact.tags["latency_ms"]) == pytest.approx(picked.values[1], abs=0.0005)

@@ -121,6 +121,24 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     newest = max(visible_runs(user, "evaluate"), key=lambda run: run.info.start_time)
     assert newest.data.metrics["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
 
+    # The next study starts from this one's best configurations, and weighs latency against accuracy.
+    warm = user.run(
+        "n_trials=3", "warm_start=s", "warm_start_k=2", "cost=latency_ms", study_name="s-fast", register_name="lstm-fast"
+    )
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    [fast] = [run for run in visible_runs(user, "tune") if run.data.tags["optuna.study_name"] == "s-fast"]
+    assert fast.data.params["warm_start"] == "s"
+    carried = [study(user).trials[int(number)] for number in fast.data.params["warm_start_trials"].split()]
+    new = study(user, "s-fast").trials
+    assert len(carried) == 2 and [t.params for t in new[1:3]] == [t.params for t in carried]  # after trial 0, best first
+    others = [
+        t.value for t in study(user).trials if t.state.name == "COMPLETE" and t.number not in {0, *(c.number for c in carried)}
+    ]
+    assert carried[0].value >= carried[1].value >= max(others, default=0)  # trial 0 is run anyway, so not carried
+    assert all(t.values[1] > 0 for t in new)  # milliseconds for one image, measured in each trial
+    compact = user.client.get_model_version_by_alias("lstm-fast", "compact")
+    assert float(compact.tags["latency_ms"]) == pytest.approx(new[int(compact.tags["optuna.trial_number"])].values[1], abs=5e-4)
+
 
 def test_two_mlflow_run_workers_started_at_once_share_one_study(user):
     workers = [
