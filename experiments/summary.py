@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,6 +230,18 @@ def crown_if_better(name: str, version: str, val_accuracy: float) -> bool:
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
 
 
+@contextmanager
+def optuna_quiet():
+    """Optuna's own log at ERROR: the contour plot warns once per pair of parameters that hold a
+    single value (num_layers when every complete trial has 2), dozens of lines on a small study."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def log_study_plots(study: optuna.Study, folder: Path) -> None:
     """Optuna's plots as one self-contained interactive page, ``study.html`` (plotly.js inlined once,
     so it works offline and in the MLflow UI), and one PNG each (matplotlib); skip those the study
@@ -247,7 +260,7 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     for name in PLOTS:
         kwargs = target if name != "intermediate_values" else {}
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), optuna_quiet():
                 warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
                 figure = getattr(interactive, f"plot_{name}")(study, **kwargs)
                 axes = getattr(static, f"plot_{name}")(study, **kwargs)

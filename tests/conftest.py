@@ -12,6 +12,11 @@ import os
 import struct
 from pathlib import Path
 
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: set before torch is imported, here and in every child
+    # One thread per test process and per process it starts: with more OpenMP threads than cores,
+    # their spin-waits stall each other, and a test that trains runs many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import mlflow
 import pytest
 import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -567,3 +568,26 @@ def test_a_latency_study_measures_each_trial_once_and_logs_it_where_people_compa
     compact = MlflowClient().get_model_version_by_alias("tiny-lstm", "compact")
     picked = study.trials[int(compact.tags["optuna.trial_number"])]
     assert float(compact.tags["latency_ms"]) == pytest.approx(picked.values[1], abs=0.0005)
+
+
+def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    space = {
+        "hidden_size": optuna.distributions.IntDistribution(32, 256),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2),
+        "num_layers": optuna.distributions.IntDistribution(1, 2),
+    }
+    for hidden, rate, accuracy in [(32, 0.001, 0.9), (64, 0.003, 0.95), (128, 0.01, 0.93)]:
+        params = {"hidden_size": hidden, "learning_rate": rate, "num_layers": 2}  # num_layers: one value
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=accuracy))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        summary.log_study_plots(study, tmp_path)
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert (tmp_path / "contour.png").exists()
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO  # as it was before
