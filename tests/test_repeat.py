@@ -100,6 +100,31 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
     assert f"test_accuracy {mean:.4f} ± " in done.stdout and "over 2 seeds" in done.stdout
     assert "| seed" in done.stdout and "workflowType=machine_learning" in done.stdout  # the table, the UI link
 
+    grouped = subprocess.run(  # the seeds side by side as one configuration, as docs/repeats.md runs it
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "compare",
+            "--env-manager",
+            "local",
+            "-P",
+            "group_by_config=true",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert grouped.returncode == 0, grouped.stderr[-3000:]
+    [row] = table_rows(grouped.stdout[grouped.stdout.index("| rank") :])
+    std = parent.data.metrics["test_accuracy_std"]
+    assert (row["n_seeds"], row["seeds"], row["test_accuracy"]) == ("2", "3 4", f"{mean:.4f} ± {std:.4f}")
+
 
 def test_a_failing_stage_ends_repeat_failed_with_one_line(tracking, monkeypatch, capsys):
     def failing_stage(stage, *args):
