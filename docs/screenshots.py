@@ -158,6 +158,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def browser_environment() -> Iterator[dict[str, str]]:
+    """The environment Chromium runs in: TMPDIR a short folder of its own. Chromium puts its
+    singleton socket under TMPDIR, and a Unix socket's path holds at most 107 bytes (pytest's
+    tmp_path under `pytest -n 2` is longer)."""
+    folder = tempfile.mkdtemp(prefix="chromium-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    try:
+        yield {**os.environ, "TMPDIR": folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def chromium(args: argparse.Namespace, profile: Path, *action: str, url: str) -> str:
     """One headless Chromium call on a copy of ``profile``; returns its stdout (the DOM for --dump-dom)."""
     with tempfile.TemporaryDirectory(prefix="chromium-", dir=profile.parent) as copy:
@@ -175,7 +187,8 @@ def chromium(args: argparse.Namespace, profile: Path, *action: str, url: str) ->
             *action,
             url,
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        with browser_environment() as env:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode:
         sys.exit(f"screenshots: chromium failed with status {done.returncode} on {url}:\n{done.stderr[-3000:]}")
     return done.stdout
@@ -211,7 +224,9 @@ def prime_local_storage(args: argparse.Namespace, profile: Path, port: int, item
             "--no-first-run",
             f"--user-data-dir={profile}",
         ]
-        done = subprocess.run([*command, "--dump-dom", f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=120)
+        with browser_environment() as env:
+            url = f"http://127.0.0.1:{port}/"
+            done = subprocess.run([*command, "--dump-dom", url], env=env, capture_output=True, text=True, timeout=120)
         if "primed" not in done.stdout:
             sys.exit(f"screenshots: chromium did not run the page that sets local storage:\n{done.stderr[-3000:]}")
     finally:

@@ -584,10 +584,13 @@ def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_p
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("optuna").addHandler(handler)
+    before = optuna.logging.get_verbosity()  # a tuning worker earlier in this process may have set WARNING
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default
     try:
         summary.log_study_plots(study, tmp_path)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO  # as it was before
     finally:
         logging.getLogger("optuna").removeHandler(handler)
+        optuna.logging.set_verbosity(before)
     assert (tmp_path / "contour.png").exists()
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    assert optuna.logging.get_verbosity() == optuna.logging.INFO  # as it was before
