@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: set before torch is imported, here and in every child
@@ -26,6 +28,26 @@ from pipeline.data import DatasetSpec, RawFile
 
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.servers"]  # the PostgreSQL and MLflow server fixtures
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (stable otherwise): under `pytest -n 2` a long test started last keeps
+    one process busy for minutes while the other has nothing left to run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def user_environment(tracking_uri: str) -> dict[str, str]:
+    """A user's shell: this virtual environment activated, their own tracking store, no run of ours."""
+    venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def mlflow_run(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``mlflow run <this project> --env-manager local <args>``, typed in ``cwd``."""
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

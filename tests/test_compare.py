@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +11,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from experiments import compare
-from tests.conftest import REPO
+from tests.conftest import REPO, mlflow_run, user_environment
 from tests.test_tables import table_rows
 
 
@@ -69,33 +66,8 @@ def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
     client = MlflowClient(uri)
     make_runs(client, "0", accuracies=(0.1, 0.2, 0.3))  # Default: another project's runs
     make_runs(client, client.create_experiment("mine"), accuracies=(0.91, 0.97, 0.95))
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
-    env.pop("MLFLOW_RUN_ID", None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "run",
-            str(REPO),
-            "-e",
-            "compare",
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "mine",
-            "-P",
-            "study=s",
-            "-P",
-            "top_k=1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = user_environment(uri)
+    done = mlflow_run("-e", "compare", "--experiment-name", "mine", "-P", "study=s", "-P", "top_k=1", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = table_rows(done.stdout[done.stdout.index("| rank") :])
     assert (row["run"], row["best_val_accuracy"]) == ("trial-1", "0.97")  # "mine", not Default

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from experiments import repeat
 from experiments.repeat import parse_seeds, summarize
 from pipeline.config import ParameterError
 from pipeline.main import StageFailed
-from tests.conftest import REPO
+from tests.conftest import mlflow_run, user_environment
 from tests.test_tables import table_rows
 
 
@@ -52,23 +49,15 @@ def test_summary_is_mean_sample_std_min_max_and_one_seed_has_no_std():
     assert "test_accuracy_std" not in summarize({1: per_seed[1]}) and summarize({1: per_seed[1]})["test_accuracy_mean"] == 0.9
 
 
+@pytest.mark.slow
 def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_path, mnist_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = user_environment(uri)
     (tmp_path / "mnist").symlink_to(mnist_dir)  # relative paths: from the user's folder, not the project's
     settings = {"data_dir": "mnist", "checkpoint_dir": "checkpoints", "train_limit": 500, "val_size": 200,
                 "hidden_size": 8, "num_layers": 1, "epochs": 1, "batch_size": 100, "device": "cpu", "seeds": "3,4"}  # fmt: skip
     params = [arg for name, value in settings.items() for arg in ("-P", f"{name}={value}")]
-    done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "repeat", "--env-manager", "local", *params],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = mlflow_run("-e", "repeat", *params, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient(uri)
@@ -100,26 +89,7 @@ def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_p
     assert f"test_accuracy {mean:.4f} ± " in done.stdout and "over 2 seeds" in done.stdout
     assert "| seed" in done.stdout and "workflowType=machine_learning" in done.stdout  # the table, the UI link
 
-    grouped = subprocess.run(  # the seeds side by side as one configuration, as docs/repeats.md runs it
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "run",
-            str(REPO),
-            "-e",
-            "compare",
-            "--env-manager",
-            "local",
-            "-P",
-            "group_by_config=true",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    grouped = mlflow_run("-e", "compare", "-P", "group_by_config=true", cwd=tmp_path, env=env)  # as docs/repeats.md runs it
     assert grouped.returncode == 0, grouped.stderr[-3000:]
     [row] = table_rows(grouped.stdout[grouped.stdout.index("| rank") :])
     std = parent.data.metrics["test_accuracy_std"]
