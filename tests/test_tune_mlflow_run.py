@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 from experiments.coordination import RETRY_OF_ATTR, counted
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # each starts several `mlflow run` processes: a minute or more
+
 
 @pytest.fixture
 def user(tmp_path, mnist_dir):
