@@ -184,7 +184,8 @@ def register_trial(
     tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
     tags[OBJECTIVE_METRIC] = f"{trial.values[0]:.6f}"
     if len(trial.values) > 1:
-        tags[cost_name(study)] = format_cost(cost_name(study), trial.values[1]).replace(",", "")
+        cost = cost_name(study)
+        tags[cost] = format_cost(cost, trial.values[1]).replace(",", "")  # a tag is read by programs: no separators
     version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
     test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
     MlflowClient().set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")

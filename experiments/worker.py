@@ -65,7 +65,7 @@ def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
 
 
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, int]:
+def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
     """Train one sampled configuration in its own child run; return its best val_accuracy (and,
     in a multi-objective study, its cost, also logged as a metric of the run).
 
