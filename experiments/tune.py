@@ -274,7 +274,8 @@ def tune(
     if line := finished_line(study, config.n_trials):
         print(line, file=sys.stderr)
         return registered_of(study)
-    log_parent_params(parent_run_id, config, study)
+    with study_lock(config.storage, config.study_name):  # MLflow's tag upsert is not atomic: one writer at a time
+        log_parent_params(parent_run_id, config, study)
     parent = MlflowClient().get_run(parent_run_id)
     try:
         with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
@@ -284,7 +285,9 @@ def tune(
             data = load_prepared(folder)
             with study_lock(config.storage, config.study_name):
                 check_data(study, data)
-            MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
+                # Under the lock: workers started at once each inserted this tag, and the server's
+                # select-then-insert let two inserts meet (UniqueViolation on PostgreSQL).
+                MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
             job = WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(folder))
             gpus = gpu_assignment(config)
             announce(study, config, data, gpus)
