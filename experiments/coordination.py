@@ -8,6 +8,10 @@
 - **Liveness of a running trial** comes from a lease its worker takes before it lets go of the
   study lock: Optuna's heartbeats on PostgreSQL, a ``flock`` on the trial's own file on a
   journal. A trial whose lease is gone while it still reads RUNNING lost its worker.
+- **A database restart** (an upgrade, a failover) is waited out: a connection that PostgreSQL
+  refuses while it stops or starts is tried again every second, for up to
+  ``DATABASE_RESTART_LIMIT`` seconds, and a trial whose database call failed while it restarted
+  is re-queued like an interrupted one (experiments/worker.py).
 - **Counting**: a study ends with exactly ``n_trials`` trials that count: COMPLETE, PRUNED, and
   FAIL from the objective. A trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is
   re-queued once with the same parameters, and the failed original is not counted.
@@ -21,12 +25,14 @@ import os
 import socket
 import sys
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import ParameterError, TuneConfig
@@ -37,6 +43,9 @@ REQUEUE_REASON_ATTR = "requeue_reason"  # on a re-queued trial: why the original
 LOST_WORKERS_ATTR = "lost_workers"  # on a re-queued trial: how many workers its parameters have lost
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+DATABASE_RESTART_LIMIT = 600  # seconds a worker waits for its database to come back before it fails
+# What a database call raises when its connection is cut (Optuna wraps SQLAlchemy's error in its own).
+DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 
 
 class NextStep(Enum):
@@ -117,21 +126,62 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
         return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
     from sqlalchemy.exc import DBAPIError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
-        with study_lock(config.storage, "optuna schema"):  # workers starting on a new database race to create its tables
+    deadline = time.monotonic() + DATABASE_RESTART_LIMIT
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+                # Workers starting on a new database race to create its tables. First contact: a database that
+                # refuses connections is refused at once (a wrong host or port), one restarting is waited for.
+                with AdvisoryLock(config.storage, "optuna schema", reached=False):
+                    storage = optuna.storages.RDBStorage(
+                        os.path.expandvars(config.storage),
+                        engine_kwargs={"pool_pre_ping": True},  # a connection cut by a restart is replaced, not used
+                        heartbeat_interval=config.heartbeat_interval,
+                        grace_period=3 * config.heartbeat_interval,
+                        heartbeat_stale_trial_callback=on_stale_trial,
+                    )
+            break
+        except DBAPIError as error:
+            if restarting(error.orig, reached=False) and time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            raise ParameterError(
+                f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
+            ) from None
+    wait_out_restarts(storage.engine)
+    return storage
+
+
+# What libpq reports while PostgreSQL stops, starts, or is down: a failed connection carries no SQLSTATE.
+RESTART_MESSAGES = ("the database system is shutting down", "the database system is starting up", "not yet accepting connections")
+DOWN_MESSAGE = "Connection refused"
+
+
+def restarting(error: Exception, reached: bool) -> bool:
+    """Whether a failed connection means the database is restarting: it says so, or (``reached``:
+    it answered before) it refuses connections."""
+    text = str(error)
+    return any(message in text for message in RESTART_MESSAGES) or (reached and DOWN_MESSAGE in text)
+
+
+def wait_out_restarts(engine: sqlalchemy.Engine, reached: bool = True, limit: float = DATABASE_RESTART_LIMIT) -> None:
+    """Make ``engine``'s new connections wait while the database restarts, instead of failing.
+    ``reached``: the database answered before (see ``restarting``). A wrong password still fails at once."""
+
+    @sqlalchemy.event.listens_for(engine, "do_connect")
+    def connect(dialect, connection_record, cargs, cparams):
+        deadline, said = time.monotonic() + limit, False
+        while True:
             try:
-                return optuna.storages.RDBStorage(
-                    os.path.expandvars(config.storage),
-                    engine_kwargs={"pool_pre_ping": True},  # survive a database restart between trials
-                    heartbeat_interval=config.heartbeat_interval,
-                    grace_period=3 * config.heartbeat_interval,
-                    heartbeat_stale_trial_callback=on_stale_trial,
-                )
-            except DBAPIError as error:
-                raise ParameterError(
-                    f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
-                ) from None
+                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as error:
+                if not restarting(error, reached) or time.monotonic() > deadline:
+                    raise
+                if not said:
+                    print(f"database unreachable ({str(error).splitlines()[0]}): waiting up to {limit:.0f} s", file=sys.stderr)
+                    said = True
+                time.sleep(1)
 
 
 # --- the study lock ---------------------------------------------------------------------------------
@@ -164,6 +214,9 @@ class Lock:
 
     def release(self) -> None:
         raise NotImplementedError
+
+    def confirm(self) -> None:
+        """Raise if the lock was lost while held (only a database restart can take it)."""
 
     def __enter__(self):
         self.acquire()
@@ -199,17 +252,14 @@ class AdvisoryLock(Lock):
     """A session-level PostgreSQL advisory lock, taken on a connection of its own: the server drops it
     when that connection ends, so a holder that dies (kill -9, a lost machine) frees it."""
 
-    def __init__(self, url: str, name: str):
-        import sqlalchemy
-
+    def __init__(self, url: str, name: str, reached: bool = True):
         self.engine = sqlalchemy.create_engine(os.path.expandvars(url), poolclass=sqlalchemy.pool.NullPool)
+        wait_out_restarts(self.engine, reached)  # ``reached``: the storage was opened, so a refusal means a restart
         digest = hashlib.sha256(f"lstm-mnist study lock: {name}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "big", signed=True)  # advisory lock keys are bigint
         self.connection = None
 
     def acquire(self, blocking: bool = True) -> bool:
-        import sqlalchemy
-
         connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         if blocking:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
@@ -218,6 +268,9 @@ class AdvisoryLock(Lock):
             return False
         self.connection = connection
         return True
+
+    def confirm(self) -> None:
+        self.connection.execute(sqlalchemy.text("SELECT 1"))  # a session a restart ended took its lock along
 
     def release(self) -> None:
         if self.connection is not None:
@@ -348,6 +401,11 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
             optuna.storages.fail_stale_trials(study)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if WORKER_ATTR not in trial.user_attrs:  # asked under this lock, but its lease never taken (a database cut)
+                reason = "its worker lost the database before it started the trial"
+                requeue(study, trial, reason, lost_worker=True)
+                on_lost(study, trial, reason)
         return
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if lease_held(config, study.study_name, trial):

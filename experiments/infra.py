@@ -1,4 +1,4 @@
-"""Throwaway shared infrastructure on loopback: a PostgreSQL cluster and an MLflow server with basic-auth.
+"""Throwaway shared infrastructure on loopback: a PostgreSQL cluster and an MLflow server (basic-auth optional).
 
 Plain context managers, used by the test fixtures (``tests/servers.py``) and the load test
 (``benchmarks/load_test.py``). Everything they write stays in the folder they are given, and
@@ -63,7 +63,23 @@ class Postgres:
 
     port: int
     password: str
+    data: Path  # the cluster's data folder
+    run_as: tuple[str, ...] = ()  # the command prefix its tools run under (as root: the postgres user)
     host: str = "127.0.0.1"
+
+    def stop(self) -> None:
+        """Stop the server as an upgrade does: fast, open connections are cut."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        # -l: without it the server would write to our pipe, which then never reaches end of file
+        self._pg_ctl("-l", str(self.data.parent / "postgres.log"), "start")
+
+    def _pg_ctl(self, *args: str) -> None:
+        command = [*self.run_as, str(postgres_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise InfraError(f"pg_ctl {args[-1]} failed:\n{done.stdout}{done.stderr}")
 
     def create_database(self, name: str) -> str:
         """A fresh database owned by a fresh login role of the same name; its SQLAlchemy URL."""
@@ -137,23 +153,48 @@ def postgres_cluster(folder: Path, max_connections: int = 300) -> Iterator[Postg
     if done.returncode != 0:
         raise InfraError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n--- {log} ---\n{log_tail(log)}")
     try:
-        yield Postgres(port=port, password=password)
+        yield Postgres(port=port, password=password, data=data, run_as=tuple(as_postgres))
     finally:
         stopped = run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
         if stopped.returncode != 0:
             run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
 
 
-# --- MLflow server with basic-auth ----------------------------------------------------------------
+# --- MLflow server ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class MlflowServer:
-    """A running `mlflow server --app-name basic-auth`, and its admin's credentials."""
+    """A running `mlflow server`; with basic-auth, its admin's credentials (else ``admin`` is None)."""
 
-    uri: str
-    admin: tuple[str, str]  # (username, password)
-    log: Path
+    def __init__(self, command: list[str], env: dict[str, str], folder: Path, uri: str, admin: tuple[str, str] | None):
+        self.command, self.server_env, self.folder, self.uri, self.admin = command, env, folder, uri, admin
+        self.log = folder / "mlflow-server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        with open(self.log, "ab") as log_file:
+            # Its own process group: the uvicorn supervisor and its workers all stop with one signal.
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.server_env,
+                cwd=self.folder,
+                start_new_session=True,
+            )
+        _wait_healthy(self.process, self.uri, self.log, timeout)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop_group(self.process)
+            self.process = None
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop it as a service manager does (SIGTERM), stay down ``down_seconds``, and start the
+        same command on the same port."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
 
     def create_user(self, username: str, password: str) -> None:
         """A new non-admin user; it gets the server's default_permission (READ) everywhere."""
@@ -185,59 +226,46 @@ class MlflowServer:
 def mlflow_server(
     folder: Path,
     backend_store_uri: str,
-    auth_database_uri: str,
-    workers: int = 2,
+    auth_database_uri: str | None = None,
+    workers: int | None = None,
     auth_cache_ttl: int = 60,
+    artifacts: tuple[str, ...] = ("--artifacts-destination", "artifacts"),
     timeout: float = 120.0,
 ) -> Iterator[MlflowServer]:
-    """Start an MLflow tracking server with basic-auth on a free port; stop it and its workers on exit.
+    """Start ``mlflow server`` on a free port, in ``folder``; stop it and its workers on exit.
 
-    Runs and experiments go to ``backend_store_uri``, users and permissions to ``auth_database_uri``,
-    artifacts (proxied by the server) to ``folder/artifacts``. ``auth_cache_ttl`` seconds: how long a
-    worker trusts a checked password; 0 hashes it on every request (MLflow's default), seconds of
-    CPU per request on a loaded 2-core machine.
+    Runs and experiments go to ``backend_store_uri``. With ``auth_database_uri``, basic-auth is on,
+    as docs/scale-out.md sets it up (users and permissions there, default permission READ);
+    ``auth_cache_ttl`` seconds: how long a worker trusts a checked password; 0 hashes it on every
+    request (MLflow's default), seconds of CPU per request on a loaded 2-core machine.
+    ``artifacts``: the flags that say where artifacts go, paths relative to ``folder``. By default
+    the server proxies them into ``folder/artifacts`` (runs get ``mlflow-artifacts:`` URIs); ``()``
+    is MLflow's default (also proxied), ``("--no-serve-artifacts",)`` has clients write them
+    themselves. ``workers``: None is MLflow's default.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    admin = ("admin", secrets.token_hex(16))
-    auth_config = folder / "basic_auth.ini"
-    auth_config.write_text(
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
-        f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\nauth_cache_ttl_seconds = {auth_cache_ttl}\n"
-    )
-    auth_config.chmod(0o600)  # it holds the admin password
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
-    env.update(
-        MLFLOW_AUTH_CONFIG_PATH=str(auth_config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16)
-    )  # basic-auth's CSRF protection needs one
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = folder / "mlflow-server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--app-name",
-        "basic-auth",
-        "--backend-store-uri",
-        backend_store_uri,
-        "--artifacts-destination",
-        str(folder / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
-    with open(log, "wb") as log_file:
-        # Its own process group: the uvicorn supervisor and its workers all stop with one signal.
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, *artifacts]
+    command += ["--host", "127.0.0.1", "--port", str(port)] + (["--workers", str(workers)] if workers else [])
+    admin = None
+    if auth_database_uri:
+        admin = ("admin", secrets.token_hex(16))
+        auth_config = folder / "basic_auth.ini"
+        auth_config.write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
+            f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\nauth_cache_ttl_seconds = {auth_cache_ttl}\n"
+        )
+        auth_config.chmod(0o600)  # it holds the admin password
+        # basic-auth's CSRF protection needs a secret key
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth_config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+        command += ["--app-name", "basic-auth"]
+    server = MlflowServer(command, env, folder, f"http://127.0.0.1:{port}", admin)
     try:
-        _wait_healthy(server, uri, log, timeout)
-        yield MlflowServer(uri=uri, admin=admin, log=log)
+        server.start(timeout)
+        yield server
     finally:
-        _stop_group(server)
+        server.stop()
 
 
 def _wait_healthy(server: subprocess.Popen, uri: str, log: Path, timeout: float) -> None:

@@ -27,13 +27,22 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
+from experiments.coordination import (
+    DATABASE_ERRORS,
+    NextStep,
+    TrialLease,
+    fail_lost_trials,
+    next_step,
+    open_storage,
+    requeue,
+    study_lock,
+)
 from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
 from experiments.summary import MLFLOW_RUN_ATTR, MODEL_URI_ATTR, needs_summary, report, summarise
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData, load_prepared
-from pipeline.signals import raise_terminated
+from pipeline.signals import raise_if_terminated, raise_terminated
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged, resolve_device
@@ -69,9 +78,10 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
     """Train one sampled configuration in its own child run; return its best val_accuracy (and,
     in a multi-objective study, its cost, also logged as a metric of the run).
 
-    The model is logged only when it beats every trial finished so far (multi-objective: when no
+    The model is logged only when no trial finished so far beats it (multi-objective: when no
     finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
-    has its own model to register, and no retrain is needed.
+    has its own model to register, and no retrain is needed. A tie logs too: under parallel workers
+    the tied trial that finishes second may be the one the champion's rule picks (the earlier number).
     """
     config = trial_config(job.config, trial)
     multi_objective = job.config.cost != "none"
@@ -115,14 +125,14 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
             if multi_objective:
                 cost = measure_cost(job.config.cost, result.model, data, config.reading_order)
                 mlflow.log_metric(job.config.cost, cost)
-            if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy > best_value(trial.study):
+            if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy >= best_value(trial.study):
                 trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
         except optuna.TrialPruned as pruned:
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
             mlflow.end_run("KILLED")
             raise
         except BaseException as error:
-            interrupted = isinstance(error, KeyboardInterrupt)
+            interrupted = isinstance(error, (KeyboardInterrupt, *DATABASE_ERRORS))
             state = "REQUEUED" if interrupted else "FAIL"  # an interrupted trial runs again, and only that run counts
             mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
             mlflow.end_run("KILLED" if interrupted else "FAILED")
@@ -166,21 +176,32 @@ def run_trials(
     sampler_seeded = False
     waiting_since = patience = None
     while True:
-        with lock:
-            fail_lost_trials(study, config, on_lost=say_lost)
-            step = next_step(study, config.n_trials)
-            if step is NextStep.RUN and time.monotonic() >= deadline:  # timeout: start nothing new
-                step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
-            if step is NextStep.RUN:
-                if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
-                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-                    sampler_seeded = True
-                with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-                    trial = study.ask()
-                lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
-            elif step is NextStep.STOP and summarise and needs_summary(study):
-                summarise()
+        raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
+        try:
+            with lock:
+                fail_lost_trials(study, config, on_lost=say_lost)
+                step = next_step(study, config.n_trials)
+                if step is NextStep.RUN and time.monotonic() >= deadline:  # timeout: start nothing new
+                    step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
+                if step is NextStep.RUN:
+                    if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
+                        study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+                        sampler_seeded = True
+                    with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
+                        warnings.filterwarnings(
+                            "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+                        )
+                        lock.confirm()  # before asking: a database restart may have ended the session that held it
+                        trial = study.ask()
+                    lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
+                elif step is NextStep.STOP and summarise and needs_summary(study):
+                    summarise()
+        except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
+            print(
+                f"[worker {worker}] the study's database failed ({first_line(error)}); looking again", file=sys.stderr, flush=True
+            )
+            time.sleep(1)
+            continue
         if step is NextStep.STOP:
             return
         if step is NextStep.WAIT:
@@ -217,13 +238,21 @@ def wait_bound(study: optuna.Study) -> float:
 
 
 def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int) -> None:
-    """Run ``trial`` and tell its result; an interrupted one is re-queued, and the interrupt goes on."""
+    """Run ``trial`` and tell its result. A trial interrupted, or cut off from its database (a
+    restart), is re-queued; an interrupt goes on, the worker goes on after a database failure."""
     try:
-        value = objective(trial)
+        study.tell(trial, objective(trial))
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
     except TRIAL_ERRORS:
         study.tell(trial, state=TrialState.FAIL)
+    except DATABASE_ERRORS as error:
+        with lock:
+            now = study.get_trials(deepcopy=False)[trial.number]
+            if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
+                requeue(study, now, f"its database call failed ({first_line(error)})", lost_worker=False)
+        print(f"[worker {worker}] trial {trial.number}: the study's database failed; re-queued", file=sys.stderr, flush=True)
+        return
     except KeyboardInterrupt as stop:
         with lock:
             requeue(
@@ -238,11 +267,13 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
-    else:
-        study.tell(trial, value)
     finally:
         lease.release()
     say_done(study, study.get_trials(deepcopy=False)[trial.number], worker)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:

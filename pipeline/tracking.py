@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import torch
@@ -178,8 +179,9 @@ def load_prepared_run(ref: str) -> PreparedData:
         return load_prepared(download(ref, PREPARED_ARTIFACT, tmp))
 
 
-def log_split_input(split: Split, name: str, sha256: str, source: str, context: str) -> None:
-    """Record ``split`` as a dataset input of the active run: the runs table's Dataset column."""
+def log_split_input(split: Split, name: str, sha256: str, source: str | None, context: str) -> None:
+    """Record ``split`` as a dataset input of the active run: the runs table's Dataset column.
+    ``source`` None: MLflow records the code that logged it instead."""
     with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
         dataset = mlflow.data.from_numpy(
@@ -190,17 +192,71 @@ def log_split_input(split: Split, name: str, sha256: str, source: str, context: 
 
 def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str]) -> None:
     """Record the prepared splits a run read (``contexts``: split name -> MLflow context, such as
-    ``{"train": "training"}``), with the prepare run's ``prepared/`` folder as their source."""
+    ``{"train": "training"}``), each with its own file in the prepare run's ``prepared/`` folder as
+    its source, where MLflow can read that kind of URI (``split_source``). Where it cannot, the
+    inputs are still recorded (name, digest, schema) and the tag ``pipeline.data_source`` says why
+    their source is missing."""
     if Path(data_ref).is_dir():
-        source = str(Path(data_ref).resolve())
+        folder = str(Path(data_ref).resolve())
     elif _RUN_ID.match(data_ref):
-        source = f"{mlflow.get_run(data_ref).info.artifact_uri}/{PREPARED_ARTIFACT}"
+        folder = f"{mlflow.get_run(data_ref).info.artifact_uri}/{PREPARED_ARTIFACT}"
     else:
-        source = data_ref
+        folder = data_ref
     for split, context in contexts.items():
-        log_split_input(
-            getattr(data, split), f"{data.manifest['dataset']}-{split}", data.manifest["splits"][split]["sha256"], source, context
-        )
+        entry = data.manifest["splits"][split]
+        source, why_not = split_source(f"{folder.rstrip('/')}/{entry['file']}")
+        if why_not:
+            mlflow.set_tag(DATA_SOURCE_TAG, why_not)
+        log_split_input(getattr(data, split), f"{data.manifest['dataset']}-{split}", entry["sha256"], source, context)
+
+
+DATA_SOURCE_TAG = "pipeline.data_source"  # why a run's dataset inputs have no source, when they have none
+
+
+def split_source(uri: str) -> tuple[str | None, str]:
+    """A source for a split's file at artifact ``uri`` that MLflow's dataset sources read, or None
+    and why not. Each kind of artifact URI MLflow hands out:
+
+    - a local path or ``file:``, ``http(s):``, and the object stores MLflow has artifact
+      repositories for (``s3:``, ``gs:``, ``wasbs:``, ``hdfs:``...): as they are;
+    - ``mlflow-artifacts:`` (a tracking server that proxies artifacts, MLflow 3's default): the
+      server's download address for that file, fetched with the same credentials as the runs;
+    - ``runs:/<id>/<path>``: the run's own artifact URI, then as above;
+    - anything else: None, with the reason.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    scheme = urlparse(uri).scheme
+    if scheme == "runs":
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return split_source(f"{mlflow.get_run(run_id).info.artifact_uri}/{path}")
+    if scheme == "mlflow-artifacts":
+        if not (url := proxied_artifact_url(uri)):
+            return (
+                None,
+                f"dataset source left out: {uri} is served by a tracking server, and {mlflow.get_tracking_uri()} is not one",
+            )
+        uri = url
+    try:
+        with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            resolve_dataset_source(uri)
+    except mlflow.exceptions.MlflowException:
+        return None, f"dataset source left out: MLflow has no dataset source for {scheme}: URIs ({uri})"
+    return uri, ""
+
+
+def proxied_artifact_url(uri: str) -> str | None:
+    """The HTTP address at which the tracking server serves ``mlflow-artifacts:`` ``uri``: its own
+    host when the URI names one, else the tracking server's (None when tracking is not a server)."""
+    parsed = urlparse(uri)
+    if parsed.netloc:
+        server = f"http://{parsed.netloc}"
+    elif (tracking := mlflow.get_tracking_uri()).startswith(("http://", "https://")):
+        server = tracking.rstrip("/")
+    else:
+        return None
+    return f"{server}/api/2.0/mlflow-artifacts/artifacts/{parsed.path.lstrip('/')}"
 
 
 def model_uri(ref: str) -> str:

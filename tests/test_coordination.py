@@ -87,3 +87,55 @@ def test_a_stalled_holder_keeps_the_lock_and_two_waiters_take_turns(storage):
         spans.append((float(out[1]), float(out[3])))
     first, second = sorted(spans)
     assert holder_released <= first[0] and first[1] <= second[0]  # one holder at a time
+
+
+@pytest.mark.parametrize(
+    ("message", "reached", "waited"),
+    [
+        ('connection to server at "db" failed: FATAL:  the database system is shutting down', False, True),
+        ('connection to server at "db" failed: FATAL:  the database system is starting up', False, True),
+        ('connection to server at "db", port 5432 failed: Connection refused', True, True),
+        ('connection to server at "db", port 5432 failed: Connection refused', False, False),  # a wrong host or port
+        ('connection to server at "db" failed: FATAL:  password authentication failed for user "u"', True, False),
+    ],
+)
+def test_a_restart_is_waited_out_and_a_mistake_is_not(message, reached, waited):
+    from experiments.coordination import restarting
+
+    assert restarting(Exception(message), reached) is waited
+
+
+def test_a_wrong_password_or_port_is_refused_at_once(postgres, monkeypatch):
+    from experiments.coordination import open_storage
+    from pipeline.config import ParameterError, TuneConfig
+
+    url = postgres.create_database(f"refused_{os.getpid()}")
+    monkeypatch.setenv("WRONG", "not-the-password")
+    wrong_password = url.replace(url.split(":")[2].split("@")[0], "${WRONG}")
+    wrong_port = url.replace(f":{postgres.port}/", ":1/")
+    for storage in (wrong_password, wrong_port):
+        started = time.monotonic()
+        with pytest.raises(ParameterError, match="cannot be opened"):
+            open_storage(TuneConfig(storage=storage))
+        assert time.monotonic() - started < 10
+
+
+def test_a_holder_learns_that_a_database_restart_took_its_lock(postgres):
+    import psycopg
+
+    from experiments.coordination import DATABASE_ERRORS, study_lock
+
+    lock = study_lock(postgres.create_database(f"confirm_{os.getpid()}"), "s")
+    with lock:
+        lock.confirm()  # still held
+        with psycopg.connect(
+            host=postgres.host,
+            port=postgres.port,
+            user="postgres",
+            password=postgres.password,
+            dbname="postgres",
+            autocommit=True,
+        ) as admin:  # what a restart does to every session: ends it, and its advisory locks with it
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'")
+        with pytest.raises(DATABASE_ERRORS):
+            lock.confirm()

@@ -7,8 +7,6 @@ PGPASSWORD), on tiny synthetic data.
 
 from __future__ import annotations
 
-import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,43 +15,8 @@ import time
 import mlflow
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-from sqlalchemy.engine import make_url
 
 from experiments.coordination import RETRY_OF_ATTR, counted
-from pipeline.data import save_prepared
-from tests.conftest import REPO, tiny_prepared
-
-
-@pytest.fixture
-def cluster(postgres, mlflow_server, tmp_path, monkeypatch):
-    """A fresh study database, an experiment on the server, and a worker account that may write to it."""
-    name = f"study_{secrets.token_hex(4)}"
-    url = make_url(postgres.create_database(name))
-    password = secrets.token_hex(12)
-    mlflow_server.create_user(name, password)
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.admin[0])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.admin[1])
-    client = MlflowClient(mlflow_server.uri)
-    experiment_id = client.create_experiment(name)
-    mlflow_server.grant(name, experiment_id, "EDIT")
-    data = tiny_prepared(n_train=512)
-    folder = tmp_path / "prepared"
-    save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist", "seed": 0})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
-    env.update(mlflow_server.env(name, password), MLFLOW_EXPERIMENT_NAME=name, PGPASSWORD=url.password, PYTHONPATH=str(REPO))
-    storage = f"{url.drivername}://{url.username}@{url.host}:{url.port}/{url.database}"  # its password: PGPASSWORD
-    return {
-        "name": name,
-        "client": client,
-        "experiment_id": experiment_id,
-        "env": env,
-        "folder": folder,
-        "storage": storage,
-        "url": url.render_as_string(hide_password=False),
-        "secrets": (password, url.password),
-        "tmp": tmp_path,
-    }
 
 
 def start_workers(cluster, count: int, n_trials: int, *extra: str, first: int = 0) -> list[tuple[subprocess.Popen, object]]:

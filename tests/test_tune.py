@@ -33,6 +33,7 @@ from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.data import PreparedData, Split
 from pipeline.training import TrainingDiverged
+from tests.conftest import tiny_prepared
 
 
 @pytest.fixture
@@ -594,3 +595,19 @@ def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_p
         optuna.logging.set_verbosity(before)
     assert (tmp_path / "contour.png").exists()
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
+    """Two parallel trials reach the same val_accuracy; the one told second may have the earlier
+    number, which the champion's rule picks among equals: it must have its model too."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.9))  # finished first, with a model
+    result = type("Result", (), {"best_val_accuracy": 0.9, "model": None})()
+    monkeypatch.setattr(worker_module, "train_and_log", lambda *args, **kwargs: (result, None))
+    logged = type("Logged", (), {"model_uri": "models:/m-tie"})()
+    monkeypatch.setattr(worker_module, "log_trained_model", lambda *args: logged)
+    config = TuneConfig(study="smoke", study_name="ties", device="cpu")
+    job = WorkerJob(config, mlflow.MlflowClient().create_run("0").info.run_id, "0", "data", "folder")
+    trial = study.ask()
+    assert worker_module.objective(trial, job, tiny_prepared()) == 0.9
+    assert study.trials[-1].user_attrs[summary.MODEL_URI_ATTR] == "models:/m-tie"
