@@ -65,7 +65,7 @@ from pipeline.config import (
 )
 from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.main import StageFailed, code_version, run_stage
-from pipeline.signals import Terminated, raise_terminated
+from pipeline.signals import raise_terminated
 from pipeline.tracking import ERROR_TAG, PREPARED_ARTIFACT, download, log_params
 from pipeline.training import resolve_device, train
 
@@ -399,10 +399,10 @@ def main(argv: list[str] | None = None) -> None:
         if launched_run:
             MlflowClient().set_tag(launched_run, ERROR_TAG, str(error))  # `mlflow run` ends it FAILED
         parser.exit(2, f"tune: error: {error}\n")
-    except Terminated:
-        fail("SIGTERM; the trial in progress was re-queued: rerun the same command to continue the study", 143)
-    except KeyboardInterrupt:
-        fail("interrupted; the trial in progress was re-queued: rerun the same command to continue the study", 130)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated, or TrainingInterrupted inside a trial)
+        number = getattr(stop, "signal_number", signal.SIGINT)
+        then = "the trial in progress was re-queued: rerun the same command to continue the study"
+        fail(f"{signal.Signals(number).name}; {then}", 128 + number)
 
 
 if __name__ == "__main__":

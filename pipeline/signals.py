@@ -16,10 +16,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (a scheduler's preemption, `kill`): handled like Ctrl-C."""
 
     signal_number = signal.SIGTERM
+    # Set by raise_terminated. Python drops an exception raised while a finalizer or a weakref
+    # callback runs (it prints "Exception ignored in ..." and goes on), so a SIGTERM can be lost
+    # that way: raise_if_terminated() raises it again at the next safe point.
+    received = False
 
 
 def raise_terminated(signal_number, frame):
+    Terminated.received = True
     raise Terminated  # by default SIGTERM ends the process before any cleanup: the run would stay RUNNING
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated if raise_terminated ran and its exception was lost on the way."""
+    if Terminated.received:
+        raise Terminated
 
 
 @contextmanager

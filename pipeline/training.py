@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, atomic_write, to_sequences
 from pipeline.model import LSTMClassifier, build_model
-from pipeline.signals import signal_handler
+from pipeline.signals import raise_if_terminated, signal_handler
 
 
 class TrainingDiverged(RuntimeError):
@@ -253,21 +253,24 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, 
         print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
 
     show_bar = sys.stderr.isatty() if progress is None else progress
-    stopped_early = False
+    stopped_early, last_checkpoint = False, None
     with stop_requests() as stop:
         for epoch in range(start_epoch, config.epochs + 1):
             loss_sum, correct, started = _train_epoch(run, train_split, epoch, precision, stop, checkpoints, show_bar, partial)
             partial = None
             metrics = _end_epoch(run, val_split, epoch, loss_sum, correct, started)
             _print_epoch(metrics, run.history, config.epochs, label)
-            if checkpoints:
-                checkpoints.save(f"epoch-{epoch:04d}", run.checkpoint(epoch))
+            last_checkpoint = checkpoints.save(f"epoch-{epoch:04d}", run.checkpoint(epoch)) if checkpoints else None
             if on_epoch:
                 on_epoch(metrics)
             if config.patience and epoch - run.best_epoch >= config.patience:
                 stopped_early = True
                 print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
                 break
+        # Asked after the last batch (validation, on_epoch) of the last epoch: no batch is left to stop
+        # after, and a caller must not go on as if nothing came.
+        if stop.signal_number:
+            raise TrainingInterrupted(stop.signal_number, last_checkpoint)
 
     model = run.model
     if run.best_state is not None:
@@ -467,6 +470,7 @@ def stop_requests():
             flush=True,
         )
 
+    raise_if_terminated()  # a SIGTERM whose exception was lost before training began
     with signal_handler(request, signal.SIGINT, signal.SIGTERM):
         yield stop
 

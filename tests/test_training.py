@@ -222,3 +222,44 @@ def test_inference_latency_grows_with_the_model_and_leaves_it_unchanged():
     small_ms, large_ms = (inference_latency_ms(m, image, (28, 28), calls=20) for m in (small, large))
     assert 0 < small_ms < large_ms  # 3 x 512 x (512 + 28) against 8 x 36 multiply-adds a gate and step
     assert not large.training and all(torch.equal(a, b) for a, b in zip(before, large.parameters(), strict=True))
+
+
+def test_a_signal_after_the_last_batch_still_stops_training(tmp_path):
+    # Sent during the last epoch's on_epoch (validation is done, no batch is left to stop after).
+    config = dataclasses.replace(TINY, epochs=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, tiny_prepared(), checkpoint_dir=tmp_path, on_epoch=signal_after(2, signal.SIGTERM), progress=False)
+    assert stopped.value.signal_number == signal.SIGTERM
+    assert stopped.value.checkpoint == tmp_path / "epoch-0002.pt"  # the whole last epoch: a rerun has nothing left to do
+    resumed = train(config, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_epoch == 2
+
+
+def test_a_sigterm_lost_in_a_finalizer_is_raised_again_before_training(monkeypatch):
+    """Python drops an exception raised while a weakref callback runs; the next safe point raises it again."""
+    import gc
+    import weakref
+
+    from pipeline.signals import Terminated, raise_terminated
+
+    monkeypatch.setattr(Terminated, "received", False)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+
+        class Thing:
+            pass
+
+        def on_collected(_):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # Python runs the handler between these steps, inside the callback
+                pass
+
+        thing = Thing()
+        reference = weakref.ref(thing, on_collected)
+        del thing
+        gc.collect()
+        assert reference() is None and Terminated.received  # it arrived, and its exception went nowhere
+        with pytest.raises(Terminated):
+            train(TINY, tiny_prepared(), progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
