@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned requirements and this project installed in it; safe to rerun.
 #   bash setup.sh           the pipeline, tuning and benchmarks
-#   bash setup.sh --tests   also Debian's postgresql, which the scale-out tests start a throwaway cluster of
+#   bash setup.sh --tests   also Debian's postgresql and slurm-wlm, which the scale-out and Slurm tests start throwaway clusters of
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
-if [ "${1:-}" = "--tests" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; then
+if [ "${1:-}" = "--tests" ] && ! { compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ]; }; then
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -qq postgresql > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq postgresql > /dev/null; }
+  packages="postgresql slurm-wlm"
+  $sudo apt-get install -y -qq $packages > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq $packages > /dev/null; }
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
