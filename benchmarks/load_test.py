@@ -220,6 +220,7 @@ def main() -> None:
             postgres.create_database("auth"),
             workers=args.server_workers,
             auth_cache_ttl=args.auth_cache_ttl,
+            job_execution=False,
         ) as server:
             tuner = ("tuner", os.urandom(16).hex())  # the workers' MLflow user, given EDIT on the experiment
             server.create_user(*tuner)

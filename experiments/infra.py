@@ -230,6 +230,7 @@ def mlflow_server(
     workers: int | None = None,
     auth_cache_ttl: int = 60,
     artifacts: tuple[str, ...] = ("--artifacts-destination", "artifacts"),
+    job_execution: bool = True,
     timeout: float = 120.0,
 ) -> Iterator[MlflowServer]:
     """Start ``mlflow server`` on a free port, in ``folder``; stop it and its workers on exit.
@@ -241,10 +242,13 @@ def mlflow_server(
     ``artifacts``: the flags that say where artifacts go, paths relative to ``folder``. By default
     the server proxies them into ``folder/artifacts`` (runs get ``mlflow-artifacts:`` URIs); ``()``
     is MLflow's default (also proxied), ``("--no-serve-artifacts",)`` has clients write them
-    themselves. ``workers``: None is MLflow's default.
+    themselves. ``workers``: None is MLflow's default. ``job_execution=False``: without the job
+    runner (GenAI jobs, unused here), as docs/scale-out.md starts it.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_", "MLFLOW_SERVER_"))}
+    if not job_execution:
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, *artifacts]
     command += ["--host", "127.0.0.1", "--port", str(port)] + (["--workers", str(workers)] if workers else [])

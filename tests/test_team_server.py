@@ -173,7 +173,7 @@ def test_a_study_goes_on_while_the_tracking_server_and_postgresql_restart(tmp_pa
 
     with postgres_cluster(tmp_path / "postgres") as postgres:
         tracking_db, auth_db, study_db = (postgres.create_database(n) for n in ("tracking", "auth", "optuna"))
-        with mlflow_server(tmp_path / "server", tracking_db, auth_db, workers=1) as server:
+        with mlflow_server(tmp_path / "server", tracking_db, auth_db, workers=1, job_execution=False) as server:
             data = tiny_prepared(n_train=4096)
             from pipeline.data import save_prepared
 
