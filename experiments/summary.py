@@ -51,6 +51,12 @@ class Registered:
     val_accuracy: float
     test_accuracy: float
     champion: bool  # whether it held the champion alias when registered
+    why_not_champion: str = ""  # one line, when it did not take the alias
+
+
+def model_name(register_name: str, dataset: str) -> str:
+    """The registered model a study's versions go to: ``auto`` is ``lstm-<dataset>``."""
+    return f"lstm-{dataset}" if register_name == "auto" else register_name
 
 
 def needs_summary(study: optuna.Study) -> bool:
@@ -133,8 +139,8 @@ def register_best(
     if not made:
         return None
     version, test_accuracy = made
-    crowned = crown_if_better(register_name, version, best.values[0])
-    registered = Registered(register_name, version, best.number, best.values[0], test_accuracy, crowned)
+    why_not = crown_if_better(register_name, version, best.values[0], validation_data(data))
+    registered = Registered(register_name, version, best.number, best.values[0], test_accuracy, not why_not, why_not)
     study.set_user_attr(REGISTERED_ATTR, asdict(registered))
     return registered
 
@@ -176,20 +182,59 @@ def register_trial(
     data_ref: str,
     device: str,
 ) -> tuple[str, float] | None:
-    """Register the model ``trial`` logged and test it once; its version and test_accuracy."""
+    """Register the model ``trial`` logged, with its lineage (``lineage_tags``), and test it once;
+    its version and test_accuracy."""
     model_uri = trial.user_attrs.get(MODEL_URI_ATTR)
     if not model_uri:
         print(f"warning: trial {trial.number} logged no model, so nothing is registered", file=sys.stderr)
         return None
+    tags = lineage_tags(study, trial, data)
+    version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
+    test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
+    client = MlflowClient()
+    client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    params = ", ".join(f"{name} {value}" for name, value in trial.params.items())
+    client.update_model_version(
+        register_name,
+        version,
+        description=f"Study {study.study_name}, trial {trial.number} ({params}): {OBJECTIVE_METRIC} {trial.values[0]:.4f} "
+        f"on {data.manifest['dataset']} (validation split {tags[VAL_DIGEST_TAG][:12]}), test_accuracy {test_accuracy:.4f} "
+        f"(tested once, after it was chosen). Trained in {tags['precision']}, code {tags['code_version'][:12]}"
+        + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
+    )
+    return version, test_accuracy
+
+
+# Version tags that say what a version was validated on: only versions that agree on both compare.
+DATASET_TAG, VAL_DIGEST_TAG = "data.dataset", "data.val_sha256"
+
+
+def validation_data(data: PreparedData) -> dict[str, str]:
+    return {DATASET_TAG: data.manifest["dataset"], VAL_DIGEST_TAG: data.manifest["splits"]["val"]["sha256"]}
+
+
+def lineage_tags(study: optuna.Study, trial: optuna.trial.FrozenTrial, data: PreparedData) -> dict[str, str]:
+    """What a reviewer needs to trust a version: its data (dataset, each split's sha256), its study
+    and trial, the trial's parameters, its validation score, precision and code version."""
+    from pipeline.main import code_version
+
     tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
     tags[OBJECTIVE_METRIC] = f"{trial.values[0]:.6f}"
     if len(trial.values) > 1:
         cost = cost_name(study)
         tags[cost] = format_cost(cost, trial.values[1]).replace(",", "")  # a tag is read by programs: no separators
-    version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
-    test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
-    MlflowClient().set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    return version, test_accuracy
+    tags.update(validation_data(data))
+    tags.update({f"data.{split}_sha256": data.manifest["splits"][split]["sha256"] for split in ("train", "test")})
+    tags.update({f"param.{name}": str(value) for name, value in trial.params.items()})
+    run = MlflowClient().get_run(trial.user_attrs[MLFLOW_RUN_ATTR]) if MLFLOW_RUN_ATTR in trial.user_attrs else None
+    tags["precision"] = run.data.params.get("resolved_precision", "unknown") if run else "unknown"
+    tags["code_version"] = code_version()
+    parent = (
+        MlflowClient().get_run(run.data.tags["mlflow.parentRunId"]) if run and "mlflow.parentRunId" in run.data.tags else None
+    )
+    if parent and (commit := parent.data.tags.get("mlflow.source.git.commit")):  # `mlflow run` records it
+        tags["git_commit"] = commit
+    return tags
 
 
 def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: str, device: str) -> float:
@@ -214,18 +259,32 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
     return evaluation.test_accuracy
 
 
-def crown_if_better(name: str, version: str, val_accuracy: float) -> bool:
-    """Move the champion alias to ``version`` if its validation accuracy beats the champion's."""
+def crown_if_better(name: str, version: str, val_accuracy: float, validated_on: dict[str, str]) -> str:
+    """Move the champion alias to ``version`` if the champion was validated on the same data
+    (``validated_on``: dataset and validation split digest) and its val_accuracy is lower. Returns
+    "" when it moved, else why not in one line: a version validated on other data (another dataset,
+    a smaller split) is registered, but never compared."""
     client = MlflowClient()
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
-        to_beat = float(champion.tags.get(OBJECTIVE_METRIC, "-1"))
     except mlflow.exceptions.MlflowException:  # no champion yet
-        to_beat = -1.0
-    if val_accuracy <= to_beat:
-        return False
+        champion = None
+    if champion:
+        differs = [
+            f"{key} {champion.tags.get(key, 'unrecorded')[:16]}"
+            for key, value in validated_on.items()
+            if champion.tags.get(key) != value
+        ]
+        if differs:
+            return (
+                f"not compared with champion version {champion.version}, validated on other data ({', '.join(differs)}); "
+                "move the alias by hand if this one should serve"
+            )
+        to_beat = float(champion.tags.get(OBJECTIVE_METRIC, "-1"))
+        if val_accuracy <= to_beat:
+            return f"champion version {champion.version} has {OBJECTIVE_METRIC} {to_beat:.4f} on the same data"
     client.set_registered_model_alias(name, CHAMPION, version)
-    return True
+    return ""
 
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
@@ -294,7 +353,11 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
         table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
     ]
     if registered:
-        role = "the champion" if registered.champion else "not the champion (a better one holds the alias)"
+        role = (
+            "the champion"
+            if registered.champion
+            else f"not the champion: {registered.why_not_champion or 'a better one holds it'}"
+        )
         lines.append(
             f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
             f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"

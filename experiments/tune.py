@@ -50,7 +50,7 @@ from experiments.coordination import (
 )
 from experiments.pareto import complete, most_accurate
 from experiments.studies import OBJECTIVE_METRIC, SETTINGS_ATTR, STUDIES, relative_cost, study_for, typical_cost
-from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, needs_summary
+from experiments.summary import CHAMPION, REGISTERED_ATTR, Registered, model_name, needs_summary
 from experiments.warm_start import WARM_START_ATTR, WarmStart, enqueue, warm_start
 from experiments.worker import WorkerJob, best_value, gpu_assignment, on_stale_trial, run_worker, run_workers, trial_config
 from pipeline.config import (
@@ -283,6 +283,7 @@ def tune(
                 data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
             folder = download(data_ref, PREPARED_ARTIFACT, tmp)
             data = load_prepared(folder)
+            config = dataclasses.replace(config, register_name=model_name(config.register_name, data.manifest["dataset"]))
             with study_lock(config.storage, config.study_name):
                 check_data(study, data)
                 # Under the lock: workers started at once each inserted this tag, and the server's

@@ -157,7 +157,8 @@ class TuneConfig:
     sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes", "nsga2"))
     pruner: str = param("median", "stops weak trials early, by per-epoch val_accuracy", choices=("median", "hyperband", "none"))
     seed: int = param(42, "seed of the sampler, the data split and every trial's training", ge=0)
-    register_name: str = param("lstm-mnist", "MLflow registered model for the retrained best trial")
+    # One registered model per dataset: versions compete for its champion only on the same data.
+    register_name: str = param("auto", "MLflow registered model for the best trial's model: auto = lstm-<dataset>")
     device: str = param("auto", "where trials train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
     # Read only when the study is created: its first trials after trial 0 are the earlier study's
     # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).

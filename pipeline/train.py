@@ -137,6 +137,7 @@ def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order:
             name=MODEL_NAME,
             input_example=example.numpy(),
             signature=signature,
+            serialization_format="pt2",  # pickle-free everywhere: MLflow's default differs by version and platform
             # Pinning torch avoids MLflow's slow requirement inference (a model reload).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )

@@ -10,6 +10,7 @@ for a GPU on a machine without one.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -101,3 +102,10 @@ def test_the_logged_model_predicts_on_the_gpu_what_it_predicts_on_the_cpu(name, 
     on_cpu = mlflow.pytorch.load_model(uri)(x)
     on_gpu = mlflow.pytorch.load_model(uri).to("cuda")(x.cuda())
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)  # TF32 and cuDNN against the CPU's kernels
+
+
+def test_the_model_is_logged_pickle_free(tracking):
+    # Said explicitly: MLflow's default is pickle on a Databricks tracking URI, and has changed between versions.
+    folder = Path(mlflow.artifacts.download_artifacts(log_like_the_train_stage(CONFIGS["rows"])))
+    files = {path.name for path in folder.rglob("*")}
+    assert "model.pt2" in files and not files & {"model.pth", "pickle_module_info.txt"}, files

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -31,7 +32,7 @@ from experiments.worker import WorkerJob, gpu_assignment, run_workers
 from pipeline import prepare
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
-from pipeline.data import PreparedData, Split
+from pipeline.data import PreparedData, Split, save_prepared
 from pipeline.training import TrainingDiverged
 from tests.conftest import tiny_prepared
 
@@ -97,11 +98,24 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
     assert str(version.version) == "1" and version.run_id == best_run and registered.champion
     assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value, abs=1e-6)
     assert not MlflowClient().search_runs(["0"], filter_string="attributes.run_name = 'best-retrain'")
+    # Its lineage, readable on the version: data, study and trial, parameters, precision, code.
+    manifest = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=prepared_run, artifact_path="prepared/manifest.json")).read_text()
+    )
+    assert version.tags["data.dataset"] == "mnist"
+    assert all(version.tags[f"data.{split}_sha256"] == manifest["splits"][split]["sha256"] for split in ("train", "val", "test"))
+    assert version.tags["optuna.study_name"] == "tiny" and version.tags["optuna.trial_number"] == str(study.best_trial.number)
+    assert {f"param.{k}": str(v) for k, v in study.best_trial.params.items()}.items() <= version.tags.items()
+    assert version.tags["precision"] in ("fp32", "bf16") and len(version.tags["code_version"]) == 64
+    assert f"Study tiny, trial {study.best_trial.number}" in version.description and "tested once" in version.description
     # The test set is read once, on the registered artifact, and only reported.
     [evaluation] = runs_of("evaluate")
     assert evaluation.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert evaluation.data.tags["pipeline.model"] == "models:/tiny-lstm/1"
     assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation.data.metrics["test_accuracy"], abs=1e-6)
+
+
+MNIST = {summary.DATASET_TAG: "mnist", summary.VAL_DIGEST_TAG: "a" * 64}
 
 
 def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
@@ -110,17 +124,36 @@ def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
     client.create_registered_model("m")
 
     def version(val: float, test: float) -> str:
-        tags = {"val_accuracy": str(val), "test_accuracy": str(test)}
+        tags = {"val_accuracy": str(val), "test_accuracy": str(test), **MNIST}
         return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version)
 
     first = version(val=0.95, test=0.90)
-    assert summary.crown_if_better("m", first, 0.95)
+    assert summary.crown_if_better("m", first, 0.95, MNIST) == ""
     better_on_test_only = version(val=0.94, test=0.99)
-    assert not summary.crown_if_better("m", better_on_test_only, 0.94)
+    assert "has val_accuracy 0.9500 on the same data" in summary.crown_if_better("m", better_on_test_only, 0.94, MNIST)
     assert str(client.get_model_version_by_alias("m", "champion").version) == first
     better_on_validation = version(val=0.96, test=0.80)
-    assert summary.crown_if_better("m", better_on_validation, 0.96)
+    assert summary.crown_if_better("m", better_on_validation, 0.96, MNIST) == ""
     assert str(client.get_model_version_by_alias("m", "champion").version) == better_on_validation
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {summary.DATASET_TAG: "fashion-mnist", summary.VAL_DIGEST_TAG: "b" * 64},  # another dataset
+        {summary.DATASET_TAG: "mnist", summary.VAL_DIGEST_TAG: "c" * 64},  # a smaller or other validation split
+        {},  # registered before the data was recorded
+    ],
+)
+def test_a_version_validated_on_other_data_never_takes_the_alias(tracking, tmp_path, other):
+    client = MlflowClient()
+    client.create_registered_model("m")
+    champion = str(client.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": "0.90", **other}).version)
+    client.set_registered_model_alias("m", "champion", champion)
+    challenger = str(client.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": "0.99", **MNIST}).version)
+    why_not = summary.crown_if_better("m", challenger, 0.99, MNIST)
+    assert why_not.startswith(f"not compared with champion version {champion}, validated on other data")
+    assert str(client.get_model_version_by_alias("m", "champion").version) == champion
 
 
 def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuration_and_says_how_long(
@@ -611,3 +644,29 @@ def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
     trial = study.ask()
     assert worker_module.objective(trial, job, tiny_prepared()) == 0.9
     assert study.trials[-1].user_attrs[summary.MODEL_URI_ATTR] == "models:/m-tie"
+
+
+def logged_prepared(data: PreparedData, dataset: str) -> str:
+    """A prepare run holding ``data`` as ``dataset``, as `mlflow run -e prepare` leaves one; its id."""
+    folder = Path(tempfile.mkdtemp()) / "prepared"
+    save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": dataset, "seed": 0})
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), "prepared")
+    return run.info.run_id
+
+
+def test_each_dataset_has_its_own_champion_and_other_validation_data_never_takes_it(tmp_path, prepared_run, capsys):
+    """The README's studies in order on one store: MNIST, Fashion-MNIST, then a small MNIST study."""
+    mnist = tune(smoke(tmp_path, study_name="mnist", register_name="auto", n_trials=1), PrepareConfig(), prepared_run)
+    fashion_data = logged_prepared(tiny_prepared(), "fashion-mnist")
+    fashion = tune(smoke(tmp_path, study_name="fashion", register_name="auto", n_trials=1), PrepareConfig(), fashion_data)
+    small_data = logged_prepared(tiny_prepared(n_val=64), "mnist")  # another validation split: not comparable
+    small = tune(smoke(tmp_path, study_name="small", register_name="auto", n_trials=1), PrepareConfig(), small_data)
+
+    assert (mnist.name, fashion.name, small.name) == ("lstm-mnist", "lstm-fashion-mnist", "lstm-mnist")
+    assert mnist.champion and fashion.champion and not small.champion
+    assert small.why_not_champion.startswith(f"not compared with champion version {mnist.version}, validated on other data")
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("lstm-mnist", "champion").version) == mnist.version
+    assert str(client.get_model_version_by_alias("lstm-fashion-mnist", "champion").version) == fashion.version
+    assert f"not the champion: {small.why_not_champion}" in capsys.readouterr().err  # the end report says why
