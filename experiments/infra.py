@@ -106,11 +106,10 @@ def _as_postgres_user(folder: Path) -> list[str]:
     if os.geteuid() != 0:
         return []
     shutil.chown(folder, "postgres", "postgres")
-    for parent in folder.resolve().parents:
+    for parent in folder.resolve().parents:  # all of them: another pytest session resets its base folder to 0700
         mode = parent.stat().st_mode
-        if mode & 0o001:
-            break
-        parent.chmod(mode | 0o001)
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
     return ["runuser", "-u", "postgres", "--"]
 
 

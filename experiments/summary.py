@@ -255,6 +255,7 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
             input_shape,
             EvaluateConfig(device=device),
             data_ref,
+            model_uri,
         )
     return evaluation.test_accuracy
 

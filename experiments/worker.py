@@ -126,7 +126,9 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
                 cost = measure_cost(job.config.cost, result.model, data, config.reading_order)
                 mlflow.log_metric(job.config.cost, cost)
             if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy >= best_value(trial.study):
-                trial.set_user_attr(MODEL_URI_ATTR, log_trained_model(result.model, data, config.reading_order).model_uri)
+                logged = log_trained_model(result.model, data, config.reading_order)
+                mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
+                trial.set_user_attr(MODEL_URI_ATTR, logged.model_uri)
         except optuna.TrialPruned as pruned:
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
             mlflow.end_run("KILLED")

@@ -122,15 +122,17 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
 
 
 def evaluate_and_log(
-    model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = ""
+    model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = "", model_uri: str = ""
 ) -> Evaluation:
     """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, table and plots;
-    ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input."""
+    ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input, and
+    ``model_uri`` (what ``model`` was loaded from) links the metrics to that logged model, whose
+    page in MLflow 3 then shows them."""
     dataset, data_split = data.manifest["dataset"], data.test
     class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
     result = evaluate(model, data_split, input_shape, class_names, config.batch_size)
     log_params({**dataclasses.asdict(config), **device_params(model_device(model) or data_split.images.device)})
-    mlflow.log_metrics(result.metrics())
+    mlflow.log_metrics(result.metrics(), model_id=mlflow.models.get_model_info(model_uri).model_id if model_uri else None)
     with tempfile.TemporaryDirectory() as tmp:
         result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
         result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot load the model {args.model} or its data: {error}")
     data = dataclasses.replace(data, test=data.test.to(device))
     with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
-        result = evaluate_and_log(model, data, input_shape, config, data_ref)
+        result = evaluate_and_log(model, data, input_shape, config, data_ref, model_uri(args.model))
     print(
         f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  "
         f"test_loss {result.test_loss:.4f}; run {run.info.run_id}",

@@ -106,9 +106,13 @@ def train_and_log(
     if result.resumed_from_epoch:
         log_missing_epochs(result.history)
     log_params({"parameter_count": count_parameters(result.model)})
-    mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
     mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
     model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
+    # With the model's id, MLflow 3's model page shows them (else only its system metrics).
+    mlflow.log_metrics(
+        {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch},
+        model_id=model_info and model_info.model_id,
+    )
     return result, model_info
 
 

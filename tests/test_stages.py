@@ -154,6 +154,11 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
     assert table["support"].sum() == 10_000
     assert table["f1"].mean() == pytest.approx(metrics["test_macro_f1"])  # the logged table and metric agree
+    # MLflow 3's page of the logged model shows what describes it, not only system metrics.
+    model_id = mlflow.models.get_model_info(f"runs:/{pipeline_runs['train'].info.run_id}/model").model_id
+    on_model_page = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
+    assert {"best_val_accuracy", "test_accuracy", "test_macro_f1"} <= on_model_page.keys()
+    assert on_model_page["test_accuracy"] == metrics["test_accuracy"]
 
 
 def test_evaluate_matches_a_hand_computed_confusion_matrix():

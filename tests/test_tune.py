@@ -108,6 +108,11 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
     assert {f"param.{k}": str(v) for k, v in study.best_trial.params.items()}.items() <= version.tags.items()
     assert version.tags["precision"] in ("fp32", "bf16") and len(version.tags["code_version"]) == 64
     assert f"Study tiny, trial {study.best_trial.number}" in version.description and "tested once" in version.description
+    # Its page shows what describes it: the trial's val_accuracy and the test metrics of the evaluate run.
+    model_id = mlflow.models.get_model_info(f"models:/tiny-lstm/{version.version}").model_id
+    model_metrics = {metric.key: metric.value for metric in MlflowClient().get_logged_model(model_id).metrics}
+    assert model_metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert {"test_accuracy", "test_macro_f1"} <= model_metrics.keys()
     # The test set is read once, on the registered artifact, and only reported.
     [evaluation] = runs_of("evaluate")
     assert evaluation.data.tags["mlflow.parentRunId"] == parent.info.run_id
