@@ -642,8 +642,9 @@ def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.9))  # finished first, with a model
     result = type("Result", (), {"best_val_accuracy": 0.9, "model": None})()
     monkeypatch.setattr(worker_module, "train_and_log", lambda *args, **kwargs: (result, None))
-    logged = type("Logged", (), {"model_uri": "models:/m-tie"})()
+    logged = type("Logged", (), {"model_uri": "models:/m-tie", "model_id": "m-tie"})()
     monkeypatch.setattr(worker_module, "log_trained_model", lambda *args: logged)
+    monkeypatch.setattr(worker_module.mlflow, "log_metric", lambda *args, **kwargs: None)  # no model m-tie to link to
     config = TuneConfig(study="smoke", study_name="ties", device="cpu")
     job = WorkerJob(config, mlflow.MlflowClient().create_run("0").info.run_id, "0", "data", "folder")
     trial = study.ask()
