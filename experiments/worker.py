@@ -189,13 +189,7 @@ def run_trials(
                     if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
                         study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
                         sampler_seeded = True
-                    with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
-                        warnings.filterwarnings(
-                            "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
-                        )
-                        lock.confirm()  # before asking: a database restart may have ended the session that held it
-                        trial = study.ask()
-                    lease = TrialLease(study, storage, config, trial)  # before the lock goes: no RUNNING trial lacks one
+                    trial, lease = ask(study, storage, config, lock)
                 elif step is NextStep.STOP and summarise and needs_summary(study):
                     summarise()
         except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
@@ -231,6 +225,15 @@ def run_trials(
         waiting_since = None
         run_one(study, trial, lease, objective, lock, worker)
         release_memory()
+
+
+def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
+    """A new trial and its lease; call holding the study lock, so no RUNNING trial lacks a lease."""
+    lock.confirm()  # still ours: a database restart may have ended the session that held it
+    with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    return trial, TrialLease(study, storage, config, trial)
 
 
 def wait_bound(study: optuna.Study) -> float:

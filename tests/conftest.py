@@ -39,8 +39,8 @@ def pytest_collection_modifyitems(items):
 def user_environment(tracking_uri: str) -> dict[str, str]:
     """A user's shell: this virtual environment activated, their own tracking store, no run of ours."""
     venv_bin = str(Path(sys.executable).parent)  # so the stages' `python` is this interpreter
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing the person running the tests exported
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH=venv_bin + os.pathsep + os.environ["PATH"])
     return env
 
 
@@ -58,6 +58,7 @@ def tracking(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
