@@ -1,28 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check: one command, under 8 minutes on one H200, that runs the GPU tests and measures the
-# headline numbers, then prints ONE summary block saying each target met or missed, and by how much.
-#
-# On a lent GPU machine (Python 3.12 and torch, no .venv, no mlflow or optuna, no network): first,
-# here, `bash ../shared/tools/device-wheels.sh` (builds .whl/ and .data/, about 60 MiB), then the
-# device command, with the run tool's carry [".whl", ".data"] and timeout_s 600:
-#
-#   bash benchmarks/gpu_check.sh
-#
-# It writes into $OUT (which the device tool sets and returns), else benchmarks/results/gpu-<date>/:
-# summary.md (the block), results.json, log.txt (every step's output), study.md, throughput.md,
-# precision.md, to-accuracy.md. Steps, each under a hard time limit (the study gets what the
-# others leave of BUDGET_S):
-#   probe        versions, cuDNN, which LSTM kernels run (hidden 256 and 32, fp32 and bf16), ms/step
-#   tests        pytest -m gpu (tests/test_gpu.py, test_logged_model.py, test_numerics.py): `mlflow run` main and -e tune on the GPU, bf16 vs
-#                fp32, GPU memory after an out-of-memory trial
-#   precision    fp32 against bf16 autocast, 2 seeds: samples/s and test accuracy (benchmarks/precision.py)
-#   throughput   project loop against the tutorial's, same GPU and configuration: target >= 10x samples/s
-#   to_accuracy  training time to 99% test accuracy, fp32 and bf16 candidates: target <= 10 s, stretch 5 s
-#   study        >= 40 trials in 5 minutes, 4 workers sharing the GPU; the best trial's model registered
-#                and tested once; GPU utilisation (MLflow system metrics) and peak memory of its trials
+# headline numbers (docs/gpu.md, "The GPU check"), each step under a hard time limit, then prints ONE
+# summary block saying each target met or missed, and by how much. On a lent GPU machine (Python 3.12
+# and torch, no .venv, no network): first, here, `bash ../shared/tools/device-wheels.sh` (.whl/ and
+# .data/), then the device command, with the run tool's carry [".whl", ".data"] and timeout_s 600:
 #
 #   bash benchmarks/gpu_check.sh                      # DEVICE=cuda
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh   # plumbing check at toy sizes (the GPU tests skip)
+#
+# It writes into $OUT (which the device tool sets and returns), else benchmarks/results/gpu-<date>/:
+# summary.md (the block), results.json, log.txt (every step's output), study.md, throughput.md,
+# precision.md, to-accuracy.md.
 #
 # Settings, from the environment: DEVICE (cuda), QUICK (0), DATA_DIR (.data if it holds MNIST/raw,
 # else ../shared/data), WHEELS (.whl), BUDGET_S (465; 900 with QUICK), KEEP_WORK=1 (keep the work
@@ -31,7 +19,6 @@
 set -uo pipefail  # no -e: a step that fails or times out is a result, and the next step still runs
 cd "$(dirname "$0")/.."
 REPO=$PWD
-START=$(date +%s)
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 BUDGET_S=${BUDGET_S:-$([ "$QUICK" = 1 ] && echo 900 || echo 465)}
@@ -42,15 +29,11 @@ RESULTS=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$RESULTS" && RESULTS=$(realpath "$RESULTS")
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 LOG=$RESULTS/log.txt
-: > "$LOG"
-: > "$WORK/steps.tsv"
+: > "$LOG" && : > "$WORK/steps.tsv"
 
 # --- Python: the project's .venv, else python3 with the carried wheels ------------------------------
-if [ -n "${PY:-}" ]; then
-  :
-elif [ -x .venv/bin/python ] && [ "${NO_VENV:-0}" != 1 ]; then
-  PY=$REPO/.venv/bin/python
-else
+[ -z "${PY:-}" ] && [ -x .venv/bin/python ] && [ "${NO_VENV:-0}" != 1 ] && PY=$REPO/.venv/bin/python
+if [ -z "${PY:-}" ]; then
   PY=$(command -v "${PYTHON3:-python3}") || { echo "no python3 on PATH" >&2; exit 2; }
   ls "$WHEELS"/*.whl > /dev/null 2>&1 || { echo "no .venv and no wheels in $WHEELS: run bash ../shared/tools/device-wheels.sh first" >&2; exit 2; }
   echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $WORK/site"
@@ -72,7 +55,7 @@ export MNIST_DATA_DIR=$DATA_DIR  # tests/conftest.py's mnist_dir
 "$PY" -c "import mlflow, optuna, torch" 2>> "$LOG" || { echo "$PY cannot import mlflow, optuna and torch; see $LOG" >&2; exit 2; }
 
 if [ "$QUICK" = 1 ]; then  # toy sizes: checks the commands, measures nothing
-  caps=(probe=90 tests=90 precision=150 throughput=150 to_accuracy=150)
+  declare -A cap=([probe]=90 [tests]=90 [precision]=150 [throughput]=150 [to_accuracy]=150)
   probe=(--shapes 32,1,64)
   precision=(--train-limit 2000 --epochs 1 --config hidden_size=32,num_layers=1 --seeds 1)
   bench=(--samples 512 --repeats 1 --configs hidden_size=32,num_layers=1)
@@ -81,25 +64,21 @@ if [ "$QUICK" = 1 ]; then  # toy sizes: checks the commands, measures nothing
   study=(--study smoke --n-trials 2 --epochs 1 --train-limit 2000 --val-size 500)
   study_timeout=120
 else
-  caps=(probe=45 tests=150 precision=70 throughput=80 to_accuracy=70)
+  declare -A cap=([probe]=45 [tests]=150 [precision]=70 [throughput]=80 [to_accuracy]=70)
   probe=()
   precision=(--seeds 1 2)
   bench=(--samples 25000 --repeats 2)
   # On a GPU a step costs about the same at batch 128 or 512 (the LSTM's 28 steps are latency-bound),
   # so fewer, larger steps at a higher learning rate reach 99% sooner: two batch sizes, fp32 and bf16.
-  to_accuracy=(--epochs 4 6 8 --config
-    hidden_size=256,num_layers=2,batch_size=256,learning_rate=0.002,precision=fp32
-    hidden_size=256,num_layers=2,batch_size=256,learning_rate=0.002,precision=bf16
-    hidden_size=256,num_layers=2,batch_size=512,learning_rate=0.003,precision=fp32
-    hidden_size=256,num_layers=2,batch_size=512,learning_rate=0.003,precision=bf16)
+  to_accuracy=(--epochs 4 6 8 --precisions fp32 bf16 --config
+    hidden_size=256,num_layers=2,batch_size=256,learning_rate=0.002 hidden_size=256,num_layers=2,batch_size=512,learning_rate=0.003)
   study=(--study lstm --n-trials 40 --epochs 2)
   study_timeout=300
 fi
-cap() { local item; for item in "${caps[@]}"; do [ "${item%%=*}" = "$1" ] && echo "${item#*=}"; done; }
 
 # --- steps ---------------------------------------------------------------------------------------------
-elapsed() { echo $(( $(date +%s) - START )); }
-
+elapsed() { echo "$SECONDS"; }  # since the script started
+limit_of() { local left=$(( BUDGET_S - RESERVE_S - SECONDS )); echo $(( $1 < left ? $1 : left )); }  # a cap, or what is left
 # step NAME LIMIT COMMAND...: run it with its output in the log, stopped (with what it started) after LIMIT s.
 step() {
   local name=$1 limit=$2; shift 2
@@ -110,13 +89,12 @@ step() {
   fi
   printf '== %-12s limit %3s s ... ' "$name" "$limit"
   printf '\n===== %s (limit %s s): %s\n' "$name" "$limit" "$*" >> "$LOG"
-  local t0 rc marker=gpu-check-$$-$name
-  t0=$(date +%s)
+  local rc marker=gpu-check-$$-$name t0=$SECONDS
   GPU_CHECK_STEP=$marker timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && end_leftovers "$marker"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" >> "$WORK/steps.tsv"
-  echo "exit $rc after $(( $(date +%s) - t0 )) s"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" "$limit" >> "$WORK/steps.tsv"
+  echo "exit $rc after $(( SECONDS - t0 )) s"
 }
 
 # After a failed or stopped step: end, by pid, any process it started that outlived it (e.g. a GPU worker).
@@ -129,28 +107,25 @@ end_leftovers() {
   return 0
 }
 
-# The most a step may take: its cap, or what the budget has left after the summary's reserve.
-limit_of() { local left=$(( BUDGET_S - RESERVE_S - $(elapsed) )); echo $(( $1 < left ? $1 : left )); }
-
 echo "== GPU check: DEVICE=$DEVICE QUICK=$QUICK, python $PY, data $DATA_DIR, budget $BUDGET_S s; log $LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1 || echo "no nvidia-smi" >> "$LOG"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
 
-step probe "$(limit_of "$(cap probe)")" "$PY" -m benchmarks.gpu_probe --device "$DEVICE" --out "$WORK/probe.json" ${probe[@]+"${probe[@]}"}
+step probe "$(limit_of "${cap[probe]}")" "$PY" -m benchmarks.gpu_probe --device "$DEVICE" --out "$WORK/probe.json" ${probe[@]+"${probe[@]}"}
 
-xdist=() tests_cap=$(cap tests)  # the tests are independent: side by side they take about as long as the slowest
+xdist=() tests_cap=${cap[tests]}  # the tests are independent: side by side they take about as long as the slowest
 if [ "$QUICK" != 1 ]; then
   if "$PY" -c "import xdist" 2> /dev/null; then xdist=(-n 4); else tests_cap=$(( tests_cap + 60 )); fi
 fi
 step tests "$(limit_of "$tests_cap")" "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_logged_model.py tests/test_numerics.py -p no:cacheprovider \
   --junitxml="$WORK/pytest.xml" -o junit_family=xunit1 ${xdist[@]+"${xdist[@]}"}
 
-step precision "$(limit_of "$(cap precision)")" "$PY" -m benchmarks.precision --device "$DEVICE" --data-dir "$DATA_DIR" \
-  --out "$WORK/precision" "${precision[@]}"
+step precision "$(limit_of "${cap[precision]}")" "$PY" -m benchmarks.to_accuracy --device "$DEVICE" --data-dir "$DATA_DIR" \
+  --precisions fp32 bf16 --out "$WORK/precision" "${precision[@]}"
 
-step throughput "$(limit_of "$(cap throughput)")" "$PY" -m benchmarks.bench throughput --device "$DEVICE" --data-dir "$DATA_DIR" \
+step throughput "$(limit_of "${cap[throughput]}")" "$PY" -m benchmarks.bench throughput --device "$DEVICE" --data-dir "$DATA_DIR" \
   --out "$WORK/bench" "${bench[@]}"
 
-step to_accuracy "$(limit_of "$(cap to_accuracy)")" "$PY" -m benchmarks.to_accuracy --device "$DEVICE" --data-dir "$DATA_DIR" \
+step to_accuracy "$(limit_of "${cap[to_accuracy]}")" "$PY" -m benchmarks.to_accuracy --device "$DEVICE" --data-dir "$DATA_DIR" \
   --out "$WORK/to-accuracy" "${to_accuracy[@]}"
 
 # The study: trials start until --timeout, then the running ones finish and the last worker summarises
@@ -163,10 +138,8 @@ mkdir -p "$WORK/study"
 (cd "$WORK/study" && step study "$study_limit" "$PY" -m experiments.tune --study-name gpu-check --storage "$WORK/study.journal" \
   --register-name gpu-check --device "$DEVICE" --data-dir "$DATA_DIR" --n-workers auto --workers-per-gpu 4 \
   --timeout "$trials_for" "${study[@]}")
-grep -E "^(tune:|[0-9]+ workers|registered|study )" "$LOG" | tail -4 | sed 's/^/   /'
 
 # --- the summary ---------------------------------------------------------------------------------------
-echo
 "$PY" -m benchmarks.gpu_summary --work "$WORK" --results "$RESULTS" --budget "$([ "$QUICK" = 1 ] && echo "$BUDGET_S" || echo 480)" \
   --elapsed "$(elapsed)" --device "$DEVICE" $([ "$QUICK" = 1 ] && echo --quick) 2>> "$LOG" \
   || { echo "the summary failed (see $LOG); the steps:"; cat "$WORK/steps.tsv"; }

@@ -1,13 +1,6 @@
-"""The one summary block of benchmarks/gpu_check.sh: each step's result against its target.
-
-    python -m benchmarks.gpu_summary --work <gpu_check's work folder> --results <results folder> --budget 480
-
-Reads what the steps left in the work folder (steps.tsv, probe.json, pytest.xml, the benchmarks'
-JSON, the study's journal and MLflow store), prints the block, and writes into the results folder
-``summary.md`` (the block), ``results.json`` (everything it read, machine-readable), ``study.md``
-(one row per trial: parameters, state, val_accuracy, peak GPU memory, GPU utilisation) and the
-benchmarks' own tables as ``throughput.md``, ``precision.md``, ``to-accuracy.md``. A step that did
-not run or left nothing is said so in its line; nothing here stops the block from printing.
+"""The one summary block of benchmarks/gpu_check.sh: each step's result against its target, from what the
+steps left in its work folder. Writes ``summary.md`` (the block), ``results.json``, ``study.md`` (one row
+per trial) and the benchmarks' own tables. A step that left nothing readable says so in its line.
 """
 
 from __future__ import annotations
@@ -15,330 +8,128 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import traceback
 import xml.etree.ElementTree as ElementTree
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from experiments import attributes
+from experiments.coordination import counted
 from pipeline.tables import markdown_table
 
-# The issue's targets.
-THROUGHPUT_RATIO = 10.0  # project loop / tutorial loop, samples/s, same GPU and configuration
-SECONDS_TO_99, STRETCH_SECONDS_TO_99 = 10.0, 5.0  # training time to 99% test accuracy
+THROUGHPUT_RATIO = 10.0  # the targets: project loop / tutorial loop, samples/s, same GPU and configuration
+SECONDS_TO_99, STRETCH_SECONDS_TO_99 = 10.0, 5.0  # training time to 99%
 STUDY_TRIALS, STUDY_SECONDS = 40, 300  # trials counted, seconds of trials
-STUDY_NAME = "gpu-check"
 GPU_UTILIZATION = "system/gpu_0_utilization_percentage"
+OUTPUTS = {"bench": "throughput.md", "precision": "precision.md", "to-accuracy": "to-accuracy.md"}  # work folder -> result
 
 
-def newest(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[-1] if found else None
+def newest_json(folder: Path) -> dict:
+    return json.loads(sorted(folder.glob("*.json"))[-1].read_text())
 
 
-def read_steps(work: Path) -> dict[str, dict]:
-    """steps.tsv: name, exit status, seconds taken, limit (or 'skipped')."""
-    steps = {}
-    path = work / "steps.tsv"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        name, status, seconds, limit = (line.split("\t") + ["", "", "", ""])[:4]
-        steps[name] = {"status": status, "seconds": int(seconds or 0), "limit": limit}
-    return steps
-
-
-def step_note(steps: dict, name: str) -> str:
-    step = steps.get(name)
-    if not step:
-        return "did not run"
-    if step["status"] == "skipped":
-        return f"skipped ({step['limit']})"
-    if step["status"] in ("124", "137"):
-        return f"stopped at its limit of {step['limit']} s"
-    return f"exit {step['status']} after {step['seconds']} s" if step["status"] != "0" else f"{step['seconds']} s"
-
-
-def verdict(met: bool, by: str) -> str:
-    return f"met ({by})" if met else f"MISSED ({by})"
-
-
-def against(value: float, target: float, unit: str, *, at_most: bool, spec: str = ".1f") -> str:
-    """``value`` checked against a ``target`` it must reach (or, ``at_most``, not pass): met (+1.2 s against <= 10 s)."""
+def against(value: float, target: float, unit: str, at_most: bool) -> str:
+    """``met (+1.2 s against <= 10 s)`` or ``MISSED (...)``."""
     met = value <= target if at_most else value >= target
-    return verdict(met, f"{value - target:+{spec}}{unit} against {'<=' if at_most else '>='} {target:.0f}{unit}")
+    return f"{'met' if met else 'MISSED'} ({value - target:+.1f}{unit} against {'<=' if at_most else '>='} {target:.0f}{unit})"
 
 
-# --- the sections ---------------------------------------------------------------------------------
+def tests(work: Path) -> list[str]:
+    cases = list(ElementTree.parse(work / "pytest.xml").getroot().iter("testcase"))
+    outcomes = pd.Series({case.get("name"): next((c.tag for c in case if c.tag != "properties"), "passed") for case in cases})
+    ran = outcomes[outcomes != "skipped"]
+    verdict = f": {'met' if (ran == 'passed').all() else 'MISSED'} (all must pass)" if len(ran) else ""
+    lines = [f"GPU tests: {outcomes.value_counts().to_dict()} of {len(cases)}{verdict}"]
+    lines += [f"  FAILED {name}" for name in ran.index[ran != "passed"]]
+    return lines + [f"  {p.get('name')}: {p.get('value')}" for case in cases for p in case.iter("property")]  # bf16 vs fp32
 
 
-def tests_section(work: Path, steps: dict) -> tuple[list[str], dict]:
-    path = work / "pytest.xml"
-    if not path.exists():
-        return [f"GPU tests: no report ({step_note(steps, 'tests')})"], {}
-    cases = []
-    for case in ElementTree.parse(path).getroot().iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "failed"
-            elif child.tag == "skipped":
-                outcome = "skipped: " + child.get("message", "")
-        properties = {p.get("name"): p.get("value") for p in case.iter("property")}
-        cases.append(
-            {"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)), "properties": properties}
-        )
-    counts = defaultdict(int)
-    for case in cases:
-        counts[case["outcome"].split(":")[0]] += 1
-    line = f"GPU tests: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped of {len(cases)}"
-    if counts["skipped"] == len(cases) and cases:
-        line += f" ({cases[0]['outcome'].split(': ', 1)[-1]})"
-    elif cases:
-        line += ": " + verdict(counts["passed"] == len(cases), "all must pass")
-    lines = [line] + [f"  FAILED {case['name']}" for case in cases if case["outcome"] == "failed"]
-    bf16 = next((case["properties"] for case in cases if "bf16_samples_per_second" in case["properties"]), None)
-    if bf16:
-        lines.append(
-            f"  bf16 test: {bf16['bf16_samples_per_second']} vs fp32 {bf16['fp32_samples_per_second']} samples/s, "
-            f"val_accuracy {bf16['bf16_val_accuracy']} vs {bf16['fp32_val_accuracy']} (tests ran side by side)"
-        )
-    return lines, {"cases": cases}
-
-
-def probe_section(work: Path, steps: dict) -> tuple[list[str], dict]:
-    path = work / "probe.json"
-    if not path.exists():
-        return [f"probe: nothing recorded ({step_note(steps, 'probe')})"], {}
-    probe = json.loads(path.read_text())
-    env = probe["environment"]
-    where = env.get("gpu_name") or env["device"]
+def probe(work: Path) -> list[str]:
+    report = json.loads((work / "probe.json").read_text())
+    env = report["environment"]
+    gpu = f", capability {env['gpu_capability']}, {env['gpu_memory_gb']} GB" if "gpu_name" in env else ""
     lines = [
-        f"device: {where}"
-        + (
-            f", capability {env['gpu_capability']}, {env['gpu_memory_gb']} GB, driver {env.get('driver')}"
-            if env.get("gpu_name")
-            else ""
-        )
-        + f"; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn_version']} "
-        f"({'enabled' if env['cudnn_enabled'] else 'DISABLED'})"
+        f"device: {env.get('gpu_name', env['cpu'])}{gpu}; torch {env['torch_version']}, CUDA {env.get('cuda_version')}, "
+        f"cuDNN {env['cudnn_version']} ({'enabled' if env['cudnn_enabled'] else 'DISABLED'})"
     ]
-    for row in probe["measurements"]:
-        label = f"h{row['hidden_size']}-l{row['num_layers']}-b{row['batch_size']} {row['precision']}"
-        if "error" in row:
-            lines.append(f"  LSTM {label}: {row['error'][:120]}")
-            continue
-        memory = f", peak {row['peak_memory_mb']:.0f} MB" if "peak_memory_mb" in row else ""
-        kernels = row.get("rnn_kernels") or row.get("top_kernels")
-        kernel = f"; kernel {kernels[0][:70]}" if kernels else ""
+    for r in report["measurements"]:
+        what = f"  LSTM h{r['hidden_size']}-l{r['num_layers']}-b{r['batch_size']} {r['precision']}: "
         lines.append(
-            f"  LSTM {label}: {row['lstm_path']} path, {row['ms_per_step']:.2f} ms/step, "
-            f"{row['samples_per_second']:,} samples/s{memory}{kernel}"
+            what + r["error"][:120]
+            if "error" in r
+            else what + f"{r['lstm_path']} path, {r['ms_per_step']:.2f} ms/step, {r['samples_per_second']:,} samples/s, "
+            f"peak {r.get('peak_memory_mb', 0):.0f} MB"
         )
-    return lines, probe
+    return lines
 
 
-def precision_section(work: Path, steps: dict) -> tuple[list[str], dict]:
-    """benchmarks/precision.py's headline lines (its bold ones), whatever else its report holds."""
-    path = newest(work / "precision", "precision-*.md")
-    if not path:
-        return [f"bf16 vs fp32: no result ({step_note(steps, 'precision')})"], {}
-    headlines = [line.strip().strip("*") for line in path.read_text().splitlines() if line.startswith("**")]
-    json_path = path.with_suffix(".json")
-    report = json.loads(json_path.read_text()) if json_path.exists() else {}
-    if not headlines:
-        return [f"bf16 vs fp32: no comparison in {path.name} ({step_note(steps, 'precision')})"], report
-    return ["bf16 vs fp32 (benchmarks.precision): " + headlines[0], *[f"  {line}" for line in headlines[1:]]], report
+def to_accuracy(work: Path, folder: str) -> list[str]:
+    """benchmarks/to_accuracy.py's report: each candidate's schedule, chosen on validation and tested once."""
+    report = newest_json(work / folder)
+    lines = [
+        f"  {r['config']}: {r['epochs']} epochs, {r['train_seconds']:.1f} s, {r['samples_per_second']:,.0f} samples/s, "
+        f"best_val_accuracy {r['val_accuracy']:.4f}, test_accuracy {r['test_accuracy']:.4f}"
+        for r in report["rows"]
+        if r.get("chosen")
+    ]
+    if folder == "precision":
+        return ["bf16 vs fp32 (benchmarks.to_accuracy --precisions fp32 bf16):", *lines]
+    if not (reached := report["reached"]):
+        return [f"time to {report['target']} validation accuracy: MISSED, no candidate reached it", *lines]
+    seconds, head = reached["train_seconds"], f"time to {report['target']} validation accuracy"
+    return [
+        f"{head}: {seconds:.1f} s of training ({reached['config']}, {reached['epochs']} epochs; test_accuracy "
+        f"{reached['test_accuracy']:.4f}, tested once): {against(seconds, SECONDS_TO_99, ' s', True)}; "
+        f"stretch {against(seconds, STRETCH_SECONDS_TO_99, ' s', True)}",
+        *lines,
+    ]
 
 
-def throughput_section(work: Path, steps: dict) -> tuple[list[str], dict]:
-    path = newest(work / "bench", "throughput-*.json")
-    if not path:
-        return [f"throughput: no result ({step_note(steps, 'throughput')})"], {}
-    report = json.loads(path.read_text())
-    lines = ["throughput, project loop vs tutorial loop (samples/s, median):"]
-    for row in report["rows"]:
-        if row["loop"] != "project":
-            continue
-        baseline = next(r for r in report["rows"] if r["config"] == row["config"] and r["loop"] == "baseline")
-        ratio = row["ratio_to_baseline"]
-        memory = f", peak {row['cuda_peak_mib']:.0f} MiB" if row.get("cuda_peak_mib") else ""
-        lines.append(
-            f"  {row['config']}: {row['samples_per_second']['median']:,.0f} vs {baseline['samples_per_second']['median']:,.0f}"
-            f" = {ratio:.1f}x{memory}: {against(ratio, THROUGHPUT_RATIO, 'x', at_most=False)}"
-        )
-    return lines, report
+def throughput(work: Path) -> list[str]:
+    rows = pd.DataFrame(newest_json(work / "bench")["rows"]).query("loop == 'project'")
+    return ["throughput, project loop vs tutorial loop (samples/s, median):"] + [
+        f"  {r.config}: {r.samples_per_second:,.0f} = {r.ratio_to_baseline:.1f}x the tutorial's, CUDA peak "
+        f"{r.cuda_peak_mib or 0:.0f} MiB: {against(r.ratio_to_baseline, THROUGHPUT_RATIO, 'x', at_most=False)}"
+        for r in rows.itertuples()
+    ]
 
 
-def to_accuracy_section(work: Path, steps: dict) -> tuple[list[str], dict]:
-    path = newest(work / "to-accuracy", "to-accuracy-*.json")
-    if not path:
-        return [f"time to {0.99:.0%} test accuracy: no result ({step_note(steps, 'to_accuracy')})"], {}
-    report = json.loads(path.read_text())
-    target, reached = report["target"], report.get("reached")
-    lines = []
-    if reached:
-        seconds = reached["train_seconds"]
-        lines.append(
-            f"time to {target:.2%} test accuracy: {seconds:.1f} s of training ({reached['config']}, {reached['epochs']} "
-            f"epochs, test_accuracy {reached['test_accuracy']:.4f}): "
-            f"{against(seconds, SECONDS_TO_99, ' s', at_most=True)}; "
-            f"stretch {against(seconds, STRETCH_SECONDS_TO_99, ' s', at_most=True)}"
-        )
-    else:
-        best = max(report["rows"], key=lambda row: row["test_accuracy"], default=None)
-        lines.append(
-            f"time to {target:.2%} test accuracy: MISSED, not reached ({step_note(steps, 'to_accuracy')})"
-            + (f"; best {best['test_accuracy']:.4f} ({best['config']}, {best['epochs']} epochs)" if best else "")
-        )
-    for candidate in report.get("candidates", []):
-        mine = [row for row in report["rows"] if row["config"] == candidate["config"]]
-        if candidate["reached"]:
-            what = f"{candidate['reached']['train_seconds']:.1f} s ({candidate['reached']['epochs']} epochs)"
-        else:
-            what = "not reached" + (f", best test_accuracy {max(r['test_accuracy'] for r in mine):.4f}" if mine else "")
-        speed = f", {mine[-1]['samples_per_second']:,.0f} samples/s" if mine else ""
-        lines.append(f"  {candidate['config']}: {what}{speed}")
-    return lines, report
-
-
-def study_section(work: Path, steps: dict, results: Path) -> tuple[list[str], dict]:
-    journal = work / "study.journal"
-    if not journal.exists():
-        return [f"study: nothing ran ({step_note(steps, 'study')})"], {}
-    import optuna
-    from mlflow.tracking import MlflowClient
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    from experiments.coordination import counted
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(journal))))
-    trials = study.get_trials(deepcopy=False)
+def study(work: Path, results: Path) -> list[str]:
+    study = optuna.load_study(study_name="gpu-check", storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
+    trials, client, samples, rows = study.get_trials(deepcopy=False), MlflowClient(), [], []
+    for trial in (t for t in trials if attributes.run_id(t)):
+        history = client.get_metric_history(attributes.run_id(trial), GPU_UTILIZATION)
+        samples += [(m.timestamp // 1000, m.value) for m in history]  # trials side by side sample the same GPU
+        peak = client.get_run(attributes.run_id(trial)).data.metrics.get("peak_gpu_memory_mb")
+        rows.append({"trial": trial.number, "state": trial.state.name, **trial.params, "val_accuracy": trial.value})
+        rows[-1] |= {"peak GPU MB": peak, "worker": attributes.worker(trial)}
     done = counted(trials)
-    states = defaultdict(int)
-    for trial in done:
-        states[trial.state.name] += 1
-    starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in done if t.datetime_complete]
-    span = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    workers = {t.user_attrs.get("worker") for t in trials if t.user_attrs.get("worker")}
-    met = len(done) >= STUDY_TRIALS and span is not None and span <= STUDY_SECONDS
-    span_text = f"{span:.0f} s" if span is not None else "no trial finished"
-    timeout_file = work / "study_timeout"
-    started_for = int(timeout_file.read_text()) if timeout_file.exists() else None
-    notes = []
-    if started_for is not None and started_for < STUDY_SECONDS:
-        notes.append(f"trials could start for {started_for} s of the budget")
-    if not met and span:
-        notes.append(f"at that rate {len(done) / span * STUDY_SECONDS:.0f} trials in {STUDY_SECONDS} s")
-    if steps.get("study", {}).get("status") != "0":
-        notes.append(f"step {step_note(steps, 'study')}")
+    span = (max(ends) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds() if ends else 0
+    met = len(done) >= STUDY_TRIALS and 0 < span <= STUDY_SECONDS
+    states = pd.Series([t.state.name for t in done], dtype=str).value_counts().to_dict()
+    per_second = pd.DataFrame(samples, columns=["second", "value"]).groupby("second").value.mean()
+    peaks = pd.DataFrame(rows, columns=["peak GPU MB"])["peak GPU MB"].dropna()
+    registered = attributes.registered(study)
     lines = [
-        f"study: {len(done)} trials counted in {span_text} ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-        f"{states['FAIL']} failed), {len(workers)} worker process(es); "
-        + verdict(met, f"{len(done) - STUDY_TRIALS:+d} trials against >= {STUDY_TRIALS} in {STUDY_SECONDS} s")
-        + (f" ({'; '.join(notes)})" if notes else "")
+        f"study: {len(done)} trials counted in {span:.0f} s {states}, {len({attributes.worker(t) for t in trials} - {None})} "
+        f"worker(s), trials could start for {(work / 'study_timeout').read_text().strip()} s: "
+        f"{'met' if met else 'MISSED'} (>= {STUDY_TRIALS} in {STUDY_SECONDS} s)",
+        f"  registered {registered['name']} version {registered['version']} from trial {registered['trial']}: val_accuracy "
+        f"{registered['val_accuracy']:.4f}, test_accuracy {registered['test_accuracy']:.4f}"
+        if registered
+        else "  nothing registered (the study's summary did not run)",
+        f"  GPU utilisation while trials ran: mean {per_second.mean():.0f}%, median {per_second.median():.0f}% over "
+        f"{len(per_second)} s; peak GPU memory per trial {peaks.min():.0f} to {peaks.max():.0f} MB (study.md has every trial)",
     ]
-    registered = study.user_attrs.get("registered")
-    if registered:
-        lines.append(
-            f"  registered {registered['name']} version {registered['version']} from trial {registered['trial']}: "
-            f"val_accuracy {registered['val_accuracy']:.4f}, test_accuracy {registered['test_accuracy']:.4f}"
-        )
-    else:
-        best = max((t for t in done if t.value is not None), key=lambda t: t.value, default=None)
-        lines.append(
-            "  nothing registered (the study's summary did not run)"
-            + (f"; best trial {best.number}, val_accuracy {best.value:.4f}" if best else "")
-        )
-
-    rows, samples = trial_rows(MlflowClient(), trials)
-    by_second = defaultdict(list)  # concurrent trials sample the same GPU: average within each second first
-    for timestamp, value in samples:
-        by_second[timestamp // 1000].append(value)
-    utilization = [statistics.fmean(values) for values in by_second.values()]
-    if utilization:
-        lines.append(
-            f"  GPU utilisation while trials ran: mean {statistics.fmean(utilization):.0f}%, median "
-            f"{statistics.median(utilization):.0f}% over {len(utilization)} s sampled (MLflow system metrics of the trial runs)"
-        )
-    else:
-        lines.append(f"  GPU utilisation: no {GPU_UTILIZATION} in the trial runs")
-    peaks = [row for row in rows if row.get("peak_gpu_memory_mb") is not None]
-    if peaks:
-        low, high = min(peaks, key=lambda r: r["peak_gpu_memory_mb"]), max(peaks, key=lambda r: r["peak_gpu_memory_mb"])
-        lines.append(
-            f"  peak GPU memory per trial: {low['peak_gpu_memory_mb']:.0f} MB ({low['config']}) to "
-            f"{high['peak_gpu_memory_mb']:.0f} MB ({high['config']}), median "
-            f"{statistics.median(r['peak_gpu_memory_mb'] for r in peaks):.0f} MB (study.md has every trial)"
-        )
-    write_study_table(results / "study.md", rows, lines)
-    return lines, {
-        "trials": rows,
-        "span_seconds": span,
-        "states": dict(states),
-        "registered": registered,
-        "gpu_utilization_by_second": utilization,
-    }
-
-
-def trial_rows(client, trials) -> tuple[list[dict], list[tuple[int, float]]]:
-    """One row per trial with an MLflow run, and every GPU-utilisation sample of those runs."""
-    rows, samples = [], []
-    for trial in trials:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if not run_id:
-            continue
-        run = client.get_run(run_id)
-        params = run.data.params
-        history = client.get_metric_history(run_id, GPU_UTILIZATION)
-        samples += [(m.timestamp, m.value) for m in history]
-        config = (
-            f"h{params.get('hidden_size')}-l{params.get('num_layers')}-b{params.get('batch_size')}"
-            + (" bi" if params.get("bidirectional") == "true" else "")
-            + f" {params.get('resolved_precision', '')}".rstrip()
-        )
-        rows.append(
-            {
-                "trial": trial.number,
-                "state": trial.state.name,
-                "config": config,
-                "learning_rate": float(params["learning_rate"]) if "learning_rate" in params else None,
-                "dropout": params.get("dropout"),
-                "val_accuracy": trial.value,
-                "peak_gpu_memory_mb": run.data.metrics.get("peak_gpu_memory_mb"),
-                "gpu_utilization_mean": statistics.fmean(m.value for m in history) if history else None,
-                "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
-                if trial.datetime_complete and trial.datetime_start
-                else None,
-                "worker": trial.user_attrs.get("worker"),
-            }
-        )
-    return rows, samples
-
-
-def write_study_table(path: Path, rows: list[dict], lines: list[str]) -> None:
-    def cell(value, spec=""):
-        return "" if value is None else format(value, spec)
-
-    table = [
-        {
-            "trial": r["trial"],
-            "state": r["state"],
-            "config": r["config"],
-            "learning_rate": cell(r["learning_rate"], ".3g"),
-            "val_accuracy": cell(r["val_accuracy"], ".4f"),
-            "peak GPU MB": cell(r["peak_gpu_memory_mb"], ".0f"),
-            "GPU util %": cell(r["gpu_utilization_mean"], ".0f"),
-            "seconds": cell(r["seconds"], ".1f"),
-            "worker": r["worker"],
-        }
-        for r in rows
-    ]
-    columns = ["trial", "state", "config", "learning_rate", "val_accuracy", "peak GPU MB", "GPU util %", "seconds", "worker"]
-    path.write_text("# The GPU check's study\n\n" + "\n".join(lines) + "\n\n" + markdown_table(table, columns=columns) + "\n")
-
-
-# --- the block ------------------------------------------------------------------------------------
+    (results / "study.md").write_text("# The GPU check's study\n\n" + "\n".join(lines) + "\n\n" + markdown_table(rows) + "\n")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,46 +137,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="gpu_check.sh's work folder")
     parser.add_argument("--results", type=Path, required=True, help="where summary.md and the rest go")
     parser.add_argument("--budget", type=int, default=480, help="seconds the whole check may take (default: 480)")
-    parser.add_argument("--elapsed", type=int, default=0, help="seconds the check has taken so far")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--elapsed", type=int, default=0, help="seconds the check has taken so far (default: 0)")
+    parser.add_argument("--device", default="cuda", help="what the check ran on (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the targets mean nothing")
     args = parser.parse_args(argv)
-
-    steps = read_steps(args.work)
-    results, lines = {"steps": steps}, []
-    sections = [
-        ("tests", lambda: tests_section(args.work, steps)),
-        ("probe", lambda: probe_section(args.work, steps)),
-        ("precision", lambda: precision_section(args.work, steps)),
-        ("throughput", lambda: throughput_section(args.work, steps)),
-        ("to_accuracy", lambda: to_accuracy_section(args.work, steps)),
-        ("study", lambda: study_section(args.work, steps, args.results)),
-    ]
+    steps = pd.read_csv(args.work / "steps.tsv", sep="\t", names=["step", "status", "seconds", "limit"], dtype=str)
+    notes = {s.step: f"exit {s.status} after {s.seconds} s (limit {s.limit})" for s in steps.itertuples()}  # 124, 137: the limit
+    notes |= {s.step: "skipped: no time left" for s in steps.itertuples() if s.status == "skipped"}
+    sections = [("probe", probe), ("tests", tests), ("precision", partial(to_accuracy, folder="precision"))]
+    sections += [("throughput", throughput), ("to_accuracy", partial(to_accuracy, folder="to-accuracy"))]
+    sections += [("study", partial(study, results=args.results))]
+    lines, errors = [], {}
     for name, section in sections:
         try:
-            section_lines, results[name] = section()
-        except Exception as error:  # one broken section must not hide the others
-            section_lines, results[name] = (
-                [f"{name}: could not summarise ({type(error).__name__}: {error})"],
-                {"error": traceback.format_exc()},
-            )
-        lines += section_lines
-    for name, pattern, target in (
-        ("bench", "throughput-*.md", "throughput.md"),
-        ("precision", "precision-*.md", "precision.md"),
-        ("to-accuracy", "to-accuracy-*.md", "to-accuracy.md"),
-    ):
-        if found := newest(args.work / name, pattern):
-            shutil.copy(found, args.results / target)
-
-    lines.append(
-        f"whole check: {args.elapsed} s: {against(args.elapsed, args.budget, ' s', at_most=True, spec='d')}; "
-        "steps " + ", ".join(f"{name} {step_note(steps, name)}" for name in steps)
-    )
+            lines += section(args.work)
+        except Exception as error:  # one step that left nothing readable must not hide the others
+            lines.append(f"{name}: nothing to summarise ({notes.get(name, 'did not run')}; {type(error).__name__}: {error})")
+            errors[name] = traceback.format_exc()
+    for folder, name in OUTPUTS.items():
+        for found in sorted((args.work / folder).glob("*.md"))[-1:]:
+            shutil.copy(found, args.results / name)
+    lines.append(f"whole check: {args.elapsed} s: {against(args.elapsed, args.budget, ' s', at_most=True)}")
+    lines += [f"  {name}: {note}" for name, note in notes.items()]
     title = f"GPU check summary ({args.device}{', QUICK: toy sizes, the targets mean nothing' if args.quick else ''})"
     block = "\n".join([f"==== {title} " + "=" * max(4, 100 - len(title)), *lines, f"results: {args.results}", "=" * 106])
     (args.results / "summary.md").write_text(block + "\n")
-    (args.results / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.results / "results.json").write_text(json.dumps({"steps": notes, "summary": lines, "errors": errors}, indent=2) + "\n")
     print(block)
 
 

@@ -3,55 +3,54 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
-from benchmarks.bench import achieved_flops, header, peak_fraction, throughput_row
+from benchmarks import to_accuracy
+from benchmarks.bench import summarise
 from benchmarks.measure import run_loop
 from pipeline.config import TrainConfig
-from pipeline.data import Split
+from pipeline.data import PreparedData, Split
 
 CONFIG = TrainConfig(hidden_size=16, num_layers=1, batch_size=8, seed=1, device="cpu")
-PEAKS = {2: {"fp32": 100e9, "bf16": 400e9}}  # threads -> precision -> FLOP/s
 
 
-def measurement(loop: str, precision: str, epoch_seconds: float) -> dict:
-    return {
-        "config": "c",
-        "loop": loop,
-        "variant": {"threads": 2, "mkldnn": True},
-        "precision": precision,
-        "samples": 1000,
-        "val_samples": 100,
-        "epoch_seconds": epoch_seconds,
-        "samples_per_second": 1000 / epoch_seconds,
-        "peak_rss_mib": 100.0,
-        "train_rss_growth_mib": None,
-        "cuda_peak_mib": None,
-    }
-
-
-def test_each_rows_peak_fraction_uses_the_peak_of_the_precision_it_trained_in(monkeypatch):
-    monkeypatch.setattr("benchmarks.bench.config_label", lambda config: "c")
-    measurements = [measurement("baseline", "fp32", 2.0), measurement("project", "bf16", 0.5)]
-    rows = {
-        loop: throughput_row(CONFIG, loop, {"threads": 2, "mkldnn": True}, measurements, PEAKS, "cpu")
-        for loop in ("baseline", "project")
-    }
-    for loop, m in zip(("baseline", "project"), measurements, strict=True):
-        flops = achieved_flops(CONFIG, m)
-        assert rows[loop]["precision"] == m["precision"]
-        assert rows[loop]["peak_fraction"] == pytest.approx(flops / PEAKS[2][m["precision"]])
+def test_each_rows_peak_fraction_uses_the_peak_of_the_precision_it_trained_in():
+    measured = {"threads": 2, "flops": 50e9, "peak_rss_mib": 1.0, "samples_per_second": 1.0, "cuda_peak_mib": 0}
+    rows = [{"loop": "baseline", "precision": "fp32", **measured}, {"loop": "project", "precision": "bf16", **measured}]
+    table = summarise(rows, ["loop"], {2: {"fp32": 100e9, "bf16": 400e9}}).set_index("loop")
+    assert table.peak_percent.to_dict() == {"baseline": 50.0, "project": 12.5}
     # No bf16 peak measured (a device without bf16): no fraction, rather than one against fp32's.
-    assert peak_fraction(1e9, "bf16", {2: {"fp32": 100e9}}, threads=2) is None
-    env = {"device": "cpu", "device_name": "x", "date": "d", "torch": "t", "default_threads": 2, "command": "c"}
-    assert "fp32 100 GFLOP/s, bf16 400 GFLOP/s" in header("throughput", env, "", PEAKS)
+    assert pd.isna(summarise(rows, ["loop"], {2: {"fp32": 100e9}}).peak_percent[1])
 
 
-def test_the_epoch_measurement_reports_the_precision_it_trained_in():
+@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")])
+def test_precision_auto_resolves_from_the_cpus_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr("pipeline.numerics.cpu_flags", lambda *args: flags)  # what /proc/cpuinfo would say
     images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     mnist = Split(images, torch.arange(64) % 10)
-    config = dataclasses.replace(CONFIG, epochs=1, precision="fp32")
+    config = dataclasses.replace(CONFIG, epochs=1, precision="auto")
     history, precision = run_loop("project", config, None, mnist, list(range(16, 64)), list(range(16)))
-    assert precision == "fp32" and len(history) == 1
+    assert precision == expected and len(history) == 1
+
+
+def test_to_accuracy_chooses_on_validation_and_tests_the_chosen_schedule_only(monkeypatch):
+    val_accuracy = {1: 0.5, 2: 0.8, 3: 0.9}  # by epochs: 2 epochs is the shortest schedule reaching 0.75
+    tested = []
+
+    def train(config, data, progress):  # a model that stands for its schedule, at that schedule's accuracy
+        history = [SimpleNamespace(epoch_seconds=1.0, samples_per_second=100.0)] * config.epochs
+        result = {"model": config.epochs, "device": "cpu", "precision": "fp32", "history": history}
+        return SimpleNamespace(**result, best_val_accuracy=val_accuracy[config.epochs])
+
+    monkeypatch.setattr(to_accuracy, "train", train)
+    monkeypatch.setattr(to_accuracy, "evaluate_split", lambda model, split, reading_order: (tested.append(model), 0.7))
+    split = Split(torch.zeros(40, 28, 28, dtype=torch.uint8), torch.zeros(40, dtype=torch.int64))
+    data = {seed: PreparedData(split, split, split, {}) for seed in (1, 2)}  # one split per seed
+    rows = to_accuracy.candidate(CONFIG, [3, 1, 2], 0.75, data, [1, 2])
+    assert [row["epochs"] for row in rows] == [1, 2]  # stops at the first schedule that reaches the target
+    assert tested == [2, 2]  # the chosen schedule's model of each seed, once; the others never see the test set
+    assert rows[1]["chosen"] and rows[1]["test_accuracy"] == 0.7 and "test_accuracy" not in rows[0]

@@ -1,4 +1,4 @@
-"""The docs follow the code: every command and link in README.md and docs/*.md is checked.
+"""The docs follow the code: every command, link, path and name in README.md, docs/*.md and benchmarks/README.md.
 
 Commands are read from fenced code blocks tagged bash, sh, shell or console (in console blocks,
 only lines after a `$ ` prompt), from untyped blocks whose first line starts with a command, and
@@ -21,6 +21,11 @@ with an elided entry point.
 
 Links: every relative markdown link and image points to an existing file, and to an existing
 heading when it names an anchor (GitHub's heading slugs). Web addresses are not fetched.
+
+Paths and names, in inline code outside code blocks: a path under one of the repository's own
+folders (`benchmarks/bench.py`, `tests/`) exists, and a dotted name in a project package
+(`pipeline.training.train`, `experiments.worker`) imports. Spans with a placeholder or a glob
+(`<run_id>`, `*`) are skipped.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import yaml
 
 from tests.conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 PROJECT_PACKAGES = {"pipeline", "experiments", "benchmarks"}
 SEPARATORS = {"&&", "||", "|", ";", "&", "(", ")"}
@@ -50,6 +55,8 @@ HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
 PLACEHOLDER = re.compile(r"<[^<>\n]*>")
 INLINE_CODE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+REPO_PATH = re.compile(r"^[\w.-]+(?:/[\w.-]+)+/?$|^[\w.-]+/$")  # a/b.py, a/b/, a/
+PROJECT_NAME = re.compile(r"^(?:pipeline|experiments|benchmarks)(?:\.\w+)+$")
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,7 @@ def simple_commands(line: str) -> list[list[str]]:
     try:
         tokens = tokenize(line)
     except ValueError:  # an apostrophe in a comment: `cmd  # MLflow's store`
-        tokens = tokenize(re.sub(r"\s#.*$", "", line))
+        tokens = tokenize(re.sub(r"(^|\s)#.*$", "", line))
     commands, current, skip = [], [], False
     for token in tokens:
         if token.startswith("#"):
@@ -291,6 +298,40 @@ def link_problems(path: Path) -> list[str]:
     return problems
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``package.module.attribute...`` does not resolve; None if it does, or if ``package.module`` is
+    no module of the project (MLflow tags such as ``pipeline.error`` share the prefix; paths catch files)."""
+    parts = name.split(".")
+    if not (REPO / parts[0] / f"{parts[1]}.py").exists():
+        return None
+    target = importlib.import_module(".".join(parts[:2]))
+    for depth, attribute in enumerate(parts[2:], 2):
+        if not hasattr(target, attribute):
+            return f"{'.'.join(parts[:depth])} has no {attribute}"
+        target = getattr(target, attribute)
+    return None
+
+
+def path_and_name_problems(path: Path) -> list[str]:
+    """Inline code in the prose naming a file of this repository or a project name that does not exist."""
+    top = {entry.name for entry in REPO.iterdir()}
+    problems = []
+    for number, line in split_markdown(path.read_text())[1]:
+        for span in INLINE_CODE.findall(line):
+            where = f"{shown(path)}:{number}: `{span}`"
+            if REPO_PATH.match(span) and span.split("/")[0] in top and not (REPO / span).exists():
+                problems.append(f"{where}\n    no such file or folder in the repository")
+            elif PROJECT_NAME.match(span) and (problem := name_problem(span)):
+                problems.append(f"{where}\n    {problem}")
+    return problems
+
+
+@pytest.mark.parametrize("path", DOCS, ids=shown)
+def test_every_path_and_project_name_in_inline_code_exists(path):
+    problems = path_and_name_problems(path)
+    assert not problems, "paths and names in the docs that do not exist:\n" + "\n".join(problems)
+
+
 @pytest.mark.parametrize("path", DOCS, ids=shown)
 def test_every_command_matches_mlproject_and_the_flags(path):
     problems = [problem for command in commands_in(path) for problem in check_command(command)]
@@ -326,6 +367,7 @@ def test_the_checks_catch_wrong_commands_and_links(tmp_path):
         "python -m benchmarks.bench throughput --device cpu --no-such-flag 1\n"
         "```\n\n"
         "[a](missing.md) [b](#nowhere) [c](#run-it) ![d](https://example.com/x.png)\n\n"
+        "`benchmarks/bench.py` `benchmarks/nope.py` `pipeline.training.train` `experiments.tune.nope` `pipeline.error`\n\n"
         "## Run it\n"
     )
     problems = [p for c in commands_in(doc) for p in check_command(c)]
@@ -341,3 +383,5 @@ def test_the_checks_catch_wrong_commands_and_links(tmp_path):
         assert any(expected in p for p in problems), (expected, problems)
     problems = link_problems(doc)
     assert len(problems) == 2 and "no file missing.md" in problems[0] and "#nowhere" in problems[1], problems
+    problems = path_and_name_problems(doc)
+    assert len(problems) == 2 and "benchmarks/nope.py" in problems[0] and "experiments.tune has no nope" in problems[1], problems

@@ -1,4 +1,4 @@
-"""LSTMClassifier: shapes for every option, the head's reading of h_n, and the initial state."""
+"""LSTMClassifier: shapes for every option, the head's reading of h_n, the initial state, and its cost."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model import LSTMClassifier, build_model
+from pipeline.cost import forward_flops, lstm_parameters
+from pipeline.model import LSTMClassifier, build_model, count_parameters
 
 
 @pytest.mark.parametrize("num_layers", [1, 3])
@@ -82,3 +83,19 @@ def test_build_model_follows_the_config():
     assert (model.lstm.input_size, model.lstm.hidden_size, model.lstm.num_layers) == (1, 12, 3)
     assert model.lstm.bidirectional and model.lstm.batch_first and model.lstm.dropout == 0.1
     assert model.head.in_features == 24
+
+
+def test_the_cost_counts_stacked_layers_at_their_own_input():
+    # Layer 0 reads a row of 28 pixels, layer 1 the 256 outputs of layer 0: 4 gates x H x (input + H).
+    gates = 4 * 256 * (28 + 256) + 4 * 256 * (256 + 256)
+    assert forward_flops(256, 2) == 2 * (28 * gates + 256 * 10)  # 28 steps, then the head once
+    assert lstm_parameters(256, 2) == gates + 2 * 8 * 256 + 256 * 10 + 10  # + biases and the head's
+
+
+@pytest.mark.parametrize(
+    "hidden_size, num_layers, bidirectional, reading_order", [(256, 2, False, "rows"), (8, 3, True, "pixels")]
+)
+def test_the_parameter_count_matches_the_model(hidden_size, num_layers, bidirectional, reading_order):
+    config = TrainConfig(hidden_size=hidden_size, num_layers=num_layers, bidirectional=bidirectional, reading_order=reading_order)
+    expected = count_parameters(build_model(config))
+    assert lstm_parameters(hidden_size, num_layers, bidirectional, reading_order) == expected
