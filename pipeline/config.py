@@ -155,10 +155,23 @@ class TuneConfig:
     heartbeat_interval: int = param(20, "seconds between a running trial's heartbeats (RDB storage)", ge=1, le=3600)
     epochs: int = param(3, "epochs per trial", ge=1, le=1000)
     sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes", "nsga2"))
-    pruner: str = param("median", "stops weak trials early, by per-epoch val_accuracy", choices=("median", "hyperband", "none"))
-    seed: int = param(42, "seed of the sampler, the data split and every trial's training", ge=0)
+    # auto: hyperband for a new study (the epochs are the resource: judged first after a quarter of
+    # them), the study's own pruner when it exists (experiments/studies.py).
+    pruner: str = param(
+        "auto", "stops weak trials early, by per-epoch val_accuracy", choices=("auto", "hyperband", "median", "none")
+    )
+    # Not the split's: that is prepare's (seed 42), or the -P data run's, the same for every trial.
+    seed: int = param(42, "seed of the sampler and of every trial's training", ge=0)
+    # Before the champion alias moves, the confirm_top best configurations by val_accuracy train
+    # again with seeds 1..confirm_seeds, and the best mean val_accuracy wins (experiments/confirm.py).
+    confirm_top: int = param(
+        3, "configurations retrained over seeds before one is registered (0 = the best trial's own)", ge=0, le=50
+    )
+    confirm_seeds: int = param(3, "training seeds per confirmed configuration: seeds 1 to this", ge=1, le=50)
     # One registered model per dataset: versions compete for its champion only on the same data.
-    register_name: str = param("auto", "MLflow registered model for the best trial's model: auto = lstm-<dataset>")
+    register_name: str = param(
+        "auto", "MLflow registered model for the study's champion (a confirmed run, or the best trial's): auto = lstm-<dataset>"
+    )
     device: str = param("auto", "where trials train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
     # Read only when the study is created: its first trials after trial 0 are the earlier study's
     # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).

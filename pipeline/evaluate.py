@@ -1,11 +1,14 @@
 """Stage 3, evaluate: a logged model on the official test images -> test metrics and plots.
 
-Reads:  the model given by ``--model`` (a train run id or any MLflow model URI) and the
-        ``prepared/`` test split of ``--data`` (by default, the data its train run used).
+Reads:  the model given by ``--model`` (a train run id or any MLflow model URI), loaded as users
+        load and serve it (``mlflow.pyfunc``: pixels in, classes and probabilities out; see
+        pipeline/serving.py), and the ``prepared/`` test split of ``--data`` (by default, the data
+        its train run used), given to it as raw 0-255 pixels.
 Writes: params ``batch_size``, ``device``, ``resolved_device`` (on a GPU also its name, index
         and memory); metrics ``test_loss``, ``test_accuracy``, ``test_macro_f1`` and MLflow's
         ``system/*`` metrics; artifacts
         ``per_class.csv`` and ``per_class.html`` (precision, recall, F1 per class),
+        ``predictions.csv`` (per test image: true class, predicted class, its probability),
         ``confusion_matrix.png`` and ``confident_mistakes.png``.
 
     python -m pipeline.evaluate --model <train run id>
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from pipeline import serving
 from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
 from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
+from pipeline.numerics import resolve_device
 from pipeline.tracking import device_params, load_prepared_run, log_data_inputs, log_params, model_uri, stage_run
-from pipeline.training import model_device, predict_logits, resolve_device
 
 
 @dataclass
@@ -37,21 +41,21 @@ class Evaluation:
     test_macro_f1: float
     per_class: pd.DataFrame  # one row per class: precision, recall, f1, support
     confusion: torch.Tensor  # (true class, predicted class) counts
-    probabilities: torch.Tensor  # (N, num_classes) softmax outputs
+    probabilities: torch.Tensor  # (N, num_classes) float64, as the classifier answered them
+    predictions: pd.DataFrame  # one row per image: image, true_class, class, probability
 
     def metrics(self) -> dict[str, float]:
         return {"test_loss": self.test_loss, "test_accuracy": self.test_accuracy, "test_macro_f1": self.test_macro_f1}
 
 
-def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: list[str], batch_size: int = 1000) -> Evaluation:
-    """Score ``model`` (any callable from (B, T, F) floats to logits) on a split; batches go to
-    the model's device."""
-    logits = predict_logits(model, split.images, input_shape, batch_size).float()  # (N, 10)
-    labels = split.labels.to(logits.device)
-    predictions = logits.argmax(1)
-    confusion = (
-        torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES).cpu()
-    )
+def evaluate(classifier, split: Split, class_names: list[str], batch_size: int = 1000) -> Evaluation:
+    """Score ``classifier`` on a split: anything with the ``predict`` of pipeline/serving.py (the
+    logged model as ``mlflow.pyfunc`` loads and ``mlflow models serve`` serves it), given the
+    split's uint8 images as they are."""
+    answers = classifier.predict(split.images.cpu().numpy(), params={"batch_size": batch_size})
+    probabilities = torch.from_numpy(answers[serving.PROBABILITY_COLUMNS].to_numpy())  # (N, 10)
+    labels, predictions = split.labels.cpu(), torch.from_numpy(answers["class"].to_numpy())
+    confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
     true_positives = confusion.diag().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)
     recall = true_positives / confusion.sum(1).clamp(min=1)
@@ -66,12 +70,15 @@ def evaluate(model, split: Split, input_shape: tuple[int, int], class_names: lis
         }
     )
     return Evaluation(
-        test_loss=F.cross_entropy(logits, labels).item(),
+        test_loss=F.nll_loss(probabilities.log(), labels).item(),  # cross-entropy, from float64 probabilities
         test_accuracy=(predictions == labels).double().mean().item(),
         test_macro_f1=f1.mean().item(),
         per_class=per_class,
         confusion=confusion,
-        probabilities=logits.softmax(1).cpu(),
+        probabilities=probabilities,
+        predictions=pd.DataFrame(
+            {"image": range(len(labels)), "true_class": labels.numpy(), **answers[["class", "probability"]]}
+        ),
     )
 
 
@@ -122,20 +129,21 @@ def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: l
 
 
 def evaluate_and_log(
-    model, data: PreparedData, input_shape: tuple[int, int], config: EvaluateConfig, data_ref: str = "", model_uri: str = ""
+    classifier, data: PreparedData, config: EvaluateConfig, device: torch.device, data_ref: str = "", model_uri: str = ""
 ) -> Evaluation:
-    """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, table and plots;
+    """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, tables and plots;
     ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input, and
-    ``model_uri`` (what ``model`` was loaded from) links the metrics to that logged model, whose
+    ``model_uri`` (what ``classifier`` was loaded from) links the metrics to that logged model, whose
     page in MLflow 3 then shows them."""
     dataset, data_split = data.manifest["dataset"], data.test
     class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
-    result = evaluate(model, data_split, input_shape, class_names, config.batch_size)
-    log_params({**dataclasses.asdict(config), **device_params(model_device(model) or data_split.images.device)})
+    result = evaluate(classifier, data_split, class_names, config.batch_size)
+    log_params({**dataclasses.asdict(config), **device_params(device)})
     mlflow.log_metrics(result.metrics(), model_id=mlflow.models.get_model_info(model_uri).model_id if model_uri else None)
     with tempfile.TemporaryDirectory() as tmp:
         result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
         result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
+        result.predictions.to_csv(f"{tmp}/predictions.csv", index=False)
         mlflow.log_artifacts(tmp)
     mlflow.log_table(result.per_class, artifact_file="per_class.json")  # a sortable table in the UI's artifact view
     if data_ref:
@@ -143,15 +151,6 @@ def evaluate_and_log(
     mlflow.log_figure(plot_confusion(result.confusion, class_names), "confusion_matrix.png")
     mlflow.log_figure(plot_confident_mistakes(data_split, result, class_names), "confident_mistakes.png")
     return result
-
-
-def load_model(uri: str, device: torch.device):
-    """The logged model on ``device`` and the (seq_len, input_size) its signature expects."""
-    info = mlflow.models.get_model_info(uri)
-    _, seq_len, input_size = info.signature.inputs.inputs[0].shape  # (-1, T, F)
-    # Logged on the CPU; it holds no CPU constants (model.py builds h_0/c_0 from the input), so it moves whole.
-    model = mlflow.pytorch.load_model(uri).to(device)
-    return model, (seq_len, input_size), info.run_id
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,15 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     args, (config,) = build_configs(parser, argv, EvaluateConfig)
 
     device = resolve_device(config.device)
+    uri = model_uri(args.model)
     try:
-        model, input_shape, train_run_id = load_model(model_uri(args.model), device)
-        data_ref = args.data or mlflow.get_run(train_run_id).data.tags["pipeline.data"]
+        classifier = serving.load(uri, device)
+        data_ref = args.data or mlflow.get_run(mlflow.models.get_model_info(uri).run_id).data.tags["pipeline.data"]
         data = load_prepared_run(data_ref)
     except (DataError, mlflow.exceptions.MlflowException, OSError, KeyError) as error:
         fail(f"cannot load the model {args.model} or its data: {error}")
-    data = dataclasses.replace(data, test=data.test.to(device))
-    with stage_run("evaluate", **{"pipeline.model": model_uri(args.model), "pipeline.data": data_ref}) as run:
-        result = evaluate_and_log(model, data, input_shape, config, data_ref, model_uri(args.model))
+    with stage_run("evaluate", **{"pipeline.model": uri, "pipeline.data": data_ref}) as run:
+        result = evaluate_and_log(classifier, data, config, device, data_ref, uri)
     print(
         f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  "
         f"test_loss {result.test_loss:.4f}; run {run.info.run_id}",

@@ -71,10 +71,6 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
         client.set_tag(parent.info.run_id, f"pipeline.{stage}_reused", "true")
         return reused
     print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
-    if env_manager == "local":
-        # MLflow starts the stage with the shell's `python`: make that this interpreter, even
-        # when its virtual environment was never activated.
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     try:
         submitted = mlflow.run(
             str(PROJECT_DIR),
@@ -199,8 +195,16 @@ def run_pipeline(
     return run, stages, metrics
 
 
+def python_first_on_path(env_manager: str) -> None:
+    """With env_manager=local MLflow starts each stage with the shell's ``python``: make that this
+    interpreter, even when its virtual environment was never activated. For entry points' main()."""
+    if env_manager == "local" and os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(sys.executable).parent):
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
 def main(argv: list[str] | None = None) -> None:
     args, prepare_config, train_config = parse_pipeline_args(pipeline_parser("main", __doc__.split("\n")[0]), argv)
+    python_first_on_path(args.env_manager)
     try:
         run, stages, metrics = run_pipeline(
             prepare_config,

@@ -43,7 +43,8 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 
 
 def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> None:
-    """Record the prepared training split as this run's MLflow dataset input, from the raw files."""
+    """Record the prepared training split, read back from ``train.pt``, as this run's MLflow dataset
+    input, with the folder of raw files it was prepared from as its source."""
     train = torch.load(folder / "train.pt", weights_only=True)
     log_split_input(
         Split(train["images"], train["labels"]),

@@ -1,12 +1,16 @@
-"""Signals for the stages and the training loop: SIGTERM handled like Ctrl-C, and handlers for a block.
+"""Signals for the stages and the training loop: SIGTERM handled like Ctrl-C, handlers for a block,
+and the loop's stop requests.
 
-The lowest layer of ``pipeline/``: it imports nothing of the project, so the loop
-(``training.py``) and the MLflow helpers (``tracking.py``) both use it without reaching sideways.
+Every handler here is installed for a block and the previous one put back after it: only an entry
+point's ``main()`` installs one for good. The lowest layer of ``pipeline/``: it imports nothing of
+the project, so the loop (``training.py``) and the MLflow helpers (``tracking.py``) both use it
+without reaching sideways.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -46,3 +50,31 @@ def signal_handler(handler: Callable, *signal_numbers: int):
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+@contextmanager
+def stop_requests():
+    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
+    progress; the same signal again stops at once. Outside the main thread signals stay as they are.
+    Yields the request: its ``signal_number`` is 0 until one arrives."""
+
+    class Stop:
+        signal_number = 0
+
+    stop = Stop()
+
+    def request(signal_number, frame):
+        if stop.signal_number == signal_number:  # asked twice: do not wait for the batch
+            raise KeyboardInterrupt
+        # Another signal (the SIGTERM `mlflow run` sends its stage after a Ctrl-C) changes nothing.
+        stop.signal_number = stop.signal_number or signal_number
+        print(
+            f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    raise_if_terminated()  # a SIGTERM whose exception was lost before training began
+    with signal_handler(request, signal.SIGINT, signal.SIGTERM):
+        yield stop

@@ -167,7 +167,6 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
     """Local folder holding the artifact ``ref`` points at: a run id, artifact URI or local path."""
     if Path(ref).is_dir():
         return Path(ref)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its per-file bars drown the stages' lines
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst))
     )

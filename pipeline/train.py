@@ -8,9 +8,9 @@ Writes: params (every TrainConfig field, ``parameter_count``, ``resolved_device`
         ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``,
         ``samples_per_second``, ``learning_rate``; ``best_val_accuracy`` and ``best_epoch``;
         MLflow's ``system/*`` metrics (CPU, memory, GPU) every second;
-        artifact ``model`` (the best-validation weights, pickle-free pt2, with signature and
-        input example) and ``learning_curves.png``; a checkpoint per epoch under
-        ``--checkpoint-dir/<run id>/``.
+        artifact ``model`` (the best-validation weights, pickle-free pt2, served as a classifier
+        of pixels: pipeline/serving.py) and ``learning_curves.png``; a checkpoint per epoch under
+        ``--checkpoint-dir/<run id>/``, removed when the run finishes (``--keep-checkpoints``: kept).
 Resumes: rerunning an interrupted command (Ctrl-C, SIGTERM, kill -9) continues the same run
         from its last checkpoint; a Ctrl-C or SIGTERM checkpoints the batch in progress first.
 
@@ -29,12 +29,14 @@ from pathlib import Path
 import mlflow
 import torch
 from matplotlib.figure import Figure
-from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
-from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, user_path
-from pipeline.data import DataError, PreparedData, to_sequences
+from pipeline import serving
+from pipeline.checkpoints import CheckpointMismatch, Checkpoints
+from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, parse_bool, user_path
+from pipeline.data import DATASETS, DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
+from pipeline.numerics import numeric_settings, resolve_device, set_cublas_workspace
 from pipeline.tracking import (
     MODEL_NAME,
     device_params,
@@ -45,15 +47,7 @@ from pipeline.tracking import (
     log_params,
     stage_run,
 )
-from pipeline.training import (
-    EpochMetrics,
-    TrainingDiverged,
-    TrainResult,
-    numeric_settings,
-    resolve_device,
-    set_cublas_workspace,
-    train,
-)
+from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, train
 
 EPOCH_METRICS = (
     "train_loss",
@@ -71,6 +65,7 @@ def train_and_log(
     data: PreparedData,
     *,
     checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log_model: bool = True,
     data_ref: str = "",
@@ -79,8 +74,9 @@ def train_and_log(
     """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
 
     ``data_ref`` (the prepare run or folder ``data`` came from) makes the train and validation
-    splits the run's dataset inputs; ``label`` starts each epoch's progress line. Returns the
-    training result and the logged model's info (None without ``log_model``).
+    splits the run's dataset inputs; ``label`` starts each epoch's progress line. The checkpoints
+    in ``checkpoint_dir`` are removed once everything is logged, unless ``keep_checkpoints``.
+    Returns the training result and the logged model's info (None without ``log_model``).
     """
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)  # what precision=auto chose, TF32, cuDNN autotuning, determinism
@@ -102,7 +98,8 @@ def train_and_log(
         if on_epoch:
             on_epoch(metrics)
 
-    result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir, label=label)
+    # Kept until the run is logged: a stage killed while logging resumes instead of training again.
+    result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir, keep_checkpoints=True, label=label)
     if result.resumed_from_epoch:
         log_missing_epochs(result.history)
     log_params({"parameter_count": count_parameters(result.model)})
@@ -113,6 +110,8 @@ def train_and_log(
         {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch},
         model_id=model_info and model_info.model_id,
     )
+    if checkpoint_dir and not keep_checkpoints:
+        Checkpoints(checkpoint_dir).remove()
     return result, model_info
 
 
@@ -126,25 +125,17 @@ def log_missing_epochs(history: list[EpochMetrics]) -> None:
 
 
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
-    """Log a CPU copy of ``model`` pickle-free (pt2), with a signature and two validation images.
+    """Log a CPU copy of ``model`` pickle-free (pt2) as a classifier of pixels (pipeline/serving.py),
+    with two validation images as its example.
 
     The caller's model keeps its device, mode and weights: a tuner or benchmark may go on using it.
     """
     model = copy.deepcopy(model).to("cpu").eval()
     example = to_sequences(data.val.images[:2], reading_order)  # (2, T, F)
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), model(example).numpy())
+    class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")  # nn.LSTM's flat weights
-        return mlflow.pytorch.log_model(
-            model,
-            name=MODEL_NAME,
-            input_example=example.numpy(),
-            signature=signature,
-            serialization_format="pt2",  # pickle-free everywhere: MLflow's default differs by version and platform
-            # Pinning torch avoids MLflow's slow requirement inference (a model reload).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        return serving.log_model(MODEL_NAME, model, example, reading_order, class_names)
 
 
 def plot_learning_curves(history: list[EpochMetrics]):
@@ -168,6 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--checkpoint-dir", default="checkpoints", help="per-epoch checkpoints go to <this>/<run id>/ (default: checkpoints)"
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="keep <checkpoint-dir>/<run id>/ once the run finishes; an interrupted or failed run keeps it (default: false)",
+    )
     add_config_arguments(parser, TrainConfig)
     args, (config,) = build_configs(parser, argv, TrainConfig)
     try:  # a device or precision this machine lacks stops the stage before anything starts
@@ -183,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
             mlflow.set_tag("mlflow.runName", run_name(config))  # tells trainings apart in the UI's chart legends
-            result, _ = train_and_log(config, data, checkpoint_dir=checkpoint_root / run.info.run_id, data_ref=args.data)
-    except TrainingDiverged as error:  # the run ended FAILED; its last good checkpoint stays
+            folder, keep = checkpoint_root / run.info.run_id, args.keep_checkpoints
+            result, _ = train_and_log(config, data, checkpoint_dir=folder, keep_checkpoints=keep, data_ref=args.data)
+    except (TrainingDiverged, CheckpointMismatch) as error:  # the run ended FAILED; its checkpoints stay
         fail(str(error))
     print(
         f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr

@@ -10,15 +10,11 @@ and no host sync inside the batch loop.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import os
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.checkpoints import Checkpoints
 from pipeline.config import TrainConfig
-from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, atomic_write, to_sequences
+from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, to_sequences
+from pipeline.inference import predict_logits
 from pipeline.model import LSTMClassifier, build_model
-from pipeline.signals import raise_if_terminated, signal_handler
+from pipeline.numerics import numeric_settings, numerics, resolve_device
+from pipeline.signals import stop_requests
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,141 +70,6 @@ class TrainResult:
     precision: str = "fp32"  # what training ran in: fp32 or bf16
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device=mps was asked for, but torch sees no Apple GPU")
-    return torch.device(name)
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-
-
-def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
-    """Whether ``device`` has bfloat16 arithmetic; ``flags``: the CPU's (default: this one's)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulated on pre-Ampere GPUs: slow
-    if device.type == "cpu":
-        # Without avx512_bf16 (AVX2-only CPUs) oneDNN emulates bf16: slower than fp32.
-        return "avx512_bf16" in (cpu_flags() if flags is None else flags)
-    return False
-
-
-def resolve_precision(name: str, device: torch.device, flags: set[str] | None = None) -> str:
-    """``fp32`` or ``bf16``: what ``precision=name`` means on ``device``."""
-    if name == "auto":
-        # bf16 only where it was measured: 2x faster at the same accuracy on an avx512_bf16 CPU
-        # (README, GPU). On CUDA it has not been measured yet, so fp32 (with TF32) stays.
-        return "bf16" if device.type == "cpu" and bf16_supported(device, flags) else "fp32"
-    if name == "bf16" and not bf16_supported(device, flags):
-        what = "CPU has no avx512_bf16" if device.type == "cpu" else f"{device.type} device has no bfloat16 support"
-        raise RuntimeError(f"precision=bf16 was asked for, but this {what}; use precision=fp32 or auto")
-    return name
-
-
-def numeric_settings(config: TrainConfig, device: torch.device) -> dict[str, str | bool]:
-    """What training puts in force on ``device``, as run params; ``numerics`` applies it."""
-    settings = {
-        "resolved_precision": resolve_precision(config.precision, device),
-        # TF32 tensor cores (Ampere and later) for fp32 matmuls and cuDNN's LSTM: 10 mantissa
-        # bits, deterministic. Only CUDA has them.
-        "tf32": device.type == "cuda",
-        # Autotuning picks kernels by timing them, which may differ between runs.
-        "cudnn_benchmark": False,
-        "deterministic": config.deterministic,
-    }
-    if device.type == "cuda" and config.deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; a value set by the user is kept.
-        settings["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    return settings
-
-
-def set_cublas_workspace(settings: dict) -> None:
-    """Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG before CUDA starts: set it (unless the
-    user did) as soon as the settings are known, ahead of any query that initialises CUDA."""
-    if "cublas_workspace_config" in settings:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", settings["cublas_workspace_config"])
-
-
-@contextmanager
-def numerics(settings: dict):
-    """Put ``numeric_settings`` in force inside the block and restore the previous global flags on
-    leaving: the tuner and the tests train many models in one process."""
-    set_cublas_workspace(settings)
-    cudnn = torch.backends.cudnn
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        cudnn.benchmark,
-        cudnn.deterministic,
-    )
-    torch.use_deterministic_algorithms(settings["deterministic"])
-    cudnn.benchmark, cudnn.deterministic = settings["cudnn_benchmark"], settings["deterministic"]
-    if settings["tf32"]:
-        # The allow_tf32 switches, not torch 2.9's fp32_precision: torch.export reads the old ones
-        # and raises when the new API has set them differently (torch 2.14.1).
-        tf32_before = (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        cudnn.benchmark, cudnn.deterministic = previous[2:]
-        if settings["tf32"]:
-            torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = tf32_before
-
-
-def model_device(model) -> torch.device | None:
-    """Where ``model``'s weights are; None for a callable without any (or with none)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None) if isinstance(model, nn.Module) else None
-    return None if first is None else first.device
-
-
-@torch.inference_mode()
-def predict_logits(model: Callable, images: torch.Tensor, input_shape: tuple[int, int], batch_size: int = 1000) -> torch.Tensor:
-    """Logits (N, num_classes) of uint8 ``images`` (N, 28, 28) read as (seq_len, input_size) sequences,
-    computed where the model is (each uint8 batch is moved there, a no-op when it is there already)."""
-    device = model_device(model) or images.device
-    batches = (
-        images[i : i + batch_size].to(device).reshape(-1, *input_shape).float().div_(255)
-        for i in range(0, len(images), batch_size)
-    )
-    return torch.cat([model(x) for x in batches])  # x: (B, T, F)
-
-
-def inference_latency_ms(model: nn.Module, image: torch.Tensor, input_shape: tuple[int, int], calls: int = 100) -> float:
-    """Milliseconds to classify one uint8 ``image`` (1, 28, 28) where the model is, as
-    ``predict_logits`` does for a caller: the median of ``calls`` timed calls after 10 untimed
-    ones (thread pools, caches, kernels), each synchronised on CUDA. The same way for every model,
-    so latencies compare within a machine and its thread count, not across them."""
-    model.eval()
-    device = model_device(model)
-
-    def call() -> float:
-        started = time.perf_counter()
-        predict_logits(model, image, input_shape)
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-
-    for _ in range(10):
-        call()
-    return statistics.median(call() for _ in range(calls)) * 1000
-
-
 def evaluate_split(model: nn.Module, split: Split, reading_order: str) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of ``model`` on a split already on its device."""
     model.eval()
@@ -221,6 +85,7 @@ def train(
     *,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
     progress: bool | None = None,
     label: str = "",
 ) -> TrainResult:
@@ -231,23 +96,29 @@ def train(
 
     ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned).
     With ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes
-    from the newest valid one found there. SIGINT or SIGTERM stops it after the batch in
-    progress, writes a checkpoint of that position and raises TrainingInterrupted; resuming from
-    it gives the same result as never stopping.
+    from the newest valid one found there; one written with other settings (any TrainConfig field
+    but ``device``) raises CheckpointMismatch instead. SIGINT or SIGTERM stops it after the batch
+    in progress, writes a checkpoint of that position and raises TrainingInterrupted; resuming
+    from it gives the same result as never stopping. Training that finishes removes its
+    checkpoints unless ``keep_checkpoints``; one that stops by an exception keeps them.
     """
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)
     with numerics(settings):
-        return _train(config, data, device, settings["resolved_precision"], on_epoch, checkpoint_dir, progress, label)
+        result = _train(config, data, device, settings["resolved_precision"], on_epoch, checkpoint_dir, progress, label)
+    if checkpoint_dir and not keep_checkpoints:
+        Checkpoints(checkpoint_dir).remove()  # finished: nothing is left to resume
+    return result
 
 
 def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, label="") -> TrainResult:
     torch.manual_seed(config.seed)
-    run = _Run.start(config, data, device)
+    run = _Run.start(config, data, device, precision)
     train_split, val_split = data.train.to(device), data.val.to(device)
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     start_epoch, partial = 1, None
     if checkpoints and (saved := checkpoints.latest()):
+        checkpoints.check_resumable(saved, dataclasses.asdict(config))
         start_epoch, partial = run.restore(saved)
         within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
         print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
@@ -256,7 +127,7 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, 
     stopped_early, last_checkpoint = False, None
     with stop_requests() as stop:
         for epoch in range(start_epoch, config.epochs + 1):
-            loss_sum, correct, started = _train_epoch(run, train_split, epoch, precision, stop, checkpoints, show_bar, partial)
+            loss_sum, correct, started = _train_epoch(run, train_split, epoch, stop, checkpoints, show_bar, partial)
             partial = None
             metrics = _end_epoch(run, val_split, epoch, loss_sum, correct, started)
             _print_epoch(metrics, run.history, config.epochs, label)
@@ -281,7 +152,7 @@ def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, 
     )
 
 
-def _train_epoch(run: _Run, split: Split, epoch: int, precision: str, stop, checkpoints, show_bar: bool, partial=None):
+def _train_epoch(run: _Run, split: Split, epoch: int, stop, checkpoints, show_bar: bool, partial=None):
     """One pass over ``split`` in a new shuffled order, or the rest of an interrupted one (``partial``).
 
     Returns the summed loss and the count of correct predictions (tensors on the device, so no
@@ -310,7 +181,7 @@ def _train_epoch(run: _Run, split: Split, epoch: int, precision: str, stop, chec
         y = split.labels[index]  # (B,)
         # bf16: the LSTM and the head compute in bfloat16, the loss in float32; gradients
         # reach the float32 weights through autocast's casts, so no loss scaling is needed.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
             logits = run.model(x)  # (B, 10)
             loss = F.cross_entropy(logits, y)
         run.optimizer.zero_grad(set_to_none=True)
@@ -382,6 +253,7 @@ class _Run:
 
     config: TrainConfig
     device: torch.device
+    precision: str  # fp32 or bf16, as resolved
     n_train: int
     model: LSTMClassifier
     optimizer: torch.optim.Optimizer
@@ -393,7 +265,7 @@ class _Run:
     best_val_accuracy: float = -1.0
 
     @classmethod
-    def start(cls, config: TrainConfig, data: PreparedData, device: torch.device) -> _Run:
+    def start(cls, config: TrainConfig, data: PreparedData, device: torch.device, precision: str) -> _Run:
         """A new model and optimizer (after ``torch.manual_seed``: the model's initial weights use it)."""
         shuffle = torch.Generator().manual_seed(config.seed)
         model = build_model(config, data.manifest["pixel_mean"], data.manifest["pixel_std"]).to(device)
@@ -401,7 +273,8 @@ class _Run:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
         n_train = len(data.train.labels)
         total_steps = config.epochs * math.ceil(n_train / config.batch_size)
-        return cls(config, device, n_train, model, optimizer, _scheduler(optimizer, config, total_steps), shuffle)
+        scheduler = _scheduler(optimizer, config, total_steps)
+        return cls(config, device, precision, n_train, model, optimizer, scheduler, shuffle)
 
     def checkpoint(self, epoch: int, **extra) -> dict:
         """Everything needed to continue after ``epoch`` bit for bit (``partial``: inside the next one)."""
@@ -448,70 +321,9 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-@contextmanager
-def stop_requests():
-    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
-    progress; the same signal again stops at once. Outside the main thread signals stay as they are."""
-
-    class Stop:
-        signal_number = 0
-
-    stop = Stop()
-
-    def request(signal_number, frame):
-        if stop.signal_number == signal_number:  # asked twice: do not wait for the batch
-            raise KeyboardInterrupt
-        # Another signal (the SIGTERM `mlflow run` sends its stage after a Ctrl-C) changes nothing.
-        stop.signal_number = stop.signal_number or signal_number
-        print(
-            f"\n{signal.Signals(signal_number).name}: stopping after this batch and writing a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    raise_if_terminated()  # a SIGTERM whose exception was lost before training began
-    with signal_handler(request, signal.SIGINT, signal.SIGTERM):
-        yield stop
-
-
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.lr_schedule == "onecycle":  # warm up to learning_rate over the first 30% of steps, then anneal
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-class Checkpoints:
-    """Per-epoch checkpoints in one folder, each written atomically; the newest two are kept.
-
-    Loading uses ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
-    planted file cannot run code when it is read.
-    """
-
-    keep = 2
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("epoch-*.pt"))
-
-    def save(self, name: str, state: dict) -> Path:
-        """Write ``<name>.pt``; names sort in training order (``epoch-0003-partial`` before ``epoch-0003``)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{name}.pt"
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for old in self.paths()[: -self.keep]:
-            old.unlink()
-        return path
-
-    def latest(self) -> dict | None:
-        """The newest checkpoint that loads; a truncated or corrupt one is skipped with a warning."""
-        for path in reversed(self.paths()):
-            try:
-                return torch.load(path, weights_only=True, map_location="cpu")
-            except Exception as error:  # truncated zip, bad pickle, refused global, ...
-                print(f"warning: skipping unreadable checkpoint {path}: {type(error).__name__}: {error}", file=sys.stderr)
-        return None

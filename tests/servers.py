@@ -3,7 +3,7 @@ server with basic-auth, both on loopback, started once per session under pytest'
 ``cluster``: a study database, an experiment and a worker account on them, for one test.
 
 Loaded as a plugin by tests/conftest.py (its ``pytest_plugins``). The start and
-stop code is experiments/infra.py's, which the load test uses too.
+stop code is tests/infra.py's, which the load test and deploy/k8s/image_smoke.py use too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,23 +24,25 @@ import requests
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
-from experiments.infra import (
+from pipeline.data import save_prepared
+from tests.conftest import REPO, tiny_prepared
+from tests.infra import (
     InfraError,
     MlflowServer,
     Postgres,
+    free_port,
+    log_tail,
     postgres_bindir,
     postgres_cluster,
 )
-from experiments.infra import (
+from tests.infra import (
     mlflow_server as start_mlflow_server,
 )
-from pipeline.data import save_prepared
-from tests.conftest import REPO, tiny_prepared
 
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory) -> Iterator[Postgres]:
-    """A running cluster: ``.create_database(name) -> URL`` (fresh database and owner role), ``.admin_url``."""
+    """A running cluster: ``.create_database(name) -> URL`` (a fresh database and its owner role)."""
     try:
         postgres_bindir()
     except InfraError as missing:
@@ -100,3 +107,30 @@ def fetch(dataset, auth: tuple[str, str] | None) -> bytes:
         return response.content
     assert dataset.source_type == "local", dataset.source
     return Path(source["uri"]).read_bytes()
+
+
+@contextmanager
+def model_server(model_uri: str, env: dict[str, str], cwd: Path, timeout: float = 180) -> Iterator[str]:
+    """``mlflow models serve -m <model_uri> --env-manager local`` typed in ``cwd``, as README's
+    serving section starts it; yields its URL once ``/ping`` answers."""
+    port, log = free_port(), cwd / f"models-serve-{secrets.token_hex(3)}.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--port", str(port)]
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    try:
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow models serve exited ({server.returncode}):\n{log_tail(log)}", pytrace=False)
+            try:
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer /ping in {timeout:.0f} s:\n{log_tail(log)}", pytrace=False)
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -1,19 +1,32 @@
-"""Dependencies point one way: stages -> tracking/training -> model/data/config/signals/tables; tests never import benchmarks."""
+"""Dependencies point one way: stages -> tracking/training -> the pieces below them; tests never
+import benchmarks. Only an entry point's ``main()`` changes process state: a stage's work leaves it as it was."""
 
 from __future__ import annotations
 
 import ast
+import os
+import signal
 
+import matplotlib
+import mlflow
 import pytest
 
-from tests.conftest import REPO
+from pipeline.config import TrainConfig
+from pipeline.data import load_prepared, save_prepared
+from pipeline.train import train_and_log
+from tests.conftest import REPO, tiny_prepared
 
 LAYERS = {  # a module may import modules of lower layers only
     "pipeline.config": 0,
     "pipeline.signals": 0,
     "pipeline.tables": 0,
+    "pipeline.inference": 0,
+    "pipeline.serving": 0,
     "pipeline.data": 1,
+    "pipeline.numerics": 1,
     "pipeline.model": 2,
+    "pipeline.cost": 2,
+    "pipeline.checkpoints": 2,
     "pipeline.tracking": 3,
     "pipeline.training": 3,
     "pipeline.prepare": 4,
@@ -26,7 +39,9 @@ LAYERS = {  # a module may import modules of lower layers only
 def project_imports(path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":  # from pipeline import serving
+            names.update(f"pipeline.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -46,3 +61,38 @@ def test_pipeline_modules_import_only_lower_layers(module):
 def test_nothing_imports_benchmarks_but_benchmarks():
     for path in [*REPO.glob("tests/*.py"), *REPO.glob("pipeline/*.py"), *REPO.glob("experiments/*.py")]:
         assert not [name for name in project_imports(path) if name.startswith("benchmarks")], path.name
+
+
+def process_state() -> dict:
+    """What only an entry point's ``main()`` may change: the environment, the handlers of the signals
+    the stages handle, and matplotlib's backend (resolved, so pyplot's lazy default does not count)."""
+    return {
+        # Leading underscore: MLflow's private bookkeeping (its telemetry session), which it sets and unsets itself.
+        "environ": {k: v for k, v in os.environ.items() if not k.startswith("_MLFLOW_")},
+        "handlers": {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)},
+        "backend": matplotlib.get_backend(),
+    }
+
+
+@pytest.fixture
+def unusual_backend():
+    """matplotlib's backend set to one no helper would pick, so one that sets Agg shows; then put back."""
+    previous = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    yield
+    matplotlib.use(previous)
+
+
+def test_a_stage_run_leaves_the_process_state_as_it_found_it(tracking, tmp_path, unusual_backend):
+    """The train stage's work as the tuner calls it, in a run of its own: the loop with its signal
+    handling and checkpoints, MLflow logging, the learning curves and the logged model."""
+    tiny, folder = tiny_prepared(), tmp_path / "prepared"
+    save_prepared(folder, {"train": tiny.train, "val": tiny.val, "test": tiny.test}, {"dataset": "mnist", "seed": 0})
+    config = TrainConfig(hidden_size=8, num_layers=1, batch_size=128, epochs=2, device="cpu")
+    before = process_state()
+    with mlflow.start_run():
+        train_and_log(config, load_prepared(folder), checkpoint_dir=tmp_path / "checkpoints", data_ref=str(folder))
+    after = process_state()
+    changed = {k: (before["environ"].get(k), after["environ"].get(k)) for k in before["environ"].keys() | after["environ"].keys()}
+    assert {k: v for k, v in changed.items() if v[0] != v[1]} == {}, "environment variables changed"
+    assert after == before

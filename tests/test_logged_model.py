@@ -16,12 +16,11 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import evaluate
+from pipeline import serving
 from pipeline.config import TrainConfig
 from pipeline.data import SEQUENCE_SHAPES
 from pipeline.model import build_model
 from pipeline.train import log_trained_model
-from pipeline.training import predict_logits
 from tests.conftest import tiny_prepared
 
 CONFIGS = {
@@ -81,15 +80,15 @@ def test_logging_does_not_move_or_change_the_callers_model(tracking):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
-def test_evaluate_loads_the_model_whole_onto_the_device_and_brings_the_data_to_it(tracking):
-    config = CONFIGS["rows"]
-    uri = log_like_the_train_stage(config)
-    model, input_shape, _ = evaluate.load_model(uri, torch.device("meta"))
-    assert input_shape == (28, 28)
+def test_the_served_classifier_loads_the_model_whole_onto_its_device_and_brings_the_data_to_it(tracking):
+    uri = log_like_the_train_stage(CONFIGS["rows"])
+    loaded = serving.load(uri, "meta")  # as the evaluate stage loads it: mlflow.pyfunc, model_config={"device": ...}
+    model = loaded.get_raw_model()
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    classifier = serving.Classifier(model, (28, 28), [str(k) for k in range(10)], "meta")
     images = tiny_prepared(n_train=8, n_val=4, n_test=7).test.images  # uint8 on the CPU
-    logits = predict_logits(model, images, input_shape, batch_size=3)  # batches of 3, 3 and 1
-    assert logits.shape == (7, 10) and logits.device.type == "meta"
+    probabilities = classifier.probabilities(serving.pixels(images), batch_size=3)  # batches of 3, 3 and 1
+    assert probabilities.shape == (7, 10) and probabilities.device.type == "meta"
 
 
 @pytest.mark.gpu

@@ -13,11 +13,12 @@ import mlflow
 import pytest
 import torch
 
+from pipeline import numerics as numerics_module
 from pipeline import train as train_stage
-from pipeline import training
 from pipeline.config import ParameterError, TrainConfig
+from pipeline.numerics import bf16_supported, cpu_flags, numeric_settings, numerics, resolve_precision
 from pipeline.train import train_and_log
-from pipeline.training import bf16_supported, cpu_flags, numeric_settings, numerics, resolve_precision, train
+from pipeline.training import train
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=2, learning_rate=0.01, device="cpu")
@@ -70,7 +71,7 @@ def test_auto_keeps_fp32_on_cuda_until_bf16_is_measured_there(monkeypatch):
 
 
 def test_bf16_asked_for_on_a_cpu_without_it_stops_the_stage_in_one_line(tracking, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(training, "cpu_flags", lambda: AVX2_ONLY)
+    monkeypatch.setattr(numerics_module, "cpu_flags", lambda: AVX2_ONLY)
     with pytest.raises(SystemExit) as exit_info:
         train_stage.main(["--data", "unused", "--device", "cpu", "--precision", "bf16"])
     assert exit_info.value.code == 2
@@ -99,7 +100,7 @@ def test_bf16_runs_the_lstm_in_bfloat16_and_keeps_weights_and_adam_in_float32(tm
 
     def run():
         nonlocal result
-        result = train(config, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+        result = train(config, tiny_prepared(), checkpoint_dir=tmp_path, keep_checkpoints=True, progress=False)
 
     assert set(lstm_dtypes_while(run)) == {torch.bfloat16}
     assert result.precision == "bf16" and result.best_val_accuracy > 0.5  # chance is 0.1

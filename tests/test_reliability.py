@@ -100,7 +100,7 @@ def test_sigterm_then_kill_9_the_rerun_resumes_the_same_run_to_the_uninterrupted
     command = ["pipeline.train", "--data", str(prepared_folder), *TRAIN_FLAGS]
     reference = Stage(tmp_path, tracking, *command, "--checkpoint-dir", "reference")
     assert reference.run() == 0, reference.stderr()
-    reference_id = next((tmp_path / "reference").iterdir()).name
+    (reference_id,) = [run.info.run_id for run in client.search_runs(["0"])]
 
     # SIGTERM after epoch 1: the batch in progress finishes, a checkpoint of it is written, the run ends KILLED.
     stage = Stage(tmp_path, tracking, *command, "--checkpoint-dir", "checkpoints")
@@ -126,11 +126,21 @@ def test_sigterm_then_kill_9_the_rerun_resumes_the_same_run_to_the_uninterrupted
     runs = {run.info.run_id: run for run in client.search_runs(["0"], "tags.`pipeline.stage` = 'train'")}
     assert set(runs) == {reference_id, run_id}, "the reruns opened new runs instead of resuming"
     assert runs[run_id].info.status == "FINISHED"
+    assert list((tmp_path / "checkpoints").iterdir()) == [], "the finished run left its checkpoints"
     resumed, uninterrupted = curves(client, run_id), curves(client, reference_id)
     assert [step for step, _ in resumed["val_accuracy"]] == list(range(1, EPOCHS + 1)), "an epoch is missing or logged twice"
     assert resumed == uninterrupted
     for name in ("best_val_accuracy", "best_epoch"):
         assert runs[run_id].data.metrics[name] == runs[reference_id].data.metrics[name]
+
+
+def test_the_train_stage_removes_its_checkpoints_once_logged_unless_asked_to_keep(tmp_path, tracking, prepared_folder):
+    command = ["--data", str(prepared_folder), *TRAIN_FLAGS[:-4], "--epochs", "2", "--device", "cpu"]
+    train.main(command)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the root stays: it is the user's folder
+    train.main([*command, "--seed", "7", "--keep-checkpoints"])
+    (kept,) = MlflowClient().search_runs(["0"], "params.seed = '7'")
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / kept.info.run_id).iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
 
 
 def test_neither_a_run_that_failed_by_itself_nor_a_finished_one_is_resumed(tmp_path, tracking, prepared_folder):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import evaluate, prepare, train
+from pipeline import evaluate, prepare, serving, train
 from pipeline.config import TrainConfig
 from pipeline.data import Split, load_prepared, to_sequences
 from pipeline.model import build_model
@@ -54,6 +54,7 @@ def pipeline_runs(tmp_path_factory, mnist_dir):
                 str(EPOCHS),
                 "--device",
                 "cpu",
+                "--keep-checkpoints",  # test_logged_model_reloads_with_the_live_model_logits reads the last one
             ]
         )
         train_run = only_run(client, "train")
@@ -120,16 +121,21 @@ def test_logged_model_reloads_with_the_live_model_logits(pipeline_runs):
     live = build_model(TrainConfig(**checkpoint["config"]), data.manifest["pixel_mean"], data.manifest["pixel_std"])
     live.load_state_dict(checkpoint["best_model"])
     live.eval()
-    pyfunc_model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    classifier = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")  # what `mlflow models serve` serves
     torch_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     for batch in (1, 64):
-        x = to_sequences(data.test.images[:batch], "rows")
+        images = data.test.images[:batch]  # uint8, as users have them
+        x = to_sequences(images, "rows")
         with torch.no_grad():
             expected = live(x)
             torch.testing.assert_close(torch_model(x), expected)
-        np.testing.assert_allclose(pyfunc_model.predict(x.numpy()), expected.numpy(), rtol=1e-5, atol=1e-5)
+        answers = classifier.predict(images.numpy())
+        probabilities = expected.double().softmax(1).numpy()
+        np.testing.assert_allclose(answers[serving.PROBABILITY_COLUMNS], probabilities, rtol=1e-4, atol=1e-6)
+        assert answers["class"].tolist() == expected.argmax(1).tolist()
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
+    assert info.signature.inputs is None and "0-255" in info.metadata["input"]  # no one-dtype schema: see serving.py
+    assert list(info.signature.outputs.input_names()) == ["class", "label", "probability", *serving.PROBABILITY_COLUMNS]
 
 
 def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
@@ -142,6 +148,7 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     assert {
         "per_class.csv",
         "per_class.html",
+        "predictions.csv",
         "per_class.json",
         "confusion_matrix.png",
         "confident_mistakes.png",
@@ -154,6 +161,9 @@ def test_evaluate_logs_metrics_table_and_plots(pipeline_runs):
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
     assert table["support"].sum() == 10_000
     assert table["f1"].mean() == pytest.approx(metrics["test_macro_f1"])  # the logged table and metric agree
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
+    assert list(predictions.columns) == ["image", "true_class", "class", "probability"] and len(predictions) == 10_000
+    assert (predictions["class"] == predictions["true_class"]).mean() == pytest.approx(metrics["test_accuracy"])
     # MLflow 3's page of the logged model shows what describes it, not only system metrics.
     model_id = mlflow.models.get_model_info(f"runs:/{pipeline_runs['train'].info.run_id}/model").model_id
     on_model_page = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
@@ -168,10 +178,12 @@ def test_evaluate_matches_a_hand_computed_confusion_matrix():
     images = torch.zeros(len(labels), 28, 28, dtype=torch.uint8)
     images[:, 0, 0] = predicted * 10  # the "model" reads its answer from the first pixel
 
-    def model(x):  # (B, 28, 28) in [0, 1] -> one-hot logits
-        return torch.nn.functional.one_hot((x[:, 0, 0] * 255 / 10).round().long(), 10).float()
+    class FirstPixel(torch.nn.Module):
+        def forward(self, x):  # (B, 28, 28) in [0, 1] -> one-hot logits
+            return torch.nn.functional.one_hot((x[:, 0, 0] * 255 / 10).round().long(), 10).float() * 20
 
-    result = evaluate.evaluate(model, Split(images, labels), (28, 28), [str(k) for k in range(10)])
+    classifier = serving.Classifier(FirstPixel(), (28, 28), [str(k) for k in range(10)])
+    result = evaluate.evaluate(classifier, Split(images, labels), [str(k) for k in range(10)])
     # class 0: TP 2, FP 0, FN 1; class 1: TP 1, FP 1, FN 1; class 2: TP 1, FP 1, FN 0; classes 3-9: perfect
     expected = {0: (1.0, 2 / 3, 0.8), 1: (0.5, 0.5, 0.5), 2: (0.5, 1.0, 2 / 3)}
     for k, (precision, recall, f1) in expected.items():

@@ -10,17 +10,11 @@ import signal
 import pytest
 import torch
 
+from pipeline.checkpoints import CheckpointMismatch, Checkpoints
 from pipeline.config import TrainConfig
+from pipeline.inference import inference_latency_ms
 from pipeline.model import LSTMClassifier
-from pipeline.training import (
-    Checkpoints,
-    TrainingDiverged,
-    TrainingInterrupted,
-    duration,
-    evaluate_split,
-    inference_latency_ms,
-    train,
-)
+from pipeline.training import TrainingDiverged, TrainingInterrupted, duration, evaluate_split, train
 from tests.conftest import tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=3, learning_rate=0.01, device="cpu")
@@ -101,6 +95,20 @@ def test_a_crashed_run_resumes_to_the_same_result(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
 
 
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
+    with pytest.raises(Crash):  # a crashed run keeps its checkpoints
+        train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, on_epoch=crash_after(1), progress=False)
+    changed = dataclasses.replace(TINY, learning_rate=0.02, epochs=4)
+    with pytest.raises(CheckpointMismatch) as refused:
+        train(changed, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and "(learning_rate 0.01 -> 0.02, epochs 3 -> 4)" in message and str(tmp_path) in message
+    assert [p.name for p in Checkpoints(tmp_path).paths()] == ["epoch-0001.pt"]  # refused, and left as it was
+    # Where it runs is not what it computes: device=auto (the CPU here, or a GPU) goes on from it.
+    elsewhere = train(dataclasses.replace(TINY, device="auto"), tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    assert elsewhere.resumed_from_epoch == 1
+
+
 def signal_after(epoch, signal_number):
     """Send ourselves a signal at the end of ``epoch``: the next batch is the one in progress."""
 
@@ -122,6 +130,7 @@ def test_a_signal_stops_after_the_batch_and_the_rerun_resumes_there(tmp_path, si
     assert signal.getsignal(signal_number) is handler_before  # the loop put the old handler back
     assert stopped.value.signal_number == signal_number
     assert stopped.value.checkpoint == tmp_path / "epoch-0002-partial.pt"
+    assert [p.name for p in Checkpoints(tmp_path).paths()] == ["epoch-0001.pt", "epoch-0002-partial.pt"]  # kept to resume
     position = torch.load(stopped.value.checkpoint, weights_only=True)
     assert position["epoch"] == 1 and position["partial"]["next_start"] == config.batch_size  # one batch of epoch 2 done
     captured = capsys.readouterr()
@@ -130,12 +139,23 @@ def test_a_signal_stops_after_the_batch_and_the_rerun_resumes_there(tmp_path, si
     resumed = train(config, data, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_epoch == 1
     assert losses(resumed) == losses(uninterrupted)
+    assert not tmp_path.exists()  # finished: its checkpoints, and the folder they emptied, are gone
     for name, value in uninterrupted.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
 
 
-def test_checkpoints_hold_the_config_and_only_two_are_kept(tmp_path):
-    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+def test_a_finished_run_removes_its_checkpoints_and_nothing_else(tmp_path):
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path / "alone", progress=False)
+    assert not (tmp_path / "alone").exists()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "notes.txt").write_text("not the loop's")
+    (tmp_path / "shared" / ".epoch-0002.pt.tmp-99").write_bytes(b"")  # a write that kill -9 cut short, earlier
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path / "shared", progress=False)
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["notes.txt"]
+
+
+def test_checkpoints_hold_the_config_and_only_two_are_kept_on_request(tmp_path):
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, keep_checkpoints=True, progress=False)
     assert [p.name for p in Checkpoints(tmp_path).paths()] == ["epoch-0002.pt", "epoch-0003.pt"]
     state = torch.load(tmp_path / "epoch-0003.pt", weights_only=True)
     assert state["epoch"] == 3 and state["config"] == dataclasses.asdict(TINY)
@@ -143,7 +163,7 @@ def test_checkpoints_hold_the_config_and_only_two_are_kept(tmp_path):
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, progress=False)
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path, keep_checkpoints=True, progress=False)
     newest = tmp_path / "epoch-0003.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     assert Checkpoints(tmp_path).latest()["epoch"] == 2
@@ -162,7 +182,7 @@ class PlantMarker:
 
 
 def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
-    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path / "ckpt", progress=False)
+    train(TINY, tiny_prepared(), checkpoint_dir=tmp_path / "ckpt", keep_checkpoints=True, progress=False)
     marker = tmp_path / "pwned"
     torch.save({"epoch": 99, "payload": PlantMarker(marker)}, tmp_path / "ckpt" / "epoch-0099.pt")
     assert Checkpoints(tmp_path / "ckpt").latest()["epoch"] == 3  # the planted newest one is skipped
@@ -214,7 +234,7 @@ def test_onecycle_warms_up_to_the_learning_rate_then_anneals_and_resumes_exactly
     assert [m.learning_rate for m in resumed.history] == rates and losses(resumed) == losses(uninterrupted)
 
 
-def test_inference_latency_grows_with_the_model_and_leaves_it_unchanged():
+def test_inference_latency_grows_with_the_model_which_it_leaves_in_eval_mode_with_its_weights():
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     small, large = LSTMClassifier(hidden_size=8, num_layers=1), LSTMClassifier(hidden_size=512, num_layers=3)
     large.train()
