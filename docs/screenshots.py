@@ -11,8 +11,9 @@ has headless Chromium take three pictures into --out:
     learning-curves.png  the chart view: val_accuracy and train_loss per epoch of every trained model
 
 Each page is also read back as a DOM: the script fails, naming the page and the runs it misses, if
-a page does not show the runs it should. So it is the test that the records look right in the UI
-(tests/test_screenshots.py runs it).
+a page does not show the runs it should. It is a tool run by hand when the pictures are remade, not
+part of the test suite: setup.sh does not install Chromium (a large package) and the runs it makes
+would add minutes to every CI run.
 
 Needs Debian's `chromium` (apt-get install chromium) and the MNIST files under --data-dir. About
 5 minutes on a busy 2-core machine (3.5 minutes of CPU), mostly the start-up of stage processes.

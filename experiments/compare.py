@@ -2,7 +2,8 @@
 
 Reads:  runs of one experiment, optionally only one study's trials or one parent run's children.
         With ``--group-by-config``, runs of one configuration (every parameter but the seeds and
-        the device) make one row: each metric's mean ± sample std and the number of seeds.
+        the device, the precision training resolved to, and the data) make one row: each metric's
+        mean ± sample std and the number of seeds.
 Writes: the leaderboard as markdown to stdout; with ``--output-dir``, also ``leaderboard.md`` and
         ``leaderboard.csv`` there. It opens no run (under `mlflow run`, the run that command opens
         is left out of the table).
@@ -24,8 +25,12 @@ from pipeline.tables import markdown_table
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
-# A configuration, for --group-by-config: the training's parameters and which data (not where it lives).
-CONFIG_COLUMNS = [*PARAM_COLUMNS, "dataset", "val_size", "train_limit"]
+# A configuration, for --group-by-config: what changes a result. The training's parameters, the
+# arithmetic it resolved to (precision=auto is bf16 on one machine, fp32 on another), and which
+# data (not where it lives): the dataset and split, and the train split's checksum (a trial's or
+# train run's only record of its data).
+TRAINED_COLUMNS = ["resolved_precision", "data_sha256"]
+CONFIG_COLUMNS = [*PARAM_COLUMNS, "dataset", "val_size", "train_limit", *TRAINED_COLUMNS]
 
 
 def filter_string(study: str = "", parent_run: str = "", stage: str = "") -> str:
@@ -63,7 +68,7 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
     if f"metrics.{sort_by}" not in runs:
         metrics = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
         raise KeyError(f"no run has the metric {sort_by!r}; these do: {', '.join(metrics) or 'none'}")
-    runs = runs[runs[f"metrics.{sort_by}"].notna()]  # a failed or unfinished run is no result
+    runs = with_trained_params(runs[runs[f"metrics.{sort_by}"].notna()])  # a failed or unfinished run is no result
     config = [f"params.{name}" for name in CONFIG_COLUMNS if f"params.{name}" in runs and runs[f"params.{name}"].notna().any()]
     if not config:
         raise KeyError(f"no run has a parameter to group by (one of: {', '.join(CONFIG_COLUMNS)})")
@@ -83,6 +88,23 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
     return ranked(numbers_where_possible(table, [column.removeprefix("params.") for column in config]))
+
+
+def with_trained_params(runs: pd.DataFrame) -> pd.DataFrame:
+    """``TRAINED_COLUMNS`` for every run: a pipeline run (stage main) logs the parameters it was
+    given, and its train run what training resolved; a checksum is cut to 12 characters."""
+    if "tags.pipeline.train_run" in runs and runs["tags.pipeline.train_run"].notna().any():
+        ids = runs["tags.pipeline.train_run"].dropna().unique().tolist()
+        trains = mlflow.search_runs(
+            runs["experiment_id"].unique().tolist(), filter_string=f"attributes.run_id IN ({', '.join(map(repr, ids))})"
+        ).set_index("run_id")
+        for name in TRAINED_COLUMNS:
+            if f"params.{name}" in trains:
+                found = runs["tags.pipeline.train_run"].map(trains[f"params.{name}"])
+                runs = runs.assign(**{f"params.{name}": runs.get(f"params.{name}", found).fillna(found)})
+    if "params.data_sha256" in runs:
+        runs = runs.assign(**{"params.data_sha256": runs["params.data_sha256"].str[:12]})
+    return runs
 
 
 def numbers_where_possible(table: pd.DataFrame, names) -> pd.DataFrame:
@@ -163,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         const=True,
         default=False,
-        help="one row per configuration (all parameters but seed and device): mean ± sample std of each metric over "
-        "its runs, and their number n_seeds; sorted by the mean (default: false)",
+        help="one row per configuration (all parameters but seed and device, the resolved precision, the data): "
+        "mean ± sample std of each metric over its runs, and their number n_seeds; sorted by the mean (default: false)",
     )
     parser.add_argument(
         "--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)"

@@ -8,10 +8,7 @@
 - **Liveness of a running trial** comes from a lease its worker takes before it lets go of the
   study lock: Optuna's heartbeats on PostgreSQL, a ``flock`` on the trial's own file on a
   journal. A trial whose lease is gone while it still reads RUNNING lost its worker.
-- **A database restart** (an upgrade, a failover) is waited out: a connection that PostgreSQL
-  refuses while it stops or starts is tried again every second, for up to
-  ``DATABASE_RESTART_LIMIT`` seconds, and a trial whose database call failed while it restarted
-  is re-queued like an interrupted one (experiments/worker.py).
+- **A database restart** is waited out (experiments/storage.py).
 - **Counting**: a study ends with exactly ``n_trials`` trials that count: COMPLETE, PRUNED, and
   FAIL from the objective. A trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is
   re-queued once with the same parameters, and the failed original is not counted.
@@ -35,153 +32,18 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from experiments import attributes
+from experiments.storage import DATABASE_RESTART_LIMIT, restarting, storage_kind, wait_out_restarts
 from pipeline.config import ParameterError, TuneConfig
 
-WORKER_ATTR = "worker"  # host:pid of the worker that runs a trial: set while it holds the study lock
-RETRY_OF_ATTR = "retry_of"  # on a re-queued trial: the number of the trial it repeats
-REQUEUE_REASON_ATTR = "requeue_reason"  # on a re-queued trial: why the original did not count
-LOST_WORKERS_ATTR = "lost_workers"  # on a re-queued trial: how many workers its parameters have lost
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-DATABASE_RESTART_LIMIT = 600  # seconds a worker waits for its database to come back before it fails
-# What a database call raises when its connection is cut (Optuna wraps SQLAlchemy's error in its own).
-DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 
 
 class NextStep(Enum):
     RUN = "run"  # ask for a trial and train it
     WAIT = "wait"  # every trial is taken, but other workers' trials still run (and may be re-queued)
     STOP = "stop"  # nothing runs and nothing is left to ask for
-
-
-# --- storage --------------------------------------------------------------------------------------
-
-
-def storage_kind(storage: str) -> str:
-    """``journal`` (a file path), ``sqlite`` or ``postgresql``."""
-    if "://" not in storage:
-        return "journal"
-    return storage.split("://")[0].split("+")[0]
-
-
-def check_storage(storage: str, n_workers: int = 1) -> None:
-    """Refuse, in one line, a storage tune cannot use; the URL is never echoed (it may hold a password)."""
-    kind = storage_kind(storage)
-    if kind == "journal":
-        if not Path(storage).resolve().parent.is_dir():
-            raise ParameterError(
-                f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist"
-            )
-        return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    scheme = storage.split("://")[0]
-    if kind not in ("sqlite", "postgresql"):
-        raise ParameterError(
-            f"storage={scheme}://... is not allowed: must be a journal file path, sqlite:///<file> or postgresql://..."
-        )
-    try:
-        url = make_url(storage)
-        dialect = url.get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError):
-        raise ParameterError(f"storage={scheme}://... is not allowed: not a database URL SQLAlchemy understands") from None
-    try:
-        dialect.import_dbapi()
-    except ModuleNotFoundError as missing:
-        raise ParameterError(
-            f"storage={scheme}://... needs the Python package {missing.name!r}, which is not installed: "
-            f"pip install it, or name an installed driver (postgresql+psycopg://, postgresql+psycopg2://)"
-        ) from None
-    if url.password and not (url.password.startswith("${") and url.password.endswith("}")):
-        raise ParameterError(
-            f"storage={scheme}://... holds a password, which `mlflow run` would log as a param: "
-            "put it in the environment (PGPASSWORD, ~/.pgpass, or ${VAR} in the URL)"
-        )
-    if kind == "sqlite" and n_workers > 1:
-        raise ParameterError(
-            f"n_workers={n_workers} is not allowed with storage=sqlite://...: SQLite is not safe for "
-            "several workers; use a journal file (one machine) or PostgreSQL (many)"
-        )
-
-
-def public_storage(storage: str) -> str:
-    """``storage`` with any password replaced by ***, fit to log."""
-    if "://" not in storage:
-        return storage
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True)
-
-
-def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.BaseStorage:
-    """A journal file (crash-safe, shared by the processes of one machine), or an RDB storage with
-    heartbeats: ``on_stale_trial(study, trial)`` runs for a trial whose worker stopped beating.
-
-    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
-    """
-    if storage_kind(config.storage) == "journal":
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
-    from sqlalchemy.exc import DBAPIError
-
-    deadline = time.monotonic() + DATABASE_RESTART_LIMIT
-    while True:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
-                # Workers starting on a new database race to create its tables. First contact: a database that
-                # refuses connections is refused at once (a wrong host or port), one restarting is waited for.
-                with AdvisoryLock(config.storage, "optuna schema", reached=False):
-                    storage = optuna.storages.RDBStorage(
-                        os.path.expandvars(config.storage),
-                        engine_kwargs={"pool_pre_ping": True},  # a connection cut by a restart is replaced, not used
-                        heartbeat_interval=config.heartbeat_interval,
-                        grace_period=3 * config.heartbeat_interval,
-                        heartbeat_stale_trial_callback=on_stale_trial,
-                    )
-            break
-        except DBAPIError as error:
-            if restarting(error.orig, reached=False) and time.monotonic() < deadline:
-                time.sleep(1)
-                continue
-            raise ParameterError(
-                f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
-            ) from None
-    wait_out_restarts(storage.engine)
-    return storage
-
-
-# What libpq reports while PostgreSQL stops, starts, or is down: a failed connection carries no SQLSTATE.
-RESTART_MESSAGES = ("the database system is shutting down", "the database system is starting up", "not yet accepting connections")
-DOWN_MESSAGE = "Connection refused"
-
-
-def restarting(error: Exception, reached: bool) -> bool:
-    """Whether a failed connection means the database is restarting: it says so, or (``reached``:
-    it answered before) it refuses connections."""
-    text = str(error)
-    return any(message in text for message in RESTART_MESSAGES) or (reached and DOWN_MESSAGE in text)
-
-
-def wait_out_restarts(engine: sqlalchemy.Engine, reached: bool = True, limit: float = DATABASE_RESTART_LIMIT) -> None:
-    """Make ``engine``'s new connections wait while the database restarts, instead of failing.
-    ``reached``: the database answered before (see ``restarting``). A wrong password still fails at once."""
-
-    @sqlalchemy.event.listens_for(engine, "do_connect")
-    def connect(dialect, connection_record, cargs, cparams):
-        deadline, said = time.monotonic() + limit, False
-        while True:
-            try:
-                return dialect.loaded_dbapi.connect(*cargs, **cparams)
-            except dialect.loaded_dbapi.OperationalError as error:
-                if not restarting(error, reached) or time.monotonic() > deadline:
-                    raise
-                if not said:
-                    print(f"database unreachable ({str(error).splitlines()[0]}): waiting up to {limit:.0f} s", file=sys.stderr)
-                    said = True
-                time.sleep(1)
 
 
 # --- the study lock ---------------------------------------------------------------------------------
@@ -276,6 +138,7 @@ class AdvisoryLock(Lock):
         if self.connection is not None:
             self.connection.close()  # ending the session releases its advisory locks
             self.connection = None
+        self.engine.dispose()  # one engine per lock: nothing of it outlives the holding
 
 
 def study_lock(storage: str, name: str) -> Lock:
@@ -303,6 +166,45 @@ def single_sqlite_worker(storage: str):
         lock.release()
 
 
+def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.BaseStorage:
+    """A journal file (crash-safe, shared by the processes of one machine), or an RDB storage with
+    heartbeats: ``on_stale_trial(study, trial)`` runs for a trial whose worker stopped beating.
+
+    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
+    """
+    if storage_kind(config.storage) == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
+    from sqlalchemy.exc import DBAPIError
+
+    deadline = time.monotonic() + DATABASE_RESTART_LIMIT
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+                # Workers starting on a new database race to create its tables. First contact: a database that
+                # refuses connections is refused at once (a wrong host or port), one restarting is waited for.
+                with AdvisoryLock(config.storage, "optuna schema", reached=False):
+                    storage = optuna.storages.RDBStorage(
+                        os.path.expandvars(config.storage),
+                        engine_kwargs={"pool_pre_ping": True},  # a connection cut by a restart is replaced, not used
+                        heartbeat_interval=config.heartbeat_interval,
+                        grace_period=3 * config.heartbeat_interval,
+                        heartbeat_stale_trial_callback=on_stale_trial,
+                    )
+            break
+        except DBAPIError as error:
+            if restarting(error.orig, reached=False) and time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            raise ParameterError(
+                f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
+            ) from None
+    wait_out_restarts(storage.engine)
+    return storage
+
+
 # --- liveness: a lease per running trial ----------------------------------------------------------
 
 
@@ -328,7 +230,7 @@ class TrialLease:
         else:
             self.lock = FileLock(lease_path(config, study.study_name, trial.number))
             self.lock.acquire()
-        trial.set_user_attr(WORKER_ATTR, worker_id())  # last: a trial with this attribute has its lease
+        attributes.set_worker(trial, worker_id())  # last: a trial with this attribute has its lease
 
     def _beat(self, storage, trial_id: int, interval: int) -> None:
         while not self.stop.wait(interval):
@@ -351,7 +253,7 @@ def lease_path(config: TuneConfig, study_name: str, number: int) -> Path:
 
 def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
     """Whether the worker of a journal trial still holds its lease (call holding the study lock)."""
-    if WORKER_ATTR not in trial.user_attrs:  # it died between asking and taking its lease
+    if attributes.worker(trial) is None:  # it died between asking and taking its lease
         return False
     try:
         fd = os.open(lease_path(config, study_name, trial.number), os.O_RDWR)
@@ -371,7 +273,7 @@ def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
     """The failed trials that a re-queued copy replaces: they do not count."""
-    return {trial.user_attrs[RETRY_OF_ATTR] for trial in trials if RETRY_OF_ATTR in trial.user_attrs}
+    return {attributes.retry_of(trial) for trial in trials if attributes.retry_of(trial) is not None}
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -386,11 +288,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: b
     Call holding the study lock. Safe to repeat after a crash halfway: a trial is copied once.
     """
     trials = study.get_trials(deepcopy=False)
-    lost = trial.user_attrs.get(LOST_WORKERS_ATTR, 0) + lost_worker
+    lost = attributes.lost_workers(trial) + lost_worker
     if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
-        study.enqueue_trial(
-            trial.params, user_attrs={RETRY_OF_ATTR: trial.number, REQUEUE_REASON_ATTR: reason, LOST_WORKERS_ATTR: lost}
-        )
+        study.enqueue_trial(trial.params, user_attrs=attributes.requeued_copy(trial, reason, lost))
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
@@ -402,7 +302,7 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
             optuna.storages.fail_stale_trials(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if WORKER_ATTR not in trial.user_attrs:  # asked under this lock, but its lease never taken (a database cut)
+            if attributes.worker(trial) is None:  # asked under this lock, but its lease never taken (a database cut)
                 reason = "its worker lost the database before it started the trial"
                 requeue(study, trial, reason, lost_worker=True)
                 on_lost(study, trial, reason)
@@ -413,7 +313,7 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
         # Free lease: either the worker died, or it told its result and let go just now. Look again.
         now = study.get_trials(deepcopy=False)[trial.number]
         if now.state == TrialState.RUNNING:
-            reason = f"its worker {trial.user_attrs.get(WORKER_ATTR, '(not yet recorded)')} stopped while running it"
+            reason = f"its worker {attributes.worker(trial) or attributes.NOT_RECORDED} stopped while running it"
             requeue(study, now, reason, lost_worker=True)
             on_lost(study, now, reason)
 

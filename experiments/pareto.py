@@ -14,10 +14,11 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from experiments.studies import OBJECTIVE_METRIC, SETTINGS_ATTR
+from experiments import attributes
+from experiments.studies import OBJECTIVE_METRIC
 from pipeline.data import SEQUENCE_SHAPES, PreparedData
+from pipeline.inference import inference_latency_ms
 from pipeline.model import count_parameters
-from pipeline.training import inference_latency_ms
 
 COSTS = ("parameter_count", "latency_ms")  # the second objectives a study can minimise (-P cost)
 COMPACT = "compact"  # the alias of the model the compact rule picks, beside champion
@@ -35,7 +36,7 @@ def measure_cost(name: str, model: nn.Module, data: PreparedData, reading_order:
 
 def cost_name(study: optuna.Study) -> str:
     """The cost a multi-objective study minimises, as its settings recorded it."""
-    return study.user_attrs.get(SETTINGS_ATTR, {}).get("cost", "parameter_count")
+    return (attributes.settings(study) or {}).get("cost", "parameter_count")
 
 
 def format_cost(name: str, value: float) -> str:

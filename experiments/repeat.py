@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import statistics
 
 import mlflow
 import pandas as pd
@@ -56,16 +55,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def summarize(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+def seed_statistics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     """Mean, sample std (needs two seeds), min and max of each metric, as ``<metric>_mean`` and so on."""
-    summary = {}
-    for name in REPORTED_METRICS:
-        values = [metrics[name] for metrics in per_seed.values()]
-        summary[f"{name}_mean"] = statistics.mean(values)
-        if len(values) > 1:
-            summary[f"{name}_std"] = statistics.stdev(values)
-        summary[f"{name}_min"], summary[f"{name}_max"] = min(values), max(values)
-    return summary
+    table = pd.DataFrame.from_dict(per_seed, orient="index")[list(REPORTED_METRICS)]
+    statistics = table.agg(["mean", "std", "min", "max"])  # std: pandas' sample std, NaN for one seed
+    return {
+        f"{name}_{row}": float(value) for name in REPORTED_METRICS for row, value in statistics[name].items() if pd.notna(value)
+    }
 
 
 def repeat_table(per_seed: dict[int, dict[str, float]], runs: dict[int, str], summary: dict[str, float]) -> pd.DataFrame:
@@ -114,7 +110,7 @@ def run_repeat(
         except StageFailed as error:
             mlflow.set_tag(ERROR_TAG, str(error))
             raise
-        summary = summarize(per_seed)
+        summary = seed_statistics(per_seed)
         mlflow.log_metrics(summary)
         table = repeat_table(per_seed, runs, summary)
         mlflow.log_text(markdown_table(table) + "\n", "repeat.md")

@@ -3,20 +3,26 @@
 A study is a ``StudyDefinition``: a ``suggest(trial)`` function that samples TrainConfig fields,
 the baseline configuration enqueued as trial 0 (so every study is measured against a known
 point), and the fixed settings every trial shares. Samplers and pruners are chosen by name on
-the command line. To add a study, add a definition to ``STUDIES``.
+the command line. To add a study, add a definition to ``STUDIES``. The cost model here
+(``relative_cost``, ``time_left``) estimates how long a study takes from its own trials' timing.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from experiments import attributes
+from pipeline.config import TrainConfig, TuneConfig
 
 # The metric a study maximises. Never test accuracy: the test set is looked at once, at the end.
 OBJECTIVE_METRIC = "val_accuracy"
-SETTINGS_ATTR = "settings"  # study user attribute: what its trials must share (experiments/tune.py)
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,19 @@ def suggest_lstm(trial: optuna.Trial) -> dict:
 
 
 def suggest_lstm_cpu(trial: optuna.Trial) -> dict:
-    # A trial costs about num_layers * hidden_size * (28 + hidden_size) per image: this space's
-    # typical trial is a fifth of the tutorial's, and small models take larger learning rates.
+    # Smaller than the GPU's space (no 3rd layer, 256 hidden at most): its typical trial costs about
+    # a quarter of the tutorial's per image (relative_cost), and small models take larger learning
+    # rates. Both directions and dropout to 0.5 are searched: on Fashion-MNIST a bidirectional,
+    # regularised model beat every one-directional one (docs/results.md).
     num_layers = trial.suggest_int("num_layers", 1, 2)
     params = {
         "hidden_size": trial.suggest_int("hidden_size", 32, 256, log=True),  # 256: trial 0, the tutorial's
         "num_layers": num_layers,
         "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-2, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [128, 256]),  # a CPU is faster per image at larger batches
+        "bidirectional": trial.suggest_categorical("bidirectional", [False, True]),
     }
-    params["dropout"] = trial.suggest_float("dropout", 0.0, 0.3) if num_layers > 1 else 0.0
+    params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5) if num_layers > 1 else 0.0
     return params
 
 
@@ -82,15 +91,16 @@ STUDIES = {
         },
     ),
     "lstm-cpu": StudyDefinition(
-        description="the CPU-sized space: smaller models, no 3rd layer, no backward direction",
+        description="the CPU-sized space: smaller models, no 3rd layer",
         suggest=suggest_lstm_cpu,
-        baseline={k: v for k, v in TUTORIAL.items() if k != "bidirectional"},  # not searched here
+        baseline=TUTORIAL,
         search_space={
             "hidden_size": "int 32..256, log",
             "num_layers": "int 1..2",
             "learning_rate": "float 3e-4..3e-2, log",
             "batch_size": "128, 256",
-            "dropout": "float 0..0.3 when num_layers = 2",
+            "bidirectional": "false, true",
+            "dropout": "float 0..0.5 when num_layers = 2",
         },
     ),
     "smoke": StudyDefinition(
@@ -102,6 +112,14 @@ STUDIES = {
 }
 
 
+def trial_config(config: TuneConfig, trial: optuna.Trial | optuna.trial.FixedTrial) -> TrainConfig:
+    """The TrainConfig of one trial: what it samples (or a FixedTrial's parameters), the study's fixed
+    settings, and the study's epochs, seed and device."""
+    definition = STUDIES[config.study]
+    overrides = {**definition.fixed, **definition.suggest(trial)}
+    return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
+
+
 def study_for(name: str, on_cuda: bool) -> str:
     """The study definition ``name`` stands for: ``auto`` is the GPU-sized space on CUDA, else the CPU-sized one."""
     if name != "auto":
@@ -110,13 +128,14 @@ def study_for(name: str, on_cuda: bool) -> str:
 
 
 def relative_cost(definition: StudyDefinition, params: dict) -> float:
-    """A configuration's per-image training cost, relative to the study's baseline (trial 0); an
-    LSTM's cost grows as num_layers * directions * hidden_size * (input + hidden_size). A parameter
-    ``params`` leaves out (a warm start cut to the space) counts at the baseline's value."""
+    """A configuration's per-image training cost, relative to the study's baseline (trial 0), by
+    ``pipeline.cost.forward_flops``. A parameter ``params`` leaves out (a warm start cut to the
+    space) counts at the baseline's value."""
+    from pipeline.cost import forward_flops
 
     def cost(params: dict) -> float:
-        hidden, layers = params.get("hidden_size", 256), params.get("num_layers", 2)
-        return layers * (2 if params.get("bidirectional") else 1) * hidden * (28 + hidden)
+        size = (params.get("hidden_size", 256), params.get("num_layers", 2), bool(params.get("bidirectional")))
+        return forward_flops(*size, reading_order=params.get("reading_order", "rows"))
 
     baseline = {**definition.fixed, **definition.baseline}
     return cost({**baseline, **params}) / cost(baseline)
@@ -145,13 +164,102 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {name!r}")
 
 
+# pruner=auto: a new single-objective study is pruned by hyperband; an existing study keeps its own.
+DEFAULT_PRUNER = "hyperband"
+REDUCTION_FACTOR = 3  # successive halving keeps the best third of the trials at each rung
+
+
+def resolve_pruner(asked: str, stored: dict | None, multi_objective: bool) -> str:
+    """The pruner ``-P pruner=asked`` means for a study whose stored settings are ``stored`` (None:
+    a new study): ``auto`` is the study's own pruner, or ``DEFAULT_PRUNER`` for a new one; a
+    multi-objective study is never pruned (Optuna's pruners judge one objective)."""
+    if multi_objective:
+        return "none"
+    if asked != "auto":
+        return asked
+    return stored["pruner"] if stored else DEFAULT_PRUNER
+
+
+def min_epochs(epochs: int) -> int:
+    """Hyperband's smallest budget: a quarter of the epochs (at least one), so that a small model,
+    slower to start, is not judged after one epoch against large ones."""
+    return max(1, round(epochs / 4))
+
+
+def rungs(epochs: int) -> list[int]:
+    """The epochs at which hyperband judges a trial (each bracket starts at another one of them)."""
+    found, epoch = [], min_epochs(epochs)
+    while epoch < epochs:
+        found.append(epoch)
+        epoch *= REDUCTION_FACTOR
+    return found
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         # Judge a trial from its first epoch on, against the median of the trials before it at the
         # same epoch, once three trials have given that median a meaning.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+        # Multi-fidelity: the epoch budget is the resource. Trials are spread over brackets, each
+        # a successive halving that judges them first after min_epochs, 3x that, ... epochs (the
+        # later brackets start higher); at each rung a trial goes on only if it is in the best
+        # third of its bracket there, so long training goes to the promising configurations.
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_epochs(epochs), max_resource=epochs, reduction_factor=REDUCTION_FACTOR
+        )
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"unknown pruner {name!r}")
+
+
+def describe_pruner(name: str, epochs: int) -> str:
+    if name == "hyperband":
+        if not (judged := rungs(epochs)):
+            return f"pruner hyperband (nothing to judge in {epochs} epoch(s): every trial completes)"
+        at = ", ".join(map(str, judged))
+        return f"pruner hyperband (judged at epochs {at} of {epochs}: the best third of its bracket goes on)"
+    if name == "median":
+        return "pruner median (from epoch 1, against the median of earlier trials)"
+    return "no pruner"
+
+
+# --- how long it takes here -----------------------------------------------------------------------
+
+
+def epochs_run(trial: FrozenTrial, epochs: int) -> int:
+    """Epochs a finished trial trained: its reports (a pruned one stopped early); a multi-objective
+    trial reports none, and completes all of them."""
+    return len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
+
+
+def baseline_epoch_seconds(definition: StudyDefinition, trials: list[FrozenTrial], epochs: int) -> float | None:
+    """Seconds of wall time one epoch of the baseline takes here, from the study's finished trials'
+    own timing (each trial's duration per epoch over its relative cost; the median); None before any."""
+    rates = [
+        trial.duration.total_seconds() / epochs_run(trial, epochs) / relative_cost(definition, trial.params)
+        for trial in trials
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs)
+    ]
+    return statistics.median(rates) if rates else None
+
+
+def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:
+    """How long the rest of the study takes here, if none is pruned, and its confirmation (one
+    line), from its finished trials' own timing; or when that will be known."""
+    definition = STUDIES[config.study]
+    trials = study.get_trials(deepcopy=False)
+    seconds = baseline_epoch_seconds(definition, trials, config.epochs)
+    if seconds is None:
+        return "time: estimated when the first trial finishes"
+    waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
+    search = sum(relative_cost(definition, params) for params in waiting) + (to_run - len(waiting)) * typical_cost(definition)
+    minutes = math.ceil(search * config.epochs * seconds / workers / 60)
+    line = f"time: about {minutes} min here for the {to_run} trial(s) left if none is pruned"
+    if config.confirm_top:  # in one worker, at the size of the best configurations so far
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = sorted(complete, key=lambda t: -t.values[0])[: config.confirm_top]
+        size = statistics.mean([relative_cost(definition, t.params) for t in best] or [1.0])
+        minutes = math.ceil(config.confirm_top * config.confirm_seeds * size * config.epochs * seconds / 60)
+        line += f", then about {minutes} min to confirm"
+    return line + f" (the baseline takes {seconds:.0f} s an epoch here, by the finished trials' timing)"

@@ -1,7 +1,9 @@
 """What a study leaves behind once no trial runs: a leaderboard and plots on its parent run, and
-its best trial's own model registered, tested once, and made champion when validation says so.
+its champion candidate registered, tested once, and made champion when validation says so.
 
-Selection is by ``val_accuracy``, the study's objective. The test set is looked at once per
+Selection is by ``val_accuracy``, the study's objective. By default the best few configurations
+are first confirmed over seeds (experiments/confirm.py) and the best mean wins; with
+``confirm_top=0`` the best trial's own model is registered. The test set is looked at once per
 registered version, on the registered artifact, and only reported: it never picks anything.
 A multi-objective study (val_accuracy and parameter_count) also leaves its Pareto front, as a
 table and a plot, and registers the compact rule's pick under the alias ``compact``
@@ -10,11 +12,8 @@ table and a plot, and registers the compact rule's pick under the alias ``compac
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tempfile
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,36 +21,59 @@ import mlflow
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial
 
+from experiments import attributes
+from experiments.confirm import champion_run, confirm, confirmation_table, log_confirmation
 from experiments.coordination import counted
 from experiments.pareto import COMPACT, compact_trial, complete, cost_name, format_cost, front_figure, front_table, most_accurate
+from experiments.plots import log_study_plots
 from experiments.studies import OBJECTIVE_METRIC
-from pipeline.config import EvaluateConfig
+from pipeline import serving
+from pipeline.config import EvaluateConfig, TuneConfig
 from pipeline.data import PreparedData
-from pipeline.evaluate import evaluate_and_log, load_model
+from pipeline.evaluate import evaluate_and_log
+from pipeline.numerics import resolve_device
 from pipeline.tables import markdown_table
 from pipeline.tracking import ui_link
-from pipeline.training import resolve_device
 
 CHAMPION = "champion"
-MODEL_URI_ATTR = "model_uri"  # trial user attribute: the model it logged, when it was the best so far
-MLFLOW_RUN_ATTR = "mlflow_run_id"  # trial user attribute: its child run
-SUMMARISED_ATTR = "summarised_at"  # study user attribute: how many counted trials the last summary saw
-REGISTERED_ATTR = "registered"  # study user attribute: the version registered from its best trial
-COMPACT_ATTR = "compact"  # study user attribute: the version the compact rule picked (multi-objective studies)
 
 
 @dataclass(frozen=True)
 class Registered:
-    """A model version registered from a study's best trial."""
+    """A model version registered from a study: the configuration of its trial ``trial``."""
 
     name: str
     version: str
     trial: int
-    val_accuracy: float
+    val_accuracy: float  # the registered model's own
     test_accuracy: float
     champion: bool  # whether it held the champion alias when registered
     why_not_champion: str = ""  # one line, when it did not take the alias
+    seed: int | None = None  # a confirmation run's training seed; None: the trial's own run
+    val_accuracy_mean: float | None = None  # its configuration's, over the confirmation seeds
+    val_accuracy_std: float | None = None
+    n_seeds: int = 0
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A model to register: the trial whose configuration it is, and the run that trained it."""
+
+    trial: FrozenTrial
+    run_id: str | None
+    model_uri: str | None
+    val_accuracy: float
+    seed: int | None = None  # as in Registered
+    val_accuracy_mean: float | None = None
+    val_accuracy_std: float | None = None
+    n_seeds: int = 0
+
+
+def trial_pick(trial: FrozenTrial) -> Pick:
+    """The model a trial logged itself (when it was the best so far)."""
+    return Pick(trial, attributes.run_id(trial), attributes.model_uri(trial), trial.values[0])
 
 
 def model_name(register_name: str, dataset: str) -> str:
@@ -61,37 +83,21 @@ def model_name(register_name: str, dataset: str) -> str:
 
 def needs_summary(study: optuna.Study) -> bool:
     """Whether the counted trials changed since the last successful summary."""
-    return study.user_attrs.get(SUMMARISED_ATTR) != len(counted(study.get_trials(deepcopy=False)))
+    return attributes.summarised_at(study) != len(counted(study.get_trials(deepcopy=False)))
 
 
 def summarise(
-    study: optuna.Study,
-    parent_run_id: str,
-    register_name: str,
-    data: PreparedData,
-    data_ref: str,
-    device: str,
-    compact_within: float = 0.002,
+    study: optuna.Study, parent_run_id: str, config: TuneConfig, data: PreparedData, data_ref: str
 ) -> Registered | None:
-    """Log the leaderboard and plots to the parent run, register the best trial's model (and, in a
-    multi-objective study, log the Pareto front and register the compact rule's pick); call
-    holding the study lock once no trial runs. Recorded as done only when all of it succeeded."""
+    """Log the leaderboard and plots to the parent run; confirm the best configurations over seeds
+    (``config.confirm_top``) and register the champion candidate (and, in a multi-objective study,
+    log the Pareto front and register the compact rule's pick); call holding the study lock once
+    no trial runs. Recorded as done only when all of it succeeded."""
     client = MlflowClient()
     trials = counted(study.get_trials(deepcopy=False))
-    board = leaderboard(study)
     multi_objective = len(study.directions) > 1
-    compact = compact_trial(complete(study), compact_within) if multi_objective and complete(study) else None
-    with tempfile.TemporaryDirectory() as tmp:
-        board.to_csv(f"{tmp}/leaderboard.csv", index=False)
-        board.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
-        log_study_plots(study, Path(tmp) / "plots")
-        if compact is not None:
-            Path(tmp, "plots").mkdir(exist_ok=True)
-            front = front_table(study)
-            front.to_csv(f"{tmp}/pareto_front.csv", index=False)
-            Path(tmp, "pareto_front.md").write_text(markdown_table(front) + "\n")
-            front_figure(study, compact).savefig(Path(tmp, "plots", "pareto_front.png"), dpi=110)
-        client.log_artifacts(parent_run_id, tmp)
+    compact = compact_trial(complete(study), config.compact_within) if multi_objective and complete(study) else None
+    log_tables_and_plots(study, parent_run_id, compact)
     states = pd.Series([trial.state.name for trial in trials]).value_counts()
     for state in ("COMPLETE", "PRUNED", "FAIL"):
         client.log_metric(parent_run_id, f"n_{state.lower()}_trials", int(states.get(state, 0)), step=len(trials))
@@ -102,18 +108,35 @@ def summarise(
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
-        registered = register_best(study, best, parent_run_id, register_name, data, data_ref, device)
+        pick = confirmed_pick(study, config, parent_run_id, data, data_ref) if config.confirm_top else trial_pick(best)
+        registered = register_best(study, pick, parent_run_id, config.register_name, data, data_ref, config.device)
     if compact is not None:
         client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
-        rule = f"smallest {cost_name(study)} within {compact_within} of the best {OBJECTIVE_METRIC}"
+        rule = f"smallest {cost_name(study)} within {config.compact_within} of the best {OBJECTIVE_METRIC}"
         client.set_tag(parent_run_id, "compact.rule", rule)
-        register_compact(study, compact, registered, parent_run_id, register_name, data, data_ref, device)
+        register_compact(study, compact, registered, parent_run_id, config.register_name, data, data_ref, config.device)
     client.set_terminated(parent_run_id, "FINISHED")
-    study.set_user_attr(SUMMARISED_ATTR, len(trials))  # last: a summary that failed halfway is redone
+    attributes.set_summarised_at(study, len(trials))  # last: a summary that failed halfway is redone
     return registered
 
 
-def leaderboard(study: optuna.Study) -> pd.DataFrame:
+def log_tables_and_plots(study: optuna.Study, parent_run_id: str, compact: FrozenTrial | None) -> None:
+    """The leaderboard (CSV, HTML), Optuna's plots, and with ``compact`` the Pareto front."""
+    board = trials_table(study)
+    with tempfile.TemporaryDirectory() as tmp:
+        board.to_csv(f"{tmp}/leaderboard.csv", index=False)
+        board.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
+        log_study_plots(study, Path(tmp) / "plots")
+        if compact is not None:
+            Path(tmp, "plots").mkdir(exist_ok=True)
+            front = front_table(study)
+            front.to_csv(f"{tmp}/pareto_front.csv", index=False)
+            Path(tmp, "pareto_front.md").write_text(markdown_table(front) + "\n")
+            front_figure(study, compact).savefig(Path(tmp, "plots", "pareto_front.png"), dpi=110)
+        MlflowClient().log_artifacts(parent_run_id, tmp)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial, best first: number, val_accuracy, state, parameters, seconds, attributes."""
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
     trials = trials.rename(columns={"value": OBJECTIVE_METRIC, "values_0": OBJECTIVE_METRIC, "values_1": cost_name(study)})
@@ -122,32 +145,72 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
+def confirmed_pick(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str) -> Pick:
+    """Confirm the best configurations over seeds (experiments/confirm.py): the champion
+    configuration's best seed run, with its configuration's mean and std."""
+    runs = confirm(study, config, parent_run_id, data, data_ref)
+    table = confirmation_table(study, runs)
+    markdown = log_confirmation(parent_run_id, table, config.confirm_seeds, step=len(counted(study.get_trials(deepcopy=False))))
+    chosen, best = champion_run(runs, table), table.iloc[0]
+    seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
+    print(
+        f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}\n"
+        "the champion configuration's models by seed (only the registered one is tested here; "
+        "-e evaluate -P model=<uri> tests any other, now that it is chosen): "
+        + ", ".join(f"seed {r.seed} {r.model_uri}" for r in seed_models.itertuples()),
+        file=sys.stderr,
+    )
+    std = None if pd.isna(best["val_accuracy_std"]) else float(best["val_accuracy_std"])
+    return Pick(
+        study.trials[chosen.trial],
+        chosen.run_id,
+        chosen.model_uri,
+        chosen.val_accuracy,
+        chosen.seed,
+        float(best["val_accuracy_mean"]),
+        std,
+        int(best["n_seeds"]),
+    )
+
+
 def register_best(
     study: optuna.Study,
-    best: optuna.trial.FrozenTrial,
+    pick: Pick,
     parent_run_id: str,
     register_name: str,
     data: PreparedData,
     data_ref: str,
     device: str,
 ) -> Registered | None:
-    """Register the model the best trial logged, unless it already is; test it once; maybe crown it."""
-    previous = study.user_attrs.get(REGISTERED_ATTR)
-    if previous and previous["trial"] == best.number and previous["name"] == register_name:
-        return Registered(**previous)  # the best trial did not change: nothing new to register or test
-    made = register_trial(study, best, parent_run_id, register_name, data, data_ref, device)
-    if not made:
-        return None
-    version, test_accuracy = made
-    why_not = crown_if_better(register_name, version, best.values[0], validation_data(data))
-    registered = Registered(register_name, version, best.number, best.values[0], test_accuracy, not why_not, why_not)
-    study.set_user_attr(REGISTERED_ATTR, asdict(registered))
+    """Register the model ``pick`` names, unless it already is; test it once; maybe crown it."""
+    confirmed = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
+    previous = attributes.registered(study)
+    if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
+        registered = Registered(**{**previous, **confirmed})  # the same model: nothing new to register or test
+    else:
+        made = register_trial(study, pick, parent_run_id, register_name, data, data_ref, device)
+        if not made:
+            return None
+        version, test_accuracy = made
+        why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data))
+        registered = Registered(
+            register_name,
+            version,
+            pick.trial.number,
+            pick.val_accuracy,
+            test_accuracy,
+            not why_not,
+            why_not,
+            pick.seed,
+            **confirmed,
+        )
+    attributes.set_registered(study, asdict(registered))
     return registered
 
 
 def register_compact(
     study: optuna.Study,
-    compact: optuna.trial.FrozenTrial,
+    compact: FrozenTrial,
     best: Registered | None,
     parent_run_id: str,
     register_name: str,
@@ -156,51 +219,57 @@ def register_compact(
     device: str,
 ) -> Registered | None:
     """Give the compact rule's pick the alias ``compact``: the best trial's version when it is the
-    same trial (tested once already), else its own version, registered and tested once."""
-    previous = study.user_attrs.get(COMPACT_ATTR)
+    same trial's own model (tested once already), else its own version, registered and tested once."""
+    previous = attributes.compact(study)
     if previous and previous["trial"] == compact.number and previous["name"] == register_name:
         registered = Registered(**previous)
-    elif best and best.trial == compact.number:
+    elif best and best.trial == compact.number and best.seed is None:
         registered = best
     else:
-        made = register_trial(study, compact, parent_run_id, register_name, data, data_ref, device)
+        made = register_trial(study, trial_pick(compact), parent_run_id, register_name, data, data_ref, device)
         if not made:
             return None
         version, test_accuracy = made
         registered = Registered(register_name, version, compact.number, compact.values[0], test_accuracy, False)
     MlflowClient().set_registered_model_alias(register_name, COMPACT, registered.version)
-    study.set_user_attr(COMPACT_ATTR, asdict(registered))
+    attributes.set_compact(study, asdict(registered))
     return registered
 
 
 def register_trial(
     study: optuna.Study,
-    trial: optuna.trial.FrozenTrial,
+    pick: Pick,
     parent_run_id: str,
     register_name: str,
     data: PreparedData,
     data_ref: str,
     device: str,
 ) -> tuple[str, float] | None:
-    """Register the model ``trial`` logged, with its lineage (``lineage_tags``), and test it once;
+    """Register the model ``pick`` names, with its lineage (``lineage_tags``), and test it once;
     its version and test_accuracy."""
-    model_uri = trial.user_attrs.get(MODEL_URI_ATTR)
-    if not model_uri:
-        print(f"warning: trial {trial.number} logged no model, so nothing is registered", file=sys.stderr)
+    if not pick.model_uri:
+        print(f"warning: trial {pick.trial.number} logged no model, so nothing is registered", file=sys.stderr)
         return None
-    tags = lineage_tags(study, trial, data)
-    version = str(mlflow.register_model(model_uri, register_name, tags=tags).version)
+    tags = lineage_tags(study, pick, data)
+    version = str(mlflow.register_model(pick.model_uri, register_name, tags=tags).version)
     test_accuracy = test_once(f"models:/{register_name}/{version}", parent_run_id, data, data_ref, device)
     client = MlflowClient()
     client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    params = ", ".join(f"{name} {value}" for name, value in trial.params.items())
+    params = ", ".join(f"{name} {value}" for name, value in pick.trial.params.items())
+    confirmed = ""
+    if pick.seed is not None:
+        spread = f" ± {pick.val_accuracy_std:.4f}" if pick.val_accuracy_std is not None else ""
+        confirmed = (
+            f", trained again with seed {pick.seed}: its configuration has the best mean {OBJECTIVE_METRIC} "
+            f"over {pick.n_seeds} seeds ({pick.val_accuracy_mean:.4f}{spread}) of the study's best"
+        )
     client.update_model_version(
         register_name,
         version,
-        description=f"Study {study.study_name}, trial {trial.number} ({params}): {OBJECTIVE_METRIC} {trial.values[0]:.4f} "
-        f"on {data.manifest['dataset']} (validation split {tags[VAL_DIGEST_TAG][:12]}), test_accuracy {test_accuracy:.4f} "
-        f"(tested once, after it was chosen). Trained in {tags['precision']}, code {tags['code_version'][:12]}"
-        + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
+        description=f"Study {study.study_name}, trial {pick.trial.number} ({params}){confirmed}: {OBJECTIVE_METRIC} "
+        f"{pick.val_accuracy:.4f} on {data.manifest['dataset']} (validation split {tags[VAL_DIGEST_TAG][:12]}), "
+        f"test_accuracy {test_accuracy:.4f} (tested once, after it was chosen). Trained in {tags['precision']}, "
+        f"code {tags['code_version'][:12]}" + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
     )
     return version, test_accuracy
 
@@ -213,20 +282,27 @@ def validation_data(data: PreparedData) -> dict[str, str]:
     return {DATASET_TAG: data.manifest["dataset"], VAL_DIGEST_TAG: data.manifest["splits"]["val"]["sha256"]}
 
 
-def lineage_tags(study: optuna.Study, trial: optuna.trial.FrozenTrial, data: PreparedData) -> dict[str, str]:
+def lineage_tags(study: optuna.Study, pick: Pick, data: PreparedData) -> dict[str, str]:
     """What a reviewer needs to trust a version: its data (dataset, each split's sha256), its study
-    and trial, the trial's parameters, its validation score, precision and code version."""
+    and trial, the trial's parameters, its validation score (and, confirmed, its seed and its
+    configuration's mean over seeds), precision and code version."""
     from pipeline.main import code_version
 
+    trial = pick.trial
     tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
-    tags[OBJECTIVE_METRIC] = f"{trial.values[0]:.6f}"
+    tags[OBJECTIVE_METRIC] = f"{pick.val_accuracy:.6f}"
     if len(trial.values) > 1:
         cost = cost_name(study)
         tags[cost] = format_cost(cost, trial.values[1]).replace(",", "")  # a tag is read by programs: no separators
+    if pick.seed is not None:
+        tags.update({"confirm.seed": str(pick.seed), "confirm.n_seeds": str(pick.n_seeds)})
+        tags[f"confirm.{OBJECTIVE_METRIC}_mean"] = f"{pick.val_accuracy_mean:.6f}"
+        if pick.val_accuracy_std is not None:
+            tags[f"confirm.{OBJECTIVE_METRIC}_std"] = f"{pick.val_accuracy_std:.6f}"
     tags.update(validation_data(data))
     tags.update({f"data.{split}_sha256": data.manifest["splits"][split]["sha256"] for split in ("train", "test")})
     tags.update({f"param.{name}": str(value) for name, value in trial.params.items()})
-    run = MlflowClient().get_run(trial.user_attrs[MLFLOW_RUN_ATTR]) if MLFLOW_RUN_ATTR in trial.user_attrs else None
+    run = MlflowClient().get_run(pick.run_id) if pick.run_id else None
     tags["precision"] = run.data.params.get("resolved_precision", "unknown") if run else "unknown"
     tags["code_version"] = code_version()
     parent = (
@@ -240,7 +316,7 @@ def lineage_tags(study: optuna.Study, trial: optuna.trial.FrozenTrial, data: Pre
 def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: str, device: str) -> float:
     """Evaluate the registered artifact on the test set, in an evaluate run under the study's parent."""
     torch_device = resolve_device(device)
-    model, input_shape, _ = load_model(model_uri, torch_device)
+    classifier = serving.load(model_uri, torch_device)  # as users load and serve it
     experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": data_ref}
     with mlflow.start_run(
@@ -249,14 +325,7 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
         parent_run_id=parent_run_id,
         tags=tags,
     ):
-        evaluation = evaluate_and_log(
-            model,
-            dataclasses.replace(data, test=data.test.to(torch_device)),
-            input_shape,
-            EvaluateConfig(device=device),
-            data_ref,
-            model_uri,
-        )
+        evaluation = evaluate_and_log(classifier, data, EvaluateConfig(device=device), torch_device, data_ref, model_uri)
     return evaluation.test_accuracy
 
 
@@ -288,63 +357,9 @@ def crown_if_better(name: str, version: str, val_accuracy: float, validated_on: 
     return ""
 
 
-PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
-
-
-@contextmanager
-def optuna_quiet():
-    """Optuna's own log at ERROR: the contour plot warns once per pair of parameters that hold a
-    single value (num_layers when every complete trial has 2), dozens of lines on a small study."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def log_study_plots(study: optuna.Study, folder: Path) -> None:
-    """Optuna's plots as one self-contained interactive page, ``study.html`` (plotly.js inlined once,
-    so it works offline and in the MLflow UI), and one PNG each (matplotlib); skip those the study
-    cannot draw yet."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization as interactive
-    import optuna.visualization.matplotlib as static
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sections = []
-    # A multi-objective study: these plots show its first objective, val_accuracy (the front has its own).
-    target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE_METRIC} if len(study.directions) > 1 else {}
-    for name in PLOTS:
-        kwargs = target if name != "intermediate_values" else {}
-        try:
-            with warnings.catch_warnings(), optuna_quiet():
-                warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
-                figure = getattr(interactive, f"plot_{name}")(study, **kwargs)
-                axes = getattr(static, f"plot_{name}")(study, **kwargs)
-            # The first figure carries plotly.js; the others use it.
-            sections.append(
-                f"<h2>{name.replace('_', ' ')}</h2>\n" + figure.to_html(full_html=False, include_plotlyjs=not sections)
-            )
-            picture = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-            picture.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-            plt.close(picture)
-        except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of one trial
-            print(f"note: no {name} plot yet ({error})", file=sys.stderr)
-    if sections:
-        title = f"study {study.study_name}: {len(study.trials)} trials"
-        (folder / "study.html").write_text(
-            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
-            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
-        )
-
-
 def report(study: optuna.Study, registered: Registered | None, experiment_id: str, top: int = 5) -> str:
     """The lines a person reads at the end: the best trials as a table, the champion, and where to look."""
-    board = leaderboard(study)
+    board = trials_table(study)
     params = [c for c in board.columns if c.startswith("params_")]
     columns = ["number", OBJECTIVE_METRIC, cost_name(study), "state", *params, "duration"]
     table = board[[c for c in columns if c in board]].head(top)
@@ -359,11 +374,18 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
             if registered.champion
             else f"not the champion: {registered.why_not_champion or 'a better one holds it'}"
         )
+        origin = f"trial {registered.trial}"
+        if registered.seed is not None:
+            spread = f" ± {registered.val_accuracy_std:.4f}" if registered.val_accuracy_std is not None else ""
+            origin += (
+                f"'s configuration, seed {registered.seed} (mean {OBJECTIVE_METRIC} {registered.val_accuracy_mean:.4f}"
+                f"{spread} over {registered.n_seeds} seeds)"
+            )
         lines.append(
-            f"registered {registered.name} version {registered.version} from trial {registered.trial}: "
+            f"registered {registered.name} version {registered.version} from {origin}: "
             f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"
         )
-    if compact := study.user_attrs.get(COMPACT_ATTR):
+    if compact := attributes.compact(study):
         lines.append(
             f"alias {COMPACT}: {compact['name']} version {compact['version']} from trial {compact['trial']}: "
             f"{OBJECTIVE_METRIC} {compact['val_accuracy']:.4f}, test_accuracy {compact['test_accuracy']:.4f}"

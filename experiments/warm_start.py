@@ -15,10 +15,9 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
+from experiments import attributes
 from experiments.studies import StudyDefinition
 from pipeline.config import ParameterError
-
-WARM_START_ATTR = "warm_start"  # study user attribute: where its enqueued configurations came from
 
 
 @dataclass(frozen=True)
@@ -77,4 +76,4 @@ def enqueue(study: optuna.Study, start: WarmStart) -> None:
     """Enqueue the carried configurations and record where they came from (call once, at creation)."""
     for params in start.configurations:
         study.enqueue_trial(params)
-    study.set_user_attr(WARM_START_ATTR, {"study": start.study, "trials": start.trials})
+    attributes.set_warm_start(study, start.study, start.trials)

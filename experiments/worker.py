@@ -2,18 +2,15 @@
 
 Under the study's lock (experiments/coordination.py) the loop re-queues trials that lost their
 worker and decides the next step; it trains one trial at a time with the lock released, tells
-Optuna the result and frees the trial's memory. ``run_workers`` starts several on this machine,
-worker *i* pinned to GPU *i* mod the GPU count.
+Optuna the result and frees the trial's memory. experiments/gpus.py starts several on one machine.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -27,25 +24,19 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.coordination import (
-    DATABASE_ERRORS,
-    NextStep,
-    TrialLease,
-    fail_lost_trials,
-    next_step,
-    open_storage,
-    requeue,
-    study_lock,
-)
+from experiments import attributes
+from experiments.coordination import NextStep, TrialLease, counted, fail_lost_trials, next_step, open_storage, requeue, study_lock
 from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, make_pruner, make_sampler
-from experiments.summary import MLFLOW_RUN_ATTR, MODEL_URI_ATTR, needs_summary, report, summarise
-from pipeline.config import TrainConfig, TuneConfig
+from experiments.storage import DATABASE_ERRORS
+from experiments.studies import OBJECTIVE_METRIC, make_pruner, make_sampler, time_left, trial_config
+from experiments.summary import needs_summary, report, summarise
+from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
+from pipeline.numerics import resolve_device
 from pipeline.signals import raise_if_terminated, raise_terminated
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
-from pipeline.training import TrainingDiverged, resolve_device
+from pipeline.training import TrainingDiverged
 
 # A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
@@ -68,20 +59,14 @@ class WorkerJob:
     gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
 
 
-def trial_config(config: TuneConfig, trial: optuna.Trial) -> TrainConfig:
-    definition = STUDIES[config.study]
-    overrides = {**definition.fixed, **definition.suggest(trial)}
-    return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
-
-
 def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
     """Train one sampled configuration in its own child run; return its best val_accuracy (and,
     in a multi-objective study, its cost, also logged as a metric of the run).
 
     The model is logged only when no trial finished so far beats it (multi-objective: when no
     finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
-    has its own model to register, and no retrain is needed. A tie logs too: under parallel workers
-    the tied trial that finishes second may be the one the champion's rule picks (the earlier number).
+    has its own model to register. A tie logs too: under parallel workers the tied trial that
+    finishes second may be the one the champion's rule picks (the earlier number).
     """
     config = trial_config(job.config, trial)
     multi_objective = job.config.cost != "none"
@@ -96,25 +81,15 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
     with start_run_with_system_metrics(
         run_name=f"trial-{trial.number}", experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
     ) as run:
-        trial.set_user_attr(MLFLOW_RUN_ATTR, run.info.run_id)
+        attributes.set_run_id(trial, run.info.run_id)
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone
             torch.cuda.reset_peak_memory_stats(device)
-
-        def report_epoch(metrics):
-            if multi_objective:  # Optuna takes intermediate values of single-objective studies only
-                return
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar"
-                )
-
-        try:
+        with trial_state_tags():
             result, _ = train_and_log(
                 config,
                 data,
-                on_epoch=report_epoch,
+                on_epoch=None if multi_objective else pruning(trial, config.epochs),
                 log_model=False,
                 data_ref=job.data_ref,
                 label=f"[worker {job.worker}] trial {trial.number}",
@@ -128,19 +103,41 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
             if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy >= best_value(trial.study):
                 logged = log_trained_model(result.model, data, config.reading_order)
                 mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
-                trial.set_user_attr(MODEL_URI_ATTR, logged.model_uri)
-        except optuna.TrialPruned as pruned:
-            mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
-            mlflow.end_run("KILLED")
-            raise
-        except BaseException as error:
-            interrupted = isinstance(error, (KeyboardInterrupt, *DATABASE_ERRORS))
-            state = "REQUEUED" if interrupted else "FAIL"  # an interrupted trial runs again, and only that run counts
-            mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
-            mlflow.end_run("KILLED" if interrupted else "FAILED")
-            raise
-        mlflow.set_tag("optuna.trial_state", "COMPLETE")
+                attributes.set_model_uri(trial, logged.model_uri)
         return (accuracy, cost) if multi_objective else accuracy
+
+
+def pruning(trial: optuna.Trial, epochs: int):
+    """The per-epoch callback that reports val_accuracy to Optuna and prunes when its pruner says
+    so; never after the last epoch, when there is nothing left to save (Optuna takes intermediate
+    values of single-objective studies only)."""
+
+    def report_epoch(metrics) -> None:
+        trial.report(metrics.val_accuracy, metrics.epoch)
+        if metrics.epoch < epochs and trial.should_prune():
+            bar = f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar"
+            raise optuna.TrialPruned(bar)
+
+    return report_epoch
+
+
+@contextmanager
+def trial_state_tags():
+    """End the active trial run as its trial ends: COMPLETE (FINISHED), PRUNED (KILLED), REQUEUED
+    (KILLED: interrupted, or its database cut off; the copy runs again and only that run counts), FAIL (FAILED)."""
+    try:
+        yield
+    except optuna.TrialPruned as pruned:
+        mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as error:
+        interrupted = isinstance(error, (KeyboardInterrupt, *DATABASE_ERRORS))
+        state = "REQUEUED" if interrupted else "FAIL"
+        mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
+        mlflow.end_run("KILLED" if interrupted else "FAILED")
+        raise
+    mlflow.set_tag("optuna.trial_state", "COMPLETE")
 
 
 def best_value(study: optuna.Study) -> float:
@@ -167,16 +164,18 @@ def run_trials(
     *,
     summarise: Callable[[], None] | None = None,
     worker: int = 0,
+    workers: int = 1,
 ) -> None:
     """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
     their worker and decide the next step; train one trial at a time with the lock released.
 
-    The worker that finds no trial running and the summary stale runs ``summarise``, still holding the lock.
+    The worker that finds no trial running and the summary stale runs ``summarise``, still holding
+    the lock. ``workers``: how many run on this machine, for the time estimate.
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
     sampler_seeded = False
-    waiting_since = patience = None
+    waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
         try:
@@ -201,30 +200,57 @@ def run_trials(
         if step is NextStep.STOP:
             return
         if step is NextStep.WAIT:
-            # Wait for the others' trials: one that loses its worker is re-queued, and someone must run
-            # it. The bound only decides when to leave that to them; it never judges a trial dead.
-            if waiting_since is None:
-                waiting_since, patience = time.monotonic(), wait_bound(study)
-                print(
-                    f"[worker {worker}] every trial is taken; waiting up to {patience:.0f} s for the running ones "
-                    "(a lost one is re-queued and run here)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if time.monotonic() >= min(deadline, waiting_since + patience):
-                running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-                print(
-                    f"[worker {worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
-                    "summarise the study; leaving (rerun this command if they die)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            waiting = waiting or Waiting(study, worker)
+            if waiting.over(deadline):
                 return
             time.sleep(1)
             continue
-        waiting_since = None
+        waiting = None
         run_one(study, trial, lease, objective, lock, worker)
         release_memory()
+        say_time_left_once(study, config, worker, workers)
+
+
+class Waiting:
+    """A worker with every trial taken waits for the others' trials: one that loses its worker is
+    re-queued, and someone must run it. The bound only decides when to leave that to them; it never
+    judges a trial dead."""
+
+    def __init__(self, study: optuna.Study, worker: int):
+        self.study, self.worker = study, worker
+        self.since, self.patience = time.monotonic(), wait_bound(study)
+        print(
+            f"[worker {worker}] every trial is taken; waiting up to {self.patience:.0f} s for the running ones "
+            "(a lost one is re-queued and run here)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def over(self, deadline: float) -> bool:
+        """Whether to leave: the bound, or the study's timeout, has passed."""
+        if time.monotonic() < min(deadline, self.since + self.patience):
+            return False
+        running = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        print(
+            f"[worker {self.worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
+            "summarise the study; leaving (rerun this command if they die)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return True
+
+
+def trials_left(study: optuna.Study, n_trials: int) -> int:
+    """Trials still to start: ``n_trials`` less those counted and those running."""
+    trials = study.get_trials(deepcopy=False)
+    return max(0, n_trials - len(counted(trials)) - sum(t.state == TrialState.RUNNING for t in trials))
+
+
+def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, workers: int) -> None:
+    """When the study's first trial has finished, say how long the rest takes, by its timing."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if len(finished) == 1:
+        print(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}", file=sys.stderr)
 
 
 def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
@@ -294,7 +320,7 @@ def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) 
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
-    if run_id := trial.user_attrs.get(MLFLOW_RUN_ATTR):
+    if run_id := attributes.run_id(trial):
         client = MlflowClient()
         try:
             client.set_tag(run_id, "optuna.trial_state", "REQUEUED")
@@ -307,7 +333,7 @@ def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """PostgreSQL: Optuna failed a trial whose heartbeats stopped; re-queue it once."""
-    reason = f"its worker {trial.user_attrs.get('worker', '(not yet recorded)')} stopped sending heartbeats"
+    reason = f"its worker {attributes.worker(trial) or attributes.NOT_RECORDED} stopped sending heartbeats"
     requeue(study, trial, reason, lost_worker=True)
     say_lost(study, trial, reason)
 
@@ -325,67 +351,10 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     )
 
     def summarise_study() -> None:
-        registered = summarise(
-            study, job.parent_run_id, job.config.register_name, data, job.data_ref, job.config.device, job.config.compact_within
-        )
+        registered = summarise(study, job.parent_run_id, job.config, data, job.data_ref)
         print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
-    run_trials(
-        study, storage, job.config, lambda trial: objective(trial, job, data), summarise=summarise_study, worker=job.worker
-    )
+    def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        return objective(trial, job, data)
 
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (or by index)."""
-    count = torch.cuda.device_count()
-    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
-    return (listed or [str(i) for i in range(count)])[:count]
-
-
-def gpu_assignment(config: TuneConfig) -> list[str | None]:
-    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count;
-    None for workers on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
-    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    gpus = visible_gpus() if on_cuda else []
-    if config.n_workers != "auto":
-        count = int(config.n_workers)
-    else:
-        count = len(gpus) * config.workers_per_gpu if gpus else 1
-    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
-
-
-def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:
-    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
-    for job, process in zip(jobs, processes, strict=True):
-        with pinned_to(job.gpu):  # in the environment the worker starts with: set before CUDA starts there
-            process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them re-queue their trials
-        for process in processes:
-            process.join()
-        raise
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
-    return {f"{socket.gethostname()}:{p.pid}" for p in processes}
-
-
-@contextmanager
-def pinned_to(gpu: str | None):
-    """CUDA_VISIBLE_DEVICES=``gpu`` inside the block (a process started there sees only that GPU)."""
-    if gpu is None:
-        yield
-        return
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
+    run_trials(study, storage, job.config, trial_objective, summarise=summarise_study, worker=job.worker, workers=job.workers)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.infra import free_port, log_tail
+from tests.infra import free_port, log_tail
 
 MISSING_SLURM = "Slurm daemons (slurmctld, slurmd) not found: run `bash setup.sh --tests`, which installs Debian's slurm-wlm"
 GPUS = 3

@@ -116,3 +116,28 @@ def test_group_by_config_gives_mean_and_sample_std_over_seeds_once_per_result(tr
     compare.main(["--group-by-config", "true", "--sort-by", "test_accuracy"])  # one seed: a mean and no spread
     printed = {row["hidden_size"]: row for row in table_rows(capsys.readouterr().out)}
     assert printed["128"]["test_accuracy"] == "0.5000" and printed["128"]["n_seeds"] == "1"
+
+
+def test_group_by_config_keeps_apart_what_changes_the_result_precision_and_data(tracking, tmp_path, capsys):
+    """precision=auto is bf16 on one machine and fp32 on another, and a trial's only record of its
+    data is the train split's checksum: runs that differ there are other configurations."""
+    client = MlflowClient()
+    trained = {  # train run -> what training resolved
+        "t1": ("bf16", "a" * 64),
+        "t2": ("bf16", "a" * 64),
+        "t3": ("fp32", "a" * 64),
+        "t4": ("bf16", "b" * 64),  # another dataset
+    }
+    ids = {}
+    for name, (precision, sha256) in trained.items():
+        run = client.create_run("0", run_name=name, tags={"pipeline.stage": "train"})
+        client.log_batch(run.info.run_id, params=[Param("resolved_precision", precision), Param("data_sha256", sha256)])
+        ids[name] = run.info.run_id
+    for seed, (name, accuracy) in enumerate([("t1", 0.99), ("t2", 0.97), ("t3", 0.90), ("t4", 0.80)], start=1):
+        params = {"hidden_size": 64, "seed": seed, "precision": "auto"}  # what a pipeline run logs: as asked
+        logged_run(client, "main", params, accuracy, **{"pipeline.train_run": ids[name]})
+
+    compare.main(["--group-by-config", "--sort-by", "test_accuracy", "--output-dir", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    rows = [(r.resolved_precision, r.data_sha256, r.n_seeds, round(r.test_accuracy_mean, 4)) for r in table.itertuples()]
+    assert rows == [("bf16", "a" * 12, 2, 0.98), ("fp32", "a" * 12, 1, 0.9), ("bf16", "b" * 12, 1, 0.8)]

@@ -115,6 +115,8 @@ BAD_VALUES = [
     (tune, ["--n-workers", "0"], "n_workers"),
     (tune, ["--sampler", "grid"], "sampler"),
     (tune, ["--pruner", "always"], "pruner"),
+    (tune, ["--confirm-top", "-1"], "confirm_top"),
+    (tune, ["--confirm-seeds", "0"], "confirm_seeds"),
     (tune, ["--study", "transformer"], "study"),
     (tune, ["--storage", "/no/such/folder/s.journal"], "storage"),
     (tune, ["--storage", "nosuchdb://u:secret@host/db"], "storage"),

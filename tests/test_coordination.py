@@ -100,7 +100,7 @@ def test_a_stalled_holder_keeps_the_lock_and_two_waiters_take_turns(storage):
     ],
 )
 def test_a_restart_is_waited_out_and_a_mistake_is_not(message, reached, waited):
-    from experiments.coordination import restarting
+    from experiments.storage import restarting
 
     assert restarting(Exception(message), reached) is waited
 
@@ -123,7 +123,8 @@ def test_a_wrong_password_or_port_is_refused_at_once(postgres, monkeypatch):
 def test_a_holder_learns_that_a_database_restart_took_its_lock(postgres):
     import psycopg
 
-    from experiments.coordination import DATABASE_ERRORS, study_lock
+    from experiments.coordination import study_lock
+    from experiments.storage import DATABASE_ERRORS
 
     lock = study_lock(postgres.create_database(f"confirm_{os.getpid()}"), "s")
     with lock:

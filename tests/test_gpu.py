@@ -19,7 +19,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from experiments import worker as worker_module
-from experiments.coordination import WORKER_ATTR
+from experiments.attributes import WORKER_ATTR
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import PrepareConfig, TrainConfig, TuneConfig

@@ -16,7 +16,8 @@ import mlflow
 import optuna
 import pytest
 
-from experiments.coordination import RETRY_OF_ATTR, counted
+from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR, WORKER_ATTR
+from experiments.coordination import counted
 
 
 def start_workers(cluster, count: int, n_trials: int, *extra: str, first: int = 0) -> list[tuple[subprocess.Popen, object]]:
@@ -96,7 +97,7 @@ def frozen_inside_a_trial(cluster, worker: subprocess.Popen) -> bool:
     except KeyError:  # not created yet
         study = None
     running = study is not None and any(
-        t.user_attrs.get("worker", "").endswith(f":{worker.pid}") and "mlflow_run_id" in t.user_attrs
+        t.user_attrs.get(WORKER_ATTR, "").endswith(f":{worker.pid}") and MLFLOW_RUN_ATTR in t.user_attrs
         for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     )
     if not running:
@@ -125,7 +126,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes
     [retry] = [t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == killed.number]
     assert retry.state.name == "COMPLETE" and retry.params == killed.params
     assert len(counted(study.trials)) == 4  # the killed trial is not counted
-    killed_run = cluster["client"].get_run(killed.user_attrs["mlflow_run_id"])
+    killed_run = cluster["client"].get_run(killed.user_attrs[MLFLOW_RUN_ATTR])
     assert killed_run.info.status == "FAILED" and "stopped sending heartbeats" in killed_run.data.tags["optuna.fail_reason"]
     check_one_parent_one_child_per_trial_one_registration(cluster, study)
     mlflow.set_tracking_uri(None)

@@ -23,10 +23,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
-from experiments.coordination import RETRY_OF_ATTR, counted
-from experiments.infra import mlflow_server, postgres_cluster
-from pipeline.tracking import DATA_SOURCE_TAG, log_data_inputs, proxied_artifact_url, split_source
+from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
+from experiments.coordination import counted
+from pipeline.tracking import DATA_SOURCE_TAG, log_data_inputs, proxied_artifact_url, split_source, ui_link
 from tests.conftest import REPO, mlflow_run, tiny_prepared, user_environment
+from tests.infra import mlflow_server, postgres_cluster
 from tests.servers import fetch
 
 SMALL_PIPELINE = ("-P", "hidden_size=16", "-P", "num_layers=1", "-P", "epochs=1", "-P", "train_limit=1000", "-P", "val_size=500")
@@ -148,7 +149,7 @@ def running_trial(storage_url: str, name: str, after: int = -1) -> int | None:
         study = optuna.load_study(study_name=name, storage=storage_url)
     except KeyError:  # not created yet
         return None
-    numbers = [t.number for t in study.trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs]
+    numbers = [t.number for t in study.trials if t.state.name == "RUNNING" and MLFLOW_RUN_ATTR in t.user_attrs]
     return next((n for n in numbers if n > after), None)
 
 
@@ -222,3 +223,14 @@ def test_a_study_goes_on_while_the_tracking_server_and_postgresql_restart(tmp_pa
             )
             assert not [r for r in children if r.info.status == "RUNNING"], output
             assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_the_ui_link_opens_the_servers_runs_table_or_says_how_to_start_a_ui():
+    mlflow.set_tracking_uri("http://tracking.example:5000/")
+    assert ui_link("7") == "http://tracking.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+    mlflow.set_tracking_uri("sqlite:///runs/mlflow.db")
+    assert ui_link("7") == (
+        "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db, "
+        "then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    mlflow.set_tracking_uri(None)

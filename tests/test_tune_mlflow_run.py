@@ -3,19 +3,28 @@ as README.md and docs/tuning.md tell users to run them, on 1000 real MNIST image
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
+import requests
+import torch
 from mlflow.tracking import MlflowClient
 
-from experiments.coordination import RETRY_OF_ATTR, counted
-from tests.conftest import REPO
+from experiments.attributes import RETRY_OF_ATTR
+from experiments.coordination import counted
+from tests.conftest import REPO, user_environment
+from tests.servers import model_server
 
 pytestmark = pytest.mark.slow  # each starts several `mlflow run` processes: a minute or more
 
@@ -24,9 +33,7 @@ pytestmark = pytest.mark.slow  # each starts several `mlflow run` processes: a m
 def user(tmp_path, mnist_dir):
     """A user's shell: their own folder and tracking store, the project somewhere else."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    venv_bin = str(Path(sys.executable).parent)  # the activated virtual environment
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = user_environment(uri)  # this virtual environment activated, none of the tester's MLFLOW_* variables
     journal = str(tmp_path / "studies.journal")  # given as a relative path: the user's folder, not the project's
 
     def command(*params: str, entry_point: str = "tune", study_name: str = "s", **tune_params) -> list[str]:
@@ -62,6 +69,7 @@ def user(tmp_path, mnist_dir):
 
     user = type("User", (), {})()
     user.run, user.start, user.client, user.journal = run, start, MlflowClient(uri), journal
+    user.env, user.folder, user.mnist_dir = env, tmp_path, mnist_dir
     return user
 
 
@@ -122,6 +130,7 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     version = user.client.get_model_version_by_alias("lstm-mnist", "champion")
     newest = max(visible_runs(user, "evaluate"), key=lambda run: run.info.start_time)
     assert newest.data.metrics["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+    served_champion_answers_as_it_was_evaluated(user, newest.info.run_id)
 
     # The next study starts from this one's best configurations, and weighs latency against accuracy.
     warm = user.run(
@@ -140,6 +149,41 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     assert all(t.values[1] > 0 for t in new)  # milliseconds for one image, measured in each trial
     compact = user.client.get_model_version_by_alias("lstm-fast", "compact")
     assert float(compact.tags["latency_ms"]) == pytest.approx(new[int(compact.tags["optuna.trial_number"])].values[1], abs=5e-4)
+
+
+def served_champion_answers_as_it_was_evaluated(user, evaluate_run_id: str) -> None:
+    """docs/serving.md's server on the champion: 1,000 official test images as raw 0-255 pixels over
+    HTTP get the classes the evaluate run gave them, so the same accuracy; a bad request gets a 400."""
+    raw = user.mnist_dir / "MNIST" / "raw"
+    images, labels = read_idx(raw / "t10k-images-idx3-ubyte.gz"), read_idx(raw / "t10k-labels-idx1-ubyte.gz")
+    table = mlflow.artifacts.download_artifacts(
+        run_id=evaluate_run_id, artifact_path="predictions.csv", tracking_uri=user.env["MLFLOW_TRACKING_URI"]
+    )
+    evaluated = pd.read_csv(table)[:1000]
+    with model_server("models:/lstm-mnist@champion", user.env, user.folder) as url:
+        answered = requests.post(f"{url}/invocations", json={"inputs": images[:1000].tolist()}, timeout=300)
+        assert answered.status_code == 200, answered.text[-2000:]
+        served = pd.DataFrame(answered.json()["predictions"])
+        assert served["class"].tolist() == evaluated["class"].tolist()
+        assert (served["class"] == labels[:1000]).mean() == (evaluated["class"] == evaluated["true_class"]).mean()
+        # and they are the pixels read as pixels: the LSTM itself (the pytorch face) given them scaled to [0, 1]
+        mlflow.set_tracking_uri(user.env["MLFLOW_TRACKING_URI"])
+        try:
+            lstm = mlflow.pytorch.load_model("models:/lstm-mnist@champion")
+        finally:
+            mlflow.set_tracking_uri(None)
+        with torch.no_grad():
+            logits = lstm(torch.from_numpy(images[:1000]).float().div(255))  # (1000, 28, 28) read by rows
+        assert served["class"].tolist() == logits.argmax(1).tolist()
+        refused = requests.post(f"{url}/invocations", json={"inputs": (images[:2] / 255 * 2).tolist()}, timeout=60)
+        assert refused.status_code == 400 and "float pixels must be within [0, 1]" in refused.json()["message"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file as a user reads it: magic and dimensions, big-endian, then uint8 data."""
+    raw = gzip.decompress(path.read_bytes())
+    dims = struct.unpack(f">{raw[3]}I", raw[4 : 4 + 4 * raw[3]])
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
 
 
 def test_two_mlflow_run_workers_started_at_once_share_one_study(user):

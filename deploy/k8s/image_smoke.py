@@ -1,7 +1,7 @@
 """By hand, not in CI: a built image runs a tiny study as the manifests here run it, on this machine.
 
 A throwaway PostgreSQL (databases optuna, mlflow, mlflow_auth) and an MLflow server with basic-auth on
-loopback (experiments/infra.py); containers on the host network, credentials only in their environment.
+loopback (tests/infra.py); containers on the host network, credentials only in their environment.
 One container prepares the data (prepare-job.yaml), two workers started at once tune on it with
 -P data=<run id> (tune-job.yaml), then a third worker gets `docker stop` (SIGTERM, as the kubelet sends)
 in the middle of a trial, which must be re-queued. Needs dockerd (DOCKER_HOST) and Debian's postgresql.
@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import mlflow
 import optuna
 
-from experiments.infra import mlflow_server, postgres_cluster
-from experiments.summary import REGISTERED_ATTR
+from experiments.attributes import REGISTERED_ATTR
+from tests.infra import mlflow_server, postgres_cluster
 
 EXPERIMENT = "k8s-smoke"
 

@@ -1,0 +1,159 @@
+"""A champion confirmed over seeds: before an alias moves, the study's best configurations train
+again with fresh seeds, and the best mean val_accuracy wins.
+
+A trial trains once, with the study's seed, so the best trial's rank mixes its configuration's
+quality with that seed's luck. Here the ``confirm_top`` best configurations by val_accuracy (its
+complete trials, one per configuration) each train with seeds 1 to ``confirm_seeds``, as
+``-e repeat`` does by default, through the trials' own path: ``train_and_log``, each in a run of
+its own under the study's parent run (stage tag ``confirm``). The champion is the configuration
+with the best mean val_accuracy; what is registered is its seed run with the best val_accuracy
+(the models differ by seed only; the pick reads validation too). The test set is read only
+afterwards, once, for the version registered (experiments/summary.py).
+
+Reads:  the study's complete trials, the prepared data.
+Writes: per configuration and seed a ``confirm`` run (params, per-epoch metrics, its model);
+        on the parent run ``confirmation.md`` and the MLflow table ``confirmation.json`` (per
+        configuration: trial, parameters, val_accuracy mean ± sample std, n_seeds).
+Reuses: a finished confirm run of the study (under its parent run) with the same configuration,
+        seed, epochs, data and code (its tag ``confirm.key``): an extended study, or a summary
+        rerun after Ctrl-C, trains only what is new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import mlflow
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial
+
+from experiments.pareto import complete
+from experiments.studies import OBJECTIVE_METRIC, trial_config
+from pipeline.config import TuneConfig
+from pipeline.data import PreparedData
+from pipeline.tables import markdown_table
+from pipeline.tracking import digest, start_run_with_system_metrics
+from pipeline.train import train_and_log
+
+KEY_TAG = "confirm.key"
+MODEL_URI_TAG = "confirm.model_uri"
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One configuration (the trial that found it) trained with one confirmation seed."""
+
+    trial: int
+    seed: int
+    run_id: str
+    val_accuracy: float  # its best val_accuracy, as a trial's value is
+    model_uri: str
+
+
+def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The ``top`` best complete trials by val_accuracy, one per configuration (a re-queued trial
+    repeats its original's parameters); among equals the earlier."""
+    picked: list[FrozenTrial] = []
+    for trial in sorted(complete(study), key=lambda t: (-t.values[0], t.number)):
+        if all(trial.params != other.params for other in picked):
+            picked.append(trial)
+    return picked[:top]
+
+
+def confirm(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str) -> pd.DataFrame:
+    """Train (or reuse) each of the best configurations with seeds 1..confirm_seeds; one row per
+    ``SeedRun``."""
+    from pipeline.main import code_version
+
+    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    code = code_version()
+    rows = []
+    for trial in configurations(study, config.confirm_top):
+        for seed in range(1, config.confirm_seeds + 1):
+            train_config = dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
+            key = digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
+            run = reused(trial, parent_run_id, experiment_id, key) or train_seed(
+                train_config, trial, key, parent_run_id, experiment_id, data, data_ref
+            )
+            rows.append(dataclasses.asdict(run))
+            print(
+                f"[confirm] trial {trial.number}'s configuration, seed {seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
+                f"(run {run.run_id})",
+                file=sys.stderr,
+                flush=True,
+            )
+    return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
+
+
+def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str) -> SeedRun | None:
+    """The study's finished confirm run of ``key``, if there is one."""
+    found = f"tags.`{KEY_TAG}` = '{key}' and tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    runs = MlflowClient().search_runs([experiment_id], filter_string=found, max_results=1)
+    if not runs:
+        return None
+    [run] = runs
+    seed, accuracy = int(run.data.params["seed"]), run.data.metrics["best_val_accuracy"]
+    return SeedRun(trial.number, seed, run.info.run_id, accuracy, run.data.tags[MODEL_URI_TAG])
+
+
+def train_seed(config, trial: FrozenTrial, key: str, parent_run_id: str, experiment_id: str, data, data_ref: str) -> SeedRun:
+    """Train ``config`` in a confirm run under the parent, logging its model, as a trial trains."""
+    tags = {
+        "pipeline.stage": "confirm",
+        "pipeline.data": data_ref,
+        "optuna.trial_number": str(trial.number),
+        KEY_TAG: key,
+    }
+    name = f"confirm trial-{trial.number} seed-{config.seed}"
+    with start_run_with_system_metrics(run_name=name, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags) as run:
+        try:
+            result, model = train_and_log(config, data, data_ref=data_ref, label=f"[{name}]")
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # a rerun trains it again
+            raise
+        mlflow.set_tag(MODEL_URI_TAG, model.model_uri)
+    return SeedRun(trial.number, config.seed, run.info.run_id, result.best_val_accuracy, model.model_uri)
+
+
+def confirmation_table(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration, the best mean val_accuracy first (among equals the earlier
+    trial): trial, its parameters, ``val_accuracy_mean``, ``val_accuracy_std`` (sample std) and
+    ``n_seeds``."""
+    table = runs.groupby("trial")["val_accuracy"].agg(val_accuracy_mean="mean", val_accuracy_std="std", n_seeds="count")
+    table = table.reset_index().sort_values(["val_accuracy_mean", "trial"], ascending=[False, True])
+    params = pd.DataFrame([study.trials[number].params for number in table["trial"]], index=table.index)
+    return pd.concat([table[["trial"]], params, table.drop(columns="trial")], axis=1).reset_index(drop=True)
+
+
+def champion_run(runs: pd.DataFrame, table: pd.DataFrame) -> SeedRun:
+    """The seed run to register: the champion configuration's best val_accuracy (among equals the lower seed)."""
+    mine = runs[runs["trial"] == table["trial"].iloc[0]].sort_values(["val_accuracy", "seed"], ascending=[False, True])
+    return SeedRun(**mine.iloc[0].to_dict())
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as people read it: val_accuracy as one ``0.9104 ± 0.0014`` cell."""
+    cells = [
+        f"{mean:.4f}" + ("" if pd.isna(std) else f" ± {std:.4f}")
+        for mean, std in zip(table["val_accuracy_mean"], table["val_accuracy_std"], strict=True)
+    ]
+    return table.drop(columns=["val_accuracy_mean", "val_accuracy_std"]).assign(**{OBJECTIVE_METRIC: cells})
+
+
+def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: int) -> str:
+    """Record the table on the parent run; return it as markdown, to print."""
+    client = MlflowClient()
+    markdown = markdown_table(shown(table))
+    client.log_text(parent_run_id, markdown + "\n", "confirmation.md")
+    client.log_table(parent_run_id, table, "confirmation.json")
+    best = table.iloc[0]
+    client.log_metric(parent_run_id, "confirmed_val_accuracy_mean", float(best["val_accuracy_mean"]), step=step)
+    if pd.notna(best["val_accuracy_std"]):
+        client.log_metric(parent_run_id, "confirmed_val_accuracy_std", float(best["val_accuracy_std"]), step=step)
+    client.set_tag(parent_run_id, "confirmed.trial_number", str(int(best["trial"])))
+    client.set_tag(parent_run_id, "confirmed.seeds", " ".join(map(str, range(1, seeds + 1))))
+    return markdown

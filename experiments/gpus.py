@@ -1,0 +1,76 @@
+"""Several workers on one machine: one process each, worker *i* pinned to GPU *i* mod the GPU count.
+
+``tune`` starts them when ``n_workers`` (or ``auto`` on a machine with several GPUs) asks for more
+than one; each runs ``experiments.worker.run_worker`` and they share the study as workers on other
+machines do (experiments/coordination.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from experiments.worker import WorkerJob, run_worker
+from pipeline.config import TuneConfig
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (or by index)."""
+    count = torch.cuda.device_count()
+    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def gpu_assignment(config: TuneConfig) -> list[str | None]:
+    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count;
+    None for workers on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
+    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    gpus = visible_gpus() if on_cuda else []
+    if config.n_workers != "auto":
+        count = int(config.n_workers)
+    else:
+        count = len(gpus) * config.workers_per_gpu if gpus else 1
+    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
+
+
+def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:
+    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
+    for job, process in zip(jobs, processes, strict=True):
+        with pinned_to(job.gpu):  # in the environment the worker starts with: set before CUDA starts there
+            process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them re-queue their trials
+        for process in processes:
+            process.join()
+        raise
+    failed = [p.name for p in processes if p.exitcode != 0]
+    if failed:
+        print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
+    return {f"{socket.gethostname()}:{p.pid}" for p in processes}
+
+
+@contextmanager
+def pinned_to(gpu: str | None):
+    """CUDA_VISIBLE_DEVICES=``gpu`` inside the block (a process started there sees only that GPU)."""
+    if gpu is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
