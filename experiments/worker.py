@@ -33,7 +33,7 @@ from experiments.summary import needs_summary, report, summarise
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import resolve_device
-from pipeline.signals import raise_if_terminated, raise_terminated
+from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged
@@ -341,7 +341,6 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
     """One worker: train trials until the study has ``n_trials``; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_terminated)  # a spawned worker's SIGTERM re-queues its trial too
     if job.workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     data = load_prepared(job.data_folder)
@@ -357,4 +356,5 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:
         return objective(trial, job, data)
 
-    run_trials(study, storage, job.config, trial_objective, summarise=summarise_study, worker=job.worker, workers=job.workers)
+    with signal_handler(raise_terminated, signal.SIGTERM):  # a SIGTERM re-queues the trial in progress
+        run_trials(study, storage, job.config, trial_objective, summarise=summarise_study, worker=job.worker, workers=job.workers)

@@ -54,7 +54,7 @@ def evaluate(classifier, split: Split, class_names: list[str], batch_size: int =
     split's uint8 images as they are."""
     answers = classifier.predict(split.images.cpu().numpy(), params={"batch_size": batch_size})
     probabilities = torch.from_numpy(answers[serving.PROBABILITY_COLUMNS].to_numpy())  # (N, 10)
-    labels, predictions = split.labels.cpu(), torch.from_numpy(answers["class"].to_numpy())
+    labels, predictions = split.labels.cpu(), torch.from_numpy(answers["class"].to_numpy(copy=True))
     confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
     true_positives = confusion.diag().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)

@@ -27,7 +27,7 @@ from pipeline import data as data_module
 from pipeline.data import DatasetSpec, RawFile
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tests.servers", "tests.slurm"]  # the PostgreSQL, MLflow server and Slurm fixtures
+pytest_plugins = ["tests.servers", "tests.slurm", "tests.tuning"]  # PostgreSQL, MLflow server, Slurm; studies
 
 
 def pytest_collection_modifyitems(items):

@@ -102,6 +102,7 @@ def fake_accuracy(monkeypatch, module, accuracy) -> list:
     return trained
 
 
+@pytest.mark.slow
 def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_runs(tmp_path, prepared_run, monkeypatch, capsys):
     baseline = 1e-2  # trial 0's learning rate (the smoke study's baseline); trial 1 samples another
     fake_accuracy(monkeypatch, worker_module, lambda config: 0.95 if config.learning_rate == baseline else 0.93)

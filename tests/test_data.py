@@ -96,6 +96,7 @@ except data.DataError as error:
 """
 
 
+@pytest.mark.slow
 def test_the_checks_hold_under_python_O(synthetic_mnist, tmp_path):
     corrupt(synthetic_mnist, lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:])
     done = subprocess.run(

@@ -38,7 +38,9 @@ def log_like_the_train_stage(config: TrainConfig, model=None) -> str:
     return info.model_uri
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "pixels" else name for name in CONFIGS]
+)  # torch.export of a 784-step LSTM takes 40 s
 def test_the_logged_model_runs_on_another_device(name, tracking):
     config = CONFIGS[name]
     model = mlflow.pytorch.load_model(log_like_the_train_stage(config)).to("meta")

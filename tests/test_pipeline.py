@@ -81,24 +81,9 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "mnist").symlink_to(mnist_dir)
     # Relative paths, from the user's folder (not the project's, where mlflow run starts the stages).
-    params = [
-        "-P",
-        "data_dir=mnist",
-        "-P",
-        "train_limit=4000",
-        "-P",
-        "val_size=1000",
-        "-P",
-        "epochs=2",
-        "-P",
-        "hidden_size=32",
-        "-P",
-        "num_layers=1",
-        "-P",
-        "learning_rate=0.005",
-        "-P",
-        "checkpoint_dir=checkpoints",
-    ]
+    given = {"data_dir": "mnist", "train_limit": 4000, "val_size": 1000, "epochs": 2, "hidden_size": 32}
+    given |= {"num_layers": 1, "learning_rate": 0.005, "checkpoint_dir": "checkpoints"}
+    params = [arg for name, value in given.items() for arg in ("-P", f"{name}={value}")]
     first = mlflow_run(params, tmp_path, uri)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test_accuracy" in first.stdout and "workflowType=machine_learning" in first.stdout
@@ -142,6 +127,7 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     }
 
 
+@pytest.mark.slow
 def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     offline_and_empty = tmp_path / "no-data"

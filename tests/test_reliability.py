@@ -180,6 +180,7 @@ prepare.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_prepare_logs_leaves_output_that_is_refused_and_not_reused(tmp_path, tracking, synthetic_mnist):
     flags = ["--data-dir", str(synthetic_mnist), "--val-size", "100"]
     crashed = Stage(tmp_path, tracking, "-c", CRASH_WHILE_LOGGING, *flags)
@@ -216,6 +217,7 @@ with mlflow.start_run(run_name=f"writer-{worker}"):
 """
 
 
+@pytest.mark.slow
 def test_four_processes_logging_to_one_local_store_lose_nothing(tmp_path, tracking):
     steps = 60
     mlflow.set_experiment("Default")  # create the store's tables before the writers race to

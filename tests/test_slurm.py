@@ -52,6 +52,7 @@ def submit(slurm, cluster, data: Path) -> str:
         "pruner": "none",
         "data": data,
         "register_name": cluster["name"],
+        "confirm_top": 0,  # the best trial's own model: the confirmation has tests of its own
     }
     command = ["sbatch", "--parsable", "--array=0-2", f"--chdir={cluster['tmp']}", f"--output={cluster['tmp']}/task-%a.out"]
     command += ["deploy/slurm/tune.sbatch", "--experiment-name", cluster["name"]]

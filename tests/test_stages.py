@@ -38,6 +38,8 @@ def pipeline_runs(tmp_path_factory, mnist_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):  # what the tester exported
+            patch.delenv(name, raising=False)
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         prepare.main(["--data-dir", str(mnist_dir), "--train-limit", "1000", "--val-size", "500", "--seed", "3"])
         client = MlflowClient()

@@ -183,7 +183,9 @@ def test_a_study_goes_on_while_the_tracking_server_and_postgresql_restart(tmp_pa
             env = {**user_environment(server.uri), **server.env(*server.admin), "PGPASSWORD": url.password}
             name = f"restarts-{secrets.token_hex(3)}"
             command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local"]
-            settings = dict(study="smoke", study_name=name, n_trials=4, epochs=3, pruner="none", device="cpu", n_workers=1)
+            settings = dict(
+                study="smoke", study_name=name, n_trials=4, epochs=3, pruner="none", device="cpu", n_workers=1, confirm_top=0
+            )
             settings.update(storage=f"postgresql://{url.username}@{url.host}:{url.port}/{url.database}", heartbeat_interval=2)
             settings.update(data=tmp_path / "prepared", register_name=name)
             command += [arg for key, value in settings.items() for arg in ("-P", f"{key}={value}")]

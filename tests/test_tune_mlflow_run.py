@@ -47,6 +47,7 @@ def user(tmp_path, mnist_dir):
                 "data_dir": mnist_dir,
                 "train_limit": 1000,
                 "val_size": 500,
+                "confirm_top": 0,  # the best trial's own model, but where a test asks for the confirmation
                 **tune_params,
             }
             params = (*params, *[f"{k}={v}" for k, v in settings.items()])
@@ -92,11 +93,12 @@ def top_level(user):
 
 
 def test_extend_rerun_refuse_and_evaluate_the_champion(user):
-    first = user.run("n_trials=2")
+    confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
+    first = user.run("n_trials=2", **confirmed)
     assert first.returncode == 0, first.stderr[-3000:]
     [parent] = visible_runs(user, "tune")
 
-    extended = user.run("n_trials=4")  # the same command with a larger budget
+    extended = user.run("n_trials=4", **confirmed)  # the same command with a larger budget
     assert extended.returncode == 0, extended.stderr[-3000:]
     trials = visible_runs(user, "trial")
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
@@ -110,13 +112,13 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     versions = user.client.search_model_versions("name = 'lstm-mnist'")
     assert len(evaluations) == len(versions) and not [r for r in visible_runs(user) if r.info.run_name == "best-retrain"]
 
-    again = user.run("n_trials=4")  # nothing left: one line, exit 0, nothing new in the table
+    again = user.run("n_trials=4", **confirmed)  # nothing left: one line, exit 0, nothing new in the table
     assert again.returncode == 0, again.stderr[-3000:]
     assert "study s is complete: 4 trials; best trial" in again.stderr
     assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]
     assert len(visible_runs(user, "trial")) == 4 and len(visible_runs(user, "evaluate")) == len(evaluations)
 
-    changed = user.run("n_trials=6", epochs=2)
+    changed = user.run("n_trials=6", epochs=2, **confirmed)
     assert changed.returncode != 0
     assert "tune: error: study 's' was created with epochs=1 (this command: 2)" in changed.stderr
     assert "another -P study_name" in changed.stderr

@@ -1,0 +1,155 @@
+"""The research questions of README.md, as studies in process: a warm start from an earlier
+study's best, and accuracy against a cost (parameter count, latency) with its Pareto front."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import coordination, pareto, summary, warm_start
+from experiments.studies import STUDIES
+from experiments.tune import tune
+from pipeline.config import ParameterError, PrepareConfig
+from tests.tuning import load, runs_of, smoke
+
+
+def test_a_warm_start_cuts_the_earlier_configurations_to_the_new_search_space():
+    storage = optuna.storages.InMemoryStorage()
+    earlier = optuna.create_study(study_name="cpu", storage=storage, direction="maximize")
+    space = {
+        "hidden_size": optuna.distributions.IntDistribution(4, 256, log=True),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([128, 256]),
+    }
+    for value, hidden, lr in [(0.9, 128, 0.02), (0.95, 8, 0.05), (0.8, 16, 0.01), (0.7, 8, 0.05)]:
+        params = {"hidden_size": hidden, "learning_rate": lr, "batch_size": 128}
+        earlier.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    start = warm_start.warm_start(storage, "cpu", 5, STUDIES["smoke"])
+    # Best first; smoke does not search batch_size, and hidden_size 128 and learning_rate 0.05 are
+    # outside its ranges (its sampler draws them); the 0.7 trial is the 0.95 one again, once cut.
+    assert start.trials == [1, 0, 2] and start.study == "cpu"
+    assert start.configurations == [{"hidden_size": 8}, {"learning_rate": 0.02}, {"hidden_size": 16, "learning_rate": 0.01}]
+    assert {"trial 0: hidden_size=128", "trial 1: learning_rate=0.05", "trial 1: batch_size=128"} <= set(start.left_out)
+    with pytest.raises(ParameterError, match="warm_start='gone': no study of that name in this storage"):
+        warm_start.warm_start(storage, "gone", 5, STUDIES["smoke"])
+    optuna.create_study(study_name="empty", storage=storage)
+    with pytest.raises(ParameterError, match="warm_start='empty': that study has no complete trial"):
+        warm_start.warm_start(storage, "empty", 5, STUDIES["smoke"])
+
+
+@pytest.mark.slow
+def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tmp_path, prepared_run, capsys, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    first = smoke(tmp_path, study_name="first")
+    earlier = optuna.create_study(study_name="first", storage=coordination.open_storage(first), direction="maximize")
+    space = {
+        "hidden_size": optuna.distributions.IntDistribution(4, 16, log=True),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True),
+    }
+    for value, hidden, lr in [(0.5, 8, 0.01), (0.7, 12, 0.02), (0.6, 5, 0.003), (0.4, 16, 0.001)]:  # an earlier study's results
+        params = {"hidden_size": hidden, "learning_rate": lr}
+        earlier.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    best = [earlier.trials[1], earlier.trials[2]]
+
+    second = smoke(tmp_path, study_name="second", n_trials=3, warm_start="first", warm_start_k=2)
+    tune(second, PrepareConfig(), prepared_run)
+    trials = load(second).trials
+    assert trials[0].params == {"hidden_size": 8, "learning_rate": 1e-2}  # trial 0 is still the known configuration
+    assert [t.params for t in trials[1:3]] == [t.params for t in best]
+    assert f"warm start: enqueued 2 configuration(s) of study 'first' (its trials {best[0].number}, {best[1].number})" in (
+        capsys.readouterr().err
+    )
+    [parent] = [run for run in runs_of("tune") if run.info.run_name == "second"]
+    assert parent.data.params["warm_start"] == "first"
+    assert parent.data.params["warm_start_trials"] == f"{best[0].number} {best[1].number}"
+
+    tune(dataclasses.replace(second, n_trials=4), PrepareConfig(), prepared_run)  # an extension enqueues nothing
+    trials = load(second).trials
+    assert len(trials) == 4 and [t.params for t in trials].count(best[0].params) == 1
+    with pytest.raises(ParameterError, match="was created warm-started from 'first', not from 'second'"):
+        tune(dataclasses.replace(second, warm_start="second"), PrepareConfig(), prepared_run)
+    with pytest.raises(ParameterError, match="warm_start='missing': no study of that name"):
+        tune(smoke(tmp_path, study_name="third", warm_start="missing"), PrepareConfig(), prepared_run)
+    assert "third" not in optuna.study.get_all_study_names(coordination.open_storage(first))  # refused: nothing created
+
+
+# --- multi-objective studies ----------------------------------------------------------------------
+
+
+def test_the_compact_rule_picks_the_smallest_model_within_the_margin_of_the_best():
+    def trial(number, accuracy, count):
+        made = optuna.trial.create_trial(values=[accuracy, count])
+        made.number = number
+        return made
+
+    trials = [trial(0, 0.990, 900), trial(1, 0.989, 300), trial(2, 0.9885, 300), trial(3, 0.987, 100), trial(4, 0.990, 800)]
+    assert pareto.compact_trial(trials, within=0.002).number == 1  # 0.2 points: 300 parameters, the more accurate of two
+    assert pareto.compact_trial(trials, within=0.0035).number == 3
+    assert pareto.compact_trial(trials, within=0.0).number == 4  # the best accuracy, and the smaller of the two
+    assert pareto.most_accurate(trials).number == 4
+    assert not pareto.on_front((0.989, 400), trials) and pareto.on_front((0.991, 1000), trials)
+
+
+@pytest.mark.slow
+def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_model(tmp_path, prepared_run, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    config = smoke(tmp_path, n_trials=4, cost="parameter_count", compact_within=0.05)
+    tune(config, PrepareConfig(), prepared_run)
+    study = load(config)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert study.user_attrs["settings"]["pruner"] == "none"  # Optuna's pruners judge one objective
+    trials = pareto.complete(study)
+    assert len(trials) == 4 and all(t.values[1] == t.values[1] // 1 > 0 for t in trials)
+
+    [parent] = runs_of("tune")
+    assert parent.data.tags["optuna.pruner"] == "none"
+    front = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.csv"))
+    assert set(front["number"]) == {t.number for t in study.best_trials}
+    for row in front.itertuples():  # non-dominated, among every complete trial
+        assert pareto.on_front((row.val_accuracy, row.parameter_count), trials)
+    table = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.md")).read_text()
+    assert re.match(r"\| number +\| val_accuracy +\| parameter_count +\| hidden_size +\| learning_rate +\|\n", table)
+    assert "plots/pareto_front.png" in {f.path for f in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+
+    # The compact rule, by hand: the fewest parameters within 0.05 of the best val_accuracy.
+    best = max(t.values[0] for t in trials)
+    expected = min((t for t in trials if t.values[0] >= best - 0.05), key=lambda t: (t.values[1], -t.values[0], t.number))
+    client = MlflowClient()
+    compact = client.get_model_version_by_alias("tiny-lstm", "compact")
+    champion = client.get_model_version_by_alias("tiny-lstm", "champion")
+    assert compact.tags["optuna.trial_number"] == str(expected.number) == parent.data.tags["compact.trial_number"]
+    assert champion.tags["optuna.trial_number"] == str(pareto.most_accurate(trials).number)
+    # Test is read once per registered version.
+    evaluated = sorted(run.data.tags["pipeline.model"] for run in runs_of("evaluate"))
+    assert evaluated == sorted({f"models:/tiny-lstm/{v.version}" for v in (compact, champion)})
+
+
+@pytest.mark.slow
+def test_a_latency_study_measures_each_trial_once_and_logs_it_where_people_compare(tmp_path, prepared_run, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)
+    config = smoke(tmp_path, n_trials=3, cost="latency_ms", compact_within=0.05)
+    tune(config, PrepareConfig(), prepared_run)
+    study = load(config)
+    trials = pareto.complete(study)
+    assert len(trials) == 3 and all(0 < t.values[1] < 1000 for t in trials)  # milliseconds for one image
+    for trial in trials:  # the value Optuna minimised is the metric on the trial's run, for the runs table
+        run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.metrics["latency_ms"] == trial.values[1]
+
+    [parent] = runs_of("tune")
+    assert parent.data.params["objective"] == "maximize val_accuracy, minimize latency_ms"
+    assert parent.data.tags["compact.rule"] == "smallest latency_ms within 0.05 of the best val_accuracy"
+    front = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="pareto_front.csv"))
+    assert set(front["number"]) == {t.number for t in study.best_trials}
+    for row in front.itertuples():
+        assert pareto.on_front((row.val_accuracy, row.latency_ms), trials)
+    compact = MlflowClient().get_model_version_by_alias("tiny-lstm", "compact")
+    picked = study.trials[int(compact.tags["optuna.trial_number"])]
+    assert float(compact.tags["latency_ms"]) == pytest.approx(picked.values[1], abs=0.0005)
