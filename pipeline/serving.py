@@ -31,9 +31,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-IMAGE_SHAPE = (28, 28)
+from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES
+from pipeline.numerics import resolve_device
+
+IMAGE_SHAPE = SEQUENCE_SHAPES["rows"]  # (28, 28)
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-NUM_CLASSES = 10
 BATCH_SIZE = 1000  # images per forward pass; a request may set params.batch_size
 INPUT = (
     "a batch of 28x28 images, (N, 28, 28) or flattened (N, 784): 0-255 pixels as integers "
@@ -62,7 +64,7 @@ class Classifier:
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
         batch_size = int((params or {}).get("batch_size") or BATCH_SIZE)
         if batch_size < 1:
-            raise MlflowException.invalid_parameter_value(f"batch_size must be at least 1, got {batch_size}")
+            raise refuse(f"batch_size must be at least 1, got {batch_size}")
         probabilities = self.probabilities(pixels(model_input), batch_size).cpu()  # (N, 10)
         confidence, classes = probabilities.max(1)
         answer = pd.DataFrame(
@@ -180,9 +182,7 @@ def _load_pyfunc(path, model_config: dict | None = None) -> Classifier:
     """The python_function flavor's loader (MLflow's name for it). ``model_config={"device": "cuda"}``
     in ``mlflow.pyfunc.load_model`` picks the device; "auto", the default, a GPU when there is one."""
     metadata = Model.load(Path(path, "MLmodel")).metadata
-    device = (model_config or {}).get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device((model_config or {}).get("device", "auto"))
     return Classifier(mlflow.pytorch.load_model(str(path)), metadata["sequence_shape"], metadata["classes"], device)
 
 
