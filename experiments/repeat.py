@@ -31,6 +31,7 @@ from pipeline.main import (
     code_version,
     parse_pipeline_args,
     pipeline_parser,
+    python_first_on_path,
     run_pipeline,
     run_stage,
 )
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = parse_seeds(args.seeds)
     except ParameterError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    python_first_on_path(args.env_manager)  # its stages start with the shell's `python`, as main's do
     try:
         parent, summary, table = run_repeat(
             prepare_config, train_config, seeds, env_manager=args.env_manager, checkpoint_dir=args.checkpoint_dir

@@ -184,3 +184,17 @@ def test_main_resumes_an_interrupted_train_run_and_deletes_the_launchers_empty_r
     assert [m.step for m in client.get_metric_history(interrupted, "val_accuracy")] == [1, 2, 3, 4]
     [pipeline] = [r for r in client.search_runs(["0"], "tags.`pipeline.stage` = 'main'") if r.info.status == "FINISHED"]
     assert pipeline.data.tags["pipeline.train_run"] == interrupted
+
+
+def test_main_starts_its_stages_with_this_interpreter_even_without_an_activated_venv(monkeypatch):
+    seen = []
+
+    def recording_pipeline(*args, **kwargs):  # where MLflow would find `python` for the stages
+        seen.append(os.environ["PATH"].split(os.pathsep)[0])
+        raise main_module.StageFailed("the prepare stage failed; its error is above")
+
+    monkeypatch.setattr(main_module, "run_pipeline", recording_pipeline)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell where the virtual environment was never activated
+    with pytest.raises(SystemExit):
+        main_module.main([])
+    assert seen == [str(Path(sys.executable).parent)]

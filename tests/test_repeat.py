@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,7 @@ def test_a_failing_stage_ends_repeat_failed_with_one_line(tracking, monkeypatch,
         raise StageFailed(f"the {stage} stage failed (run 0123); its error is above")
 
     monkeypatch.setattr(repeat, "run_stage", failing_stage)
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # main() may put this interpreter first: undone after the test
     with pytest.raises(SystemExit) as exit_info:
         repeat.main(["--seeds", "1 2"])
     assert exit_info.value.code == 1
@@ -115,3 +118,17 @@ def test_a_failing_stage_ends_repeat_failed_with_one_line(tracking, monkeypatch,
     [run] = MlflowClient().search_runs(["0"])
     assert run.info.status == "FAILED" and run.data.tags["pipeline.error"].startswith("the prepare stage failed")
     assert run.data.params["seeds"] == "1 2" and run.data.tags["pipeline.stage"] == "repeat"
+
+
+def test_repeat_starts_its_stages_with_this_interpreter_even_without_an_activated_venv(tracking, monkeypatch):
+    seen = []
+
+    def recording_stage(stage, *args):  # what MLflow's `python` would be for the stage
+        seen.append(os.environ["PATH"].split(os.pathsep)[0])
+        raise StageFailed(f"the {stage} stage failed (run 0123); its error is above")
+
+    monkeypatch.setattr(repeat, "run_stage", recording_stage)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell where the virtual environment was never activated
+    with pytest.raises(SystemExit):
+        repeat.main(["--seeds", "1"])
+    assert seen == [str(Path(sys.executable).parent)]
