@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.config import OneLineParser, TrainConfig, fail, parse_bool
+from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, user_path
 from pipeline.tables import markdown_table
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output-dir", default="", help="also write leaderboard.md and leaderboard.csv there (default: print only)"
     )
+    add_launch_dir_argument(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"top_k={args.top_k} is not allowed: must be an integer >= 1")
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error.args[0]))
     markdown = markdown_table(mean_and_std(table) if args.group_by_config else table)
     if args.output_dir:
-        output = Path(args.output_dir)
+        output = Path(user_path(args.output_dir, args.launch_dir))
         output.mkdir(parents=True, exist_ok=True)
         (output / "leaderboard.md").write_text(markdown + "\n")
         table.to_csv(output / "leaderboard.csv", index=False)

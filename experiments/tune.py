@@ -55,6 +55,7 @@ from pipeline.config import (
     PrepareConfig,
     TuneConfig,
     add_config_arguments,
+    add_launch_dir_argument,
     build_configs,
     fail,
     user_path,
@@ -324,14 +325,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_arguments(parser, TuneConfig)
     add_config_arguments(parser, PrepareConfig, skip=("seed",))
+    add_launch_dir_argument(parser)
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
     signal.signal(signal.SIGTERM, raise_terminated)  # ends like Ctrl-C: the trial in progress is re-queued
     os.environ.setdefault("MPLBACKEND", "Agg")  # the summary's PNG plots: no window, here and in spawned workers
-    # Relative paths mean what they meant where the user started (`mlflow run` starts this in the project folder).
-    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir))
+    # Absolute from here on: the prepare stage this may start runs in the project folder (`mlflow.run`).
+    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir, args.launch_dir))
     if storage_kind(config.storage) == "journal":
-        config = dataclasses.replace(config, storage=user_path(config.storage))
+        config = dataclasses.replace(config, storage=user_path(config.storage, args.launch_dir))
     # Read once and removed: neither the trials nor spawned workers may log into the run `mlflow run` opened.
     launched_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:

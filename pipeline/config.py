@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,26 +263,27 @@ def fail(message: str, status: int = 1):
     raise SystemExit(status)
 
 
-def launch_directory() -> Path:
-    """The folder the user started the command in.
+def add_launch_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--launch-dir``: the folder relative paths are read from (see ``user_path``).
 
-    `mlflow run <project>` starts an entry point inside the project folder, but its own process
-    keeps the user's working directory: under `mlflow run` (MLFLOW_RUN_ID set), find that process
-    among this one's ancestors (Linux /proc); anywhere else, the working directory.
+    `mlflow run <project>` starts an entry point in the project folder, not where the user typed
+    the command. MLproject passes ``launch_dir``, a parameter of type ``path`` defaulting to ``.``,
+    which MLflow makes absolute in the `mlflow run` process: that is, the user's folder.
     """
-    if "MLFLOW_RUN_ID" in os.environ:
-        pid = os.getppid()
-        while pid > 1:
-            try:
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"run" in args and any(Path(arg.decode(errors="replace")).name == "mlflow" for arg in args[:3]):
-                    return Path(os.readlink(f"/proc/{pid}/cwd"))
-                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
-            except (OSError, ValueError, IndexError):
-                break
-    return Path.cwd()
+    parser.add_argument(
+        "--launch-dir",
+        default=".",
+        help="folder relative paths are read from; `mlflow run` passes the one it was typed in (default: ., this folder)",
+    )
 
 
-def user_path(path: str) -> str:
-    """``path`` as the user meant it: a relative one is relative to where they started the command."""
-    return str((launch_directory() / Path(path).expanduser()).resolve())
+def user_path(path: str, launch_dir: str) -> str:
+    """``path`` as the user meant it: absolute, a relative one taken from ``launch_dir``."""
+    return str((Path(launch_dir) / Path(path).expanduser()).resolve())
+
+
+def user_data_ref(ref: str, launch_dir: str) -> str:
+    """A ``--data`` reference as the user meant it: a folder (relative ones from ``launch_dir``)
+    made absolute; a run id or an artifact URI as given."""
+    folder = Path(launch_dir) / Path(ref).expanduser()
+    return str(folder.resolve()) if ref and folder.is_dir() else ref

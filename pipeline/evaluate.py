@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from pipeline import serving
-from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail
+from pipeline.config import (
+    EvaluateConfig,
+    OneLineParser,
+    add_config_arguments,
+    add_launch_dir_argument,
+    build_configs,
+    fail,
+    user_data_ref,
+)
 from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
 from pipeline.numerics import resolve_device
 from pipeline.tracking import device_params, load_prepared_run, log_data_inputs, log_params, model_uri, stage_run
@@ -160,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         "--data", default="", help="prepare run id, artifact URI or folder (default: the data the model's train run used)"
     )
     add_config_arguments(parser, EvaluateConfig)
+    add_launch_dir_argument(parser)
     args, (config,) = build_configs(parser, argv, EvaluateConfig)
+    args.data = user_data_ref(args.data, args.launch_dir)
 
     device = resolve_device(config.device)
     uri = model_uri(args.model)

@@ -23,7 +23,16 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, user_path
+from pipeline.config import (
+    OneLineParser,
+    PrepareConfig,
+    TrainConfig,
+    add_config_arguments,
+    add_launch_dir_argument,
+    build_configs,
+    fail,
+    user_path,
+)
 from pipeline.tables import markdown_table
 from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, log_params, ui_link
 
@@ -133,18 +142,19 @@ def pipeline_parser(prog: str, description: str) -> OneLineParser:
     )
     add_config_arguments(parser, PrepareConfig)
     add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
+    add_launch_dir_argument(parser)
     return parser
 
 
 def parse_pipeline_args(parser: OneLineParser, argv: list[str] | None):
     """Parse ``pipeline_parser``'s flags (and any a caller added): the args, the prepare and the train config.
 
-    Stages run in the project folder, so relative paths are resolved here to mean what they meant
-    where the user started; here, because opening a run hides how to tell (see ``user_path``).
+    Paths come out absolute, read from ``--launch-dir``, before they reach the stages: ``mlflow.run``
+    starts those in the project folder, with this process's working directory as their ``launch_dir``.
     """
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
-    args.checkpoint_dir = user_path(args.checkpoint_dir)
-    return args, dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir)), train_config
+    args.checkpoint_dir = user_path(args.checkpoint_dir, args.launch_dir)
+    return args, dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir, args.launch_dir)), train_config
 
 
 def run_pipeline(

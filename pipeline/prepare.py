@@ -20,7 +20,15 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, user_path
+from pipeline.config import (
+    OneLineParser,
+    PrepareConfig,
+    add_config_arguments,
+    add_launch_dir_argument,
+    build_configs,
+    fail,
+    user_path,
+)
 from pipeline.data import DataError, Split, load_raw, save_prepared, split_train_val
 from pipeline.tracking import PREPARED_ARTIFACT, log_params, log_split_input, stage_run
 
@@ -58,8 +66,9 @@ def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> No
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="prepare", description=__doc__.split("\n")[0])
     add_config_arguments(parser, PrepareConfig)
-    _, (config,) = build_configs(parser, argv, PrepareConfig)
-    config = dataclasses.replace(config, data_dir=user_path(config.data_dir))  # relative to where the user started
+    add_launch_dir_argument(parser)
+    args, (config,) = build_configs(parser, argv, PrepareConfig)
+    config = dataclasses.replace(config, data_dir=user_path(config.data_dir, args.launch_dir))
 
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
         folder = Path(tmp) / PREPARED_ARTIFACT

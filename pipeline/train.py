@@ -33,7 +33,17 @@ from mlflow.models.model import ModelInfo
 
 from pipeline import serving
 from pipeline.checkpoints import CheckpointMismatch, Checkpoints
-from pipeline.config import OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, parse_bool, user_path
+from pipeline.config import (
+    OneLineParser,
+    TrainConfig,
+    add_config_arguments,
+    add_launch_dir_argument,
+    build_configs,
+    fail,
+    parse_bool,
+    user_data_ref,
+    user_path,
+)
 from pipeline.data import DATASETS, DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.numerics import numeric_settings, resolve_device, set_cublas_workspace
@@ -168,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         help="keep <checkpoint-dir>/<run id>/ once the run finishes; an interrupted or failed run keeps it (default: false)",
     )
     add_config_arguments(parser, TrainConfig)
+    add_launch_dir_argument(parser)
     args, (config,) = build_configs(parser, argv, TrainConfig)
+    args.data = user_data_ref(args.data, args.launch_dir)
     try:  # a device or precision this machine lacks stops the stage before anything starts
         numeric_settings(config, resolve_device(config.device))
     except RuntimeError as error:
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_prepared_run(args.data)
     except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
         fail(f"--data {args.data}: {error}")
-    checkpoint_root = Path(user_path(args.checkpoint_dir))
+    checkpoint_root = Path(user_path(args.checkpoint_dir, args.launch_dir))
     try:
         with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
             mlflow.set_tag("mlflow.runName", run_name(config))  # tells trainings apart in the UI's chart legends

@@ -67,11 +67,15 @@ def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
     make_runs(client, "0", accuracies=(0.1, 0.2, 0.3))  # Default: another project's runs
     make_runs(client, client.create_experiment("mine"), accuracies=(0.91, 0.97, 0.95))
     env = user_environment(uri)
-    done = mlflow_run("-e", "compare", "--experiment-name", "mine", "-P", "study=s", "-P", "top_k=1", cwd=tmp_path, env=env)
+    args = ("-e", "compare", "--experiment-name", "mine", "-P", "study=s", "-P", "top_k=1", "-P", "output_dir=boards")
+    done = mlflow_run(*args, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = table_rows(done.stdout[done.stdout.index("| rank") :])
     assert (row["run"], row["best_val_accuracy"]) == ("trial-1", "0.97")  # "mine", not Default
-    assert not (REPO / "leaderboard.md").exists() and not (tmp_path / "leaderboard.md").exists()
+    # A relative output_dir is the user's folder's, not the project's, where mlflow run starts compare.
+    [written] = table_rows((tmp_path / "boards" / "leaderboard.md").read_text())
+    assert written == row
+    assert not (REPO / "boards").exists()
 
 
 def logged_run(client: MlflowClient, stage: str, params: dict, test_accuracy: float, **tags: str) -> None:

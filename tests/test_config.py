@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 
 from experiments import compare, repeat, tune
 from pipeline import evaluate, main, prepare, train
-from pipeline.config import EvaluateConfig, ParameterError, PrepareConfig, TrainConfig, TuneConfig, parse_bool
+from pipeline.config import (
+    EvaluateConfig,
+    ParameterError,
+    PrepareConfig,
+    TrainConfig,
+    TuneConfig,
+    parse_bool,
+    user_data_ref,
+    user_path,
+)
 from tests.conftest import REPO
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
@@ -77,6 +86,28 @@ def test_mlproject_defaults_equal_the_flag_defaults(module, entry_point):
         default = defaults[name]
         as_flag_type = parse_bool if isinstance(default, bool) else type(default)
         assert as_flag_type(str(declared["default"])) == default, f"{entry_point}.{name}"
+
+
+def test_user_path_reads_a_relative_path_from_the_launch_dir(tmp_path, monkeypatch):
+    home = tmp_path.resolve()
+    monkeypatch.chdir(home / "..")  # the project folder, say, where `mlflow run` starts a stage
+    typed_in = str(home / "work")  # what MLproject's launch_dir gives: where `mlflow run` was typed
+    assert user_path("data", typed_in) == str(home / "work" / "data")
+    assert user_path("../shared/data", typed_in) == str(home / "shared" / "data")
+    assert user_path(str(home / "elsewhere"), typed_in) == str(home / "elsewhere")  # absolute: as given
+    monkeypatch.chdir(home)
+    assert user_path("data", ".") == str(home / "data")  # --launch-dir's default: the working directory
+
+
+def test_a_data_reference_that_is_a_folder_is_read_from_the_launch_dir(tmp_path, monkeypatch):
+    (tmp_path / "work" / "prepared").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # not where the folder is
+    typed_in = str(tmp_path / "work")
+    assert user_data_ref("prepared", typed_in) == str((tmp_path / "work" / "prepared").resolve())
+    run_id = "0123456789abcdef0123456789abcdef"  # no such folder: a prepare run id, as given
+    assert user_data_ref(run_id, typed_in) == run_id
+    assert user_data_ref("runs:/0123/prepared", typed_in) == "runs:/0123/prepared"
+    assert user_data_ref("", typed_in) == ""  # evaluate's default: the data the model trained on
 
 
 def pins(lines) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,20 @@ def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.Comp
         text=True,
         timeout=900,
     )
+
+
+@pytest.mark.slow
+def test_mlflow_run_reads_relative_paths_from_the_folder_it_was_typed_in(tmp_path, mnist_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mnist").symlink_to(mnist_dir)
+    typed_in = tmp_path / "work"  # not the project folder, where mlflow run starts the stage
+    typed_in.mkdir()
+    params = ["-e", "prepare", "-P", "data_dir=../mnist", "-P", "train_limit=500", "-P", "val_size=100"]
+    done = mlflow_run(params, typed_in, uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = MlflowClient(uri).search_runs(["0"])
+    [dataset_input] = run.inputs.dataset_inputs
+    assert json.loads(dataset_input.dataset.source)["uri"] == str(mnist_dir.resolve())  # read from <typed_in>/../mnist
 
 
 @pytest.mark.slow
