@@ -4,21 +4,34 @@ rule that picks a compact model.
 
 A trial is on the front when no other complete trial is at least as accurate and at most as
 costly, and strictly better in one of the two. Selection reads validation only.
+
+A trial measures its latency while other workers train on the same cores, so in a latency study
+the summary measures it again, alone, for every trial the compact rule could pick, and the rule
+reads those values; the table says how far each trial's own measurement was off.
 """
 
 from __future__ import annotations
 
+import statistics
+import sys
+from collections.abc import Mapping
+
 import optuna
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from experiments import attributes
-from experiments.studies import OBJECTIVE_METRIC
+from experiments.studies import OBJECTIVE_METRIC, trial_config
+from pipeline.config import TuneConfig
 from pipeline.data import SEQUENCE_SHAPES, PreparedData
 from pipeline.inference import inference_latency_ms
-from pipeline.model import count_parameters
+from pipeline.model import build_model, count_parameters
+from pipeline.numerics import resolve_device
+from pipeline.tables import markdown_table
 
 COSTS = ("parameter_count", "latency_ms")  # the second objectives a study can minimise (-P cost)
 COMPACT = "compact"  # the alias of the model the compact rule picks, beside champion
@@ -64,12 +77,86 @@ def most_accurate(trials: list[FrozenTrial]) -> FrozenTrial:
     return min(trials, key=lambda t: (-t.values[0], t.values[-1] if len(t.values) > 1 else 0, t.number))
 
 
-def compact_trial(trials: list[FrozenTrial], within: float) -> FrozenTrial:
-    """The compact rule: the smallest model whose val_accuracy is within ``within`` of the best
-    (0.002 = 0.2 points); among equals the more accurate, then the earlier. It is on the front."""
+def within_reach(trials: list[FrozenTrial], within: float) -> list[FrozenTrial]:
+    """The trials whose val_accuracy is within ``within`` of the best: those the compact rule weighs."""
     best = max(t.values[0] for t in trials)
-    eligible = [t for t in trials if t.values[0] >= best - within - 1e-12]
-    return min(eligible, key=lambda t: (t.values[1], -t.values[0], t.number))
+    return [t for t in trials if t.values[0] >= best - within - 1e-12]
+
+
+def compact_trial(trials: list[FrozenTrial], within: float, costs: Mapping[int, float] | None = None) -> FrozenTrial:
+    """The compact rule: the smallest model whose val_accuracy is within ``within`` of the best
+    (0.002 = 0.2 points); among equals the more accurate, then the earlier. Its cost is the trial's
+    own, or ``costs[number]`` when given (latency measured alone). It is on the front."""
+
+    def cost(t: FrozenTrial) -> float:
+        return t.values[1] if costs is None else costs[t.number]
+
+    return min(within_reach(trials, within), key=lambda t: (cost(t), -t.values[0], t.number))
+
+
+def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, parent_run_id: str) -> FrozenTrial:
+    """The compact rule's pick among the study's complete trials. In a latency study it reads the
+    latencies measured again alone (``latency_alone``, logged on the parent run and printed), among
+    the trials with a model to register."""
+    if cost_name(study) != "latency_ms":
+        return compact_trial(complete(study), config.compact_within)  # exact costs: the pick is on the front
+    alone = latency_alone(study, config, data)
+    print(log_latency_alone(parent_run_id, alone), file=sys.stderr)
+    costs = dict(zip(alone["number"], alone["latency_ms_alone"], strict=True))
+    return compact_trial(with_model(complete(study)), config.compact_within, costs)
+
+
+def with_model(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that logged a model: those on the front when they finished (the best among them)."""
+    return [t for t in trials if attributes.model_uri(t)]
+
+
+def latency_alone(study: optuna.Study, config: TuneConfig, data: PreparedData, rounds: int = 5) -> pd.DataFrame:
+    """Latency measured again with nothing else running, for every trial the compact rule could
+    pick (within ``config.compact_within`` of the best, with a model of its own to register) and
+    every trial on the front (each has one: a trial logs its model when it is on the front): ``rounds``
+    medians of 100 calls each, on a fresh model of the trial's architecture (latency depends on
+    the shapes, not on the weights). One row per trial, cheapest first: number, val_accuracy,
+    latency_ms (the trial's own), latency_ms_alone (the median of the rounds), alone_spread
+    ((max - min) / median of the rounds) and in_trial_ratio (latency_ms / latency_ms_alone)."""
+    reach = within_reach(with_model(complete(study)), config.compact_within)
+    candidates = {t.number: t for t in [*reach, *study.best_trials]}
+    device = resolve_device(config.device)
+    image = data.val.images[:1]
+    rows = []
+    for number, trial in sorted(candidates.items()):
+        train_config = trial_config(config, optuna.trial.FixedTrial(trial.params))
+        model = build_model(train_config).to(device)
+        shape = SEQUENCE_SHAPES[train_config.reading_order]
+        measured = [inference_latency_ms(model, image, shape) for _ in range(rounds)]
+        alone = statistics.median(measured)
+        rows.append(
+            {
+                "number": number,
+                OBJECTIVE_METRIC: trial.values[0],
+                "latency_ms": trial.values[1],
+                "latency_ms_alone": alone,
+                "alone_spread": (max(measured) - min(measured)) / alone,
+                "in_trial_ratio": trial.values[1] / alone,
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["latency_ms_alone", "number"]).reset_index(drop=True)
+
+
+def log_latency_alone(parent_run_id: str, table: pd.DataFrame) -> str:
+    """Record ``latency_alone``'s table on the parent run (``latency_alone.md``, ``.csv``) with two
+    noise metrics; return the lines to print."""
+    client = MlflowClient()
+    client.log_text(parent_run_id, markdown_table(table) + "\n", "latency_alone.md")
+    client.log_text(parent_run_id, table.to_csv(index=False), "latency_alone.csv")
+    client.log_metric(parent_run_id, "latency_alone_spread_max", float(table["alone_spread"].max()))
+    client.log_metric(parent_run_id, "latency_in_trial_ratio_max", float(table["in_trial_ratio"].max()))
+    where = f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "the GPU"
+    return (
+        f"latency measured again alone ({where}) for the {len(table)} trial(s) the compact rule weighs: "
+        f"rounds within {table['alone_spread'].max():.0%} of each other; the trials' own values were "
+        f"{table['in_trial_ratio'].min():.2f}x to {table['in_trial_ratio'].max():.2f}x these:\n{markdown_table(table)}"
+    )
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial
 from experiments import attributes
 from experiments.confirm import champion_run, confirm, confirmation_table, log_confirmation
 from experiments.coordination import counted
-from experiments.pareto import COMPACT, compact_trial, complete, cost_name, format_cost, front_figure, front_table, most_accurate
+from experiments.pareto import COMPACT, compact_pick, complete, cost_name, format_cost, front_figure, front_table, most_accurate
 from experiments.plots import log_study_plots
 from experiments.studies import OBJECTIVE_METRIC
 from pipeline import serving
@@ -96,7 +96,7 @@ def summarise(
     client = MlflowClient()
     trials = counted(study.get_trials(deepcopy=False))
     multi_objective = len(study.directions) > 1
-    compact = compact_trial(complete(study), config.compact_within) if multi_objective and complete(study) else None
+    compact = compact_pick(study, config, data, parent_run_id) if multi_objective and complete(study) else None
     log_tables_and_plots(study, parent_run_id, compact)
     states = pd.Series([trial.state.name for trial in trials]).value_counts()
     for state in ("COMPLETE", "PRUNED", "FAIL"):

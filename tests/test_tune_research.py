@@ -6,17 +6,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import coordination, pareto, summary, warm_start
 from experiments.studies import STUDIES
 from experiments.tune import tune
-from pipeline.config import ParameterError, PrepareConfig
+from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from tests.tuning import load, runs_of, smoke
 
 
@@ -95,6 +97,44 @@ def test_the_compact_rule_picks_the_smallest_model_within_the_margin_of_the_best
     assert pareto.compact_trial(trials, within=0.0).number == 4  # the best accuracy, and the smaller of the two
     assert pareto.most_accurate(trials).number == 4
     assert not pareto.on_front((0.989, 400), trials) and pareto.on_front((0.991, 1000), trials)
+
+
+def test_a_latency_study_picks_its_compact_model_on_latency_measured_alone(tracking, capsys):
+    """A trial times itself while other workers train: here noise made a large model look the
+    fastest and a small one the slowest. Measured again alone, the small one is the compact pick."""
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="latency")
+    space = {
+        "num_layers": optuna.distributions.IntDistribution(1, 2),
+        "hidden_size": optuna.distributions.IntDistribution(32, 256, log=True),
+        "learning_rate": optuna.distributions.FloatDistribution(3e-4, 3e-2, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([128, 256]),
+        "bidirectional": optuna.distributions.CategoricalDistribution([False, True]),
+    }
+    large = {"num_layers": 2, "hidden_size": 128, "learning_rate": 1e-3, "batch_size": 128, "bidirectional": True}
+    small = {**large, "num_layers": 1, "hidden_size": 32, "bidirectional": False}
+    middle = {**large, "hidden_size": 64, "bidirectional": False}
+    for params, values in [(large, [0.990, 0.01]), (small, [0.989, 50.0]), (middle, [0.95, 0.001])]:
+        extra = {"dropout": optuna.distributions.FloatDistribution(0.0, 0.5)} if params["num_layers"] > 1 else {}
+        params = {**params, "dropout": 0.1} if extra else params
+        made = optuna.trial.create_trial(params=params, distributions={**space, **extra}, values=values)
+        made.set_user_attr("model_uri", f"models:/m-{len(study.trials)}")  # as a trial on the front when it finished
+        study.add_trial(made)
+    study.add_trial(optuna.trial.create_trial(params=small, distributions=space, values=[0.9895, 40.0]))  # logged no model
+    study.set_user_attr("settings", {"cost": "latency_ms"})
+    config = TuneConfig(study="lstm-cpu", cost="latency_ms", compact_within=0.002, device="cpu")
+    data = SimpleNamespace(val=SimpleNamespace(images=torch.zeros(1, 28, 28, dtype=torch.uint8)))
+    parent = MlflowClient().create_run(MlflowClient().create_experiment("latency")).info.run_id
+
+    assert pareto.compact_trial(pareto.complete(study), 0.002).number == 0  # the trials' own values
+    assert pareto.compact_pick(study, config, data, parent).number == 1
+
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="latency_alone.csv"))
+    assert list(table["number"]) == [1, 2, 0]  # within reach (0, 1; 3 has no model) and on the front (0, 2), cheapest first
+    assert table["latency_ms_alone"].iloc[0] < table["latency_ms_alone"].iloc[2]
+    assert table["in_trial_ratio"].tolist() == pytest.approx((table["latency_ms"] / table["latency_ms_alone"]).tolist())
+    metrics = MlflowClient().get_run(parent).data.metrics
+    assert metrics["latency_in_trial_ratio_max"] == pytest.approx(table["in_trial_ratio"].max())
+    assert "measured again alone" in capsys.readouterr().err
 
 
 @pytest.mark.slow
