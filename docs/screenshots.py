@@ -1,25 +1,37 @@
 """Screenshots of the MLflow UI from real runs, for the README; and the browser test of the records.
 
-In a throwaway folder with its own tracking store (sqlite, and an artifact root beside it), this
-runs what a user runs, through `mlflow run`: two small pipelines that differ only in learning_rate,
-and a small Optuna study (the `smoke` space). It then serves that store with `mlflow server` and
-has headless Chromium take three pictures into --out:
+By default, in a throwaway folder with its own tracking store (sqlite, and an artifact root beside
+it), this runs what a user runs, through `mlflow run`: two small pipelines that differ only in
+learning_rate, and a small Optuna study (the `smoke` space). With --store it makes no runs: it
+photographs runs that already exist, a real default pipeline and study, from a copy of that sqlite
+store (the store itself is only read, once, to copy it). Either way it then serves the store with
+`mlflow server` and has headless Chromium take three pictures into --out:
 
-    runs-table.png       the runs table, each pipeline's stages and the study's trials nested under them
-    study-compare.png    the study's trials compared: hidden_size and learning_rate against
-                         best_val_accuracy (parallel coordinates), and their val_accuracy curves
-    learning-curves.png  the chart view: val_accuracy and train_loss per epoch of every trained model
+    runs-table.png       the runs table: the newest pipelines expanded, their stages nested under them,
+                         and the study (expanded too when it has at most 20 child runs)
+    study-compare.png    the study's complete trials compared (at most --chart-trials, the best by
+                         best_val_accuracy): its searched parameters against best_val_accuracy
+                         (parallel coordinates), and their val_accuracy curves
+    learning-curves.png  the chart view: val_accuracy and train_loss per epoch of the fully trained
+                         models, the pipelines' train runs and the study's confirm runs
+
+Pruned trials are left out of the study's chart: they stop before logging best_val_accuracy, so
+the parallel coordinates cannot place them. A picture with nothing to draw (a store without a
+finished pipeline, a study without a complete trial or confirm run yet) is skipped: the others are
+taken, and the script names each skipped picture and why, and exits with status 1.
 
 Each page is also read back as a DOM: the script fails, naming the page and the runs it misses, if
 a page does not show the runs it should. It is a tool run by hand when the pictures are remade, not
 part of the test suite: setup.sh does not install Chromium (a large package) and the runs it makes
 would add minutes to every CI run.
 
-Needs Debian's `chromium` (apt-get install chromium) and the MNIST files under --data-dir. About
-5 minutes on a busy 2-core machine (3.5 minutes of CPU), mostly the start-up of stage processes.
+Needs Debian's `chromium` (apt-get install chromium); by default also the MNIST files under
+--data-dir. By default about 5 minutes on a busy 2-core machine (3.5 minutes of CPU), mostly the
+start-up of stage processes; with --store 1 to 2 minutes, the browser's.
 
     .venv/bin/python docs/screenshots.py --data-dir ../shared/data
     .venv/bin/python docs/screenshots.py --data-dir ../shared/data --out /tmp/pictures --keep
+    .venv/bin/python docs/screenshots.py --store sqlite:////path/to/mlflow.db --study NAME --out /tmp/pictures
 
 All three are the classic runs page (MLflow 3.17 opens an experiment in its GenAI view otherwise),
 set up as a user would with a few clicks, through the browser's local storage (MLflow 3.17's keys,
@@ -41,6 +53,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -48,11 +61,10 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
-from ui_pages import pages  # docs/ui_pages.py, beside this script
+from ui_pages import Runs, find_runs, find_study, pages  # docs/ui_pages.py, beside this script
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EXPERIMENT = "lstm-mnist"
@@ -61,18 +73,6 @@ LEARNING_RATES = (0.002, 0.01)  # one pipeline per value: two runs that differ i
 # What every run shares: a small model on a slice of MNIST (seconds of training per stage).
 PIPELINE = {"hidden_size": 64, "num_layers": 1, "batch_size": 128}
 TUNE = {"study": "smoke", "n_workers": 1}  # tiny one-layer LSTMs, one worker
-
-
-@dataclass
-class Runs:
-    """The run ids a finished set of runs left, by role."""
-
-    experiment_id: str
-    pipelines: dict[str, list[str]]  # parent run id -> its stage run ids
-    study: str  # the study's parent run id
-    trials: list[str]  # its trial run ids, trial 0 first
-    trained: list[str]  # runs with per-epoch learning curves: train stages and trials
-    names: dict[str, str]  # run id -> run name
 
 
 def run(command: list[str], env: dict, log: Path) -> None:
@@ -86,10 +86,9 @@ def run(command: list[str], env: dict, log: Path) -> None:
         sys.exit(f"screenshots: mlflow run -e {entry_point} failed with status {done.returncode}; its output ends:\n{tail}")
 
 
-def make_runs(work: Path, tracking_uri: str, args: argparse.Namespace) -> Runs:
+def make_runs(work: Path, tracking_uri: str, args: argparse.Namespace) -> None:
     """Two pipelines and a study through `mlflow run`, into the new store ``tracking_uri``."""
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(work / "artifacts").as_uri())
+    MlflowClient(tracking_uri).create_experiment(EXPERIMENT, artifact_location=(work / "artifacts").as_uri())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # MLflow starts each stage with the shell's `python`: make it this interpreter.
     env.update(
@@ -118,32 +117,31 @@ def make_runs(work: Path, tracking_uri: str, args: argparse.Namespace) -> Runs:
         "storage": work / "optuna.journal",
     }
     run([*mlflow_run, "-e", "tune", *flags(params)], env, log)
-    return find_runs(client, experiment_id)
 
 
 def flags(params: dict) -> list[str]:
     return [item for name, value in params.items() for item in ("-P", f"{name}={value}")]
 
 
-def find_runs(client: MlflowClient, experiment_id: str) -> Runs:
-    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
-    children: dict[str, list] = {}
-    for r in runs:
-        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
-    stage = {r.info.run_id: r.data.tags.get("pipeline.stage") for r in runs}
-    pipelines = {
-        r.info.run_id: [c.info.run_id for c in children.get(r.info.run_id, [])]
-        for r in children[None]
-        if stage[r.info.run_id] == "main"
-    }
-    (study,) = [r.info.run_id for r in children[None] if stage[r.info.run_id] == "tune"]
-    trials = sorted(
-        (c for c in children.get(study, []) if "optuna.trial_number" in c.data.tags),
-        key=lambda c: int(c.data.tags["optuna.trial_number"]),
-    )
-    trial_ids = [t.info.run_id for t in trials]
-    trained = [r.info.run_id for r in runs if stage[r.info.run_id] == "train"] + trial_ids
-    return Runs(experiment_id, pipelines, study, trial_ids, trained, {r.info.run_id: r.info.run_name for r in runs})
+def copy_store(store: str, copy: Path) -> None:
+    """Copy the sqlite tracking store ``store`` (a sqlite:/// URI, its file, or a folder holding
+    mlflow.db) to ``copy``. The store is read once, here; all else reads and serves the copy."""
+    if store.startswith("sqlite:///"):
+        path = Path(store.removeprefix("sqlite:///"))
+    elif "://" in store:
+        sys.exit(f"screenshots: --store {store}: only a sqlite store can be copied")
+    else:
+        path = Path(store) / "mlflow.db" if Path(store).is_dir() else Path(store)
+    if not path.is_file():
+        sys.exit(f"screenshots: --store {store}: no sqlite file at {path}")
+    # SQLite's backup API, the source opened read-only: a consistent copy even while a study writes.
+    source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    target = sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
 
 
 # --- the browser ----------------------------------------------------------------------------------
@@ -236,6 +234,8 @@ def mlflow_server(tracking_uri: str, work: Path, port: int) -> Iterator[str]:
     """`mlflow server` on ``tracking_uri`` at 127.0.0.1:<port>; stopped, with its workers, on exit."""
     log = work / "mlflow-server.log"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
+    # The pages read no artifacts (runs keep their own artifact URIs); the root only keeps anything
+    # the server would write in the throwaway folder, not in ./mlartifacts.
     command += [
         "--default-artifact-root",
         (work / "artifacts").as_uri(),
@@ -271,9 +271,11 @@ def mlflow_server(tracking_uri: str, work: Path, port: int) -> Iterator[str]:
             server.wait()
 
 
-def take_pictures(args: argparse.Namespace, work: Path, tracking_uri: str, runs: Runs) -> None:
+def take_pictures(args: argparse.Namespace, work: Path, tracking_uri: str, runs: Runs) -> list[str]:
+    """Take the pictures that have something to draw; return, for each other one, why it was skipped."""
+    taken = [page for page in pages(runs) if not page.skipped]
     port = free_port()
-    for page in pages(runs):  # one browser profile per page: the view state is per experiment
+    for page in taken:  # one browser profile per page: the view state is per experiment
         prime_local_storage(
             args,
             work / "profiles" / page.file,
@@ -287,7 +289,7 @@ def take_pictures(args: argparse.Namespace, work: Path, tracking_uri: str, runs:
     args.out.mkdir(parents=True, exist_ok=True)
     missing = []
     with mlflow_server(tracking_uri, work, port) as url:
-        for page in pages(runs):
+        for page in taken:
             print(f"{page.file}: {url}{page.url}", file=sys.stderr, flush=True)
             profile = work / "profiles" / page.file
             chromium(args, profile, f"--screenshot={args.out / page.file}", url=url + page.url)
@@ -297,39 +299,68 @@ def take_pictures(args: argparse.Namespace, work: Path, tracking_uri: str, runs:
                 missing.append(f"{page.file} ({url}{page.url}) does not show: {', '.join(absent)}")
     if missing:
         sys.exit("screenshots: the MLflow UI does not show the runs:\n  " + "\n  ".join(missing))
+    if taken:
+        print(f"wrote {', '.join(str(args.out / page.file) for page in taken)}")
+    return [f"{page.file}: {page.skipped}" for page in pages(runs) if page.skipped]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "images", help="folder for the PNGs (default: docs/images)"
     )
-    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw (default: data)")
-    parser.add_argument("--train-limit", type=int, default=5000, help="training images per run (default: 5000)")
-    parser.add_argument("--val-size", type=int, default=2000, help="validation images (default: 2000)")
-    parser.add_argument("--epochs", type=int, default=3, help="of each pipeline and trial (default: 3)")
-    parser.add_argument("--n-trials", type=int, default=4, help="of the study (default: 4)")
+    parser.add_argument(
+        "--store",
+        metavar="URI_OR_FOLDER",
+        help="photograph this sqlite tracking store's runs (a sqlite:/// URI, or a folder holding mlflow.db) "
+        "instead of making runs; only a copy of it is read and served (default: make runs)",
+    )
+    parser.add_argument("--study", help="with --store: the study to show, its parent run's name (required with --store)")
+    parser.add_argument("--experiment", help="with --store: the experiment to show (default: the one holding --study)")
+    parser.add_argument("--pipelines", type=int, default=3, help="the newest finished pipelines shown (default: 3)")
+    parser.add_argument(
+        "--chart-trials", type=int, default=20, help="most trials the study's chart draws, the best ones (default: 20)"
+    )
+    made = parser.add_argument_group("without --store: the runs made")
+    made.add_argument("--data-dir", default="data", help="folder holding MNIST/raw (default: data)")
+    made.add_argument("--train-limit", type=int, default=5000, help="training images per run (default: 5000)")
+    made.add_argument("--val-size", type=int, default=2000, help="validation images (default: 2000)")
+    made.add_argument("--epochs", type=int, default=3, help="of each pipeline and trial (default: 3)")
+    made.add_argument("--n-trials", type=int, default=4, help="of the study (default: 4)")
     parser.add_argument("--window-size", default="1600,1000", help="browser window, width,height in pixels (default: 1600,1000)")
     parser.add_argument("--time-budget", type=int, default=60000, help="virtual ms each page gets to load (default: 60000)")
     parser.add_argument("--chromium", default="chromium", help="the browser's command (default: chromium)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary store and print where it is (default: delete it)")
     args = parser.parse_args(argv)
+    if bool(args.store) != bool(args.study) or (args.experiment and not args.store):
+        parser.error("--store needs --study, and --study and --experiment need --store")
     if not shutil.which(args.chromium):
         parser.exit(2, f"screenshots: error: {args.chromium!r} not found; on Debian: apt-get install chromium\n")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lstm-mnist-screenshots-"))
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     try:
-        started = time.monotonic()
-        runs = make_runs(work, tracking_uri, args)
-        print(f"runs done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-        take_pictures(args, work, tracking_uri, runs)
+        if args.store:
+            copy_store(args.store, work / "mlflow.db")
+        else:
+            started = time.monotonic()
+            make_runs(work, tracking_uri, args)
+            print(f"runs done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        client = MlflowClient(tracking_uri)
+        study = find_study(client, args.study or STUDY, args.experiment or (None if args.store else EXPERIMENT))
+        runs = find_runs(client, study, args.pipelines, args.chart_trials)
+        skipped = take_pictures(args, work, tracking_uri, runs)
     finally:
         if args.keep:
             print(f"kept {work}: mlflow ui --backend-store-uri {tracking_uri}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {', '.join(str(args.out / page.file) for page in pages(runs))}")
+    if skipped:
+        sys.exit("screenshots: skipped, nothing to draw:\n  " + "\n  ".join(skipped))
 
 
 if __name__ == "__main__":
