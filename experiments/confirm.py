@@ -8,7 +8,8 @@ complete trials, one per configuration) each train with seeds 1 to ``confirm_see
 its own under the study's parent run (stage tag ``confirm``). The champion is the configuration
 with the best mean val_accuracy; what is registered is its seed run with the best val_accuracy
 (the models differ by seed only; the pick reads validation too). The test set is read only
-afterwards, once, for the version registered (experiments/summary.py).
+afterwards, once per model: the version registered (experiments/summary.py), and the champion
+configuration's other seed models, for its mean test accuracy (``test_seed_models``).
 
 Reads:  the study's complete trials, the prepared data.
 Writes: per configuration and seed a ``confirm`` run (params, per-epoch metrics, its model);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
@@ -157,3 +159,39 @@ def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: 
     client.set_tag(parent_run_id, "confirmed.trial_number", str(int(best["trial"])))
     client.set_tag(parent_run_id, "confirmed.seeds", " ".join(map(str, range(1, seeds + 1))))
     return markdown
+
+
+def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable[[str], float]) -> str:
+    """Test each of the champion configuration's seed models once, now that it is chosen (the
+    registered one already was; one tested by an earlier summary keeps its evaluate run): the
+    configuration's test accuracy over seeds, not one seed's. Logs ``confirmed_test_accuracy_mean``
+    (and ``_std``) on the parent run; returns the line to print."""
+    accuracies = pd.Series(
+        {
+            seed: registered.test_accuracy if seed == registered.seed else tested(parent_run_id, uri, test)
+            for seed, uri in seed_models
+        }
+    )
+    client = MlflowClient()
+    client.log_metric(parent_run_id, "confirmed_test_accuracy_mean", float(accuracies.mean()))
+    spread = ""
+    if len(accuracies) > 1:
+        client.log_metric(parent_run_id, "confirmed_test_accuracy_std", float(accuracies.std()))
+        spread = f" ± {accuracies.std():.4f}"
+    each = ", ".join(f"seed {seed} {accuracy:.4f}" for seed, accuracy in accuracies.items())
+    return (
+        f"test_accuracy of the champion configuration's {len(accuracies)} models, each tested once after the choice: "
+        f"{each}; mean {accuracies.mean():.4f}{spread}"
+    )
+
+
+def tested(parent_run_id: str, model_uri: str, test: Callable[[str], float]) -> float:
+    """The test_accuracy of ``model_uri``'s finished evaluate run under the parent, else ``test(model_uri)``."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    found = (
+        f"tags.`pipeline.stage` = 'evaluate' and tags.`pipeline.model` = '{model_uri}' "
+        f"and tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    )
+    runs = client.search_runs([experiment_id], filter_string=found, max_results=1)
+    return runs[0].data.metrics["test_accuracy"] if runs else test(model_uri)

@@ -12,6 +12,7 @@ table and a plot, and registers the compact rule's pick under the alias ``compac
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
 from experiments import attributes
-from experiments.confirm import champion_run, confirm, confirmation_table, log_confirmation
+from experiments.confirm import champion_run, confirm, confirmation_table, log_confirmation, test_seed_models
 from experiments.coordination import counted
 from experiments.pareto import COMPACT, compact_pick, complete, cost_name, format_cost, front_figure, front_table, most_accurate
 from experiments.plots import log_study_plots
@@ -69,6 +70,7 @@ class Pick:
     val_accuracy_mean: float | None = None
     val_accuracy_std: float | None = None
     n_seeds: int = 0
+    seed_models: tuple[tuple[int, str], ...] = ()  # confirmed: (seed, model URI) of each of its configuration's models
 
 
 def trial_pick(trial: FrozenTrial) -> Pick:
@@ -110,6 +112,9 @@ def summarise(
             client.set_tag(parent_run_id, f"best.{name}", str(value))
         pick = confirmed_pick(study, config, parent_run_id, data, data_ref) if config.confirm_top else trial_pick(best)
         registered = register_best(study, pick, parent_run_id, config.register_name, data, data_ref, config.device)
+        if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
+            test = functools.partial(test_once, parent_run_id=parent_run_id, data=data, data_ref=data_ref, device=config.device)
+            print(test_seed_models(parent_run_id, pick.seed_models, registered, test), file=sys.stderr)
     if compact is not None:
         client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
         rule = f"smallest {cost_name(study)} within {config.compact_within} of the best {OBJECTIVE_METRIC}"
@@ -153,13 +158,7 @@ def confirmed_pick(study: optuna.Study, config: TuneConfig, parent_run_id: str, 
     markdown = log_confirmation(parent_run_id, table, config.confirm_seeds, step=len(counted(study.get_trials(deepcopy=False))))
     chosen, best = champion_run(runs, table), table.iloc[0]
     seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
-    print(
-        f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}\n"
-        "the champion configuration's models by seed (only the registered one is tested here; "
-        "-e evaluate -P model=<uri> tests any other, now that it is chosen): "
-        + ", ".join(f"seed {r.seed} {r.model_uri}" for r in seed_models.itertuples()),
-        file=sys.stderr,
-    )
+    print(f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}", file=sys.stderr)
     std = None if pd.isna(best["val_accuracy_std"]) else float(best["val_accuracy_std"])
     return Pick(
         study.trials[chosen.trial],
@@ -170,6 +169,7 @@ def confirmed_pick(study: optuna.Study, config: TuneConfig, parent_run_id: str, 
         float(best["val_accuracy_mean"]),
         std,
         int(best["n_seeds"]),
+        tuple((int(r.seed), r.model_uri) for r in seed_models.itertuples()),
     )
 
 

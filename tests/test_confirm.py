@@ -128,20 +128,26 @@ def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_
     assert version.run_id == confirmed[("1", "1")].info.run_id and version.tags["confirm.seed"] == "1"
     assert version.tags["val_accuracy"] == "0.940000" and version.tags["confirm.val_accuracy_mean"] == "0.935000"
     assert "trained again with seed 1" in version.description
-    assert [r.data.tags["pipeline.model"] for r in runs_of("evaluate")] == [f"models:/tiny-lstm/{version.version}"]
+    # Tested once each, after the choice: the registered version and the configuration's other seed model.
+    evaluations = {r.data.tags["pipeline.model"]: r.data.metrics["test_accuracy"] for r in runs_of("evaluate")}
+    seed_2_model = confirmed[("1", "2")].data.tags["confirm.model_uri"]
+    assert sorted(evaluations) == sorted([f"models:/tiny-lstm/{version.version}", seed_2_model])
     # The parent run holds the table, mean ± std per configuration, best mean first; and so does the end report.
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/confirmation.md")
     assert table.index("0.9350 ± 0.0071") < table.index("0.9050 ± 0.0071")
     assert "confirmation.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["confirmed_val_accuracy_mean"] == pytest.approx(0.935)
+    assert parent.data.metrics["confirmed_test_accuracy_mean"] == pytest.approx(pd.Series(evaluations).mean())
+    assert parent.data.metrics["confirmed_test_accuracy_std"] == pytest.approx(pd.Series(evaluations).std())
     assert parent.data.tags["confirmed.trial_number"] == "1" and parent.data.tags["best.trial_number"] == "0"
     err = capsys.readouterr().err
     assert "confirm: the best 2 configurations train again with seeds 1 to 2 (4 runs of 1 epochs)" in err
     assert "from trial 1's configuration, seed 1 (mean val_accuracy 0.9350 ± 0.0071 over 2 seeds)" in err
+    assert "test_accuracy of the champion configuration's 2 models, each tested once after the choice: seed 1 " in err
 
     # Extended by a worse trial: the same two configurations, their runs reused, nothing registered again.
     trained.clear()
     again = tune(dataclasses.replace(config, n_trials=3), PrepareConfig(), prepared_run)
     assert trained == [] and len(runs_of("confirm")) == 4
-    assert (again.version, again.trial, again.seed) == (registered.version, 1, 1) and len(runs_of("evaluate")) == 1
+    assert (again.version, again.trial, again.seed) == (registered.version, 1, 1) and len(runs_of("evaluate")) == 2

@@ -103,8 +103,8 @@ def test_train_logs_every_hyperparameter_and_per_epoch_metrics(pipeline_runs):
     assert run.data.metrics["best_val_accuracy"] == max(val)
     assert all(abs(v * 500 - round(v * 500)) < 1e-9 for v in val)  # ratios of 500 images, not float32 noise
     assert {"learning_curves.png"} <= artifact_names(client, run.info.run_id)
-    # MLflow's system metrics, sampled while the stage ran (the GPU ones need nvidia-ml-py and a GPU)
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # MLflow's system metrics are not asserted here: this stage can end before its first sample on an
+    # idle machine. test_device_records samples a run of known length.
     # The data it saw, for the runs table's Dataset column: the prepare run's train and val splits
     inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
     assert {context: dataset.name for context, dataset in inputs.items()} == {

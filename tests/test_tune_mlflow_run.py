@@ -109,8 +109,12 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     assert worker.data.tags["optuna.trial_numbers"] == "2 3"
     assert len(counted(study(user).trials)) == 4
     evaluations = visible_runs(user, "evaluate")
-    versions = user.client.search_model_versions("name = 'lstm-mnist'")
-    assert len(evaluations) == len(versions) and not [r for r in visible_runs(user) if r.info.run_name == "best-retrain"]
+    evaluated = [run.data.tags["pipeline.model"] for run in evaluations]
+    registered = {f"models:/lstm-mnist/{v.version}" for v in user.client.search_model_versions("name = 'lstm-mnist'")}
+    seed_models = {run.data.tags["confirm.model_uri"] for run in visible_runs(user, "confirm")}
+    assert len(evaluated) == len(set(evaluated))  # each model tested once: every registered version, and seed models
+    assert registered <= set(evaluated) <= registered | seed_models and len(evaluated) > len(registered)
+    assert not [r for r in visible_runs(user) if r.info.run_name == "best-retrain"]
 
     again = user.run("n_trials=4", **confirmed)  # nothing left: one line, exit 0, nothing new in the table
     assert again.returncode == 0, again.stderr[-3000:]
