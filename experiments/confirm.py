@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import mlflow
 import optuna
 import pandas as pd
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
@@ -93,11 +94,9 @@ def confirm(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: P
 
 def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str) -> SeedRun | None:
     """The study's finished confirm run of ``key``, if there is one."""
-    found = f"tags.`{KEY_TAG}` = '{key}' and tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
-    runs = MlflowClient().search_runs([experiment_id], filter_string=found, max_results=1)
-    if not runs:
+    run = finished_child(parent_run_id, experiment_id, {KEY_TAG: key})
+    if run is None:
         return None
-    [run] = runs
     seed, accuracy = int(run.data.params["seed"]), run.data.metrics["best_val_accuracy"]
     return SeedRun(trial.number, seed, run.info.run_id, accuracy, run.data.tags[MODEL_URI_TAG])
 
@@ -187,11 +186,14 @@ def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable
 
 def tested(parent_run_id: str, model_uri: str, test: Callable[[str], float]) -> float:
     """The test_accuracy of ``model_uri``'s finished evaluate run under the parent, else ``test(model_uri)``."""
-    client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    found = (
-        f"tags.`pipeline.stage` = 'evaluate' and tags.`pipeline.model` = '{model_uri}' "
-        f"and tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
-    )
-    runs = client.search_runs([experiment_id], filter_string=found, max_results=1)
-    return runs[0].data.metrics["test_accuracy"] if runs else test(model_uri)
+    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    run = finished_child(parent_run_id, experiment_id, {"pipeline.stage": "evaluate", "pipeline.model": model_uri})
+    return run.data.metrics["test_accuracy"] if run else test(model_uri)
+
+
+def finished_child(parent_run_id: str, experiment_id: str, tags: dict[str, str]) -> Run | None:
+    """A finished run nested under the parent with these tags, if there is one."""
+    conditions = [f"tags.`{name}` = '{value}'" for name, value in {**tags, "mlflow.parentRunId": parent_run_id}.items()]
+    found = " and ".join([*conditions, "attributes.status = 'FINISHED'"])
+    runs = MlflowClient().search_runs([experiment_id], filter_string=found, max_results=1)
+    return runs[0] if runs else None

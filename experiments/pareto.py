@@ -100,8 +100,9 @@ def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, pa
     the trials with a model to register."""
     if cost_name(study) != "latency_ms":
         return compact_trial(complete(study), config.compact_within)  # exact costs: the pick is on the front
-    alone = latency_alone(study, config, data)
-    print(log_latency_alone(parent_run_id, alone), file=sys.stderr)
+    device = resolve_device(config.device)
+    alone = latency_alone(study, config, data, device)
+    print(log_latency_alone(parent_run_id, alone, device), file=sys.stderr)
     costs = dict(zip(alone["number"], alone["latency_ms_alone"], strict=True))
     return compact_trial(with_model(complete(study)), config.compact_within, costs)
 
@@ -111,7 +112,9 @@ def with_model(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if attributes.model_uri(t)]
 
 
-def latency_alone(study: optuna.Study, config: TuneConfig, data: PreparedData, rounds: int = 5) -> pd.DataFrame:
+def latency_alone(
+    study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device, rounds: int = 5
+) -> pd.DataFrame:
     """Latency measured again with nothing else running, for every trial the compact rule could
     pick (within ``config.compact_within`` of the best, with a model of its own to register) and
     every trial on the front (each has one: a trial logs its model when it is on the front): ``rounds``
@@ -121,7 +124,6 @@ def latency_alone(study: optuna.Study, config: TuneConfig, data: PreparedData, r
     ((max - min) / median of the rounds) and in_trial_ratio (latency_ms / latency_ms_alone)."""
     reach = within_reach(with_model(complete(study)), config.compact_within)
     candidates = {t.number: t for t in [*reach, *study.best_trials]}
-    device = resolve_device(config.device)
     image = data.val.images[:1]
     rows = []
     for number, trial in sorted(candidates.items()):
@@ -143,15 +145,15 @@ def latency_alone(study: optuna.Study, config: TuneConfig, data: PreparedData, r
     return pd.DataFrame(rows).sort_values(["latency_ms_alone", "number"]).reset_index(drop=True)
 
 
-def log_latency_alone(parent_run_id: str, table: pd.DataFrame) -> str:
-    """Record ``latency_alone``'s table on the parent run (``latency_alone.md``, ``.csv``) with two
-    noise metrics; return the lines to print."""
+def log_latency_alone(parent_run_id: str, table: pd.DataFrame, device: torch.device) -> str:
+    """Record ``latency_alone``'s table, measured on ``device``, on the parent run
+    (``latency_alone.md``, ``.csv``) with two noise metrics; return the lines to print."""
     client = MlflowClient()
     client.log_text(parent_run_id, markdown_table(table) + "\n", "latency_alone.md")
     client.log_text(parent_run_id, table.to_csv(index=False), "latency_alone.csv")
     client.log_metric(parent_run_id, "latency_alone_spread_max", float(table["alone_spread"].max()))
     client.log_metric(parent_run_id, "latency_in_trial_ratio_max", float(table["in_trial_ratio"].max()))
-    where = f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "the GPU"
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)  # where it was measured
     return (
         f"latency measured again alone ({where}) for the {len(table)} trial(s) the compact rule weighs: "
         f"rounds within {table['alone_spread'].max():.0%} of each other; the trials' own values were "
