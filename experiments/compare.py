@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, user_path
+from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, run_entry_point, user_path
 from pipeline.tables import markdown_table
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
@@ -222,4 +222,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -24,7 +24,7 @@ import re
 import mlflow
 import pandas as pd
 
-from pipeline.config import ParameterError, PrepareConfig, TrainConfig, fail
+from pipeline.config import ParameterError, PrepareConfig, TrainConfig, fail, run_entry_point
 from pipeline.main import (
     REPORTED_METRICS,
     StageFailed,
@@ -149,4 +149,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

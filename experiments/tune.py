@@ -58,6 +58,7 @@ from pipeline.config import (
     add_launch_dir_argument,
     build_configs,
     fail,
+    run_entry_point,
     user_path,
 )
 from pipeline.data import PreparedData, load_prepared
@@ -353,4 +354,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -35,6 +35,7 @@ from pipeline.config import (
     add_launch_dir_argument,
     build_configs,
     fail,
+    run_entry_point,
     user_data_ref,
 )
 from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
@@ -190,4 +191,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

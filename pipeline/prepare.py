@@ -27,6 +27,7 @@ from pipeline.config import (
     add_launch_dir_argument,
     build_configs,
     fail,
+    run_entry_point,
     user_path,
 )
 from pipeline.data import DataError, Split, load_raw, save_prepared, split_train_val
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

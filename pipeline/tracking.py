@@ -14,15 +14,19 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import fail
-from pipeline.data import PreparedData, Split, load_prepared
 from pipeline.signals import raise_terminated, signal_handler
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: `pipeline.main` and `-e repeat` start without it
+    import torch
+
+    from pipeline.data import PreparedData, Split
 
 PREPARED_ARTIFACT = "prepared"
 MODEL_NAME = "model"
@@ -174,6 +178,8 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
 
 def load_prepared_run(ref: str) -> PreparedData:
     """The prepared split a prepare run (id, artifact URI or local folder) logged."""
+    from pipeline.data import load_prepared
+
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
         return load_prepared(download(ref, PREPARED_ARTIFACT, tmp))
 
@@ -266,6 +272,8 @@ def model_uri(ref: str) -> str:
 def device_params(device: torch.device) -> dict[str, str | int | float]:
     """Run params naming the device a stage ran on: its type, and for a GPU its name, index,
     compute capability and total memory."""
+    import torch
+
     params = {"resolved_device": device.type}  # what device=auto chose
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
@@ -282,6 +290,7 @@ def device_params(device: torch.device) -> dict[str, str | int | float]:
 def library_versions() -> dict[str, str]:
     import optuna
     import pandas
+    import torch
     import torchvision
 
     versions = {

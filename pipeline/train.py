@@ -41,6 +41,7 @@ from pipeline.config import (
     build_configs,
     fail,
     parse_bool,
+    run_entry_point,
     user_data_ref,
     user_path,
 )
@@ -214,4 +215,4 @@ def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -22,6 +24,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: set before torch is im
 import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from pipeline import data as data_module
 from pipeline.data import DatasetSpec, RawFile
@@ -50,10 +53,39 @@ def mlflow_run(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made, once per test process: MLflow's migrations take
+    a second or more per new store, and over a hundred tests need one."""
+    database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    return database
+
+
 @pytest.fixture
-def tracking(tmp_path, monkeypatch) -> str:
-    """A fresh MLflow tracking store under tmp_path; the test runs in tmp_path."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store_uri(tmp_path, empty_store) -> str:
+    """A new, empty tracking store at tmp_path/mlflow.db, as MLflow makes it there (the Default
+    experiment's artifacts in tmp_path/mlruns/0), copied from ``empty_store``; its URI."""
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, database)
+    connection = sqlite3.connect(database)
+    with connection:
+        default_artifacts = str(tmp_path / "mlruns" / "0")
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default_artifacts,))
+    connection.close()
+    return f"sqlite:///{database}"
+
+
+def nothing_tracked(uri: str) -> bool:
+    """Whether the store holds nothing but its empty Default experiment: no run, no other experiment."""
+    store = MlflowClient(uri)
+    return [e.name for e in store.search_experiments()] == ["Default"] and not store.search_runs(["0"])
+
+
+@pytest.fixture
+def tracking(store_uri, tmp_path, monkeypatch) -> str:
+    """A fresh MLflow tracking store under tmp_path (``store_uri``); the test runs in tmp_path."""
+    uri = store_uri
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

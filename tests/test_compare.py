@@ -61,8 +61,8 @@ def test_an_unknown_metric_names_the_ones_there(tracking, tmp_path, capsys):
     assert "no run has the metric 'accuracy'; these do: best_val_accuracy" in captured.err
 
 
-def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_mlflow_run_compare_reads_the_experiment_the_user_selected(tmp_path, store_uri):
+    uri = store_uri
     client = MlflowClient(uri)
     make_runs(client, "0", accuracies=(0.1, 0.2, 0.3))  # Default: another project's runs
     make_runs(client, client.create_experiment("mine"), accuracies=(0.91, 0.97, 0.95))

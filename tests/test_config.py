@@ -26,7 +26,7 @@ from pipeline.config import (
     user_data_ref,
     user_path,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, nothing_tracked
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 ENTRY_CONFIGS = {
@@ -155,7 +155,7 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("stage, argv, name", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_values_stop_the_stage_with_one_line_before_any_run(stage, argv, name, tracking, tmp_path, capsys):
+def test_bad_values_stop_the_stage_with_one_line_before_any_run(stage, argv, name, tracking, capsys):
     required = {train: ["--data", "unused"], evaluate: ["--model", "unused"]}.get(stage, [])
     with pytest.raises(SystemExit) as exit_info:
         stage.main(required + argv)
@@ -163,7 +163,7 @@ def test_bad_values_stop_the_stage_with_one_line_before_any_run(stage, argv, nam
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert name in err
-    assert not (tmp_path / "mlflow.db").exists(), "a run store was created before validation"
+    assert nothing_tracked(tracking), "a run was started before validation"
 
 
 def test_error_names_the_allowed_values():

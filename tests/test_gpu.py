@@ -44,7 +44,7 @@ def visible_gpu() -> str:
 
 
 @pytest.fixture
-def shell(tmp_path, mnist_dir):
+def shell(tmp_path, store_uri, mnist_dir):
     """A user's shell in tmp_path: their own tracking store, and `python` and `mlflow` on PATH that are
     this interpreter's. MLflow starts each entry point with the shell's `python`, and a stage started
     from Python (mlflow.run) with the `mlflow` command: a machine may have neither (pip --target)."""
@@ -53,7 +53,7 @@ def shell(tmp_path, mnist_dir):
     for name, command in (("python", ""), ("mlflow", " -m mlflow")):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{command} "$@"\n')
         (bin_dir / name).chmod(0o755)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
 

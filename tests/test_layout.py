@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import os
 import signal
+import subprocess
+import sys
 
 import matplotlib
 import mlflow
@@ -61,6 +63,16 @@ def test_pipeline_modules_import_only_lower_layers(module):
 def test_nothing_imports_benchmarks_but_benchmarks():
     for path in [*REPO.glob("tests/*.py"), *REPO.glob("pipeline/*.py"), *REPO.glob("experiments/*.py")]:
         assert not [name for name in project_imports(path) if name.startswith("benchmarks")], path.name
+
+
+def test_the_entry_points_that_only_start_others_import_no_torch():
+    """`mlflow run .` starts pipeline.main, and `-e repeat` starts it once per seed: each is a process
+    that only launches stages, so it does not pay torch's import (seconds on a 2-core CPU)."""
+    orchestrators = ("pipeline.main", "experiments.repeat", "experiments.compare")
+    check = f"import sys, {', '.join(orchestrators)}; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def process_state() -> dict:

@@ -19,7 +19,7 @@ from pipeline.config import ParameterError, TrainConfig
 from pipeline.numerics import bf16_supported, cpu_flags, numeric_settings, numerics, resolve_precision
 from pipeline.train import train_and_log
 from pipeline.training import train
-from tests.conftest import tiny_prepared
+from tests.conftest import nothing_tracked, tiny_prepared
 
 TINY = TrainConfig(hidden_size=16, num_layers=1, batch_size=64, epochs=2, learning_rate=0.01, device="cpu")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -70,14 +70,14 @@ def test_auto_keeps_fp32_on_cuda_until_bf16_is_measured_there(monkeypatch):
         resolve_precision("bf16", CUDA)
 
 
-def test_bf16_asked_for_on_a_cpu_without_it_stops_the_stage_in_one_line(tracking, tmp_path, monkeypatch, capsys):
+def test_bf16_asked_for_on_a_cpu_without_it_stops_the_stage_in_one_line(tracking, monkeypatch, capsys):
     monkeypatch.setattr(numerics_module, "cpu_flags", lambda: AVX2_ONLY)
     with pytest.raises(SystemExit) as exit_info:
         train_stage.main(["--data", "unused", "--device", "cpu", "--precision", "bf16"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "train: error: precision=bf16 was asked for, but this CPU has no avx512_bf16; use precision=fp32 or auto"
-    assert not (tmp_path / "mlflow.db").exists(), "a run store was created before the check"
+    assert nothing_tracked(tracking), "a run was started before the check"
 
 
 def lstm_dtypes_while(run) -> list[torch.dtype]:

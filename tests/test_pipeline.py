@@ -78,28 +78,16 @@ def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_mlflow_run_reads_relative_paths_from_the_folder_it_was_typed_in(tmp_path, mnist_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_mlflow_run_end_to_end_then_reuse(tmp_path, store_uri, mnist_dir):
+    uri = store_uri
     (tmp_path / "mnist").symlink_to(mnist_dir)
-    typed_in = tmp_path / "work"  # not the project folder, where mlflow run starts the stage
+    typed_in = tmp_path / "work"  # the user's folder, not the project's, where mlflow run starts the stages
     typed_in.mkdir()
-    params = ["-e", "prepare", "-P", "data_dir=../mnist", "-P", "train_limit=500", "-P", "val_size=100"]
-    done = mlflow_run(params, typed_in, uri)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [run] = MlflowClient(uri).search_runs(["0"])
-    [dataset_input] = run.inputs.dataset_inputs
-    assert json.loads(dataset_input.dataset.source)["uri"] == str(mnist_dir.resolve())  # read from <typed_in>/../mnist
-
-
-@pytest.mark.slow
-def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "mnist").symlink_to(mnist_dir)
-    # Relative paths, from the user's folder (not the project's, where mlflow run starts the stages).
-    given = {"data_dir": "mnist", "train_limit": 4000, "val_size": 1000, "epochs": 2, "hidden_size": 32}
+    # Relative paths are read from the folder the command was typed in.
+    given = {"data_dir": "../mnist", "train_limit": 4000, "val_size": 1000, "epochs": 2, "hidden_size": 32}
     given |= {"num_layers": 1, "learning_rate": 0.005, "checkpoint_dir": "checkpoints"}
     params = [arg for name, value in given.items() for arg in ("-P", f"{name}={value}")]
-    first = mlflow_run(params, tmp_path, uri)
+    first = mlflow_run(params, typed_in, uri)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test_accuracy" in first.stdout and "workflowType=machine_learning" in first.stdout
 
@@ -117,15 +105,17 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
     for name, value in dataclasses.asdict(given).items():
         assert runs["train"].data.params[name] == format_param(value), name
     assert runs["prepare"].data.params["train_limit"] == "4000" and runs["prepare"].data.params["val_size"] == "1000"
+    [raw_files] = runs["prepare"].inputs.dataset_inputs
+    assert json.loads(raw_files.dataset.source)["uri"] == str(mnist_dir.resolve())  # <typed_in>/../mnist
     assert [m.step for m in client.get_metric_history(train_id, "val_accuracy")] == [1, 2]
     assert {f.path for f in client.list_artifacts(train_id)} >= {"learning_curves.png"}
     # Checkpoints went to the user's folder, and were removed once the run finished
-    assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "checkpoints" / train_id).exists()
+    assert (typed_in / "checkpoints").is_dir() and not (typed_in / "checkpoints" / train_id).exists()
     assert not (REPO / "checkpoints").exists() or not (REPO / "checkpoints" / train_id).exists()
     assert runs["evaluate"].data.metrics["test_accuracy"] > 0.5  # chance is 0.1
     assert parent.data.metrics["test_accuracy"] == runs["evaluate"].data.metrics["test_accuracy"]
 
-    again = mlflow_run(params, tmp_path, uri)
+    again = mlflow_run(params, typed_in, uri)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("prepare", "train", "evaluate"):
         assert f"{stage}: reusing finished run {runs[stage].info.run_id}" in again.stderr
@@ -143,8 +133,8 @@ def test_mlflow_run_end_to_end_then_reuse(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_failing_stage_ends_main_with_its_one_line_error_and_no_traceback(tmp_path, store_uri):
+    uri = store_uri
     offline_and_empty = tmp_path / "no-data"
     offline_and_empty.mkdir()
     failed = mlflow_run(["-P", f"data_dir={offline_and_empty}"], tmp_path, uri)
@@ -169,8 +159,8 @@ def train_stage_pid(checkpoint_root: Path) -> int:
 
 
 @pytest.mark.slow
-def test_main_resumes_an_interrupted_train_run_and_deletes_the_launchers_empty_run(tmp_path, mnist_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_main_resumes_an_interrupted_train_run_and_deletes_the_launchers_empty_run(tmp_path, store_uri, mnist_dir):
+    uri = store_uri
     (tmp_path / "mnist").symlink_to(mnist_dir)
     params = ["-P", "data_dir=mnist", "-P", "train_limit=4000", "-P", "val_size=1000", "-P", "epochs=4",
               "-P", "hidden_size=32", "-P", "num_layers=1", "-P", "checkpoint_dir=checkpoints"]  # fmt: skip

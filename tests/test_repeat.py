@@ -14,7 +14,7 @@ from experiments import repeat
 from experiments.repeat import parse_seeds, seed_statistics
 from pipeline.config import ParameterError
 from pipeline.main import StageFailed
-from tests.conftest import mlflow_run, user_environment
+from tests.conftest import mlflow_run, nothing_tracked, user_environment
 from tests.test_tables import table_rows
 
 
@@ -28,7 +28,7 @@ def test_seeds_are_integers_by_spaces_or_commas(text, seeds):
     [("", "must be integers"), (" , ", "must be integers"), ("1 x", "'x' is not an integer"), ("1.5", "'1.5' is not"),
      ("-1 2", "'-1' is not an integer >= 0"), ("1 2 1", "1 given twice")],
 )  # fmt: skip
-def test_bad_seeds_stop_repeat_with_one_line_before_any_run(text, reason, tracking, tmp_path, capsys):
+def test_bad_seeds_stop_repeat_with_one_line_before_any_run(text, reason, tracking, capsys):
     with pytest.raises(ParameterError, match=reason):
         parse_seeds(text)
     with pytest.raises(SystemExit) as exit_info:
@@ -36,7 +36,7 @@ def test_bad_seeds_stop_repeat_with_one_line_before_any_run(text, reason, tracki
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("repeat: error: seeds=") and reason in err, err
-    assert not (tmp_path / "mlflow.db").exists(), "a run store was created before validation"
+    assert nothing_tracked(tracking), "a run was started before validation"
 
 
 def test_summary_is_mean_sample_std_min_max_and_one_seed_has_no_std():
@@ -55,8 +55,8 @@ def test_summary_is_mean_sample_std_min_max_and_one_seed_has_no_std():
 
 
 @pytest.mark.slow
-def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_path, mnist_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_path, store_uri, mnist_dir):
+    uri = store_uri
     env = user_environment(uri)
     (tmp_path / "mnist").symlink_to(mnist_dir)  # relative paths: from the user's folder, not the project's
     settings = {"data_dir": "mnist", "checkpoint_dir": "checkpoints", "train_limit": 500, "val_size": 200,

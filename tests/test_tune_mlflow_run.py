@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow  # each starts several `mlflow run` processes: a m
 
 
 @pytest.fixture
-def user(tmp_path, mnist_dir):
+def user(tmp_path, store_uri, mnist_dir):
     """A user's shell: their own folder and tracking store, the project somewhere else."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri
     env = user_environment(uri)  # this virtual environment activated, none of the tester's MLFLOW_* variables
     journal = str(tmp_path / "studies.journal")  # given as a relative path: the user's folder, not the project's
 
