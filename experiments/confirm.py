@@ -23,7 +23,9 @@ Reuses: a finished confirm run of the study (under its parent run) with the same
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,15 +69,25 @@ def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return picked[:top]
 
 
-def confirm(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str) -> pd.DataFrame:
+def confirm(
+    study: optuna.Study,
+    config: TuneConfig,
+    parent_run_id: str,
+    data: PreparedData,
+    data_ref: str,
+    deadline: float = math.inf,
+) -> pd.DataFrame:
     """Train (or reuse) each of the best configurations with seeds 1..confirm_seeds; one row per
-    ``SeedRun``."""
+    ``SeedRun``. The best is always confirmed; each next one only if its runs, timed as its trial
+    took, end before ``deadline`` (``time.time()``; ``-P budget``), else it is left out, saying so."""
     from pipeline.main import code_version
 
     experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     code = code_version()
     rows = []
-    for trial in configurations(study, config.confirm_top):
+    for rank, trial in enumerate(configurations(study, config.confirm_top)):
+        if rank and not fits(trial, config, deadline):
+            continue
         for seed in range(1, config.confirm_seeds + 1):
             train_config = dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
             key = digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
@@ -90,6 +102,22 @@ def confirm(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: P
                 flush=True,
             )
     return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
+
+
+def fits(trial: FrozenTrial, config: TuneConfig, deadline: float) -> bool:
+    """Whether confirming ``trial``'s configuration (``confirm_seeds`` runs as long as the trial)
+    ends before ``deadline``; if not, say so."""
+    needed = config.confirm_seeds * trial.duration.total_seconds() if trial.duration else 0.0
+    if time.time() + needed <= deadline:
+        return True
+    left = max(0.0, deadline - time.time())
+    print(
+        f"[confirm] trial {trial.number}'s configuration left out: its {config.confirm_seeds} runs take about "
+        f"{needed / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
 
 
 def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str) -> SeedRun | None:

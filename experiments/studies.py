@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,10 +142,21 @@ def relative_cost(definition: StudyDefinition, params: dict) -> float:
     return cost({**baseline, **params}) / cost(baseline)
 
 
-def typical_cost(definition: StudyDefinition, draws: int = 200) -> float:
-    """The mean per-image cost of the study's sampled trials, relative to its baseline, from random draws of its space."""
+def sampled_costs(definition: StudyDefinition, draws: int = 200) -> list[float]:
+    """Per-image costs of random draws of the study's space, relative to its baseline."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    return sum(relative_cost(definition, definition.suggest(study.ask())) for _ in range(draws)) / draws
+    return [relative_cost(definition, definition.suggest(study.ask())) for _ in range(draws)]
+
+
+def typical_cost(definition: StudyDefinition) -> float:
+    """The mean per-image cost of the study's sampled trials, relative to its baseline."""
+    return statistics.mean(sampled_costs(definition))
+
+
+def largest_cost(definition: StudyDefinition) -> float:
+    """The per-image cost of the largest configuration the space holds, relative to its baseline
+    (the largest of the draws, and the baseline itself)."""
+    return max(1.0, *sampled_costs(definition))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -242,6 +254,27 @@ def baseline_epoch_seconds(definition: StudyDefinition, trials: list[FrozenTrial
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs)
     ]
     return statistics.median(rates) if rates else None
+
+
+def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
+    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the finished trials'
+    timing; ``params`` None: the space's largest configuration. None before any trial finished."""
+    definition = STUDIES[config.study]
+    seconds = baseline_epoch_seconds(definition, study.get_trials(deepcopy=False), config.epochs)
+    if seconds is None:
+        return None
+    cost = largest_cost(definition) if params is None else relative_cost(definition, params)
+    return cost * config.epochs * seconds
+
+
+def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float) -> bool:
+    """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
+    at worst: the trial is the space's largest configuration and becomes the champion. Before any
+    trial finished nothing is known, and the trial starts."""
+    if deadline == math.inf or (seconds := run_seconds(study, config)) is None:
+        return True
+    runs = 1 + (config.confirm_seeds if config.confirm_top else 0)
+    return time.time() + runs * seconds <= deadline
 
 
 def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:

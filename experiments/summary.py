@@ -13,6 +13,7 @@ table and a plot, and registers the compact rule's pick under the alias ``compac
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -89,12 +90,18 @@ def needs_summary(study: optuna.Study) -> bool:
 
 
 def summarise(
-    study: optuna.Study, parent_run_id: str, config: TuneConfig, data: PreparedData, data_ref: str
+    study: optuna.Study,
+    parent_run_id: str,
+    config: TuneConfig,
+    data: PreparedData,
+    data_ref: str,
+    deadline: float = math.inf,
 ) -> Registered | None:
     """Log the leaderboard and plots to the parent run; confirm the best configurations over seeds
     (``config.confirm_top``) and register the champion candidate (and, in a multi-objective study,
     log the Pareto front and register the compact rule's pick); call holding the study lock once
-    no trial runs. Recorded as done only when all of it succeeded."""
+    no trial runs. Recorded as done only when all of it succeeded. ``deadline`` (``time.time()``, from
+    ``-P budget``): configurations after the best are confirmed while they fit before it."""
     client = MlflowClient()
     trials = counted(study.get_trials(deepcopy=False))
     multi_objective = len(study.directions) > 1
@@ -110,7 +117,7 @@ def summarise(
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
-        pick = confirmed_pick(study, config, parent_run_id, data, data_ref) if config.confirm_top else trial_pick(best)
+        pick = confirmed_pick(study, config, parent_run_id, data, data_ref, deadline) if config.confirm_top else trial_pick(best)
         registered = register_best(study, pick, parent_run_id, config.register_name, data, data_ref, config.device)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
             test = functools.partial(test_once, parent_run_id=parent_run_id, data=data, data_ref=data_ref, device=config.device)
@@ -150,10 +157,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
-def confirmed_pick(study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str) -> Pick:
+def confirmed_pick(
+    study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str, deadline: float
+) -> Pick:
     """Confirm the best configurations over seeds (experiments/confirm.py): the champion
     configuration's best seed run, with its configuration's mean and std."""
-    runs = confirm(study, config, parent_run_id, data, data_ref)
+    runs = confirm(study, config, parent_run_id, data, data_ref, deadline)
     table = confirmation_table(study, runs)
     markdown = log_confirmation(parent_run_id, table, config.confirm_seeds, step=len(counted(study.get_trials(deepcopy=False))))
     chosen, best = champion_run(runs, table), table.iloc[0]

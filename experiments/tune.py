@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 
 import mlflow
 import optuna
@@ -218,6 +219,7 @@ def tune(
     overrides the named one (tests use it to force pruning). Returns what was registered from the
     study, if anything.
     """
+    started = time.time()  # -P budget counts from here
     config = for_this_machine(config)
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
@@ -232,6 +234,8 @@ def tune(
     try:
         with tempfile.TemporaryDirectory(prefix="tune-data-") as tmp:
             job, data = prepare_job(study, config, prepare_config, data_ref, env_manager, parent_run_id, tmp)
+            if config.budget:
+                job = dataclasses.replace(job, deadline=started + config.budget)
             workers = run_here(study, job, data, pruner)
         if launched_run and launched_run != parent_run_id:
             record_trials_run(launched_run, study, workers)
@@ -310,6 +314,12 @@ def announce(study: optuna.Study, config: TuneConfig, images: int, gpus: list[st
         else "confirm: none (-P confirm_top=0): the best trial's own model is registered",
         time_left(study, config, to_run, workers=max(1, len(gpus))),
     ]
+    if config.budget:
+        lines.append(
+            f"budget: {config.budget / 60:.0f} min for this command: a trial starts only if it and the champion's "
+            "confirmation end in time even as the space's largest configuration; the next configurations are "
+            "confirmed while they fit"
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

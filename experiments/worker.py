@@ -28,7 +28,7 @@ from experiments import attributes
 from experiments.coordination import NextStep, TrialLease, counted, fail_lost_trials, next_step, open_storage, requeue, study_lock
 from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
 from experiments.storage import DATABASE_ERRORS
-from experiments.studies import OBJECTIVE_METRIC, make_pruner, make_sampler, time_left, trial_config
+from experiments.studies import OBJECTIVE_METRIC, another_trial_fits, make_pruner, make_sampler, time_left, trial_config
 from experiments.summary import needs_summary, report, summarise
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
@@ -57,6 +57,7 @@ class WorkerJob:
     worker: int = 0
     workers: int = 1  # how many run on this machine: they share its CPU threads
     gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
+    deadline: float = math.inf  # -P budget: when the command must end (time.time())
 
 
 def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
@@ -165,12 +166,14 @@ def run_trials(
     summarise: Callable[[], None] | None = None,
     worker: int = 0,
     workers: int = 1,
+    budget_deadline: float = math.inf,
 ) -> None:
     """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
     their worker and decide the next step; train one trial at a time with the lock released.
 
     The worker that finds no trial running and the summary stale runs ``summarise``, still holding
-    the lock. ``workers``: how many run on this machine, for the time estimate.
+    the lock. ``workers``: how many run on this machine, for the time estimate. No trial starts
+    after the timeout, nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``).
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
@@ -182,7 +185,9 @@ def run_trials(
             with lock:
                 fail_lost_trials(study, config, on_lost=say_lost)
                 step = next_step(study, config.n_trials)
-                if step is NextStep.RUN and time.monotonic() >= deadline:  # timeout: start nothing new
+                if step is NextStep.RUN and (
+                    time.monotonic() >= deadline or not another_trial_fits(study, config, budget_deadline)
+                ):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
                 if step is NextStep.RUN:
                     if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
@@ -350,11 +355,20 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     )
 
     def summarise_study() -> None:
-        registered = summarise(study, job.parent_run_id, job.config, data, job.data_ref)
+        registered = summarise(study, job.parent_run_id, job.config, data, job.data_ref, deadline=job.deadline)
         print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
     def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:
         return objective(trial, job, data)
 
     with signal_handler(raise_terminated, signal.SIGTERM):  # a SIGTERM re-queues the trial in progress
-        run_trials(study, storage, job.config, trial_objective, summarise=summarise_study, worker=job.worker, workers=job.workers)
+        run_trials(
+            study,
+            storage,
+            job.config,
+            trial_objective,
+            summarise=summarise_study,
+            worker=job.worker,
+            workers=job.workers,
+            budget_deadline=job.deadline,
+        )

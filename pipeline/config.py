@@ -149,6 +149,10 @@ class TuneConfig:
     # a rerun with a larger number continues it. Trials whose worker died are retried, not counted.
     n_trials: int = param(20, "trials the study runs in all, whoever runs them", ge=1, le=100_000)
     timeout: int = param(0, "stop starting trials after this many seconds (0 = no limit)", ge=0)
+    # The whole command, confirmation included: a trial starts only if it and the champion's
+    # confirmation end in time even if it is the space's largest configuration and becomes the
+    # champion; the next configurations are confirmed while they fit (experiments/studies.py).
+    budget: int = param(0, "seconds for the whole command, search and confirmation (0 = no limit)", ge=0)
     # auto: one per visible GPU times workers_per_gpu (worker i on GPU i mod count); 1 without a GPU.
     n_workers: str = param("auto", "worker processes on this machine: auto, or a number from 1 to 64")
     workers_per_gpu: int = param(1, "workers sharing each GPU when n_workers=auto (small models leave a GPU idle)", ge=1, le=16)

@@ -4,6 +4,8 @@ seeds: tiny studies (smoke definition, 1000 real MNIST images) on the CPU."""
 from __future__ import annotations
 
 import dataclasses
+import time
+from datetime import datetime, timedelta
 
 import mlflow
 import optuna
@@ -11,12 +13,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import attributes, confirm, summary
+from experiments import attributes, confirm, summary, warm_start
 from experiments import worker as worker_module
-from experiments.studies import make_pruner, min_epochs, resolve_pruner, rungs
+from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner, rungs
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import ParameterError, PrepareConfig
+from tests.conftest import tiny_prepared
 from tests.test_tune import load, runs_of, smoke
 
 
@@ -84,6 +87,30 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run():
     assert table["n_seeds"].tolist() == [3, 3]
     assert confirm.champion_run(runs, table) == confirm.SeedRun(1, 3, "run-1-3", 0.95, "models:/m-1-3")  # its best seed
     assert confirm.shown(table)["val_accuracy"].tolist() == ["0.9400 ± 0.0100", "0.9167 ± 0.0473"]
+
+
+def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_they_fit(tracking, tmp_path, monkeypatch, capsys):
+    study = optuna.create_study(direction="maximize")
+    space = warm_start.search_space(STUDIES["smoke"])
+    for hidden, value, minutes in [(16, 0.95, 10), (4, 0.94, 1), (8, 0.93, 100)]:
+        params = {"hidden_size": hidden, "learning_rate": 0.01}
+        trial = optuna.trial.create_trial(params=params, distributions={name: space[name] for name in params}, value=value)
+        trial.datetime_start = datetime(2026, 1, 1)
+        trial.datetime_complete = trial.datetime_start + timedelta(minutes=minutes)
+        study.add_trial(trial)
+    monkeypatch.setattr(confirm, "reused", lambda *args: None)
+    monkeypatch.setattr(
+        confirm, "train_seed", lambda config, trial, *args: confirm.SeedRun(trial.number, config.seed, "r", 0.9, "models:/m")
+    )
+    with mlflow.start_run() as parent:
+        pass
+    config = smoke(tmp_path, confirm_top=3, confirm_seeds=2, budget=3600)
+    # 15 minutes left: the best (2 runs of 10 min) is confirmed anyway, the next (2 of 1 min) fits, the third does not.
+    runs = confirm.confirm(study, config, parent.info.run_id, tiny_prepared(), "data", deadline=time.time() + 15 * 60)
+    assert runs[["trial", "seed"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
+    assert "trial 2's configuration left out: its 2 runs take about 200 min, and 15 min of -P budget are left" in (
+        capsys.readouterr().err
+    )
 
 
 def fake_accuracy(monkeypatch, module, accuracy) -> list:

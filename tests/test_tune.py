@@ -3,11 +3,13 @@ Trouble (failures, interruptions, lost workers, GPUs) is in test_tune_recovery.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
 import tempfile
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -209,6 +211,39 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
         "(the baseline takes 60 s an epoch here, by the finished trials' timing)"
     )
     assert "about 7 min here" in studies.time_left(study, config, 7, workers=2)
+
+
+def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_in_time_at_worst(tmp_path):
+    definition = STUDIES["lstm-cpu"]
+    config = smoke(tmp_path, study="lstm-cpu", epochs=2, confirm_top=2, confirm_seeds=3, budget=3600)
+    study = optuna.create_study(direction="maximize")
+    assert studies.another_trial_fits(study, config, time.time() + 1)  # nothing timed yet: trial 0 starts
+    trial = optuna.trial.create_trial(
+        params=definition.baseline,
+        distributions={name: warm_start.search_space(definition)[name] for name in definition.baseline},
+        value=0.9,
+        intermediate_values={1: 0.8, 2: 0.9},
+    )
+    trial.datetime_start, trial.datetime_complete = datetime(2026, 1, 1), datetime(2026, 1, 1, 0, 2)  # 2 epochs in 120 s
+    study.add_trial(trial)
+    assert studies.run_seconds(study, config, definition.baseline) == pytest.approx(120)
+    largest = studies.run_seconds(study, config)  # the space's largest configuration: bidirectional, 2 layers, wide
+    assert largest == pytest.approx(studies.largest_cost(definition) * 120) and largest > 2 * 120
+    worst = 4 * largest  # that trial, then its confirmation with 3 seeds
+    assert studies.another_trial_fits(study, config, time.time() + worst + 60)
+    assert not studies.another_trial_fits(study, config, time.time() + worst - 60)
+    unconfirmed = dataclasses.replace(config, confirm_top=0)  # the trial alone
+    assert studies.another_trial_fits(study, unconfirmed, time.time() + largest + 60)
+
+
+@pytest.mark.slow
+def test_a_study_over_budget_starts_no_more_trials_and_still_confirms_its_champion(tmp_path, prepared_run, monkeypatch, capsys):
+    monkeypatch.setattr(studies, "largest_cost", lambda definition: 1e6)  # any next trial would take days
+    config = smoke(tmp_path, n_trials=3, confirm_top=2, confirm_seeds=2, budget=3600)
+    registered = tune(config, PrepareConfig(), prepared_run)
+    assert [t.number for t in load(config).trials] == [0]  # timed by trial 0, nothing more fits
+    assert registered.trial == 0 and registered.n_seeds == 2 and registered.champion  # its confirmation still ran
+    assert "budget: 60 min for this command" in capsys.readouterr().err
 
 
 def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
