@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: set before torch is imported, here and in every child
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 3`: set before torch is imported, here and in every child
     # One thread per test process and per process it starts: with more OpenMP threads than cores,
     # their spin-waits stall each other, and a test that trains runs many times slower.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -34,8 +34,8 @@ pytest_plugins = ["tests.servers", "tests.slurm", "tests.tuning"]  # PostgreSQL,
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first (stable otherwise): under `pytest -n 2` a long test started last keeps
-    one process busy for minutes while the other has nothing left to run."""
+    """The slow tests first (stable otherwise): under `pytest -n 3` a long test started last keeps
+    one process busy for minutes while the others have nothing left to run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
