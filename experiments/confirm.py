@@ -70,12 +70,7 @@ def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
 
 
 def confirm(
-    study: optuna.Study,
-    config: TuneConfig,
-    parent_run_id: str,
-    data: PreparedData,
-    data_ref: str,
-    deadline: float = math.inf,
+    study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str, deadline: float = math.inf
 ) -> pd.DataFrame:
     """Train (or reuse) each of the best configurations with seeds 1..confirm_seeds; one row per
     ``SeedRun``. The best is always confirmed; each next one only if its runs, timed as its trial

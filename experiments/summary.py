@@ -90,12 +90,7 @@ def needs_summary(study: optuna.Study) -> bool:
 
 
 def summarise(
-    study: optuna.Study,
-    parent_run_id: str,
-    config: TuneConfig,
-    data: PreparedData,
-    data_ref: str,
-    deadline: float = math.inf,
+    study: optuna.Study, parent_run_id: str, config: TuneConfig, data: PreparedData, data_ref: str, deadline: float = math.inf
 ) -> Registered | None:
     """Log the leaderboard and plots to the parent run; confirm the best configurations over seeds
     (``config.confirm_top``) and register the champion candidate (and, in a multi-objective study,
