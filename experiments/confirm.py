@@ -5,7 +5,8 @@ A trial trains once, with the study's seed, so the best trial's rank mixes its c
 quality with that seed's luck. Here the ``confirm_top`` best configurations by val_accuracy (its
 complete trials, one per configuration) each train with seeds 1 to ``confirm_seeds``, as
 ``-e repeat`` does by default, through the trials' own path: ``train_and_log``, each in a run of
-its own under the study's parent run (stage tag ``confirm``). The champion is the configuration
+its own under the study's parent run (stage tag ``confirm``); as many at once as the machine runs
+workers, each in a process of its own. The champion is the configuration
 with the best mean val_accuracy; what is registered is its seed run with the best val_accuracy
 (the models differ by seed only; the pick reads validation too). The test set is read only
 afterwards, once per model: the version registered (experiments/summary.py), and the champion
@@ -23,15 +24,19 @@ Reuses: a finished confirm run of the study (under its parent run) with the same
 from __future__ import annotations
 
 import dataclasses
-import math
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlflow
 import optuna
 import pandas as pd
+import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
@@ -39,10 +44,13 @@ from optuna.trial import FrozenTrial
 from experiments.pareto import complete
 from experiments.studies import OBJECTIVE_METRIC, trial_config
 from pipeline.config import TuneConfig
-from pipeline.data import PreparedData
+from pipeline.data import PreparedData, load_prepared
 from pipeline.tables import markdown_table
 from pipeline.tracking import digest, start_run_with_system_metrics
 from pipeline.train import train_and_log
+
+if TYPE_CHECKING:  # experiments/worker.py imports this module (through the summary)
+    from experiments.worker import WorkerJob
 
 KEY_TAG = "confirm.key"
 MODEL_URI_TAG = "confirm.model_uri"
@@ -69,50 +77,91 @@ def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return picked[:top]
 
 
-def confirm(
-    study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str, deadline: float = math.inf
-) -> pd.DataFrame:
+def confirm(study: optuna.Study, job: WorkerJob, data: PreparedData) -> pd.DataFrame:
     """Train (or reuse) each of the best configurations with seeds 1..confirm_seeds; one row per
-    ``SeedRun``. The best is always confirmed; each next one only if its runs, timed as its trial
-    took, end before ``deadline`` (``time.time()``; ``-P budget``), else it is left out, saying so."""
+    ``SeedRun``. The best is always confirmed; each next one only if all the runs, timed as their
+    trials took, end before ``job.deadline`` (``-P budget``), else it is left out, saying so. With
+    several workers on this machine (``job.workers``) as many runs train at once, one process each."""
     from pipeline.main import code_version
 
-    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-    code = code_version()
-    rows = []
-    for rank, trial in enumerate(configurations(study, config.confirm_top)):
-        if rank and not fits(trial, config, deadline):
-            continue
+    config, code = job.config, code_version()
+    planned, rows = [], []
+    for trial in fitting(configurations(study, config.confirm_top), config, job.deadline, job.workers):
         for seed in range(1, config.confirm_seeds + 1):
             train_config = dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
             key = digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
-            run = reused(trial, parent_run_id, experiment_id, key) or train_seed(
-                train_config, trial, key, parent_run_id, experiment_id, data, data_ref
-            )
-            rows.append(dataclasses.asdict(run))
-            print(
-                f"[confirm] trial {trial.number}'s configuration, seed {seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
-                f"(run {run.run_id})",
-                file=sys.stderr,
-                flush=True,
-            )
+            planned.append((trial, train_config, key))
+    done = {key: run for trial, _, key in planned if (run := reused(trial, job.parent_run_id, job.experiment_id, key))}
+    to_train = [(trial, train_config, key) for trial, train_config, key in planned if key not in done]
+    done |= train_all(to_train, job, data)
+    for trial, train_config, key in planned:
+        run = done[key]
+        rows.append(dataclasses.asdict(run))
+        print(
+            f"[confirm] trial {trial.number}'s configuration, seed {train_config.seed}: {OBJECTIVE_METRIC} "
+            f"{run.val_accuracy:.4f} (run {run.run_id})",
+            file=sys.stderr,
+            flush=True,
+        )
     return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
 
 
-def fits(trial: FrozenTrial, config: TuneConfig, deadline: float) -> bool:
-    """Whether confirming ``trial``'s configuration (``confirm_seeds`` runs as long as the trial)
-    ends before ``deadline``; if not, say so."""
-    needed = config.confirm_seeds * trial.duration.total_seconds() if trial.duration else 0.0
-    if time.time() + needed <= deadline:
-        return True
-    left = max(0.0, deadline - time.time())
-    print(
-        f"[confirm] trial {trial.number}'s configuration left out: its {config.confirm_seeds} runs take about "
-        f"{needed / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
-        file=sys.stderr,
-        flush=True,
-    )
-    return False
+def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, processes: int = 1) -> list[FrozenTrial]:
+    """The configurations to confirm: the best always, each next one if all the chosen runs (each
+    as long as its trial took), ``processes`` at a time, end before ``deadline`` (``time.time()``);
+    one left out is said."""
+    chosen, runs = [], []
+    for rank, trial in enumerate(trials):
+        mine = [seconds_of(trial)] * config.confirm_seeds
+        ends = time.time() + makespan(runs + mine, processes)
+        if rank and ends > deadline:
+            left = max(0.0, deadline - time.time())
+            print(
+                f"[confirm] trial {trial.number}'s configuration left out: with its {config.confirm_seeds} runs the "
+                f"confirmation takes about {(ends - time.time()) / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        chosen.append(trial)
+        runs += mine
+    return chosen
+
+
+def makespan(seconds: list[float], processes: int) -> float:
+    """How long runs of these lengths take, ``processes`` at a time, the longest first, each to
+    the first process free (as ``train_all`` hands them out)."""
+    loads = [0.0] * max(1, processes)
+    for length in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += length
+    return max(loads)
+
+
+def train_all(planned: list[tuple], job: WorkerJob, data: PreparedData) -> dict[str, SeedRun]:
+    """Train each planned (trial, config, key) in a confirm run, by key: here, or ``job.workers``
+    at a time in processes of their own (spawned: they inherit this one's environment and GPU),
+    the longest first."""
+    if job.workers == 1 or len(planned) <= 1:
+        return {key: train_seed(config, trial.number, key, job, data) for trial, config, key in planned}
+    threads = max(1, (os.cpu_count() or 1) // job.workers)  # the cores, shared as the trials shared them
+    longest_first = sorted(planned, key=lambda item: -seconds_of(item[0]))
+    with ProcessPoolExecutor(min(job.workers, len(planned)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            key: pool.submit(train_seed_in_process, config, trial.number, key, job, threads)
+            for trial, config, key in longest_first
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
+def seconds_of(trial: FrozenTrial) -> float:
+    """How long ``trial`` took (0 if not recorded): how long one of its confirm runs takes."""
+    return trial.duration.total_seconds() if trial.duration else 0.0
+
+
+def train_seed_in_process(config, trial_number: int, key: str, job: WorkerJob, threads: int) -> SeedRun:
+    """``train_seed`` in a process of ``train_all``'s: the prepared data read from the job's folder."""
+    torch.set_num_threads(threads)  # the machine's cores shared by the runs training at once
+    return train_seed(config, trial_number, key, job, load_prepared(job.data_folder))
 
 
 def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str) -> SeedRun | None:
@@ -124,23 +173,25 @@ def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str)
     return SeedRun(trial.number, seed, run.info.run_id, accuracy, run.data.tags[MODEL_URI_TAG])
 
 
-def train_seed(config, trial: FrozenTrial, key: str, parent_run_id: str, experiment_id: str, data, data_ref: str) -> SeedRun:
+def train_seed(config, trial_number: int, key: str, job: WorkerJob, data: PreparedData) -> SeedRun:
     """Train ``config`` in a confirm run under the parent, logging its model, as a trial trains."""
     tags = {
         "pipeline.stage": "confirm",
-        "pipeline.data": data_ref,
-        "optuna.trial_number": str(trial.number),
+        "pipeline.data": job.data_ref,
+        "optuna.trial_number": str(trial_number),
         KEY_TAG: key,
     }
-    name = f"confirm trial-{trial.number} seed-{config.seed}"
-    with start_run_with_system_metrics(run_name=name, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags) as run:
+    name = f"confirm trial-{trial_number} seed-{config.seed}"
+    with start_run_with_system_metrics(
+        run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
+    ) as run:
         try:
-            result, model = train_and_log(config, data, data_ref=data_ref, label=f"[{name}]")
+            result, model = train_and_log(config, data, data_ref=job.data_ref, label=f"[{name}]")
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")  # a rerun trains it again
             raise
         mlflow.set_tag(MODEL_URI_TAG, model.model_uri)
-    return SeedRun(trial.number, config.seed, run.info.run_id, result.best_val_accuracy, model.model_uri)
+    return SeedRun(trial_number, config.seed, run.info.run_id, result.best_val_accuracy, model.model_uri)
 
 
 def confirmation_table(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:

@@ -245,35 +245,58 @@ def epochs_run(trial: FrozenTrial, epochs: int) -> int:
     return len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
 
 
-def baseline_epoch_seconds(definition: StudyDefinition, trials: list[FrozenTrial], epochs: int) -> float | None:
-    """Seconds of wall time one epoch of the baseline takes here, from the study's finished trials'
-    own timing (each trial's duration per epoch over its relative cost; the median); None before any."""
-    rates = [
-        trial.duration.total_seconds() / epochs_run(trial, epochs) / relative_cost(definition, trial.params)
+@dataclass(frozen=True)
+class EpochTime:
+    """Seconds one epoch takes here: a fixed ``overhead`` (validation, Python, a small model's
+    unfilled cores) plus ``per_cost`` times the configuration's relative cost."""
+
+    overhead: float
+    per_cost: float
+
+    def of(self, cost: float) -> float:
+        return self.overhead + self.per_cost * cost
+
+
+def epoch_time(definition: StudyDefinition, trials: list[FrozenTrial], epochs: int) -> EpochTime | None:
+    """How long an epoch takes here, fitted to the study's finished trials' own timing (seconds per
+    epoch against relative cost, least squares); None before any finished. Where the points do not
+    give a line with a positive overhead and slope, the line through zero: mostly the largest
+    trials' rate. (Each trial's seconds over its cost, the earlier estimate, made a small trial's
+    overhead look like a baseline epoch of minutes, and a budget stopped a study after 2 trials.)"""
+    points = [
+        (relative_cost(definition, trial.params), trial.duration.total_seconds() / epochs_run(trial, epochs))
         for trial in trials
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs)
     ]
-    return statistics.median(rates) if rates else None
+    if not points:
+        return None
+    costs, seconds = zip(*points, strict=True)
+    if len(set(costs)) > 1:
+        slope, intercept = statistics.linear_regression(costs, seconds)
+        if slope > 0 and intercept >= 0:
+            return EpochTime(intercept, slope)
+    return EpochTime(0.0, sum(c * s for c, s in points) / sum(c * c for c in costs))
 
 
 def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
     """Seconds one full run (``config.epochs``) of ``params`` takes here, by the finished trials'
     timing; ``params`` None: the space's largest configuration. None before any trial finished."""
     definition = STUDIES[config.study]
-    seconds = baseline_epoch_seconds(definition, study.get_trials(deepcopy=False), config.epochs)
-    if seconds is None:
+    timing = epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)
+    if timing is None:
         return None
     cost = largest_cost(definition) if params is None else relative_cost(definition, params)
-    return cost * config.epochs * seconds
+    return config.epochs * timing.of(cost)
 
 
-def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float) -> bool:
+def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float, workers: int = 1) -> bool:
     """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
-    at worst: the trial is the space's largest configuration and becomes the champion. Before any
-    trial finished nothing is known, and the trial starts."""
+    at worst: the trial is the space's largest configuration and becomes the champion, its seeds
+    confirmed ``workers`` at a time (experiments/confirm.py). Before any trial finished nothing is
+    known, and the trial starts."""
     if deadline == math.inf or (seconds := run_seconds(study, config)) is None:
         return True
-    runs = 1 + (config.confirm_seeds if config.confirm_top else 0)
+    runs = 1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)
     return time.time() + runs * seconds <= deadline
 
 
@@ -282,17 +305,19 @@ def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int
     line), from its finished trials' own timing; or when that will be known."""
     definition = STUDIES[config.study]
     trials = study.get_trials(deepcopy=False)
-    seconds = baseline_epoch_seconds(definition, trials, config.epochs)
-    if seconds is None:
+    timing = epoch_time(definition, trials, config.epochs)
+    if timing is None:
         return "time: estimated when the first trial finishes"
     waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
-    search = sum(relative_cost(definition, params) for params in waiting) + (to_run - len(waiting)) * typical_cost(definition)
-    minutes = math.ceil(search * config.epochs * seconds / workers / 60)
+    search = sum(timing.of(relative_cost(definition, params)) for params in waiting)
+    search += (to_run - len(waiting)) * timing.of(typical_cost(definition))
+    minutes = math.ceil(search * config.epochs / workers / 60)
     line = f"time: about {minutes} min here for the {to_run} trial(s) left if none is pruned"
-    if config.confirm_top:  # in one worker, at the size of the best configurations so far
+    if config.confirm_top:  # `workers` runs at a time, at the size of the best configurations so far
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = sorted(complete, key=lambda t: -t.values[0])[: config.confirm_top]
         size = statistics.mean([relative_cost(definition, t.params) for t in best] or [1.0])
-        minutes = math.ceil(config.confirm_top * config.confirm_seeds * size * config.epochs * seconds / 60)
+        rounds = math.ceil(config.confirm_top * config.confirm_seeds / workers)
+        minutes = math.ceil(rounds * timing.of(size) * config.epochs / 60)
         line += f", then about {minutes} min to confirm"
-    return line + f" (the baseline takes {seconds:.0f} s an epoch here, by the finished trials' timing)"
+    return line + f" (the baseline takes {timing.of(1.0):.0f} s an epoch here, by the finished trials' timing)"

@@ -13,11 +13,11 @@ table and a plot, and registers the compact rule's pick under the alias ``compac
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import optuna
@@ -32,12 +32,15 @@ from experiments.pareto import COMPACT, compact_pick, complete, cost_name, forma
 from experiments.plots import log_study_plots
 from experiments.studies import OBJECTIVE_METRIC
 from pipeline import serving
-from pipeline.config import EvaluateConfig, TuneConfig
+from pipeline.config import EvaluateConfig
 from pipeline.data import PreparedData
 from pipeline.evaluate import evaluate_and_log
 from pipeline.numerics import resolve_device
 from pipeline.tables import markdown_table
 from pipeline.tracking import ui_link
+
+if TYPE_CHECKING:  # experiments/worker.py imports this module
+    from experiments.worker import WorkerJob
 
 CHAMPION = "champion"
 
@@ -89,15 +92,13 @@ def needs_summary(study: optuna.Study) -> bool:
     return attributes.summarised_at(study) != len(counted(study.get_trials(deepcopy=False)))
 
 
-def summarise(
-    study: optuna.Study, parent_run_id: str, config: TuneConfig, data: PreparedData, data_ref: str, deadline: float = math.inf
-) -> Registered | None:
+def summarise(study: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
     """Log the leaderboard and plots to the parent run; confirm the best configurations over seeds
     (``config.confirm_top``) and register the champion candidate (and, in a multi-objective study,
     log the Pareto front and register the compact rule's pick); call holding the study lock once
-    no trial runs. Recorded as done only when all of it succeeded. ``deadline`` (``time.time()``, from
-    ``-P budget``): configurations after the best are confirmed while they fit before it."""
-    client = MlflowClient()
+    no trial runs. Recorded as done only when all of it succeeded. ``job.deadline`` (``-P budget``):
+    configurations after the best are confirmed while they fit before it."""
+    client, config, parent_run_id, data_ref = MlflowClient(), job.config, job.parent_run_id, job.data_ref
     trials = counted(study.get_trials(deepcopy=False))
     multi_objective = len(study.directions) > 1
     compact = compact_pick(study, config, data, parent_run_id) if multi_objective and complete(study) else None
@@ -112,7 +113,7 @@ def summarise(
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
-        pick = confirmed_pick(study, config, parent_run_id, data, data_ref, deadline) if config.confirm_top else trial_pick(best)
+        pick = confirmed_pick(study, job, data) if config.confirm_top else trial_pick(best)
         registered = register_best(study, pick, parent_run_id, config.register_name, data, data_ref, config.device)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
             test = functools.partial(test_once, parent_run_id=parent_run_id, data=data, data_ref=data_ref, device=config.device)
@@ -152,14 +153,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
-def confirmed_pick(
-    study: optuna.Study, config: TuneConfig, parent_run_id: str, data: PreparedData, data_ref: str, deadline: float
-) -> Pick:
+def confirmed_pick(study: optuna.Study, job: WorkerJob, data: PreparedData) -> Pick:
     """Confirm the best configurations over seeds (experiments/confirm.py): the champion
     configuration's best seed run, with its configuration's mean and std."""
-    runs = confirm(study, config, parent_run_id, data, data_ref, deadline)
+    runs, config, step = confirm(study, job, data), job.config, len(counted(study.get_trials(deepcopy=False)))
     table = confirmation_table(study, runs)
-    markdown = log_confirmation(parent_run_id, table, config.confirm_seeds, step=len(counted(study.get_trials(deepcopy=False))))
+    markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]
     seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
     print(f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}", file=sys.stderr)

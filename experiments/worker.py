@@ -172,7 +172,7 @@ def run_trials(
     their worker and decide the next step; train one trial at a time with the lock released.
 
     The worker that finds no trial running and the summary stale runs ``summarise``, still holding
-    the lock. ``workers``: how many run on this machine, for the time estimate. No trial starts
+    the lock. ``workers``: how many run on this machine, for the time estimates. No trial starts
     after the timeout, nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``).
     """
     lock = study_lock(config.storage, config.study_name)
@@ -186,7 +186,7 @@ def run_trials(
                 fail_lost_trials(study, config, on_lost=say_lost)
                 step = next_step(study, config.n_trials)
                 if step is NextStep.RUN and (
-                    time.monotonic() >= deadline or not another_trial_fits(study, config, budget_deadline)
+                    time.monotonic() >= deadline or not another_trial_fits(study, config, budget_deadline, workers)
                 ):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
                 if step is NextStep.RUN:
@@ -355,7 +355,7 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     )
 
     def summarise_study() -> None:
-        registered = summarise(study, job.parent_run_id, job.config, data, job.data_ref, deadline=job.deadline)
+        registered = summarise(study, job, data)
         print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
     def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:

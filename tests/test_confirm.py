@@ -19,6 +19,7 @@ from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import ParameterError, PrepareConfig
+from pipeline.data import load_prepared, save_prepared
 from tests.conftest import tiny_prepared
 from tests.test_tune import load, runs_of, smoke
 
@@ -89,28 +90,66 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run():
     assert confirm.shown(table)["val_accuracy"].tolist() == ["0.9400 ± 0.0100", "0.9167 ± 0.0473"]
 
 
-def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_they_fit(tracking, tmp_path, monkeypatch, capsys):
+def study_of(trials: list[tuple[int, float, float]]) -> optuna.Study:
+    """A smoke study of complete trials, each (hidden_size, val_accuracy, minutes it took)."""
     study = optuna.create_study(direction="maximize")
     space = warm_start.search_space(STUDIES["smoke"])
-    for hidden, value, minutes in [(16, 0.95, 10), (4, 0.94, 1), (8, 0.93, 100)]:
+    for hidden, value, minutes in trials:
         params = {"hidden_size": hidden, "learning_rate": 0.01}
         trial = optuna.trial.create_trial(params=params, distributions={name: space[name] for name in params}, value=value)
         trial.datetime_start = datetime(2026, 1, 1)
         trial.datetime_complete = trial.datetime_start + timedelta(minutes=minutes)
         study.add_trial(trial)
+    return study
+
+
+def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_they_fit(tracking, tmp_path, monkeypatch, capsys):
+    study = study_of([(16, 0.95, 4), (4, 0.94, 1), (8, 0.93, 100)])
     monkeypatch.setattr(confirm, "reused", lambda *args: None)
     monkeypatch.setattr(
-        confirm, "train_seed", lambda config, trial, *args: confirm.SeedRun(trial.number, config.seed, "r", 0.9, "models:/m")
+        confirm,
+        "train_all",
+        lambda planned, job, data: {key: confirm.SeedRun(trial.number, c.seed, "r", 0.9, "m") for trial, c, key in planned},
     )
     with mlflow.start_run() as parent:
         pass
     config = smoke(tmp_path, confirm_top=3, confirm_seeds=2, budget=3600)
-    # 15 minutes left: the best (2 runs of 10 min) is confirmed anyway, the next (2 of 1 min) fits, the third does not.
-    runs = confirm.confirm(study, config, parent.info.run_id, tiny_prepared(), "data", deadline=time.time() + 15 * 60)
+    # 15 minutes left: the best (2 runs of 4 min) and the next (2 of 1 min) fit, the third (2 of 100) does not.
+    job = worker_module.WorkerJob(config, parent.info.run_id, "0", "data", "", deadline=time.time() + 15 * 60)
+    runs = confirm.confirm(study, job, tiny_prepared())
     assert runs[["trial", "seed"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
-    assert "trial 2's configuration left out: its 2 runs take about 200 min, and 15 min of -P budget are left" in (
-        capsys.readouterr().err
+    assert (
+        "trial 2's configuration left out: with its 2 runs the confirmation takes about 210 min, and 15 min of -P budget "
+        "are left" in capsys.readouterr().err
     )
+    # 9 minutes: one run at a time, the next no longer fits (10 min); two at a time, it does (5 min).
+    best = confirm.configurations(study, 3)
+    assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60)] == [0]
+    assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60, processes=2)] == [0, 1]
+    assert [t.number for t in confirm.fitting(best, config, time.time() + 60)] == [0]  # the best, even over budget
+    assert confirm.makespan([3, 3, 2, 2, 2], 2) == 7 and confirm.makespan([3, 3, 2, 2, 2], 1) == 12
+
+
+def test_several_workers_confirm_that_many_runs_at_once_each_in_a_process_of_its_own(tracking, tmp_path, monkeypatch):
+    data = tiny_prepared()
+    folder = tmp_path / "prepared"
+    save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist"})
+    study = study_of([(8, 0.9, 1)])
+    with mlflow.start_run() as parent:
+        pass
+    config = smoke(tmp_path, confirm_top=1, confirm_seeds=2)
+    job = worker_module.WorkerJob(config, parent.info.run_id, "0", "data", str(folder), workers=2)
+    monkeypatch.setattr(confirm, "train_seed", lambda *args: pytest.fail("trained in the summarising process"))
+    runs = confirm.confirm(study, job, load_prepared(folder))
+    assert runs[["trial", "seed"]].values.tolist() == [[0, 1], [0, 2]]
+    confirmed = {r.info.run_id: r for r in runs_of("confirm")}
+    assert sorted(confirmed) == sorted(runs["run_id"])
+    for row in runs.itertuples():  # each its seed's run under the parent, with its model, read back as a reused run is
+        run = confirmed[row.run_id]
+        assert run.data.params["seed"] == str(row.seed) and run.data.params["hidden_size"] == "8"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags[confirm.MODEL_URI_TAG] == row.model_uri
+        assert run.data.metrics["best_val_accuracy"] == row.val_accuracy
 
 
 def fake_accuracy(monkeypatch, module, accuracy) -> list:

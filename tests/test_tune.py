@@ -200,7 +200,7 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     # its relative cost of 60 s: one epoch of the baseline takes 60 s here.
     finished(definition.baseline, [0.8, 0.9], 120)
     finished(small, [0.5], 60 * relative_cost(definition, small), optuna.trial.TrialState.PRUNED)
-    assert studies.baseline_epoch_seconds(definition, study.trials, epochs=2) == pytest.approx(60)
+    assert studies.epoch_time(definition, study.trials, epochs=2).of(1.0) == pytest.approx(60)
     for _ in range(6):
         study.enqueue_trial(definition.baseline)  # as large as trial 0: 2 min each
     # 6 baselines and one typical trial of 2 epochs; then the best configuration (the baseline)
@@ -210,7 +210,9 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
         f"time: about {search} min here for the 7 trial(s) left if none is pruned, then about 4 min to confirm "
         "(the baseline takes 60 s an epoch here, by the finished trials' timing)"
     )
-    assert "about 7 min here" in studies.time_left(study, config, 7, workers=2)
+    assert "about 7 min here for the 7 trial(s) left if none is pruned, then about 2 min to confirm" in studies.time_left(
+        study, config, 7, workers=2
+    )
 
 
 def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_in_time_at_worst(tmp_path):
@@ -234,6 +236,42 @@ def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_i
     assert not studies.another_trial_fits(study, config, time.time() + worst - 60)
     unconfirmed = dataclasses.replace(config, confirm_top=0)  # the trial alone
     assert studies.another_trial_fits(study, unconfirmed, time.time() + largest + 60)
+    # Two workers on this machine confirm two seeds at a time: the trial, then 2 rounds for 3 seeds.
+    assert studies.another_trial_fits(study, config, time.time() + 3 * largest + 60, workers=2)
+    assert not studies.another_trial_fits(study, config, time.time() + 3 * largest - 60, workers=2)
+
+
+def test_a_small_trials_fixed_cost_per_epoch_does_not_make_the_largest_configuration_look_slower(tmp_path):
+    # fashion-hb4: the baseline took 42 s an epoch, a small 1-layer trial 3.4 s, mostly fixed
+    # cost. Its seconds over its relative cost (about 0.01) made the baseline's epoch minutes long,
+    # and a 2-hour budget stopped the study after those 2 trials.
+    definition = STUDIES["lstm-cpu"]
+    config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
+    space, study = warm_start.search_space(definition), optuna.create_study(direction="maximize")
+    small = {"hidden_size": 32, "num_layers": 1, "bidirectional": False}
+
+    def finished(params: dict, seconds: float) -> None:
+        trial = optuna.trial.create_trial(
+            params=params,
+            distributions={name: space[name] for name in params},
+            value=0.9,
+            intermediate_values=dict.fromkeys(range(1, 13), 0.9),
+        )
+        trial.datetime_start = datetime(2026, 1, 1)
+        trial.datetime_complete = trial.datetime_start + timedelta(seconds=seconds)
+        study.add_trial(trial)
+
+    finished(definition.baseline, 504)
+    finished(small, 41)
+    timing = studies.epoch_time(definition, study.trials, epochs=12)
+    assert timing.of(1.0) == pytest.approx(42) and timing.of(relative_cost(definition, small)) == pytest.approx(41 / 12)
+    assert timing.overhead > 0.85 * 41 / 12  # the small trial's epoch is almost all fixed cost
+    largest = 12 * timing.of(studies.largest_cost(definition))  # about 19 min
+    assert studies.run_seconds(study, config) == pytest.approx(largest) and largest < 20 * 60
+    assert studies.another_trial_fits(study, config, time.time() + 111 * 60, workers=2)  # as hb4 was after 9 minutes
+    # Points that give no line with a positive overhead (the smaller trial the slower): the line through zero.
+    finished(small, 3600)
+    assert studies.epoch_time(definition, study.trials, epochs=12).overhead == 0
 
 
 @pytest.mark.slow

@@ -181,15 +181,20 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
 
 
 @pytest.mark.slow
-def test_two_worker_processes_share_one_study(tmp_path, prepared_run):
-    config = smoke(tmp_path, n_trials=4, n_workers="2")
-    tune(config, PrepareConfig(), prepared_run)
+def test_two_worker_processes_share_one_study_and_confirm_two_seeds_at_once(tmp_path, prepared_run):
+    config = smoke(tmp_path, n_trials=4, n_workers="2", confirm_top=1, confirm_seeds=2)
+    registered = tune(config, PrepareConfig(), prepared_run)
     assert sorted(t.number for t in load(config).trials) == [0, 1, 2, 3]
     trials = runs_of("trial")
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
     [parent] = runs_of("tune")
     assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}
-    assert len(MlflowClient().search_model_versions("name = 'tiny-lstm'")) == 1
+    # The summarising worker, itself a spawned process, trained the two seeds in processes of their own.
+    confirmed = runs_of("confirm")
+    assert sorted(run.data.params["seed"] for run in confirmed) == ["1", "2"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in confirmed} == {parent.info.run_id}
+    [version] = MlflowClient().search_model_versions("name = 'tiny-lstm'")
+    assert version.run_id in {run.info.run_id for run in confirmed} and registered.n_seeds == 2
 
 
 @pytest.mark.slow
