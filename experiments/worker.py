@@ -173,11 +173,12 @@ def run_trials(
 
     The worker that finds no trial running and the summary stale runs ``summarise``, still holding
     the lock. ``workers``: how many run on this machine, for the time estimates. No trial starts
-    after the timeout, nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``).
+    after the timeout, nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``):
+    while other trials run, that is decided again when they end.
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
-    sampler_seeded = False
+    sampler_seeded = budget_said = False
     waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
@@ -185,9 +186,8 @@ def run_trials(
             with lock:
                 fail_lost_trials(study, config, on_lost=say_lost)
                 step = next_step(study, config.n_trials)
-                if step is NextStep.RUN and (
-                    time.monotonic() >= deadline or not another_trial_fits(study, config, budget_deadline, workers)
-                ):  # start nothing new
+                over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
+                if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
                 if step is NextStep.RUN:
                     if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
@@ -204,6 +204,10 @@ def run_trials(
             continue
         if step is NextStep.STOP:
             return
+        if step is NextStep.WAIT and over_budget:  # decided again when the running trials, timed, have ended
+            budget_said = budget_said or say_budget_wait(worker)
+            time.sleep(1)
+            continue
         if step is NextStep.WAIT:
             waiting = waiting or Waiting(study, worker)
             if waiting.over(deadline):
@@ -214,6 +218,18 @@ def run_trials(
         run_one(study, trial, lease, objective, lock, worker)
         release_memory()
         say_time_left_once(study, config, worker, workers)
+
+
+def say_budget_wait(worker: int) -> bool:
+    """Say once that the budget holds this worker until the running trials end (their timing may
+    leave room for another trial: one small trial alone tells little of a large one's time)."""
+    print(
+        f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
+        "the running ones, then deciding again",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 class Waiting:
