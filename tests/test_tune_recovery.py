@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -142,6 +143,15 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
     assert not [run for run in runs_of("trial") if run.info.status == "RUNNING"]
 
 
+def hold_lease(config: TuneConfig, number: int) -> subprocess.Popen:
+    """Another worker's lease on trial ``number``: a process holding its flock until killed."""
+    lease = coordination.lease_path(config, config.study_name, number)
+    code = "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", code + "; time.sleep(600)", str(lease)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
 @pytest.mark.slow
 def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a_lost_one_is_rerun(
     tmp_path, prepared_run, monkeypatch, capsys
@@ -151,20 +161,8 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
     study = load(config)
     running = study.ask(study.trials[0].distributions)  # a live worker's trial, on another host say
     running.set_user_attr("worker", "another-host:1")
-    lease = coordination.lease_path(config, "tiny", running.number)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
-            str(lease),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lease(config, running.number)
     try:
-        assert holder.stdout.readline() == "held\n"
         monkeypatch.setattr(worker_module, "wait_bound", lambda study: 2.0)
         began = time.monotonic()
         tune(config, PrepareConfig(), prepared_run)  # nothing to ask: waits 2 s for the live trial, then leaves
@@ -178,6 +176,44 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
     tune(config, PrepareConfig(), prepared_run)  # its worker is gone now: re-queued, run here, summarised
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"] and len(counted(trials)) == 2
+
+
+@pytest.mark.slow
+def test_a_worker_the_budget_holds_waits_past_the_bound_for_the_running_trials_then_decides_again(
+    tmp_path, prepared_run, monkeypatch, capsys
+):
+    # fashion-hb5: after one small trial the budget left no room; the worker left at the 127 s bound
+    # while trial 0, whose timing would have made room, still ran. It now waits for the running trials.
+    tune(smoke(tmp_path, n_trials=1), PrepareConfig(), prepared_run)
+    config = smoke(tmp_path, n_trials=3, budget=3600)
+    study = load(config)
+    running = study.ask(study.trials[0].distributions)  # another worker's trial, still training
+    running.set_user_attr("worker", "another-host:1")
+    holder = hold_lease(config, running.number)
+    monkeypatch.setattr(worker_module, "wait_bound", lambda study: 1.0)
+    monkeypatch.setattr(worker_module, "another_trial_fits", lambda *args: False)
+    returned, still_waiting = threading.Event(), []
+
+    def end_the_running_trial() -> None:
+        time.sleep(6)  # six times the bound
+        still_waiting.append(not returned.is_set())
+        load(config).tell(running.number, 0.5)
+        holder.kill()
+
+    ender = threading.Thread(target=end_the_running_trial)
+    try:
+        ender.start()
+        tune(config, PrepareConfig(), prepared_run)
+        returned.set()
+    finally:
+        ender.join()
+        holder.kill()
+        holder.wait()
+    assert still_waiting == [True]
+    assert [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]  # and no trial after it
+    err = capsys.readouterr().err
+    assert "-P budget leaves no room for another trial; waiting for the running ones, then deciding again" in err
+    assert "still run in other workers" not in err
 
 
 @pytest.mark.slow
