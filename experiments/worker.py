@@ -178,7 +178,7 @@ def run_trials(
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
-    sampler_seeded = budget_said = False
+    budget_said = False
     waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
@@ -190,9 +190,10 @@ def run_trials(
                 if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
                 if step is NextStep.RUN:
-                    if not sampler_seeded:  # seeded, yet no two workers and no resumed study replay the same draws
-                        study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-                        sampler_seeded = True
+                    # Seeded afresh for each trial asked, by the count of trials: asks take turns under the
+                    # lock, so no two workers and no resumed study replay the same draws. (Seeded once
+                    # per worker, two workers started together both drew trial 1's parameters again.)
+                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
                     trial, lease = ask(study, storage, config, lock)
                 elif step is NextStep.STOP and summarise and needs_summary(study):
                     summarise()

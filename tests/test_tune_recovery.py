@@ -221,6 +221,8 @@ def test_two_worker_processes_share_one_study_and_confirm_two_seeds_at_once(tmp_
     config = smoke(tmp_path, n_trials=4, n_workers="2", confirm_top=1, confirm_seeds=2)
     registered = tune(config, PrepareConfig(), prepared_run)
     assert sorted(t.number for t in load(config).trials) == [0, 1, 2, 3]
+    draws = [tuple(sorted(t.params.items())) for t in load(config).trials]
+    assert len(set(draws)) == 4, draws  # no worker replays another's draws (fashion-hb6's trial 3 was trial 1)
     trials = runs_of("trial")
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
     [parent] = runs_of("tune")
