@@ -190,10 +190,6 @@ def run_trials(
                 if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
                 if step is NextStep.RUN:
-                    # Seeded afresh for each trial asked, by the count of trials: asks take turns under the
-                    # lock, so no two workers and no resumed study replay the same draws. (Seeded once
-                    # per worker, two workers started together both drew trial 1's parameters again.)
-                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
                     trial, lease = ask(study, storage, config, lock)
                 elif step is NextStep.STOP and summarise and needs_summary(study):
                     summarise()
@@ -205,13 +201,10 @@ def run_trials(
             continue
         if step is NextStep.STOP:
             return
-        if step is NextStep.WAIT and over_budget:  # decided again when the running trials, timed, have ended
-            budget_said = budget_said or say_budget_wait(worker)
-            time.sleep(1)
-            continue
         if step is NextStep.WAIT:
-            waiting = waiting or Waiting(study, worker)
-            if waiting.over(deadline):
+            if over_budget:  # decided again when the running trials, timed, have ended
+                budget_said = budget_said or say_budget_wait(worker)
+            elif (waiting := waiting or Waiting(study, worker)).over(deadline):
                 return
             time.sleep(1)
             continue
@@ -276,8 +269,13 @@ def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, wor
 
 
 def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
-    """A new trial and its lease; call holding the study lock, so no RUNNING trial lacks a lease."""
+    """A new trial and its lease; call holding the study lock, so no RUNNING trial lacks a lease.
+
+    The sampler is seeded afresh for each ask, by the count of trials: asks take turns under the
+    lock, so no two workers and no resumed study replay the same draws. (Seeded once per worker,
+    two workers started together drew each other's parameters again.)"""
     lock.confirm()  # still ours: a database restart may have ended the session that held it
+    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
     with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
