@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -257,16 +258,32 @@ class EpochTime:
         return self.overhead + self.per_cost * cost
 
 
-def epoch_time(definition: StudyDefinition, trials: list[FrozenTrial], epochs: int) -> EpochTime | None:
-    """How long an epoch takes here, fitted to the study's finished trials' own timing (seconds per
-    epoch against relative cost, least squares); None before any finished. Where the points do not
+def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float | None:
+    """A trial's seconds per epoch so far: a finished one's whole duration over the epochs it ran;
+    a running one's time since it started over the epochs it reported (an over-estimate by at most
+    the epoch under way). None for a trial with no epoch behind it."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs):
+        return trial.duration.total_seconds() / epochs_run(trial, epochs)
+    if trial.state == TrialState.RUNNING and trial.datetime_start and trial.intermediate_values:
+        return (now - trial.datetime_start).total_seconds() / len(trial.intermediate_values)
+    return None
+
+
+def epoch_time(
+    definition: StudyDefinition, trials: list[FrozenTrial], epochs: int, now: datetime | None = None
+) -> EpochTime | None:
+    """How long an epoch takes here, fitted to the study's trials' own timing (seconds per epoch
+    against relative cost, least squares; the running trials' reported epochs count too, or one
+    small trial finished beside a large one still running makes every configuration look as slow
+    per cost as the small one's fixed cost); None before any epoch is timed. Where the points do not
     give a line with a positive overhead and slope, the line through zero: mostly the largest
     trials' rate. (Each trial's seconds over its cost, the earlier estimate, made a small trial's
     overhead look like a baseline epoch of minutes, and a budget stopped a study after 2 trials.)"""
+    now = now or datetime.now()  # Optuna stamps trials with naive local time
     points = [
-        (relative_cost(definition, trial.params), trial.duration.total_seconds() / epochs_run(trial, epochs))
+        (relative_cost(definition, trial.params), seconds)
         for trial in trials
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs)
+        if (seconds := seconds_per_epoch(trial, epochs, now)) is not None
     ]
     if not points:
         return None
@@ -279,8 +296,8 @@ def epoch_time(definition: StudyDefinition, trials: list[FrozenTrial], epochs: i
 
 
 def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
-    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the finished trials'
-    timing; ``params`` None: the space's largest configuration. None before any trial finished."""
+    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the trials' timing;
+    ``params`` None: the space's largest configuration. None before any epoch is timed."""
     definition = STUDIES[config.study]
     timing = epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)
     if timing is None:
@@ -292,7 +309,7 @@ def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = N
 def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float, workers: int = 1) -> bool:
     """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
     at worst: the trial is the space's largest configuration and becomes the champion, its seeds
-    confirmed ``workers`` at a time (experiments/confirm.py). Before any trial finished nothing is
+    confirmed ``workers`` at a time (experiments/confirm.py). Before any epoch is timed nothing is
     known, and the trial starts."""
     if deadline == math.inf or (seconds := run_seconds(study, config)) is None:
         return True
@@ -302,12 +319,12 @@ def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float,
 
 def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:
     """How long the rest of the study takes here, if none is pruned, and its confirmation (one
-    line), from its finished trials' own timing; or when that will be known."""
+    line), from its trials' own timing; or when that will be known."""
     definition = STUDIES[config.study]
     trials = study.get_trials(deepcopy=False)
     timing = epoch_time(definition, trials, config.epochs)
     if timing is None:
-        return "time: estimated when the first trial finishes"
+        return "time: estimated when the first epoch is timed"
     waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
     search = sum(timing.of(relative_cost(definition, params)) for params in waiting)
     search += (to_run - len(waiting)) * timing.of(typical_cost(definition))
@@ -320,4 +337,4 @@ def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int
         rounds = math.ceil(config.confirm_top * config.confirm_seeds / workers)
         minutes = math.ceil(rounds * timing.of(size) * config.epochs / 60)
         line += f", then about {minutes} min to confirm"
-    return line + f" (the baseline takes {timing.of(1.0):.0f} s an epoch here, by the finished trials' timing)"
+    return line + f" (the baseline takes {timing.of(1.0):.0f} s an epoch here, by the trials' timing so far)"

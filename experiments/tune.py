@@ -296,8 +296,8 @@ def run_here(study: optuna.Study, job: WorkerJob, data: PreparedData, pruner: op
 
 def announce(study: optuna.Study, config: TuneConfig, images: int, gpus: list[str | None]) -> None:
     """The first lines, before any trial: what was chosen, how the champion is confirmed, and how
-    long it takes here, from the study's own finished trials (nothing is trained to find out: a
-    new study says it when its first trial finishes)."""
+    long it takes here, from the study's own trials (nothing is trained to find out: a
+    new study says it when its first epoch is timed)."""
     to_run = trials_left(study, config.n_trials)
     if not to_run:
         return

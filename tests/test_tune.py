@@ -143,7 +143,7 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     assert first[0].startswith("tune: study 'tiny' (lstm-cpu: the CPU-sized space: smaller models")
     assert "on cpu, 1 worker(s): 2 trial(s) left of 2, 1 epochs on 1,000 images each; pruner hyperband" in first[0]
     assert first[1] == "confirm: none (-P confirm_top=0): the best trial's own model is registered"
-    assert first[2] == "time: estimated when the first trial finishes"  # nothing trained to find out
+    assert first[2] == "time: estimated when the first epoch is timed"  # nothing trained to find out
     assert "\n[worker 0] trial 0 epoch 1/1  train_loss" in announced  # each epoch's line says whose it is
     # Once trial 0 finished, its own timing says how long the rest takes.
     after_first = announced[announced.index("[worker 0] trial 0 COMPLETE") :]
@@ -181,7 +181,7 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     assert relative_cost(definition, {}) == 1  # left-out parameters count at the baseline's value
     config = smoke(tmp_path, study="lstm-cpu", n_trials=9, epochs=2, confirm_top=1, confirm_seeds=2)
     study = optuna.create_study(direction="maximize")
-    assert studies.time_left(study, config, 9, workers=1) == "time: estimated when the first trial finishes"
+    assert studies.time_left(study, config, 9, workers=1) == "time: estimated when the first epoch is timed"
 
     space, start = warm_start.search_space(definition), datetime(2026, 1, 1)
 
@@ -208,7 +208,7 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     search = math.ceil((6 + typical_cost(definition)) * 2)
     assert studies.time_left(study, config, 7, workers=1) == (
         f"time: about {search} min here for the 7 trial(s) left if none is pruned, then about 4 min to confirm "
-        "(the baseline takes 60 s an epoch here, by the finished trials' timing)"
+        "(the baseline takes 60 s an epoch here, by the trials' timing so far)"
     )
     assert "about 7 min here for the 7 trial(s) left if none is pruned, then about 2 min to confirm" in studies.time_left(
         study, config, 7, workers=2
@@ -272,6 +272,44 @@ def test_a_small_trials_fixed_cost_per_epoch_does_not_make_the_largest_configura
     # Points that give no line with a positive overhead (the smaller trial the slower): the line through zero.
     finished(small, 3600)
     assert studies.epoch_time(definition, study.trials, epochs=12).overhead == 0
+
+
+def test_a_running_trials_reported_epochs_count_in_the_timing(tmp_path):
+    # fashion-hb7: trial 1 (37 hidden, 4.7 s an epoch, mostly fixed cost) finished while trial 0,
+    # the baseline, was in its second epoch. On trial 1's timing alone the baseline's epoch took
+    # 187 s (it took 39), and the 2-hour budget held worker 0 idle until trial 0 ended.
+    definition = STUDIES["lstm-cpu"]
+    config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
+    space, study = warm_start.search_space(definition), optuna.create_study(direction="maximize")
+    small = {"hidden_size": 37, "num_layers": 2, "bidirectional": False}
+    trial = optuna.trial.create_trial(
+        params=small,
+        distributions={name: space[name] for name in small},
+        value=0.87,
+        intermediate_values=dict.fromkeys(range(1, 13), 0.87),
+    )
+    trial.datetime_start = datetime(2026, 1, 1)
+    trial.datetime_complete = trial.datetime_start + timedelta(seconds=56.75)
+    study.add_trial(trial)
+    alone = studies.epoch_time(definition, study.trials, epochs=12)
+    assert alone.of(1.0) > 180  # the line through zero: the small trial's fixed cost scaled up
+    assert not studies.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
+
+    running = optuna.trial.create_trial(
+        params=definition.baseline,
+        distributions={name: space[name] for name in definition.baseline},
+        intermediate_values={1: 0.83},
+        state=optuna.trial.TrialState.RUNNING,
+    )
+    running.datetime_start = datetime.now() - timedelta(seconds=57)  # one epoch reported, the second under way
+    study.add_trial(running)
+    timing = studies.epoch_time(definition, study.trials, epochs=12)
+    assert timing.of(1.0) == pytest.approx(57, rel=0.05)  # its time so far over its one reported epoch
+    assert timing.of(relative_cost(definition, small)) == pytest.approx(56.75 / 12, rel=0.05)
+    assert studies.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
+    # A running trial with no epoch reported yet says nothing about its speed.
+    running.intermediate_values.clear()
+    assert studies.epoch_time(definition, [trial, running], epochs=12) == alone
 
 
 @pytest.mark.slow
