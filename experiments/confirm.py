@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING
 import mlflow
 import optuna
 import pandas as pd
-import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
@@ -45,6 +43,7 @@ from experiments.pareto import complete
 from experiments.studies import OBJECTIVE_METRIC, trial_config
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
+from pipeline.numerics import share_cpu
 from pipeline.tables import markdown_table
 from pipeline.tracking import digest, start_run_with_system_metrics
 from pipeline.train import train_and_log
@@ -143,12 +142,12 @@ def train_all(planned: list[tuple], job: WorkerJob, data: PreparedData) -> dict[
     the longest first."""
     if job.workers == 1 or len(planned) <= 1:
         return {key: train_seed(config, trial.number, key, job, data) for trial, config, key in planned}
-    threads = max(1, (os.cpu_count() or 1) // job.workers)  # the cores, shared as the trials shared them
-    longest_first = sorted(planned, key=lambda item: -seconds_of(item[0]))
-    with ProcessPoolExecutor(min(job.workers, len(planned)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    longest_first, processes = sorted(planned, key=lambda item: -seconds_of(item[0])), min(job.workers, len(planned))
+    say = f"[confirm] {len(planned)} runs to train, {processes} at a time, each in a process of its own"
+    print(say, file=sys.stderr, flush=True)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
-            key: pool.submit(train_seed_in_process, config, trial.number, key, job, threads)
-            for trial, config, key in longest_first
+            key: pool.submit(train_seed_in_process, config, trial.number, key, job) for trial, config, key in longest_first
         }
         return {key: future.result() for key, future in futures.items()}
 
@@ -158,9 +157,10 @@ def seconds_of(trial: FrozenTrial) -> float:
     return trial.duration.total_seconds() if trial.duration else 0.0
 
 
-def train_seed_in_process(config, trial_number: int, key: str, job: WorkerJob, threads: int) -> SeedRun:
-    """``train_seed`` in a process of ``train_all``'s: the prepared data read from the job's folder."""
-    torch.set_num_threads(threads)  # the machine's cores shared by the runs training at once
+def train_seed_in_process(config, trial_number: int, key: str, job: WorkerJob) -> SeedRun:
+    """``train_seed`` in a process of ``train_all``'s, with its share of the cores as a trial had:
+    the prepared data read from the job's folder."""
+    share_cpu(job.workers)
     return train_seed(config, trial_number, key, job, load_prepared(job.data_folder))
 
 

@@ -30,6 +30,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def share_cpu(processes: int) -> None:
+    """Give this process its share of the machine's cores, one of ``processes`` training at once:
+    two one-thread trials on 2 cores train more images per second than one two-thread trial
+    (benchmarks/results/cpu-workers-20261203.md). The thread count is tagged on each CPU run."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:

@@ -38,6 +38,7 @@ HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"
 RESUME_KEY_TAG = "pipeline.resume_key"  # what the run computes: a rerun with the same key may resume it
 ERROR_TAG = "pipeline.error"  # set when the stage failed by itself (bad input, divergence): never resumed
 RESUMED_RUN_TAG = "pipeline.resumed_run"  # on the run `mlflow run` opened, when the stage resumed another
+CPU_THREADS_TAG = "pipeline.cpu_threads"  # torch's CPU threads while the run trained: runs at once share the cores
 INTERRUPTED_TAG = "pipeline.interrupted"  # the signal that stopped a stage: its run ended KILLED
 
 

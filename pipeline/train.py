@@ -49,6 +49,7 @@ from pipeline.data import DATASETS, DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.numerics import numeric_settings, resolve_device, set_cublas_workspace
 from pipeline.tracking import (
+    CPU_THREADS_TAG,
     MODEL_NAME,
     device_params,
     digest,
@@ -101,6 +102,8 @@ def train_and_log(
             "data_sha256": data.manifest["splits"]["train"]["sha256"],
         }
     )
+    if device.type == "cpu":  # a tag, not a param: a run resumed by another worker count may train with other threads
+        mlflow.set_tag(CPU_THREADS_TAG, torch.get_num_threads())
     if data_ref:
         log_data_inputs(data, data_ref, {"train": "training", "val": "validation"})
 

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.attributes import RETRY_OF_ATTR
 from experiments.coordination import counted
+from pipeline.tracking import CPU_THREADS_TAG
 from tests.conftest import REPO, user_environment
 from tests.servers import model_server
 
@@ -94,9 +95,15 @@ def top_level(user):
 
 def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
-    first = user.run("n_trials=2", **confirmed)
+    first = user.run("n_trials=2", n_workers=2, **confirmed)  # two workers confirm two seeds at a time
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "[confirm] 4 runs to train, 2 at a time, each in a process of its own" in first.stderr
     [parent] = visible_runs(user, "tune")
+    confirm_runs = visible_runs(user, "confirm")
+    assert len(confirm_runs) == 4 and all(run.info.status == "FINISHED" for run in confirm_runs)
+    # Each trained with its share of the cores, as the trials did (tagged, as every CPU run is).
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert {run.data.tags[CPU_THREADS_TAG] for run in confirm_runs + visible_runs(user, "trial")} == {share}
 
     extended = user.run("n_trials=4", **confirmed)  # the same command with a larger budget
     assert extended.returncode == 0, extended.stderr[-3000:]
