@@ -306,15 +306,21 @@ def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = N
     return config.epochs * timing.of(cost)
 
 
+def worst_case_seconds(study: optuna.Study, config: TuneConfig, workers: int = 1) -> float | None:
+    """Seconds a new trial, then the champion's confirmation, take at worst: the trial is the
+    space's largest configuration and becomes the champion, its seeds confirmed ``workers`` at a
+    time (experiments/confirm.py). None before any epoch is timed."""
+    if (seconds := run_seconds(study, config)) is None:
+        return None
+    return (1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)) * seconds
+
+
 def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float, workers: int = 1) -> bool:
     """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
-    at worst: the trial is the space's largest configuration and becomes the champion, its seeds
-    confirmed ``workers`` at a time (experiments/confirm.py). Before any epoch is timed nothing is
-    known, and the trial starts."""
-    if deadline == math.inf or (seconds := run_seconds(study, config)) is None:
+    at worst (``worst_case_seconds``). Before any epoch is timed nothing is known, and the trial starts."""
+    if deadline == math.inf or (worst := worst_case_seconds(study, config, workers)) is None:
         return True
-    runs = 1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)
-    return time.time() + runs * seconds <= deadline
+    return time.time() + worst <= deadline
 
 
 def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import signal
 import sys
 import time
@@ -28,11 +27,19 @@ from experiments import attributes
 from experiments.coordination import NextStep, TrialLease, counted, fail_lost_trials, next_step, open_storage, requeue, study_lock
 from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
 from experiments.storage import DATABASE_ERRORS
-from experiments.studies import OBJECTIVE_METRIC, another_trial_fits, make_pruner, make_sampler, time_left, trial_config
+from experiments.studies import (
+    OBJECTIVE_METRIC,
+    another_trial_fits,
+    make_pruner,
+    make_sampler,
+    time_left,
+    trial_config,
+    worst_case_seconds,
+)
 from experiments.summary import needs_summary, report, summarise
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
-from pipeline.numerics import resolve_device
+from pipeline.numerics import resolve_device, share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
@@ -192,6 +199,8 @@ def run_trials(
                 if step is NextStep.RUN:
                     trial, lease = ask(study, storage, config, lock)
                 elif step is NextStep.STOP and summarise and needs_summary(study):
+                    if over_budget:
+                        say_budget_end(study, config, worker, budget_deadline, workers)
                     summarise()
         except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
             print(
@@ -208,14 +217,14 @@ def run_trials(
                 return
             time.sleep(1)
             continue
-        waiting = None
+        waiting, budget_said = None, False  # a budget that holds this worker later is said again
         run_one(study, trial, lease, objective, lock, worker)
         release_memory()
         say_time_left_once(study, config, worker, workers)
 
 
 def say_budget_wait(worker: int) -> bool:
-    """Say once that the budget holds this worker until the running trials end (their timing may
+    """Say, once a wait, that the budget holds this worker until the running trials end (their timing may
     leave room for another trial: one small trial alone tells little of a large one's time)."""
     print(
         f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
@@ -224,6 +233,18 @@ def say_budget_wait(worker: int) -> bool:
         flush=True,
     )
     return True
+
+
+def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadline: float, workers: int) -> None:
+    """Say, before the confirmation, that the budget ended the search, and by how much."""
+    worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
+    print(
+        f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
+        f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
+        f"{left / 60:.0f} min are left",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class Waiting:
@@ -362,7 +383,7 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     """One worker: train trials until the study has ``n_trials``; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if job.workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+        share_cpu(job.workers)
     data = load_prepared(job.data_folder)
     storage = open_storage(job.config, on_stale_trial)
     study = optuna.load_study(

@@ -319,7 +319,11 @@ def test_a_study_over_budget_starts_no_more_trials_and_still_confirms_its_champi
     registered = tune(config, PrepareConfig(), prepared_run)
     assert [t.number for t in load(config).trials] == [0]  # timed by trial 0, nothing more fits
     assert registered.trial == 0 and registered.n_seeds == 2 and registered.champion  # its confirmation still ran
-    assert "budget: 60 min for this command" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "budget: 60 min for this command" in err
+    # Said once, before the confirmation's runs: the search ended by the budget, not by n_trials.
+    ended = "[worker 0] -P budget ends the search at 1 trial(s): another, at worst the space's largest configuration"
+    assert err.count(ended) == 1 and err.index(ended) < err.index("[confirm]")
 
 
 def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
