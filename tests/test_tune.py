@@ -172,6 +172,21 @@ def test_auto_picks_the_space_by_device():
     assert typical_cost(STUDIES["lstm-cpu"]) < 0.3 < 1 < typical_cost(STUDIES["lstm"])  # per image, against trial 0
 
 
+def timed_trial(definition, params: dict, accuracies: list[float], seconds: float, state=optuna.trial.TrialState.COMPLETE):
+    """A trial of ``definition``'s space that reported ``accuracies``, one an epoch, and ended ``seconds`` after it began."""
+    space = warm_start.search_space(definition)
+    trial = optuna.trial.create_trial(
+        params=params,
+        distributions={name: space[name] for name in params},
+        value=accuracies[-1] if state == optuna.trial.TrialState.COMPLETE else None,
+        intermediate_values=dict(enumerate(accuracies, start=1)),
+        state=state,
+    )
+    trial.datetime_start = datetime(2026, 1, 1)
+    trial.datetime_complete = trial.datetime_start + timedelta(seconds=seconds)
+    return trial
+
+
 def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trials_at_their_size(tmp_path):
     # A warm start enqueues the earlier study's best, large configurations: scaling them by the
     # space's typical (small) trial said 7 minutes for a study that took about 30.
@@ -183,23 +198,10 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     study = optuna.create_study(direction="maximize")
     assert studies.time_left(study, config, 9, workers=1) == "time: estimated when the first epoch is timed"
 
-    space, start = warm_start.search_space(definition), datetime(2026, 1, 1)
-
-    def finished(params: dict, accuracies: list[float], seconds: float, state=optuna.trial.TrialState.COMPLETE) -> None:
-        trial = optuna.trial.create_trial(
-            params=params,
-            distributions={name: space[name] for name in params},
-            value=accuracies[-1] if state == optuna.trial.TrialState.COMPLETE else None,
-            intermediate_values=dict(enumerate(accuracies, start=1)),
-            state=state,
-        )
-        trial.datetime_start, trial.datetime_complete = start, start + timedelta(seconds=seconds)
-        study.add_trial(trial)
-
     # Trial 0, the baseline, took 120 s for its 2 epochs; a small trial pruned after 1 epoch took
     # its relative cost of 60 s: one epoch of the baseline takes 60 s here.
-    finished(definition.baseline, [0.8, 0.9], 120)
-    finished(small, [0.5], 60 * relative_cost(definition, small), optuna.trial.TrialState.PRUNED)
+    study.add_trial(timed_trial(definition, definition.baseline, [0.8, 0.9], 120))
+    study.add_trial(timed_trial(definition, small, [0.5], 60 * relative_cost(definition, small), optuna.trial.TrialState.PRUNED))
     assert studies.epoch_time(definition, study.trials, epochs=2).of(1.0) == pytest.approx(60)
     for _ in range(6):
         study.enqueue_trial(definition.baseline)  # as large as trial 0: 2 min each
@@ -220,14 +222,7 @@ def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_i
     config = smoke(tmp_path, study="lstm-cpu", epochs=2, confirm_top=2, confirm_seeds=3, budget=3600)
     study = optuna.create_study(direction="maximize")
     assert studies.another_trial_fits(study, config, time.time() + 1)  # nothing timed yet: trial 0 starts
-    trial = optuna.trial.create_trial(
-        params=definition.baseline,
-        distributions={name: warm_start.search_space(definition)[name] for name in definition.baseline},
-        value=0.9,
-        intermediate_values={1: 0.8, 2: 0.9},
-    )
-    trial.datetime_start, trial.datetime_complete = datetime(2026, 1, 1), datetime(2026, 1, 1, 0, 2)  # 2 epochs in 120 s
-    study.add_trial(trial)
+    study.add_trial(timed_trial(definition, definition.baseline, [0.8, 0.9], 120))  # 2 epochs in 120 s
     assert studies.run_seconds(study, config, definition.baseline) == pytest.approx(120)
     largest = studies.run_seconds(study, config)  # the space's largest configuration: bidirectional, 2 layers, wide
     assert largest == pytest.approx(studies.largest_cost(definition) * 120) and largest > 2 * 120
@@ -247,19 +242,11 @@ def test_a_small_trials_fixed_cost_per_epoch_does_not_make_the_largest_configura
     # and a 2-hour budget stopped the study after those 2 trials.
     definition = STUDIES["lstm-cpu"]
     config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
-    space, study = warm_start.search_space(definition), optuna.create_study(direction="maximize")
+    study = optuna.create_study(direction="maximize")
     small = {"hidden_size": 32, "num_layers": 1, "bidirectional": False}
 
     def finished(params: dict, seconds: float) -> None:
-        trial = optuna.trial.create_trial(
-            params=params,
-            distributions={name: space[name] for name in params},
-            value=0.9,
-            intermediate_values=dict.fromkeys(range(1, 13), 0.9),
-        )
-        trial.datetime_start = datetime(2026, 1, 1)
-        trial.datetime_complete = trial.datetime_start + timedelta(seconds=seconds)
-        study.add_trial(trial)
+        study.add_trial(timed_trial(definition, params, [0.9] * 12, seconds))
 
     finished(definition.baseline, 504)
     finished(small, 41)
@@ -282,14 +269,7 @@ def test_a_running_trials_reported_epochs_count_in_the_timing(tmp_path):
     config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
     space, study = warm_start.search_space(definition), optuna.create_study(direction="maximize")
     small = {"hidden_size": 37, "num_layers": 2, "bidirectional": False}
-    trial = optuna.trial.create_trial(
-        params=small,
-        distributions={name: space[name] for name in small},
-        value=0.87,
-        intermediate_values=dict.fromkeys(range(1, 13), 0.87),
-    )
-    trial.datetime_start = datetime(2026, 1, 1)
-    trial.datetime_complete = trial.datetime_start + timedelta(seconds=56.75)
+    trial = timed_trial(definition, small, [0.87] * 12, 56.75)
     study.add_trial(trial)
     alone = studies.epoch_time(definition, study.trials, epochs=12)
     assert alone.of(1.0) > 180  # the line through zero: the small trial's fixed cost scaled up
