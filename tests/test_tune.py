@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from experiments import attributes, studies, summary, warm_start
+from experiments import attributes, plots, studies, summary, warm_start
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR
 from experiments.gpus import gpu_assignment
@@ -315,6 +315,34 @@ def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
 
 
 # --- warm starts ----------------------------------------------------------------------------------
+
+
+def test_the_learning_curves_read_with_dozens_of_trials(tmp_path):
+    # fashion-hb7's 35 trials: Optuna's PNG gave each its colour and legend entry, a legend taller
+    # than the plot. One colour per outcome, the best trial labelled, a diverged trial off the chart.
+    study = optuna.create_study(study_name="hb", direction="maximize")
+    for number in range(35):
+        pruned = number % 2 == 1
+        curve = [0.80 + 0.01 * epoch + 0.0001 * number for epoch in range(3 if pruned else 12)]
+        if number == 4:
+            curve = [0.10] * 12  # diverged
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=None if pruned else curve[-1],
+                intermediate_values=dict(enumerate(curve, start=1)),
+                state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            )
+        )
+    axes = plots.learning_curves(study)
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "complete",
+        "pruned, stopped at the x",
+        "best: trial 34 (0.9134)",
+    ]
+    assert len([line for line in axes.lines if len(line.get_xdata()) > 1]) == 35 + 1  # the best drawn again, on top
+    assert axes.get_ylim()[0] > 0.5 and axes.get_title() == "hb: 35 trials (18 complete, 17 pruned); 1 dip below the chart"
+    summary.log_study_plots(study, tmp_path)
+    assert (tmp_path / "intermediate_values.png").stat().st_size > 10_000
 
 
 def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_path):
