@@ -95,7 +95,9 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
     # A multi-objective study: these plots show its first objective, val_accuracy (the front has its own).
-    target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE_METRIC} if len(study.directions) > 1 else {}
+    target = {"target_name": OBJECTIVE_METRIC}  # the metric's own name, not Optuna's "Objective Value"
+    if len(study.directions) > 1:
+        target["target"] = lambda t: t.values[0]
     for name in PLOTS:
         kwargs = target if name != "intermediate_values" else {}
         try:

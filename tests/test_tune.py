@@ -369,6 +369,8 @@ def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_p
         optuna.logging.set_verbosity(before)
     assert (tmp_path / "contour.png").exists()
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    page = (tmp_path / "study.html").read_text()  # the axes say what is plotted
+    assert "Objective Value" not in page and page.count('"text":"val_accuracy"') >= 4
 
 
 def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
