@@ -43,7 +43,7 @@ from pipeline.numerics import resolve_device, share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
-from pipeline.training import TrainingDiverged
+from pipeline.training import TrainingDiverged, duration
 
 # A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
@@ -218,7 +218,8 @@ def run_trials(
             time.sleep(1)
             continue
         waiting, budget_said = None, False  # a budget that holds this worker later is said again
-        run_one(study, trial, lease, objective, lock, worker)
+        if finished := run_one(study, trial, lease, objective, lock, worker):
+            say_done(study, finished, worker, config.n_trials)
         release_memory()
         say_time_left_once(study, config, worker, workers)
 
@@ -309,9 +310,12 @@ def wait_bound(study: optuna.Study) -> float:
     return max(60.0, 2 * max(durations, default=0.0))
 
 
-def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int) -> None:
-    """Run ``trial`` and tell its result. A trial interrupted, or cut off from its database (a
-    restart), is re-queued; an interrupt goes on, the worker goes on after a database failure."""
+def run_one(
+    study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int
+) -> optuna.trial.FrozenTrial | None:
+    """Run ``trial`` and tell its result; return it as told, or None if it was re-queued. A trial
+    interrupted, or cut off from its database (a restart), is re-queued; an interrupt goes on, the
+    worker goes on after a database failure."""
     try:
         study.tell(trial, objective(trial))
     except optuna.TrialPruned:
@@ -324,7 +328,7 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
             if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
                 requeue(study, now, f"its database call failed ({first_line(error)})", lost_worker=False)
         print(f"[worker {worker}] trial {trial.number}: the study's database failed; re-queued", file=sys.stderr, flush=True)
-        return
+        return None
     except KeyboardInterrupt as stop:
         with lock:
             requeue(
@@ -341,22 +345,29 @@ def run_one(study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objecti
         raise
     finally:
         lease.release()
-    say_done(study, study.get_trials(deepcopy=False)[trial.number], worker)
+    return study.get_trials(deepcopy=False)[trial.number]
 
 
 def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int) -> None:
-    value = f" {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
+def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, n_trials: int) -> None:
+    """One line per finished trial: how far it trained and how long it took, its result, the
+    study's best so far, and how many of the ``n_trials`` are done."""
+    epochs = len(trial.intermediate_values)
+    trained = f" at epoch {epochs}" if trial.state == TrialState.PRUNED else f", {epochs} epoch{'s' * (epochs != 1)}"
+    took = f" ({duration(trial.duration.total_seconds())})" if trial.duration else ""
+    value = f": {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
     if len(trial.values or ()) > 1:
         value += f" {cost_name(study)} {format_cost(cost_name(study), trial.values[1])}"
     best = best_value(study)
     best_text = "no complete trial yet"
     if best > -math.inf:
         best_text = f"best {best:.4f} (trial {most_accurate(complete(study)).number})"
-    print(f"[worker {worker}] trial {trial.number} {trial.state.name}{value} | {best_text}", file=sys.stderr, flush=True)
+    done = f"{len(counted(study.get_trials(deepcopy=False)))} of {n_trials} done"
+    line = f"[worker {worker}] trial {trial.number} {trial.state.name}{trained}{took}{value} | {best_text} | {done}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:

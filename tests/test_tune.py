@@ -145,6 +145,11 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     assert first[1] == "confirm: none (-P confirm_top=0): the best trial's own model is registered"
     assert first[2] == "time: estimated when the first epoch is timed"  # nothing trained to find out
     assert "\n[worker 0] trial 0 epoch 1/1  train_loss" in announced  # each epoch's line says whose it is
+    # A finished trial says how far it trained, how long it took, and how many are done.
+    assert re.search(
+        r"\n\[worker 0\] trial 0 COMPLETE, 1 epoch \(\d+s\): val_accuracy 0\.\d{4} \| best 0\.\d{4} \(trial 0\) \| 1 of 2 done\n",
+        announced,
+    )
     # Once trial 0 finished, its own timing says how long the rest takes.
     after_first = announced[announced.index("[worker 0] trial 0 COMPLETE") :]
     assert re.search(r"\[worker 0\] time: about \d+ min here for the 1 trial\(s\) left if none is pruned", after_first)
@@ -178,7 +183,7 @@ def timed_trial(definition, params: dict, accuracies: list[float], seconds: floa
     trial = optuna.trial.create_trial(
         params=params,
         distributions={name: space[name] for name in params},
-        value=accuracies[-1] if state == optuna.trial.TrialState.COMPLETE else None,
+        value=accuracies[-1] if state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) else None,
         intermediate_values=dict(enumerate(accuracies, start=1)),
         state=state,
     )
@@ -215,6 +220,20 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     assert "about 7 min here for the 7 trial(s) left if none is pruned, then about 2 min to confirm" in studies.time_left(
         study, config, 7, workers=2
     )
+
+
+def test_each_finished_trial_says_how_far_it_trained_how_long_it_took_and_how_many_are_done(capsys):
+    definition = STUDIES["lstm-cpu"]
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(timed_trial(definition, definition.baseline, [0.85 + 0.005 * e for e in range(12)], 484))
+    pruned = timed_trial(definition, {"hidden_size": 40}, [0.80, 0.84, 0.861], 72, optuna.trial.TrialState.PRUNED)
+    study.add_trial(pruned)
+    worker_module.say_done(study, study.trials[0], worker=1, n_trials=60)
+    worker_module.say_done(study, study.trials[1], worker=0, n_trials=60)
+    assert capsys.readouterr().err.splitlines() == [
+        "[worker 1] trial 0 COMPLETE, 12 epochs (8m04s): val_accuracy 0.9050 | best 0.9050 (trial 0) | 2 of 60 done",
+        "[worker 0] trial 1 PRUNED at epoch 3 (1m12s): val_accuracy 0.8610 | best 0.9050 (trial 0) | 2 of 60 done",
+    ]
 
 
 def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_in_time_at_worst(tmp_path):
