@@ -28,7 +28,7 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,25 +84,28 @@ def confirm(study: optuna.Study, job: WorkerJob, data: PreparedData) -> pd.DataF
     from pipeline.main import code_version
 
     config, code = job.config, code_version()
-    planned, rows = [], []
+    planned = []
     for trial in fitting(configurations(study, config.confirm_top), config, job.deadline, job.workers):
         for seed in range(1, config.confirm_seeds + 1):
             train_config = dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
             key = digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
             planned.append((trial, train_config, key))
     done = {key: run for trial, _, key in planned if (run := reused(trial, job.parent_run_id, job.experiment_id, key))}
+    for run in done.values():
+        say_seed_run(run, "reused: trained before this command")
     to_train = [(trial, train_config, key) for trial, train_config, key in planned if key not in done]
     done |= train_all(to_train, job, data)
-    for trial, train_config, key in planned:
-        run = done[key]
-        rows.append(dataclasses.asdict(run))
-        print(
-            f"[confirm] trial {trial.number}'s configuration, seed {train_config.seed}: {OBJECTIVE_METRIC} "
-            f"{run.val_accuracy:.4f} (run {run.run_id})",
-            file=sys.stderr,
-            flush=True,
-        )
+    rows = [dataclasses.asdict(done[key]) for _, _, key in planned]
     return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
+
+
+def say_seed_run(run: SeedRun, how: str) -> None:
+    print(
+        f"[confirm] trial {run.trial}'s configuration, seed {run.seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
+        f"(run {run.run_id}; {how})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, processes: int = 1) -> list[FrozenTrial]:
@@ -139,17 +142,25 @@ def makespan(seconds: list[float], processes: int) -> float:
 def train_all(planned: list[tuple], job: WorkerJob, data: PreparedData) -> dict[str, SeedRun]:
     """Train each planned (trial, config, key) in a confirm run, by key: here, or ``job.workers``
     at a time in processes of their own (spawned: they inherit this one's environment and GPU),
-    the longest first."""
+    the longest first. Each run is said as it ends, with how many of them are done."""
+    trained = {}
+
+    def finished(key: str, run: SeedRun) -> None:
+        trained[key] = run
+        say_seed_run(run, f"{len(trained)} of {len(planned)} trained")
+
     if job.workers == 1 or len(planned) <= 1:
-        return {key: train_seed(config, trial.number, key, job, data) for trial, config, key in planned}
+        for trial, config, key in planned:
+            finished(key, train_seed(config, trial.number, key, job, data))
+        return trained
     longest_first, processes = sorted(planned, key=lambda item: -seconds_of(item[0])), min(job.workers, len(planned))
     say = f"[confirm] {len(planned)} runs to train, {processes} at a time, each in a process of its own"
     print(say, file=sys.stderr, flush=True)
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            key: pool.submit(train_seed_in_process, config, trial.number, key, job) for trial, config, key in longest_first
-        }
-        return {key: future.result() for key, future in futures.items()}
+        keys = {pool.submit(train_seed_in_process, config, trial.number, key, job): key for trial, config, key in longest_first}
+        for future in as_completed(keys):  # each said as it ends: the confirmation can take an hour
+            finished(keys[future], future.result())
+    return trained
 
 
 def seconds_of(trial: FrozenTrial) -> float:

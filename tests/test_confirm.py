@@ -4,6 +4,7 @@ seeds: tiny studies (smoke definition, 1000 real MNIST images) on the CPU."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from datetime import datetime, timedelta
 
@@ -168,6 +169,9 @@ def fake_accuracy(monkeypatch, module, accuracy) -> list:
     return trained
 
 
+CONFIRM_LINE = r"\[confirm\] trial (\d)'s configuration, seed (\d): val_accuracy (0\.\d{4}) \(run \w+; (.+)\)"
+
+
 @pytest.mark.slow
 def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_runs(tmp_path, prepared_run, monkeypatch, capsys):
     baseline = 1e-2  # trial 0's learning rate (the smoke study's baseline); trial 1 samples another
@@ -211,9 +215,20 @@ def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_
     assert "confirm: the best 2 configurations train again with seeds 1 to 2 (4 runs of 1 epochs)" in err
     assert "from trial 1's configuration, seed 1 (mean val_accuracy 0.9350 ± 0.0071 over 2 seeds)" in err
     assert "test_accuracy of the champion configuration's 2 models, each tested once after the choice: seed 1 " in err
+    # Each confirm run is said as it ends, with how many are done: the confirmation can take an hour.
+    assert re.findall(CONFIRM_LINE, err) == [
+        ("0", "1", "0.9000", "1 of 4 trained"),
+        ("0", "2", "0.9100", "2 of 4 trained"),
+        ("1", "1", "0.9400", "3 of 4 trained"),
+        ("1", "2", "0.9300", "4 of 4 trained"),
+    ]
 
     # Extended by a worse trial: the same two configurations, their runs reused, nothing registered again.
     trained.clear()
     again = tune(dataclasses.replace(config, n_trials=3), PrepareConfig(), prepared_run)
     assert trained == [] and len(runs_of("confirm")) == 4
+    said = re.findall(
+        r"\[confirm\] trial \d's configuration, seed \d: val_accuracy 0\.\d{4} \(run \w+; (.+)\)", capsys.readouterr().err
+    )
+    assert said == ["reused: trained before this command"] * 4
     assert (again.version, again.trial, again.seed) == (registered.version, 1, 1) and len(runs_of("evaluate")) == 2

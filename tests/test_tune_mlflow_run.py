@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -98,6 +99,7 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     first = user.run("n_trials=2", n_workers=2, **confirmed)  # two workers confirm two seeds at a time
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[confirm] 4 runs to train, 2 at a time, each in a process of its own" in first.stderr
+    assert re.findall(r"; (\d) of 4 trained\)\n", first.stderr) == ["1", "2", "3", "4"]  # each said as it ends
     [parent] = visible_runs(user, "tune")
     confirm_runs = visible_runs(user, "confirm")
     assert len(confirm_runs) == 4 and all(run.info.status == "FINISHED" for run in confirm_runs)
