@@ -44,7 +44,7 @@ def learning_curves(study: optuna.Study):
     trials = [t for t in study.trials if t.intermediate_values]
     if not trials:
         raise ValueError("no trial has reported an epoch")
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    _, axes = plt.subplots(figsize=(8, 4.5))
     colours = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "0.65"}
     labelled = set()
     for trial in trials:
