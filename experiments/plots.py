@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from experiments.pareto import most_accurate
 from experiments.studies import OBJECTIVE_METRIC
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
@@ -61,11 +62,10 @@ def learning_curves(study: optuna.Study):
         labelled.add(state)
         if trial.state == TrialState.PRUNED:
             axes.plot(epochs[-1], values[-1], "x", color=colours[TrialState.PRUNED])
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if complete:
-        best = max(complete, key=lambda t: t.value)
+    if finished := [t for t in trials if t.state == TrialState.COMPLETE]:
+        best = most_accurate(finished)  # the rule the trial lines' "best" follows
         epochs, values = zip(*sorted(best.intermediate_values.items()), strict=True)
-        axes.plot(epochs, values, color="tab:orange", linewidth=2.5, label=f"best: trial {best.number} ({best.value:.4f})")
+        axes.plot(epochs, values, color="tab:orange", linewidth=2.5, label=f"best: trial {best.number} ({best.values[0]:.4f})")
     # The y axis shows where trials end, not where they start: from below the 5th percentile of
     # the last values reported, so one diverged trial does not flatten the others.
     ends = np.array([t.intermediate_values[max(t.intermediate_values)] for t in trials])

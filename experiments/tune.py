@@ -45,11 +45,12 @@ from experiments.coordination import open_storage, single_sqlite_worker, study_l
 from experiments.gpus import gpu_assignment, run_workers
 from experiments.parent_run import log_parent_params, open_parent_run, record_trials_run, record_worker, run_exists
 from experiments.pareto import complete, most_accurate
+from experiments.progress import best_value, trials_left
 from experiments.storage import check_storage, storage_kind
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe_pruner, resolve_pruner, study_for, time_left
 from experiments.summary import CHAMPION, Registered, model_name, needs_summary
 from experiments.warm_start import WarmStart, enqueue, warm_start
-from experiments.worker import WorkerJob, best_value, on_stale_trial, run_worker, trials_left
+from experiments.worker import WorkerJob, on_stale_trial, run_worker
 from pipeline.config import (
     OneLineParser,
     ParameterError,

@@ -2,7 +2,8 @@
 
 Under the study's lock (experiments/coordination.py) the loop re-queues trials that lost their
 worker and decides the next step; it trains one trial at a time with the lock released, tells
-Optuna the result and frees the trial's memory. experiments/gpus.py starts several on one machine.
+Optuna the result and frees the trial's memory. experiments/gpus.py starts several on one machine;
+what a worker says as it goes is in experiments/progress.py.
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import attributes
-from experiments.coordination import NextStep, TrialLease, counted, fail_lost_trials, next_step, open_storage, requeue, study_lock
-from experiments.pareto import complete, cost_name, format_cost, measure_cost, most_accurate, on_front
+from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
+from experiments.pareto import complete, measure_cost, on_front
+from experiments.progress import best_value, say_budget_end, say_budget_wait, say_done, say_time_left_once
 from experiments.storage import DATABASE_ERRORS
 from experiments.studies import (
-    OBJECTIVE_METRIC,
     another_trial_fits,
     make_pruner,
     make_sampler,
-    time_left,
     trial_config,
-    worst_case_seconds,
 )
 from experiments.summary import needs_summary, report, summarise
 from pipeline.config import TuneConfig
@@ -43,7 +42,7 @@ from pipeline.numerics import resolve_device, share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
 from pipeline.tracking import start_run_with_system_metrics
 from pipeline.train import log_trained_model, train_and_log
-from pipeline.training import TrainingDiverged, duration
+from pipeline.training import TrainingDiverged
 
 # A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
@@ -148,11 +147,6 @@ def trial_state_tags():
     mlflow.set_tag("optuna.trial_state", "COMPLETE")
 
 
-def best_value(study: optuna.Study) -> float:
-    """The best val_accuracy of the study's complete trials (its first objective); -inf before any."""
-    return max((trial.values[0] for trial in complete(study)), default=-math.inf)
-
-
 def release_memory() -> None:
     """Free the finished trial's tensors before the next trial allocates its own. Call it once the
     trial's frames are gone: after its exception, if any, was handled and dropped."""
@@ -224,30 +218,6 @@ def run_trials(
         say_time_left_once(study, config, worker, workers)
 
 
-def say_budget_wait(worker: int) -> bool:
-    """Say, once a wait, that the budget holds this worker until the running trials end (their timing may
-    leave room for another trial: one small trial alone tells little of a large one's time)."""
-    print(
-        f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
-        "the running ones, then deciding again",
-        file=sys.stderr,
-        flush=True,
-    )
-    return True
-
-
-def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadline: float, workers: int) -> None:
-    """Say, before the confirmation, that the budget ended the search, and by how much."""
-    worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
-    print(
-        f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
-        f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
-        f"{left / 60:.0f} min are left",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 class Waiting:
     """A worker with every trial taken waits for the others' trials: one that loses its worker is
     re-queued, and someone must run it. The bound only decides when to leave that to them; it never
@@ -275,19 +245,6 @@ class Waiting:
             flush=True,
         )
         return True
-
-
-def trials_left(study: optuna.Study, n_trials: int) -> int:
-    """Trials still to start: ``n_trials`` less those counted and those running."""
-    trials = study.get_trials(deepcopy=False)
-    return max(0, n_trials - len(counted(trials)) - sum(t.state == TrialState.RUNNING for t in trials))
-
-
-def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, workers: int) -> None:
-    """When the study's first trial has finished, say how long the rest takes, by its timing."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    if len(finished) == 1:
-        print(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}", file=sys.stderr)
 
 
 def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
@@ -350,24 +307,6 @@ def run_one(
 
 def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
-
-
-def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, n_trials: int) -> None:
-    """One line per finished trial: how far it trained and how long it took, its result, the
-    study's best so far, and how many of the ``n_trials`` are done."""
-    epochs = len(trial.intermediate_values)
-    trained = f" at epoch {epochs}" if trial.state == TrialState.PRUNED else f", {epochs} epoch{'s' * (epochs != 1)}"
-    took = f" ({duration(trial.duration.total_seconds())})" if trial.duration else ""
-    value = f": {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
-    if len(trial.values or ()) > 1:
-        value += f" {cost_name(study)} {format_cost(cost_name(study), trial.values[1])}"
-    best = best_value(study)
-    best_text = "no complete trial yet"
-    if best > -math.inf:
-        best_text = f"best {best:.4f} (trial {most_accurate(complete(study)).number})"
-    done = f"{len(counted(study.get_trials(deepcopy=False)))} of {n_trials} done"
-    line = f"[worker {worker}] trial {trial.number} {trial.state.name}{trained}{took}{value} | {best_text} | {done}"
-    print(line, file=sys.stderr, flush=True)
 
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:

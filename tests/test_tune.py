@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from experiments import attributes, plots, studies, summary, warm_start
+from experiments import attributes, plots, progress, studies, summary, warm_start
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR
 from experiments.gpus import gpu_assignment
@@ -228,8 +228,8 @@ def test_each_finished_trial_says_how_far_it_trained_how_long_it_took_and_how_ma
     study.add_trial(timed_trial(definition, definition.baseline, [0.85 + 0.005 * e for e in range(12)], 484))
     pruned = timed_trial(definition, {"hidden_size": 40}, [0.80, 0.84, 0.861], 72, optuna.trial.TrialState.PRUNED)
     study.add_trial(pruned)
-    worker_module.say_done(study, study.trials[0], worker=1, n_trials=60)
-    worker_module.say_done(study, study.trials[1], worker=0, n_trials=60)
+    progress.say_done(study, study.trials[0], worker=1, n_trials=60)
+    progress.say_done(study, study.trials[1], worker=0, n_trials=60)
     assert capsys.readouterr().err.splitlines() == [
         "[worker 1] trial 0 COMPLETE, 12 epochs (8m04s): val_accuracy 0.9050 | best 0.9050 (trial 0) | 2 of 60 done",
         "[worker 0] trial 1 PRUNED at epoch 3 (1m12s): val_accuracy 0.8610 | best 0.9050 (trial 0) | 2 of 60 done",
