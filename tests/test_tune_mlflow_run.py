@@ -98,6 +98,9 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
     first = user.run("n_trials=2", n_workers=2, **confirmed)  # two workers confirm two seeds at a time
     assert first.returncode == 0, first.stderr[-3000:]
+    # Each trial's line says how far it trained, how long it took and how many are done.
+    done = r"\] trial [01] COMPLETE, 1 epoch \([0-9ms]+\): val_accuracy 0\.\d{4} \| best .+ \| 2 of 2 done\n"
+    assert re.search(done, first.stderr)
     assert "[confirm] 4 runs to train, 2 at a time, each in a process of its own" in first.stderr
     assert re.findall(r"; (\d) of 4 trained\)\n", first.stderr) == ["1", "2", "3", "4"]  # each said as it ends
     [parent] = visible_runs(user, "tune")
