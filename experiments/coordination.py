@@ -319,9 +319,13 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
 
 
 def next_step(study: optuna.Study, n_trials: int) -> NextStep:
-    """What a worker does next; call holding the study lock, after ``fail_lost_trials``."""
+    """What a worker does next; call holding the study lock, after ``fail_lost_trials``.
+
+    Only the count decides: an enqueued trial (a warm start's configuration) runs within ``n_trials``
+    like a sampled one, and those past it wait for an extension. A re-queued copy still runs, since
+    the original it replaces no longer counts."""
     trials = study.get_trials(deepcopy=False)
     running = sum(trial.state == TrialState.RUNNING for trial in trials)
-    if any(trial.state == TrialState.WAITING for trial in trials) or len(counted(trials)) + running < n_trials:
+    if len(counted(trials)) + running < n_trials:
         return NextStep.RUN
     return NextStep.WAIT if running else NextStep.STOP

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -39,8 +39,13 @@ def gpu_assignment(config: TuneConfig) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
 
 
+class WorkersFailed(RuntimeError):
+    """Worker processes of this machine ended with an error (raised once every worker has ended)."""
+
+
 def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:
-    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid)."""
+    """Run ``jobs`` in processes of their own, each pinned to its GPU; return their worker ids (host:pid).
+    Raise ``WorkersFailed`` naming those that failed, once all have ended: a crash is never a success."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     processes = [context.Process(target=target, args=(job,), name=f"tune-worker-{job.worker}") for job in jobs]
     for job, process in zip(jobs, processes, strict=True):
@@ -53,10 +58,22 @@ def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run
         for process in processes:
             process.join()
         raise
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        print(f"warning: {', '.join(failed)} exited with an error; the study keeps their finished trials", file=sys.stderr)
+    if failed := [process for process in processes if process.exitcode != 0]:
+        raise WorkersFailed(
+            f"{', '.join(f'{p.name} {ending(p.exitcode)}' for p in failed)}; the study keeps their finished "
+            "trials: rerun the same command to run any trial left"
+        )
     return {f"{socket.gethostname()}:{p.pid}" for p in processes}
+
+
+def ending(exitcode: int) -> str:
+    """How a process ended, from ``Process.exitcode``: a negative one is the signal that killed it."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    except ValueError:  # a signal Python has no name for
+        return f"was killed by signal {-exitcode}"
 
 
 @contextmanager

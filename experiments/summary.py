@@ -195,7 +195,7 @@ def register_best(
         if not made:
             return None
         version, test_accuracy = made
-        why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data))
+        why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
         registered = Registered(
             register_name,
             version,
@@ -332,11 +332,32 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
     return evaluation.test_accuracy
 
 
-def crown_if_better(name: str, version: str, val_accuracy: float, validated_on: dict[str, str]) -> str:
+MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
+
+
+def comparison(
+    champion_tags: dict[str, str], val_accuracy: float, val_accuracy_mean: float | None
+) -> tuple[float, float, str, str]:
+    """How a new version is judged against the champion: (its score, the champion's, what they are,
+    why). Means over seeds when both have one (the configuration was chosen by its mean: its best
+    seed would flatter it), else each model's own val_accuracy."""
+    if val_accuracy_mean is not None and MEAN_TAG in champion_tags:
+        measure = f"mean {OBJECTIVE_METRIC} over seeds"
+        return val_accuracy_mean, float(champion_tags[MEAN_TAG]), measure, "means compared: both were confirmed over seeds"
+    how = "single models compared"
+    if val_accuracy_mean is not None or MEAN_TAG in champion_tags:
+        how += f": {'the champion' if val_accuracy_mean is not None else 'this one'} was not confirmed over seeds"
+    return val_accuracy, float(champion_tags.get(OBJECTIVE_METRIC, "-1")), OBJECTIVE_METRIC, how
+
+
+def crown_if_better(
+    name: str, version: str, val_accuracy: float, validated_on: dict[str, str], val_accuracy_mean: float | None = None
+) -> str:
     """Move the champion alias to ``version`` if the champion was validated on the same data
-    (``validated_on``: dataset and validation split digest) and its val_accuracy is lower. Returns
-    "" when it moved, else why not in one line: a version validated on other data (another dataset,
-    a smaller split) is registered, but never compared."""
+    (``validated_on``: dataset and validation split digest) and scores lower (``comparison``: the
+    means over seeds when both have one, ``val_accuracy_mean`` and the champion's tag). Returns ""
+    when it moved, else why not in one line, naming what was compared: a version validated on other
+    data (another dataset, a smaller split) is registered, but never compared."""
     client = MlflowClient()
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -353,9 +374,10 @@ def crown_if_better(name: str, version: str, val_accuracy: float, validated_on: 
                 f"not compared with champion version {champion.version}, validated on other data ({', '.join(differs)}); "
                 "move the alias by hand if this one should serve"
             )
-        to_beat = float(champion.tags.get(OBJECTIVE_METRIC, "-1"))
-        if val_accuracy <= to_beat:
-            return f"champion version {champion.version} has {OBJECTIVE_METRIC} {to_beat:.4f} on the same data"
+        score, to_beat, measure, how = comparison(champion.tags, val_accuracy, val_accuracy_mean)
+        if score <= to_beat:
+            said = f"champion version {champion.version} has {measure} {to_beat:.4f} on the same data"
+            return f"{said}, this one {score:.4f} ({how})"
     client.set_registered_model_alias(name, CHAMPION, version)
     return ""
 

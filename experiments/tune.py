@@ -42,7 +42,8 @@ from optuna.trial import TrialState
 
 from experiments import attributes
 from experiments.coordination import open_storage, single_sqlite_worker, study_lock, worker_id
-from experiments.gpus import gpu_assignment, run_workers
+from experiments.gpus import WorkersFailed, gpu_assignment, run_workers
+from experiments.job import WorkerJob
 from experiments.parent_run import log_parent_params, open_parent_run, record_trials_run, record_worker, run_exists
 from experiments.pareto import complete, most_accurate
 from experiments.progress import best_value, trials_left
@@ -160,8 +161,9 @@ def say_warm_start(start: WarmStart) -> None:
 
 
 def finished_line(study: optuna.Study, n_trials: int) -> str | None:
-    """One line when the study has nothing left to do: all its trials counted and summarised."""
-    if trials_left(study, n_trials) or study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+    """One line when the study has nothing left to do: all its trials counted and summarised (enqueued
+    trials past ``n_trials`` wait for an extension)."""
+    if trials_left(study, n_trials) or study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         return None
     if needs_summary(study):
         return None
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         check_storage(config.storage, len(gpu_assignment(config)))
         with single_sqlite_worker(config.storage):
             tune(config, prepare_config, args.data, args.env_manager, launched_run=launched_run)
-    except StageFailed as error:
+    except (StageFailed, WorkersFailed) as error:
         fail(str(error))
     except ParameterError as error:
         if launched_run:

@@ -111,6 +111,42 @@ def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
     assert str(client.get_model_version_by_alias("m", "champion").version) == better_on_validation
 
 
+def test_a_confirmed_version_takes_the_alias_by_its_mean_over_seeds_not_its_best_seed(tracking, tmp_path, monkeypatch):
+    client = MlflowClient()
+    client.create_registered_model("m")
+
+    def register(study, pick, *args) -> tuple[str, float]:  # register_trial's tags, without a model to test
+        tags = {"val_accuracy": f"{pick.val_accuracy:.6f}", **MNIST}
+        if pick.val_accuracy_mean is not None:
+            tags["confirm.val_accuracy_mean"] = f"{pick.val_accuracy_mean:.6f}"  # as lineage_tags writes it
+        return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version), 0.9
+
+    monkeypatch.setattr(summary, "register_trial", register)
+    data = PreparedData(*[None] * 3, manifest={"dataset": "mnist", "splits": {"val": {"sha256": "a" * 64}}})
+
+    def study_registers(val_accuracy: float, mean: float | None = None) -> summary.Registered:
+        """A study of its own registers its pick: confirmed over 3 seeds (``mean``), or its best trial's model."""
+        study = optuna.create_study(direction="maximize")
+        study.add_trial(optuna.trial.create_trial(value=val_accuracy))
+        confirmed = {"seed": 1, "val_accuracy_mean": mean, "n_seeds": 3} if mean is not None else {}
+        pick = summary.Pick(study.trials[0], None, "uri", val_accuracy, **confirmed)
+        return summary.register_best(study, pick, "parent", "m", data, "data", "cpu")
+
+    assert study_registers(0.951, mean=0.95).champion
+    lucky = study_registers(0.96, mean=0.94)  # its best seed beats the champion's; its configuration does not
+    assert not lucky.champion and lucky.why_not_champion == (
+        "champion version 1 has mean val_accuracy over seeds 0.9500 on the same data, this one 0.9400 "
+        "(means compared: both were confirmed over seeds)"
+    )
+    single = study_registers(0.9505)  # confirm_top=0: its own model against the champion's
+    assert not single.champion and single.why_not_champion == (
+        "champion version 1 has val_accuracy 0.9510 on the same data, this one 0.9505 "
+        "(single models compared: this one was not confirmed over seeds)"
+    )
+    assert study_registers(0.952, mean=0.9501).champion
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "4"
+
+
 @pytest.mark.parametrize(
     "other",
     [

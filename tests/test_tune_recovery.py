@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import coordination, storage, summary
+from experiments import tune as tune_module
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
 from experiments.coordination import counted
@@ -308,6 +310,37 @@ def record_environment(job: WorkerJob) -> None:
     """A spawned worker's first look at its world (module level: a spawned process imports it)."""
     seen = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
     Path(job.data_folder, f"worker-{job.worker}.json").write_text(json.dumps(seen))
+
+
+def end_as_numbered(job: WorkerJob) -> None:
+    """A spawned worker that ends as its number says: 1 exits with code 3, 2 is killed (as by the OOM killer),
+    0 ends well, last."""
+    if job.worker == 1:
+        os._exit(3)
+    if job.worker == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(2)
+    Path(job.data_folder, "worker-0-ended").touch()
+
+
+@pytest.mark.slow
+def test_a_command_whose_workers_fail_exits_with_an_error_naming_them_once_the_others_end(
+    tracking, tmp_path, monkeypatch, capsys
+):
+    jobs = [WorkerJob(TuneConfig(device="cpu"), "parent", "0", "data", str(tmp_path), worker=i, workers=3) for i in range(3)]
+    monkeypatch.setattr(tune_module, "tune", lambda *args, **kwargs: run_workers(jobs, target=end_as_numbered))
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # what main() sets for its workers, restored after the test
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            tune_module.main(["--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert exit.value.code == 1 and (tmp_path / "worker-0-ended").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: tune-worker-1 exited with code 3, tune-worker-2 was killed by SIGKILL; "
+        "the study keeps their finished trials: rerun the same command to run any trial left"
+    )
 
 
 @pytest.mark.slow

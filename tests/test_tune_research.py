@@ -15,7 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments import coordination, pareto, summary, warm_start
+from experiments import coordination, pareto, progress, summary, warm_start
+from experiments.coordination import NextStep
 from experiments.studies import STUDIES
 from experiments.tune import tune
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
@@ -46,9 +47,8 @@ def test_a_warm_start_cuts_the_earlier_configurations_to_the_new_search_space():
         warm_start.warm_start(storage, "empty", 5, STUDIES["smoke"])
 
 
-@pytest.mark.slow
-def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tmp_path, prepared_run, capsys, monkeypatch):
-    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+def earlier_study(tmp_path) -> optuna.Study:
+    """Study "first" in the smoke storage: four results of the smoke space, trials 1, 2, 0, 3 best first."""
     first = smoke(tmp_path, study_name="first")
     earlier = optuna.create_study(study_name="first", storage=coordination.open_storage(first), direction="maximize")
     space = {
@@ -58,6 +58,14 @@ def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tm
     for value, hidden, lr in [(0.5, 8, 0.01), (0.7, 12, 0.02), (0.6, 5, 0.003), (0.4, 16, 0.001)]:  # an earlier study's results
         params = {"hidden_size": hidden, "learning_rate": lr}
         earlier.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    return earlier
+
+
+@pytest.mark.slow
+def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tmp_path, prepared_run, capsys, monkeypatch):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    first = smoke(tmp_path, study_name="first")
+    earlier = earlier_study(tmp_path)
     best = [earlier.trials[1], earlier.trials[2]]
 
     second = smoke(tmp_path, study_name="second", n_trials=3, warm_start="first", warm_start_k=2)
@@ -80,6 +88,51 @@ def test_a_warm_started_study_begins_from_the_earlier_studys_best_trials_once(tm
     with pytest.raises(ParameterError, match="warm_start='missing': no study of that name"):
         tune(smoke(tmp_path, study_name="third", warm_start="missing"), PrepareConfig(), prepared_run)
     assert "third" not in optuna.study.get_all_study_names(coordination.open_storage(first))  # refused: nothing created
+
+
+def test_enqueued_configurations_count_inside_n_trials_and_a_lost_trial_frees_its_place():
+    study = optuna.create_study(direction="maximize")
+    for learning_rate in (0.01, 0.02, 0.03, 0.04):  # trial 0 and a warm start of three
+        study.enqueue_trial({"learning_rate": learning_rate})
+    space = {"learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-2)}
+    for _ in range(2):
+        study.tell(study.ask(space), 0.9)
+    # n_trials=2 is reached: the two configurations still enqueued wait for an extension.
+    assert coordination.next_step(study, 2) is NextStep.STOP and progress.trials_left(study, 2) == 0
+    assert coordination.next_step(study, 3) is NextStep.RUN and progress.trials_left(study, 3) == 1
+    lost = study.ask(space)  # the third, whose worker is lost: its re-queued copy replaces it in the count
+    assert coordination.next_step(study, 3) is NextStep.WAIT
+    coordination.requeue(study, study.trials[lost.number], "its worker stopped while running it", lost_worker=True)
+    assert coordination.next_step(study, 3) is NextStep.RUN and progress.trials_left(study, 3) == 1
+
+
+@pytest.mark.slow
+def test_a_warm_start_larger_than_n_trials_runs_n_trials_and_the_rest_wait_for_an_extension(
+    tmp_path, prepared_run, capsys, monkeypatch
+):
+    monkeypatch.setattr(summary, "log_study_plots", lambda study, folder: None)  # seconds each, and not what is tested
+    earlier = earlier_study(tmp_path)
+    second = smoke(tmp_path, study_name="second", n_trials=2, warm_start="first", warm_start_k=3)  # trial 0 and 3 enqueued
+    tune(second, PrepareConfig(), prepared_run)
+    trials = load(second).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "WAITING", "WAITING"]
+    assert len(coordination.counted(trials)) == 2
+    err = capsys.readouterr().err
+    assert "1 worker(s): 2 trial(s) left of 2," in err  # the first lines and the end agree
+    assert "| 2 of 2 done" in err and "study second: 2 trials counted" in err
+    [parent] = [run for run in runs_of("tune") if run.info.run_name == "second"]
+    assert parent.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(parent.info.run_id, "n_complete_trials")] == [2]
+
+    tune(second, PrepareConfig(), prepared_run)  # the same command again: complete, the waiting ones left waiting
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("study second is complete: 2 trials; best trial")
+
+    tune(dataclasses.replace(second, n_trials=4), PrepareConfig(), prepared_run)  # an extension runs them
+    trials = load(second).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert [t.params for t in trials[1:]] == [earlier.trials[n].params for n in (1, 2, 3)]  # its trial 0 is the baseline
+    assert "2 trial(s) left of 4" in capsys.readouterr().err
 
 
 # --- multi-objective studies ----------------------------------------------------------------------
