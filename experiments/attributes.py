@@ -20,6 +20,7 @@ WARM_START_ATTR = "warm_start"  # {"study", "trials"}: where its enqueued config
 SUMMARISED_ATTR = "summarised_at"  # how many counted trials the last successful summary saw
 REGISTERED_ATTR = "registered"  # the version registered as its champion candidate (summary.Registered as a dict)
 COMPACT_ATTR = "compact"  # the version the compact rule picked (multi-objective studies)
+PLAN_ATTR = "plan"  # on the companion study: {"at": round, "runs": [{"trial", "seed", "key"}, ...]} (confirm.py)
 
 
 def settings(study: optuna.Study) -> dict | None:
@@ -79,6 +80,14 @@ def set_compact(study: optuna.Study, version: dict) -> None:
     study.set_user_attr(COMPACT_ATTR, version)
 
 
+def confirm_plan(queue: optuna.Study) -> dict | None:
+    return queue.user_attrs.get(PLAN_ATTR)
+
+
+def set_confirm_plan(queue: optuna.Study, value: dict) -> None:
+    queue.set_user_attr(PLAN_ATTR, value)
+
+
 # --- a trial's attributes -------------------------------------------------------------------------
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # its child run
@@ -87,6 +96,7 @@ WORKER_ATTR = "worker"  # host:pid of the worker that runs it: set while it hold
 RETRY_OF_ATTR = "retry_of"  # on a re-queued trial: the number of the trial it repeats
 REQUEUE_REASON_ATTR = "requeue_reason"  # on a re-queued trial: why the original did not count
 LOST_WORKERS_ATTR = "lost_workers"  # on a re-queued trial: how many workers its parameters have lost
+WORK_ATTR = "work"  # on a companion study's item: {"trial", "seed", "key", "at"} or {"summary": True, "at"}
 NOT_RECORDED = "(not yet recorded)"
 
 
@@ -129,7 +139,13 @@ def lost_workers(trial: FrozenTrial) -> int:
 
 def requeued_copy(original: FrozenTrial, reason: str, lost: int) -> dict:
     """The attributes a re-queued copy of ``original`` is enqueued with (``study.enqueue_trial(user_attrs=...)``)."""
-    return {RETRY_OF_ATTR: original.number, REQUEUE_REASON_ATTR: reason, LOST_WORKERS_ATTR: lost}
+    copy = {RETRY_OF_ATTR: original.number, REQUEUE_REASON_ATTR: reason, LOST_WORKERS_ATTR: lost}
+    return copy | ({WORK_ATTR: work(original)} if work(original) else {})
+
+
+def work(trial: FrozenTrial | optuna.Trial) -> dict:
+    """What a companion study's item is (experiments/confirm.py); ``{}`` for a trial of a study."""
+    return trial.user_attrs.get(WORK_ATTR, {})
 
 
 def enqueued_params(trial: FrozenTrial) -> dict:

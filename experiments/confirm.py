@@ -2,54 +2,57 @@
 again with fresh seeds, and the best mean val_accuracy wins.
 
 A trial trains once, with the study's seed, so the best trial's rank mixes its configuration's
-quality with that seed's luck. Here the ``confirm_top`` best configurations by val_accuracy (its
-complete trials, one per configuration) each train with seeds 1 to ``confirm_seeds``, as
-``-e repeat`` does by default, through the trials' own path: ``train_and_log``, each in a run of
-its own under the study's parent run (stage tag ``confirm``); as many at once as the machine runs
-workers, each in a process of its own. The champion is the configuration
-with the best mean val_accuracy; what is registered is its seed run with the best val_accuracy
-(the models differ by seed only; the pick reads validation too). The test set is read only
-afterwards, once per model: the version registered (experiments/summary.py), and the champion
+quality with that seed's luck. Once the search has ended, the ``confirm_top`` best configurations
+by val_accuracy (complete trials, one per configuration) are planned with seeds 1 to
+``confirm_seeds``, as ``-e repeat`` does by default. Each (configuration, seed) is a trial of the
+study's **companion study** ``<study>:confirm`` in the same storage: a queue of work that every
+worker of the study, in any command on any machine, takes from exactly as it takes trials (the
+same lock, leases, re-queue, checkpoints and GPU pinning: experiments/worker.py). A companion
+study rather than marked trials of the study itself: its sampler, its pruner, ``n_trials`` and
+every count read the study's trials only, and a confirmation run is not a sample of the space.
+The last item of the queue is the summary (experiments/summary.py), queued once every training
+is done, so exactly one worker summarises.
+
+The champion is the configuration with the best mean val_accuracy; what is registered is its seed
+run with the best val_accuracy (the models differ by seed only; the pick reads validation too).
+The test set is read only afterwards, once per model: the version registered, and the champion
 configuration's other seed models, for its mean test accuracy (``test_seed_models``).
 
 Reads:  the study's complete trials, the prepared data.
-Writes: per configuration and seed a ``confirm`` run (params, per-epoch metrics, its model);
-        on the parent run ``confirmation.md`` and the MLflow table ``confirmation.json`` (per
-        configuration: trial, parameters, val_accuracy mean ± sample std, n_seeds).
-Reuses: a finished confirm run of the study (under its parent run) with the same configuration,
-        seed, epochs, data and code (its tag ``confirm.key``): an extended study, or a summary
-        rerun after Ctrl-C, trains only what is new.
+Writes: per configuration and seed a ``confirm`` run under the study's parent run (params,
+        per-epoch metrics, its model); on the parent run ``confirmation.md`` and the MLflow table
+        ``confirmation.json`` (per configuration: trial, parameters, val_accuracy mean ± sample
+        std, n_seeds).
+Reuses: a finished confirm run of the study with the same configuration, seed, epochs, data and
+        code (its tag ``confirm.key``): an extended study trains only what is new.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import mlflow
 import optuna
 import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
+from experiments import attributes
+from experiments.coordination import counted, worker_id
+from experiments.job import WorkerJob
 from experiments.pareto import complete
+from experiments.runs import WORKER_TAG, earlier_runs, run_checkpoints, trial_state_tags
 from experiments.studies import OBJECTIVE_METRIC, trial_config
-from pipeline.config import TuneConfig
-from pipeline.data import PreparedData, load_prepared
-from pipeline.numerics import share_cpu
+from pipeline.config import TrainConfig, TuneConfig
+from pipeline.data import PreparedData
 from pipeline.tables import markdown_table
 from pipeline.tracking import digest, start_run_with_system_metrics
 from pipeline.train import train_and_log
-
-if TYPE_CHECKING:  # experiments/worker.py imports this module (through the summary)
-    from experiments.worker import WorkerJob
 
 KEY_TAG = "confirm.key"
 MODEL_URI_TAG = "confirm.model_uri"
@@ -66,6 +69,73 @@ class SeedRun:
     model_uri: str
 
 
+# --- the queue: the companion study -----------------------------------------------------------------
+
+
+def companion_name(study_name: str) -> str:
+    return f"{study_name}:confirm"
+
+
+def companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
+    """Study ``study_name``'s queue of work after the search (created if new). Its trials are only
+    ever enqueued, so its sampler never samples: the cheapest one is given."""
+    return optuna.create_study(
+        study_name=companion_name(study_name),
+        storage=storage,
+        sampler=optuna.samplers.RandomSampler(),
+        load_if_exists=True,
+    )
+
+
+def round_of(study: optuna.Study) -> int:
+    """Which summary the queue works toward: the count of the study's counted trials."""
+    return len(counted(study.get_trials(deepcopy=False)))
+
+
+def pending(queue: optuna.Study) -> list[FrozenTrial]:
+    """The queue's items waiting or in training."""
+    return queue.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+
+
+def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> None:
+    """Queue this round's trainings, unless planned already (call holding the study lock once no
+    trial runs): each best configuration's seeds that no finished confirm run holds. The best is
+    always confirmed; each next one only if all the runs, timed as their trials took, end before
+    ``job.deadline`` (``-P budget``), else it is left out, saying so."""
+    at = round_of(study)
+    if (attributes.confirm_plan(queue) or {}).get("at") == at:
+        return
+    from pipeline.main import code_version
+
+    config, code = job.config, code_version()
+    runs = []
+    if config.confirm_top:
+        for trial in fitting(configurations(study, config.confirm_top), config, job.deadline, job.workers):
+            for seed in range(1, config.confirm_seeds + 1):
+                runs.append({"trial": trial.number, "seed": seed, "key": run_key(seed_config(config, trial, seed), data, code)})
+    waiting = {attributes.work(t).get("key") for t in queue.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    for run in runs:
+        if found := reused(run, job):
+            say_seed_run(found, "reused: trained before")
+        elif run["key"] not in waiting:
+            queue.enqueue_trial({}, user_attrs={attributes.WORK_ATTR: {**run, "at": at}})
+    attributes.set_confirm_plan(queue, {"at": at, "runs": runs})  # last: a planner that died before it is redone
+
+
+def seed_config(config: TuneConfig, trial: FrozenTrial, seed: int) -> TrainConfig:
+    return dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
+
+
+def run_key(train_config: TrainConfig, data: PreparedData, code: str) -> str:
+    """What makes two confirm runs the same training: configuration, seed, data and code."""
+    return digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
+
+
+def queue_summary(queue: optuna.Study, at: int) -> None:
+    """Queue round ``at``'s summary: the queue's last item (call holding the study lock)."""
+    queue.enqueue_trial({}, user_attrs={attributes.WORK_ATTR: {"summary": True, "at": at}})
+
+
 def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
     """The ``top`` best complete trials by val_accuracy, one per configuration (a re-queued trial
     repeats its original's parameters); among equals the earlier."""
@@ -74,38 +144,6 @@ def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
         if all(trial.params != other.params for other in picked):
             picked.append(trial)
     return picked[:top]
-
-
-def confirm(study: optuna.Study, job: WorkerJob, data: PreparedData) -> pd.DataFrame:
-    """Train (or reuse) each of the best configurations with seeds 1..confirm_seeds; one row per
-    ``SeedRun``. The best is always confirmed; each next one only if all the runs, timed as their
-    trials took, end before ``job.deadline`` (``-P budget``), else it is left out, saying so. With
-    several workers on this machine (``job.workers``) as many runs train at once, one process each."""
-    from pipeline.main import code_version
-
-    config, code = job.config, code_version()
-    planned = []
-    for trial in fitting(configurations(study, config.confirm_top), config, job.deadline, job.workers):
-        for seed in range(1, config.confirm_seeds + 1):
-            train_config = dataclasses.replace(trial_config(config, optuna.trial.FixedTrial(trial.params)), seed=seed)
-            key = digest({"config": dataclasses.asdict(train_config), "data": data.manifest["splits"], "code": code})
-            planned.append((trial, train_config, key))
-    done = {key: run for trial, _, key in planned if (run := reused(trial, job.parent_run_id, job.experiment_id, key))}
-    for run in done.values():
-        say_seed_run(run, "reused: trained before this command")
-    to_train = [(trial, train_config, key) for trial, train_config, key in planned if key not in done]
-    done |= train_all(to_train, job, data)
-    rows = [dataclasses.asdict(done[key]) for _, _, key in planned]
-    return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
-
-
-def say_seed_run(run: SeedRun, how: str) -> None:
-    print(
-        f"[confirm] trial {run.trial}'s configuration, seed {run.seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
-        f"(run {run.run_id}; {how})",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, processes: int = 1) -> list[FrozenTrial]:
@@ -132,35 +170,11 @@ def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, proc
 
 def makespan(seconds: list[float], processes: int) -> float:
     """How long runs of these lengths take, ``processes`` at a time, the longest first, each to
-    the first process free (as ``train_all`` hands them out)."""
+    the first process free."""
     loads = [0.0] * max(1, processes)
     for length in sorted(seconds, reverse=True):
         loads[loads.index(min(loads))] += length
     return max(loads)
-
-
-def train_all(planned: list[tuple], job: WorkerJob, data: PreparedData) -> dict[str, SeedRun]:
-    """Train each planned (trial, config, key) in a confirm run, by key: here, or ``job.workers``
-    at a time in processes of their own (spawned: they inherit this one's environment and GPU),
-    the longest first. Each run is said as it ends, with how many of them are done."""
-    trained = {}
-
-    def finished(key: str, run: SeedRun) -> None:
-        trained[key] = run
-        say_seed_run(run, f"{len(trained)} of {len(planned)} trained")
-
-    if job.workers == 1 or len(planned) <= 1:
-        for trial, config, key in planned:
-            finished(key, train_seed(config, trial.number, key, job, data))
-        return trained
-    longest_first, processes = sorted(planned, key=lambda item: -seconds_of(item[0])), min(job.workers, len(planned))
-    say = f"[confirm] {len(planned)} runs to train, {processes} at a time, each in a process of its own"
-    print(say, file=sys.stderr, flush=True)
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        keys = {pool.submit(train_seed_in_process, config, trial.number, key, job): key for trial, config, key in longest_first}
-        for future in as_completed(keys):  # each said as it ends: the confirmation can take an hour
-            finished(keys[future], future.result())
-    return trained
 
 
 def seconds_of(trial: FrozenTrial) -> float:
@@ -168,41 +182,85 @@ def seconds_of(trial: FrozenTrial) -> float:
     return trial.duration.total_seconds() if trial.duration else 0.0
 
 
-def train_seed_in_process(config, trial_number: int, key: str, job: WorkerJob) -> SeedRun:
-    """``train_seed`` in a process of ``train_all``'s, with its share of the cores as a trial had:
-    the prepared data read from the job's folder."""
-    share_cpu(job.workers)
-    return train_seed(config, trial_number, key, job, load_prepared(job.data_folder))
+# --- one training of the queue ------------------------------------------------------------------------
 
 
-def reused(trial: FrozenTrial, parent_run_id: str, experiment_id: str, key: str) -> SeedRun | None:
-    """The study's finished confirm run of ``key``, if there is one."""
-    run = finished_child(parent_run_id, experiment_id, {KEY_TAG: key})
-    if run is None:
-        return None
-    seed, accuracy = int(run.data.params["seed"]), run.data.metrics["best_val_accuracy"]
-    return SeedRun(trial.number, seed, run.info.run_id, accuracy, run.data.tags[MODEL_URI_TAG])
-
-
-def train_seed(config, trial_number: int, key: str, job: WorkerJob, data: PreparedData) -> SeedRun:
-    """Train ``config`` in a confirm run under the parent, logging its model, as a trial trains."""
+def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: PreparedData) -> float:
+    """Train a queued (configuration, seed) in a confirm run under the parent, logging its model, as
+    a trial trains (resuming an earlier attempt's checkpoint); its best val_accuracy."""
+    work = attributes.work(item)
+    source = study.get_trials(deepcopy=False)[work["trial"]]
+    config = seed_config(job.config, source, work["seed"])
     tags = {
         "pipeline.stage": "confirm",
         "pipeline.data": job.data_ref,
-        "optuna.trial_number": str(trial_number),
-        KEY_TAG: key,
+        "optuna.trial_number": str(source.number),
+        KEY_TAG: work["key"],
+        WORKER_TAG: worker_id(),
     }
-    name = f"confirm trial-{trial_number} seed-{config.seed}"
+    name = f"confirm trial-{source.number} seed-{config.seed}"
     with start_run_with_system_metrics(
         run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
     ) as run:
-        try:
-            result, model = train_and_log(config, data, data_ref=job.data_ref, label=f"[{name}]")
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")  # a rerun trains it again
-            raise
-        mlflow.set_tag(MODEL_URI_TAG, model.model_uri)
-    return SeedRun(trial_number, config.seed, run.info.run_id, result.best_val_accuracy, model.model_uri)
+        attributes.set_run_id(item, run.info.run_id)
+        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(item.study, item)) as checkpoints:
+            result, model = train_and_log(
+                config,
+                data,
+                checkpoint_dir=checkpoints.folder,
+                on_epoch=checkpoints.after_epoch(),
+                data_ref=job.data_ref,
+                label=f"[worker {job.worker}] [{name}]",
+            )
+            mlflow.set_tag(MODEL_URI_TAG, model.model_uri)
+    return result.best_val_accuracy
+
+
+def say_trained(queue: optuna.Study, item: FrozenTrial, worker: int) -> None:
+    """One line per finished training of the queue, with how many of its round are done."""
+    work = attributes.work(item)
+    planned, left = len((attributes.confirm_plan(queue) or {}).get("runs", [])), len(pending(queue))
+    value = f"{OBJECTIVE_METRIC} {item.value:.4f}" if item.state == TrialState.COMPLETE else item.state.name
+    print(
+        f"[worker {worker}] [confirm] trial {work['trial']}'s configuration, seed {work['seed']}: {value} "
+        f"(run {attributes.run_id(item)}; {planned - left} of {planned} trained)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def say_seed_run(run: SeedRun, how: str) -> None:
+    print(
+        f"[confirm] trial {run.trial}'s configuration, seed {run.seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
+        f"(run {run.run_id}; {how})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# --- the results, once every training is done ---------------------------------------------------------
+
+
+def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
+    """One row per ``SeedRun`` of the round's plan that finished (one whose training failed is said
+    and left out)."""
+    rows = []
+    for run in (attributes.confirm_plan(queue) or {}).get("runs", []):
+        if found := reused(run, job):
+            rows.append(dataclasses.asdict(found))
+        else:
+            left_out = f"[confirm] trial {run['trial']}'s configuration, seed {run['seed']}: no finished run; left out"
+            print(left_out, file=sys.stderr)
+    return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
+
+
+def reused(run: dict, job: WorkerJob) -> SeedRun | None:
+    """The study's finished confirm run of ``run["key"]``, if there is one."""
+    found = finished_child(job.parent_run_id, job.experiment_id, {KEY_TAG: run["key"]})
+    if found is None:
+        return None
+    seed, accuracy = int(found.data.params["seed"]), found.data.metrics["best_val_accuracy"]
+    return SeedRun(run["trial"], seed, found.info.run_id, accuracy, found.data.tags[MODEL_URI_TAG])
 
 
 def confirmation_table(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 import optuna
@@ -26,8 +25,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
 from experiments import attributes
-from experiments.confirm import champion_run, confirm, confirmation_table, log_confirmation, test_seed_models
+from experiments.confirm import champion_run, confirmation_table, log_confirmation, seed_runs, test_seed_models
 from experiments.coordination import counted
+from experiments.job import WorkerJob
 from experiments.pareto import COMPACT, compact_pick, complete, cost_name, format_cost, front_figure, front_table, most_accurate
 from experiments.plots import log_study_plots
 from experiments.studies import OBJECTIVE_METRIC
@@ -38,9 +38,6 @@ from pipeline.evaluate import evaluate_and_log
 from pipeline.numerics import resolve_device
 from pipeline.tables import markdown_table
 from pipeline.tracking import ui_link
-
-if TYPE_CHECKING:  # experiments/worker.py imports this module
-    from experiments.worker import WorkerJob
 
 CHAMPION = "champion"
 
@@ -92,12 +89,13 @@ def needs_summary(study: optuna.Study) -> bool:
     return attributes.summarised_at(study) != len(counted(study.get_trials(deepcopy=False)))
 
 
-def summarise(study: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
-    """Log the leaderboard and plots to the parent run; confirm the best configurations over seeds
-    (``config.confirm_top``) and register the champion candidate (and, in a multi-objective study,
-    log the Pareto front and register the compact rule's pick); call holding the study lock once
-    no trial runs. Recorded as done only when all of it succeeded. ``job.deadline`` (``-P budget``):
-    configurations after the best are confirmed while they fit before it."""
+def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
+    """Log the leaderboard and plots to the parent run; choose among the confirmed configurations
+    (``config.confirm_top``: their runs, trained by the workers from the ``queue``,
+    experiments/confirm.py) and register the champion candidate (and, in a multi-objective study,
+    log the Pareto front and register the compact rule's pick). Run by the worker that took the
+    queue's summary item, once no trial runs and every confirmation run is trained; recorded as
+    done only when all of it succeeded."""
     client, config, parent_run_id, data_ref = MlflowClient(), job.config, job.parent_run_id, job.data_ref
     trials = counted(study.get_trials(deepcopy=False))
     multi_objective = len(study.directions) > 1
@@ -113,7 +111,8 @@ def summarise(study: optuna.Study, job: WorkerJob, data: PreparedData) -> Regist
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
-        pick = confirmed_pick(study, job, data) if config.confirm_top else trial_pick(best)
+        runs = seed_runs(queue, job) if config.confirm_top else None
+        pick = confirmed_pick(study, runs, job) if runs is not None and len(runs) else trial_pick(best)
         registered = register_best(study, pick, parent_run_id, config.register_name, data, data_ref, config.device)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
             test = functools.partial(test_once, parent_run_id=parent_run_id, data=data, data_ref=data_ref, device=config.device)
@@ -153,10 +152,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
-def confirmed_pick(study: optuna.Study, job: WorkerJob, data: PreparedData) -> Pick:
-    """Confirm the best configurations over seeds (experiments/confirm.py): the champion
-    configuration's best seed run, with its configuration's mean and std."""
-    runs, config, step = confirm(study, job, data), job.config, len(counted(study.get_trials(deepcopy=False)))
+def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob) -> Pick:
+    """From the confirmation's seed runs (experiments/confirm.py): the champion configuration's
+    best seed run, with its configuration's mean and std."""
+    config, step = job.config, len(counted(study.get_trials(deepcopy=False)))
     table = confirmation_table(study, runs)
     markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]

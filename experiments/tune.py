@@ -51,7 +51,7 @@ from experiments.storage import check_storage, storage_kind
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe_pruner, resolve_pruner, study_for, time_left
 from experiments.summary import CHAMPION, Registered, model_name, needs_summary
 from experiments.warm_start import WarmStart, enqueue, warm_start
-from experiments.worker import WorkerJob, on_stale_trial, run_worker
+from experiments.worker import on_stale_trial, run_worker
 from pipeline.config import (
     OneLineParser,
     ParameterError,

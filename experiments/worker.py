@@ -1,9 +1,12 @@
-"""A tuning worker: the loop that every worker of a study runs, on any machine, and the trial it trains.
+"""A tuning worker: the loop that every worker of a study runs, on any machine, and the work it trains.
 
-Under the study's lock (experiments/coordination.py) the loop re-queues trials that lost their
-worker and decides the next step; it trains one trial at a time with the lock released, tells
-Optuna the result and frees the trial's memory. experiments/gpus.py starts several on one machine;
-what a worker says as it goes is in experiments/progress.py.
+Under the study's lock (experiments/coordination.py) the loop re-queues work that lost its worker
+and decides the next step: a trial of the study while the search goes on; once it has ended, the
+items of the study's queue (experiments/confirm.py): the confirmation's trainings, then its
+summary. It trains with the lock released, tells Optuna the result and frees the memory; a
+retried trial or training resumes from its lost attempt's checkpoint (experiments/runs.py).
+experiments/gpus.py starts several workers on one machine; what a worker says as it goes is in
+experiments/progress.py.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
@@ -25,16 +27,23 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import attributes
-from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
+from experiments.confirm import companion, pending, plan, queue_summary, round_of, say_trained, train_seed
+from experiments.coordination import (
+    NextStep,
+    TrialLease,
+    fail_lost_trials,
+    next_step,
+    open_storage,
+    requeue,
+    study_lock,
+    worker_id,
+)
+from experiments.job import WorkerJob
 from experiments.pareto import complete, measure_cost, on_front
 from experiments.progress import best_value, say_budget_end, say_budget_wait, say_done, say_time_left_once
+from experiments.runs import WORKER_TAG, earlier_runs, forget_checkpoints, run_checkpoints, trial_state_tags
 from experiments.storage import DATABASE_ERRORS
-from experiments.studies import (
-    another_trial_fits,
-    make_pruner,
-    make_sampler,
-    trial_config,
-)
+from experiments.studies import another_trial_fits, make_pruner, make_sampler, trial_config
 from experiments.summary import needs_summary, report, summarise
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
@@ -46,24 +55,14 @@ from pipeline.training import TrainingDiverged
 
 # A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
 TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
+# A trial the other workers gave up while its worker was cut off from the database (its heartbeats
+# stopped for longer than the grace): its copy resumes from this attempt's checkpoint.
+TAKEN_AWAY = optuna.exceptions.UpdateFinishedTrialError
+
+__all__ = ["WorkerJob", "objective", "run_trials", "run_worker"]
 
 
 # --- one trial ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """What a worker process needs: plain values only, so it crosses a process boundary."""
-
-    config: TuneConfig
-    parent_run_id: str
-    experiment_id: str
-    data_ref: str  # the prepare run: the lineage every trial's run and model carries
-    data_folder: str
-    worker: int = 0
-    workers: int = 1  # how many run on this machine: they share its CPU threads
-    gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
-    deadline: float = math.inf  # -P budget: when the command must end (time.time())
 
 
 def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
@@ -82,6 +81,7 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
         "pipeline.data": job.data_ref,
         "optuna.study_name": job.config.study_name,
         "optuna.trial_number": str(trial.number),
+        WORKER_TAG: worker_id(),
     }
     if job.gpu is not None:
         tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
@@ -92,11 +92,15 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone
             torch.cuda.reset_peak_memory_stats(device)
-        with trial_state_tags():
+        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(trial.study, trial)) as checkpoints:
+            report_epoch = None if multi_objective else pruning(trial, config.epochs)
+            for metrics in checkpoints.restored() if report_epoch else ():  # the pruner sees the whole curve
+                report_epoch(metrics)
             result, _ = train_and_log(
                 config,
                 data,
-                on_epoch=None if multi_objective else pruning(trial, config.epochs),
+                checkpoint_dir=checkpoints.folder,
+                on_epoch=checkpoints.after_epoch(report_epoch),
                 log_model=False,
                 data_ref=job.data_ref,
                 label=f"[worker {job.worker}] trial {trial.number}",
@@ -128,25 +132,6 @@ def pruning(trial: optuna.Trial, epochs: int):
     return report_epoch
 
 
-@contextmanager
-def trial_state_tags():
-    """End the active trial run as its trial ends: COMPLETE (FINISHED), PRUNED (KILLED), REQUEUED
-    (KILLED: interrupted, or its database cut off; the copy runs again and only that run counts), FAIL (FAILED)."""
-    try:
-        yield
-    except optuna.TrialPruned as pruned:
-        mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as error:
-        interrupted = isinstance(error, (KeyboardInterrupt, *DATABASE_ERRORS))
-        state = "REQUEUED" if interrupted else "FAIL"
-        mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
-        mlflow.end_run("KILLED" if interrupted else "FAILED")
-        raise
-    mlflow.set_tag("optuna.trial_state", "COMPLETE")
-
-
 def release_memory() -> None:
     """Free the finished trial's tensors before the next trial allocates its own. Call it once the
     trial's frames are gone: after its exception, if any, was handled and dropped."""
@@ -158,24 +143,36 @@ def release_memory() -> None:
 # --- the worker loop ------------------------------------------------------------------------------
 
 
+@dataclass
+class Work:
+    """A trial asked for, of the study or of its queue, with its lease and what trains it."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    lease: TrialLease
+    run: Callable[[optuna.Trial], float | tuple[float, float]]
+    say: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]  # one line once its result is told
+
+
 def run_trials(
     study: optuna.Study,
     storage: optuna.storages.BaseStorage,
     config: TuneConfig,
     objective: Callable[[optuna.Trial], float],
     *,
-    summarise: Callable[[], None] | None = None,
+    after_search: Callable[[object], Work | NextStep] | None = None,
     worker: int = 0,
     workers: int = 1,
     budget_deadline: float = math.inf,
 ) -> None:
     """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
-    their worker and decide the next step; train one trial at a time with the lock released.
+    their worker and decide the next step; train one at a time with the lock released.
 
-    The worker that finds no trial running and the summary stale runs ``summarise``, still holding
-    the lock. ``workers``: how many run on this machine, for the time estimates. No trial starts
-    after the timeout, nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``):
-    while other trials run, that is decided again when they end.
+    Once the search has ended (nothing left to ask, nothing running), ``after_search(lock)`` gives
+    the next item of the study's queue, or says to wait or stop. ``workers``: how many run on this
+    machine, for the time estimates. No trial starts after the timeout, nor one that
+    ``budget_deadline`` leaves too little time (``another_trial_fits``): while other trials run,
+    that is decided again when they end.
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
@@ -190,12 +187,12 @@ def run_trials(
                 over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
                 if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
-                if step is NextStep.RUN:
-                    trial, lease = ask(study, storage, config, lock)
-                elif step is NextStep.STOP and summarise and needs_summary(study):
-                    if over_budget:
+                    if step is NextStep.STOP and over_budget and after_search and needs_summary(study):
                         say_budget_end(study, config, worker, budget_deadline, workers)
-                    summarise()
+                if step is NextStep.RUN:
+                    step = Work(study, *ask(study, storage, config, lock), objective, say_trial(worker, config.n_trials))
+                elif step is NextStep.STOP and after_search:
+                    step = after_search(lock)
         except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
             print(
                 f"[worker {worker}] the study's database failed ({first_line(error)}); looking again", file=sys.stderr, flush=True
@@ -212,14 +209,18 @@ def run_trials(
             time.sleep(1)
             continue
         waiting, budget_said = None, False  # a budget that holds this worker later is said again
-        if finished := run_one(study, trial, lease, objective, lock, worker):
-            say_done(study, finished, worker, config.n_trials)
+        if finished := run_one(step, lock, worker):
+            step.say(step.study, finished)
         release_memory()
         say_time_left_once(study, config, worker, workers)
 
 
+def say_trial(worker: int, n_trials: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    return lambda study, trial: say_done(study, trial, worker, n_trials)
+
+
 class Waiting:
-    """A worker with every trial taken waits for the others' trials: one that loses its worker is
+    """A worker with nothing to take waits for the others' work: one that loses its worker is
     re-queued, and someone must run it. The bound only decides when to leave that to them; it never
     judges a trial dead."""
 
@@ -227,8 +228,8 @@ class Waiting:
         self.study, self.worker = study, worker
         self.since, self.patience = time.monotonic(), wait_bound(study)
         print(
-            f"[worker {worker}] every trial is taken; waiting up to {self.patience:.0f} s for the running ones "
-            "(a lost one is re-queued and run here)",
+            f"[worker {worker}] nothing left to take; waiting up to {self.patience:.0f} s for the work other workers "
+            "run (a lost one is re-queued and run here)",
             file=sys.stderr,
             flush=True,
         )
@@ -237,10 +238,9 @@ class Waiting:
         """Whether to leave: the bound, or the study's timeout, has passed."""
         if time.monotonic() < min(deadline, self.since + self.patience):
             return False
-        running = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         print(
-            f"[worker {self.worker}] trials {', '.join(map(str, running))} still run in other workers, which will "
-            "summarise the study; leaving (rerun this command if they die)",
+            f"[worker {self.worker}] other workers still run the study's last work and will summarise it; leaving "
+            "(rerun this command if they die)",
             file=sys.stderr,
             flush=True,
         )
@@ -251,10 +251,14 @@ def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.
     """A new trial and its lease; call holding the study lock, so no RUNNING trial lacks a lease.
 
     The sampler is seeded afresh for each ask, by the count of trials: asks take turns under the
-    lock, so no two workers and no resumed study replay the same draws. (Seeded once per worker,
-    two workers started together drew each other's parameters again.)"""
+    lock, so no two workers and no resumed study replay the same draws."""
     lock.confirm()  # still ours: a database restart may have ended the session that held it
     study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+    return take(study, storage, config)
+
+
+def take(study: optuna.Study, storage, config: TuneConfig) -> tuple[optuna.Trial, TrialLease]:
+    """The next trial of ``study`` (its oldest enqueued one first) and its lease."""
     with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
@@ -267,42 +271,49 @@ def wait_bound(study: optuna.Study) -> float:
     return max(60.0, 2 * max(durations, default=0.0))
 
 
-def run_one(
-    study: optuna.Study, trial: optuna.Trial, lease: TrialLease, objective, lock, worker: int
-) -> optuna.trial.FrozenTrial | None:
-    """Run ``trial`` and tell its result; return it as told, or None if it was re-queued. A trial
-    interrupted, or cut off from its database (a restart), is re-queued; an interrupt goes on, the
-    worker goes on after a database failure."""
+def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
+    """Run ``work`` and tell its result; return its trial as told, or None if it was re-queued. A
+    trial interrupted, cut off from its database (a restart), or given up by the other workers
+    while cut off, is re-queued (its copy resumes from its checkpoint); an interrupt goes on, the
+    worker goes on otherwise. Once a result is told, its checkpoints are removed."""
+    study, trial = work.study, work.trial
+    label = f"{'item' if attributes.work(trial) else 'trial'} {trial.number}"
     try:
-        study.tell(trial, objective(trial))
+        study.tell(trial, work.run(trial))
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
     except TRIAL_ERRORS:
         study.tell(trial, state=TrialState.FAIL)
+    except TAKEN_AWAY:
+        print(
+            f"[worker {worker}] {label} was given up by the other workers while this one was cut off from the "
+            "database; its copy resumes from its checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     except DATABASE_ERRORS as error:
         with lock:
             now = study.get_trials(deepcopy=False)[trial.number]
             if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
                 requeue(study, now, f"its database call failed ({first_line(error)})", lost_worker=False)
-        print(f"[worker {worker}] trial {trial.number}: the study's database failed; re-queued", file=sys.stderr, flush=True)
+        print(f"[worker {worker}] {label}: the study's database failed; re-queued", file=sys.stderr, flush=True)
         return None
     except KeyboardInterrupt as stop:
         with lock:
             requeue(
                 study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})", lost_worker=False
             )
-        print(
-            f"[worker {worker}] trial {trial.number} interrupted: re-queued, it will run again on the next start",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[worker {worker}] {label} interrupted: re-queued, it resumes on the next start", file=sys.stderr, flush=True)
         raise
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     finally:
-        lease.release()
-    return study.get_trials(deepcopy=False)[trial.number]
+        work.lease.release()
+    told = study.get_trials(deepcopy=False)[trial.number]
+    forget_checkpoints(study, told)
+    return told
 
 
 def first_line(error: BaseException) -> str:
@@ -329,8 +340,53 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     say_lost(study, trial, reason)
 
 
+# --- after the search: the study's queue --------------------------------------------------------------
+
+
+class AfterSearch:
+    """What a worker takes once the search has ended: the queue's confirmation trainings, planned by
+    the first worker to get here, then the summary, queued when every training has ended. Called
+    holding the study lock; nothing is trained under it."""
+
+    def __init__(self, study: optuna.Study, storage, job: WorkerJob, data: PreparedData):
+        self.study, self.storage, self.job, self.data = study, storage, job, data
+        self.queue = None
+
+    def __call__(self, lock) -> Work | NextStep:
+        if not needs_summary(self.study):
+            return NextStep.STOP
+        self.queue = self.queue or companion(self.storage, self.study.study_name)
+        config = self.job.config
+        fail_lost_trials(self.queue, config, on_lost=say_lost)
+        plan(self.study, self.queue, self.job, self.data)
+        items = pending(self.queue)
+        if not items:
+            queue_summary(self.queue, round_of(self.study))
+        elif all(item.state == TrialState.RUNNING for item in items):
+            return NextStep.WAIT
+        lock.confirm()
+        return Work(self.queue, *take(self.queue, self.storage, config), self.run_item, self.say_item)
+
+    def run_item(self, item: optuna.Trial) -> float:
+        work = attributes.work(item)
+        if not work.get("summary"):
+            return train_seed(item, self.study, self.job, self.data)
+        at = round_of(self.study)
+        if work["at"] != at or len(pending(self.queue)) > 1:  # the study was extended since it was queued
+            print(f"[worker {self.job.worker}] the summary of {work['at']} trials is superseded", file=sys.stderr)
+            return float(work["at"])
+        registered = summarise(self.study, self.queue, self.job, self.data)
+        print(report(self.study, registered, self.job.experiment_id), file=sys.stderr, flush=True)
+        return float(at)
+
+    def say_item(self, queue: optuna.Study, item: optuna.trial.FrozenTrial) -> None:
+        if not attributes.work(item).get("summary"):
+            say_trained(queue, item, self.job.worker)
+
+
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
-    """One worker: train trials until the study has ``n_trials``; any number may run at once."""
+    """One worker: train trials until the study has ``n_trials``, then the confirmation's trainings
+    and the summary; any number may run at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if job.workers > 1:
         share_cpu(job.workers)
@@ -339,10 +395,6 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     study = optuna.load_study(
         study_name=job.config.study_name, storage=storage, pruner=pruner or make_pruner(job.config.pruner, job.config.epochs)
     )
-
-    def summarise_study() -> None:
-        registered = summarise(study, job, data)
-        print(report(study, registered, job.experiment_id), file=sys.stderr, flush=True)
 
     def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:
         return objective(trial, job, data)
@@ -353,7 +405,7 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
             storage,
             job.config,
             trial_objective,
-            summarise=summarise_study,
+            after_search=AfterSearch(study, storage, job, data),
             worker=job.worker,
             workers=job.workers,
             budget_deadline=job.deadline,

@@ -20,7 +20,6 @@ from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import ParameterError, PrepareConfig
-from pipeline.data import load_prepared, save_prepared
 from tests.conftest import tiny_prepared
 from tests.test_tune import load, runs_of, smoke
 
@@ -106,51 +105,29 @@ def study_of(trials: list[tuple[int, float, float]]) -> optuna.Study:
 
 def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_they_fit(tracking, tmp_path, monkeypatch, capsys):
     study = study_of([(16, 0.95, 4), (4, 0.94, 1), (8, 0.93, 100)])
+    queue = optuna.create_study(direction="maximize")
     monkeypatch.setattr(confirm, "reused", lambda *args: None)
-    monkeypatch.setattr(
-        confirm,
-        "train_all",
-        lambda planned, job, data: {key: confirm.SeedRun(trial.number, c.seed, "r", 0.9, "m") for trial, c, key in planned},
-    )
     with mlflow.start_run() as parent:
         pass
     config = smoke(tmp_path, confirm_top=3, confirm_seeds=2, budget=3600)
     # 15 minutes left: the best (2 runs of 4 min) and the next (2 of 1 min) fit, the third (2 of 100) does not.
     job = worker_module.WorkerJob(config, parent.info.run_id, "0", "data", "", deadline=time.time() + 15 * 60)
-    runs = confirm.confirm(study, job, tiny_prepared())
-    assert runs[["trial", "seed"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
+    confirm.plan(study, queue, job, tiny_prepared())
+    queued = [attributes.work(item) for item in queue.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert [[item["trial"], item["seed"]] for item in queued] == [[0, 1], [0, 2], [1, 1], [1, 2]]
+    assert attributes.confirm_plan(queue) == {"at": 3, "runs": [{k: v for k, v in i.items() if k != "at"} for i in queued]}
     assert (
         "trial 2's configuration left out: with its 2 runs the confirmation takes about 210 min, and 15 min of -P budget "
         "are left" in capsys.readouterr().err
     )
+    confirm.plan(study, queue, job, tiny_prepared())  # planned once per round, whoever asks again
+    assert len(queue.trials) == 4
     # 9 minutes: one run at a time, the next no longer fits (10 min); two at a time, it does (5 min).
     best = confirm.configurations(study, 3)
     assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60)] == [0]
     assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60, processes=2)] == [0, 1]
     assert [t.number for t in confirm.fitting(best, config, time.time() + 60)] == [0]  # the best, even over budget
     assert confirm.makespan([3, 3, 2, 2, 2], 2) == 7 and confirm.makespan([3, 3, 2, 2, 2], 1) == 12
-
-
-def test_several_workers_confirm_that_many_runs_at_once_each_in_a_process_of_its_own(tracking, tmp_path, monkeypatch):
-    data = tiny_prepared()
-    folder = tmp_path / "prepared"
-    save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist"})
-    study = study_of([(8, 0.9, 1)])
-    with mlflow.start_run() as parent:
-        pass
-    config = smoke(tmp_path, confirm_top=1, confirm_seeds=2)
-    job = worker_module.WorkerJob(config, parent.info.run_id, "0", "data", str(folder), workers=2)
-    monkeypatch.setattr(confirm, "train_seed", lambda *args: pytest.fail("trained in the summarising process"))
-    runs = confirm.confirm(study, job, load_prepared(folder))
-    assert runs[["trial", "seed"]].values.tolist() == [[0, 1], [0, 2]]
-    confirmed = {r.info.run_id: r for r in runs_of("confirm")}
-    assert sorted(confirmed) == sorted(runs["run_id"])
-    for row in runs.itertuples():  # each its seed's run under the parent, with its model, read back as a reused run is
-        run = confirmed[row.run_id]
-        assert run.data.params["seed"] == str(row.seed) and run.data.params["hidden_size"] == "8"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
-        assert run.data.tags[confirm.MODEL_URI_TAG] == row.model_uri
-        assert run.data.metrics["best_val_accuracy"] == row.val_accuracy
 
 
 def fake_accuracy(monkeypatch, module, accuracy) -> list:
@@ -230,5 +207,5 @@ def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_
     said = re.findall(
         r"\[confirm\] trial \d's configuration, seed \d: val_accuracy 0\.\d{4} \(run \w+; (.+)\)", capsys.readouterr().err
     )
-    assert said == ["reused: trained before this command"] * 4
+    assert said == ["reused: trained before"] * 4
     assert (again.version, again.trial, again.seed) == (registered.version, 1, 1) and len(runs_of("evaluate")) == 2

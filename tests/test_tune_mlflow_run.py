@@ -96,16 +96,17 @@ def top_level(user):
 
 def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
-    first = user.run("n_trials=2", n_workers=2, **confirmed)  # two workers confirm two seeds at a time
+    first = user.run("n_trials=2", n_workers=2, **confirmed)  # both workers train the confirmation's runs
     assert first.returncode == 0, first.stderr[-3000:]
     # Each trial's line says how far it trained, how long it took and how many are done.
     done = r"\] trial [01] COMPLETE, 1 epoch \([0-9ms]+\): val_accuracy 0\.\d{4} \| best .+ \| 2 of 2 done\n"
     assert re.search(done, first.stderr)
-    assert "[confirm] 4 runs to train, 2 at a time, each in a process of its own" in first.stderr
-    assert re.findall(r"; (\d) of 4 trained\)\n", first.stderr) == ["1", "2", "3", "4"]  # each said as it ends
+    said = re.findall(r"; (\d) of 4 trained\)\n", first.stderr)  # each said as it ends
+    assert len(said) == 4 and max(said) == "4", said
     [parent] = visible_runs(user, "tune")
     confirm_runs = visible_runs(user, "confirm")
     assert len(confirm_runs) == 4 and all(run.info.status == "FINISHED" for run in confirm_runs)
+    assert len({run.data.tags["optuna.worker"] for run in confirm_runs}) == 2
     # Each trained with its share of the cores, as the trials did (tagged, as every CPU run is).
     share = str(max(1, (os.cpu_count() or 1) // 2))
     assert {run.data.tags[CPU_THREADS_TAG] for run in confirm_runs + visible_runs(user, "trial")} == {share}
@@ -204,14 +205,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
 
 
-def test_two_mlflow_run_workers_started_at_once_share_one_study(user):
-    workers = [
-        user.start("n_trials=5", n_workers=2, pruner="none"),
-        user.start("n_trials=5", pruner="none"),
-    ]  # three processes in all
+def test_two_mlflow_run_workers_started_at_once_share_one_study_to_its_end(user):
+    """As two tasks of an array: both search, then both train the confirmation's runs, at once; one summarises."""
+    shared = {"n_trials": 5, "pruner": "none", "n_workers": 1, "epochs": 2, "confirm_top": 2, "confirm_seeds": 2}
+    workers = [user.start(**shared), user.start(**shared)]
+    outputs = []
     for worker in workers:
-        output = worker.communicate(timeout=600)[0]
-        assert worker.returncode == 0, output[-3000:]
+        outputs.append(worker.communicate(timeout=600)[0])
+        assert worker.returncode == 0, outputs[-1][-3000:]
     trials = study(user).trials
     assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials), [t.state.name for t in trials]
     [parent] = visible_runs(user, "tune")
@@ -219,9 +220,55 @@ def test_two_mlflow_run_workers_started_at_once_share_one_study(user):
     assert sorted(int(run.data.tags["optuna.trial_number"]) for run in children) == [t.number for t in trials]
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
     assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]
-    [worker] = visible_runs(user, "worker")
-    assert worker.data.metrics["trials_run"] == len(worker.data.tags["optuna.trial_numbers"].split())
+    # Each command's worker trained some of the confirmation's 4 runs, and two of them at the same time.
+    confirmed = visible_runs(user, "confirm")
+    assert len(confirmed) == 4 and all(run.info.status == "FINISHED" for run in confirmed)
+    by_worker = {}
+    for run in confirmed:
+        by_worker.setdefault(run.data.tags["optuna.worker"], []).append(run)
+    assert len(by_worker) == 2, sorted(by_worker)
+    first, second = by_worker.values()
+    assert any(a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time for a in first for b in second)
+    assert sum("[confirm] trial" in line and "trained)" in line for out in outputs for line in out.splitlines()) == 4
+    assert sum("registered lstm-mnist version" in out for out in outputs) == 1  # one summary
     assert len(user.client.search_model_versions("name = 'lstm-mnist'")) == 1
+
+
+def test_a_trial_killed_after_epoch_2_of_6_resumes_there_on_the_rerun(user):
+    """kill -9 (a lost machine): the rerun's copy of the trial downloads its checkpoint from the run and
+    trains the epochs left, at most the one cut short again; and ends where an uninterrupted one ends."""
+    slow = {"n_trials": 1, "epochs": 6, "train_limit": 5000, "pruner": "none"}
+    worker = user.start(**slow)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # until the trial has logged its second epoch
+        time.sleep(0.1)
+        try:
+            [trial] = study(user).get_trials(states=(optuna.trial.TrialState.RUNNING,)) or [None]
+        except KeyError:  # not created yet
+            continue
+        if trial and len(user.client.get_metric_history(trial.user_attrs.get("mlflow_run_id", "-"), "val_accuracy")) >= 2:
+            break
+    else:
+        pytest.fail("no trial trained two epochs")
+    os.killpg(worker.pid, signal.SIGKILL)
+    first = worker.communicate(timeout=60)[0]
+    rerun = user.run(**slow)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    epoch_line = re.compile(r"trial \d+ epoch (\d)/6")
+    trained = [int(n) for n in epoch_line.findall(first)] + [int(n) for n in epoch_line.findall(rerun.stderr)]
+    assert sorted(set(trained)) == [1, 2, 3, 4, 5, 6] and len(trained) <= 7, trained
+    assert "resuming after epoch" in rerun.stderr
+    trials = study(user).trials
+    [copy] = [t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == 0]
+    assert copy.state.name == "COMPLETE" and len(counted(trials)) == 1
+    resumed = user.client.get_run(copy.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["optuna.resumed_from_run"] == trials[0].user_attrs["mlflow_run_id"]
+    history = user.client.get_metric_history(resumed.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # the whole curve, the restored epochs too
+    assert not user.client.list_artifacts(resumed.info.run_id, "checkpoint")  # removed once its result was told
+    uninterrupted = user.run(**slow, study_name="whole")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert copy.value == study(user, "whole").trials[0].value
 
 
 def test_ctrl_c_requeues_the_trial_in_progress_and_the_rerun_runs_it(user):

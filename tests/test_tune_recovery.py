@@ -171,7 +171,7 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
         assert time.monotonic() - began < 60
         assert load(config).trials[running.number].state.name == "RUNNING"  # a live lease is never taken over
         captured = capsys.readouterr()
-        assert "still run in other workers" in captured.err
+        assert "still run the study's last work" in captured.err
     finally:
         holder.kill()
         holder.wait()
@@ -215,7 +215,7 @@ def test_a_worker_the_budget_holds_waits_past_the_bound_for_the_running_trials_t
     assert [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]  # and no trial after it
     err = capsys.readouterr().err
     assert "-P budget leaves no room for another trial; waiting for the running ones, then deciding again" in err
-    assert "still run in other workers" not in err
+    assert "still run the study's last work" not in err
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ def test_two_worker_processes_share_one_study_and_confirm_two_seeds_at_once(tmp_
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
     [parent] = runs_of("tune")
     assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}
-    # The summarising worker, itself a spawned process, trained the two seeds in processes of their own.
+    # Both workers took the confirmation's runs from the queue, as they took trials.
     confirmed = runs_of("confirm")
     assert sorted(run.data.params["seed"] for run in confirmed) == ["1", "2"]
     assert {run.data.tags["mlflow.parentRunId"] for run in confirmed} == {parent.info.run_id}

@@ -1,0 +1,108 @@
+"""A training of a study (a trial, or a confirmation run) in its MLflow run: its end state as tags,
+and its checkpoint kept on the run, where the retry of a lost attempt resumes it.
+
+Every epoch's checkpoint replaces the run's ``checkpoint/`` artifact (pipeline/tracking.py), so
+it reaches every worker through the tracking store, with no shared filesystem. A re-queued copy
+(a preempted, killed or cut-off attempt) opens a run of its own, tagged with the run it resumes,
+downloads the newest checkpoint of its earlier attempts and goes on from the epoch after it; the
+epochs restored are logged to the new run too, so its curve is whole. A new run rather than the
+old one reopened: the worker of the earlier attempt may still be alive (cut off from the database,
+not dead) and logging to it. Once a training's result is told, its checkpoints are removed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import optuna
+from optuna.trial import FrozenTrial
+
+from experiments import attributes
+from experiments.storage import DATABASE_ERRORS
+from pipeline.checkpoints import Checkpoints
+from pipeline.tracking import download_checkpoint, remove_checkpoint, upload_checkpoint
+from pipeline.training import EpochMetrics, TrainingInterrupted
+
+RESUMED_FROM_TAG = "optuna.resumed_from_run"  # on a retry's run: the earlier attempt's run it continues
+WORKER_TAG = "optuna.worker"  # host:pid of the worker that trained the run
+
+
+def earlier_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:
+    """The runs of the attempts ``trial`` repeats (``retry_of``, then its own ``retry_of``...), newest first."""
+    trials, runs = study.get_trials(deepcopy=False), []
+    number = attributes.retry_of(trial)
+    while number is not None:
+        if run_id := attributes.run_id(trials[number]):
+            runs.append(run_id)
+        number = attributes.retry_of(trials[number])
+    return runs
+
+
+class RunCheckpoints:
+    """The local checkpoint folder of a training in ``run_id``: started from the newest checkpoint
+    of ``earlier`` runs, each epoch's checkpoint uploaded to ``run_id``."""
+
+    def __init__(self, folder: Path, run_id: str, earlier: list[str]):
+        self.folder, self.run_id = folder, run_id
+        self.resumed_from = next((run for run in earlier if download_checkpoint(run, folder)), None)
+        if self.resumed_from:
+            mlflow.set_tag(RESUMED_FROM_TAG, self.resumed_from)
+
+    def restored(self) -> list[EpochMetrics]:
+        """The epochs the checkpoint it starts from has behind it (none for a fresh start)."""
+        saved = Checkpoints(self.folder).latest() if self.resumed_from else None
+        return [EpochMetrics(**metrics) for metrics in saved["history"]] if saved else []
+
+    def after_epoch(self, then: Callable[[EpochMetrics], None] | None = None) -> Callable[[EpochMetrics], None]:
+        """The loop's per-epoch callback: upload the epoch's checkpoint, then ``then`` (which may prune)."""
+
+        def on_epoch(metrics: EpochMetrics) -> None:
+            upload_checkpoint(self.run_id, Checkpoints(self.folder).paths()[-1])
+            if then:
+                then(metrics)
+
+        return on_epoch
+
+
+@contextmanager
+def run_checkpoints(run_id: str, earlier: list[str]) -> Iterator[RunCheckpoints]:
+    """``RunCheckpoints`` in a folder of its own; a training stopped by SIGINT or SIGTERM (a
+    preemption) uploads the position inside the epoch in progress too."""
+    with tempfile.TemporaryDirectory(prefix="checkpoints-") as folder:
+        try:
+            yield RunCheckpoints(Path(folder), run_id, earlier)
+        except TrainingInterrupted as stop:
+            if stop.checkpoint:
+                upload_checkpoint(run_id, stop.checkpoint)
+            raise
+
+
+def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Remove the checkpoints of a trial whose result is told, and of the attempts it repeats."""
+    for run_id in [attributes.run_id(trial), *earlier_runs(study, trial)]:
+        if run_id:
+            remove_checkpoint(run_id)
+
+
+@contextmanager
+def trial_state_tags():
+    """End the active run as its trial ends: COMPLETE (FINISHED), PRUNED (KILLED), REQUEUED
+    (KILLED: interrupted, cut off from its database, or given up by the other workers while cut
+    off; a copy resumes it and only that run counts), FAIL (FAILED)."""
+    try:
+        yield
+    except optuna.TrialPruned as pruned:
+        mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as error:
+        interrupted = isinstance(error, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError, *DATABASE_ERRORS))
+        state = "REQUEUED" if interrupted else "FAIL"
+        mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
+        mlflow.end_run("KILLED" if interrupted else "FAILED")
+        raise
+    mlflow.set_tag("optuna.trial_state", "COMPLETE")
