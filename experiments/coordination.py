@@ -138,7 +138,7 @@ class AdvisoryLock(Lock):
         if self.connection is not None:
             self.connection.close()  # ending the session releases its advisory locks
             self.connection = None
-        self.engine.dispose()  # one engine per lock: nothing of it outlives the holding
+        self.engine.dispose()  # no connection stays open between holdings; the engine serves the lock's next one
 
 
 def study_lock(storage: str, name: str) -> Lock:

@@ -1,4 +1,4 @@
-"""Where a study lives: checking, opening and naming its storage, and waiting out a database restart.
+"""Where a study lives: checking and naming its storage (coordination.py opens it), and waiting out a database restart.
 
 A restart (an upgrade, a failover) is waited out: a connection that PostgreSQL refuses while it
 stops or starts is tried again every second, for up to ``DATABASE_RESTART_LIMIT`` seconds; a

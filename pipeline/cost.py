@@ -1,4 +1,5 @@
-"""What an LSTM classifier of ``pipeline/model.py`` costs: its parameters, and its FLOPs per image.
+"""What an LSTM classifier of ``pipeline/model.py`` costs to run: its FLOPs per image, before it is
+built (its parameter count is ``pipeline.model.count_parameters`` of the built model).
 
 One cost model, for the tuner's trial estimates (``experiments/studies.py``) and the benchmarks'
 FLOP/s. Layer l of ``num_layers`` reads the image's row (or pixel) when l = 0 and the D * H
@@ -19,16 +20,6 @@ def _gate_weights(hidden_size: int, num_layers: int, bidirectional: bool, input_
         layer_input = input_size if layer == 0 else directions * hidden_size
         total += directions * 4 * hidden_size * (layer_input + hidden_size)
     return total
-
-
-def lstm_parameters(hidden_size: int, num_layers: int, bidirectional: bool = False, reading_order: str = "rows") -> int:
-    """The model's parameter count, as ``count_parameters`` gives it: the gates' weights, their two
-    bias vectors (bias_ih, bias_hh: 8 H per layer and direction) and the Linear head (D H x 10 + 10)."""
-    directions = 2 if bidirectional else 1
-    _, input_size = SEQUENCE_SHAPES[reading_order]
-    biases = num_layers * directions * 8 * hidden_size
-    head = directions * hidden_size * NUM_CLASSES + NUM_CLASSES
-    return _gate_weights(hidden_size, num_layers, bidirectional, input_size) + biases + head
 
 
 def forward_flops(hidden_size: int, num_layers: int, bidirectional: bool = False, reading_order: str = "rows") -> int:

@@ -1,5 +1,6 @@
-"""Dependencies point one way: stages -> tracking/training -> the pieces below them; tests never
-import benchmarks. Only an entry point's ``main()`` changes process state: a stage's work leaves it as it was."""
+"""Dependencies point one way: stages -> tracking/training -> the pieces below them; experiments/ ->
+pipeline/; tests never import benchmarks. Only an entry point's ``main()`` changes process state: a
+stage's work leaves it as it was."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from pipeline.data import load_prepared, save_prepared
 from pipeline.train import train_and_log
 from tests.conftest import REPO, tiny_prepared
 
-LAYERS = {  # a module may import modules of lower layers only
+# pipeline/ is one run's stages; experiments/ is work over many runs (a study's trials, seeds,
+# leaderboards), built on the stages. So experiments/ may import any of pipeline/, and pipeline/
+# imports nothing of experiments/. Inside each, a module may import modules of lower layers only.
+LAYERS = {
     "pipeline.config": 0,
     "pipeline.signals": 0,
     "pipeline.tables": 0,
@@ -36,13 +40,41 @@ LAYERS = {  # a module may import modules of lower layers only
     "pipeline.evaluate": 4,
     "pipeline.main": 5,
 }
+EXPERIMENT_LAYERS = {
+    # records and names: attribute keys, storage URLs, a worker's job
+    "experiments.attributes": 0,
+    "experiments.storage": 0,
+    "experiments.job": 0,
+    "experiments.coordination": 1,
+    "experiments.runs": 1,
+    "experiments.studies": 1,
+    "experiments.pareto": 2,
+    "experiments.warm_start": 2,
+    "experiments.parent_run": 2,
+    "experiments.plots": 3,
+    "experiments.progress": 3,
+    "experiments.confirm": 3,
+    "experiments.summary": 4,
+    "experiments.worker": 5,
+    "experiments.gpus": 6,
+    # the commands: nothing imports them. compare and repeat use pipeline/ alone (runs over seeds).
+    "experiments.tune": 7,
+    "experiments.compare": 7,
+    "experiments.repeat": 7,
+}
 
 
 def project_imports(path) -> set[str]:
+    """Every import in the file: ast.walk also enters functions and ``if TYPE_CHECKING:`` blocks,
+    where an import that closes a cycle would otherwise hide."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":  # from pipeline import serving
-            names.update(f"pipeline.{alias.name}" for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and node.level and node.module:  # from .x import y
+            names.add(f"{path.parent.name}.{node.module}")
+        elif isinstance(node, ast.ImportFrom) and node.level:  # from . import x
+            names.update(f"{path.parent.name}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module in ("pipeline", "experiments"):  # from pipeline import serving
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
         elif isinstance(node, ast.Import):
@@ -58,6 +90,41 @@ def test_pipeline_modules_import_only_lower_layers(module):
         assert LAYERS[imported] < LAYERS[module], (
             f"{module} (layer {LAYERS[module]}) imports {imported} (layer {LAYERS[imported]})"
         )
+
+
+@pytest.mark.parametrize("module", EXPERIMENT_LAYERS)
+def test_experiment_modules_import_pipeline_and_lower_layers_only(module):
+    path = REPO / (module.replace(".", "/") + ".py")
+    for imported in project_imports(path):
+        if imported.startswith("pipeline."):
+            continue
+        assert imported in EXPERIMENT_LAYERS, f"{module} imports {imported}, outside experiments/ and pipeline/"
+        assert EXPERIMENT_LAYERS[imported] < EXPERIMENT_LAYERS[module], (
+            f"{module} (layer {EXPERIMENT_LAYERS[module]}) imports {imported} (layer {EXPERIMENT_LAYERS[imported]})"
+        )
+
+
+def test_every_experiment_module_has_a_layer():
+    modules = {f"experiments.{path.stem}" for path in REPO.glob("experiments/*.py") if path.stem != "__init__"}
+    assert modules == set(EXPERIMENT_LAYERS)
+
+
+def test_imports_in_functions_type_checking_blocks_and_relative_ones_count(tmp_path):
+    path = tmp_path / "experiments" / "example.py"
+    path.parent.mkdir()
+    path.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from experiments import attributes\n"
+        "if TYPE_CHECKING:\n    from experiments.tune import main\n"
+        "def f():\n    import experiments.worker\n    from . import summary\n    from .gpus import run\n"
+    )
+    assert project_imports(path) == {
+        "experiments.attributes",
+        "experiments.tune",
+        "experiments.worker",
+        "experiments.summary",
+        "experiments.gpus",
+    }
 
 
 def test_nothing_imports_benchmarks_but_benchmarks():

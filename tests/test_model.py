@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.cost import forward_flops, lstm_parameters
+from pipeline.cost import forward_flops
 from pipeline.model import LSTMClassifier, build_model, count_parameters
 
 
@@ -89,13 +89,18 @@ def test_the_cost_counts_stacked_layers_at_their_own_input():
     # Layer 0 reads a row of 28 pixels, layer 1 the 256 outputs of layer 0: 4 gates x H x (input + H).
     gates = 4 * 256 * (28 + 256) + 4 * 256 * (256 + 256)
     assert forward_flops(256, 2) == 2 * (28 * gates + 256 * 10)  # 28 steps, then the head once
-    assert lstm_parameters(256, 2) == gates + 2 * 8 * 256 + 256 * 10 + 10  # + biases and the head's
+    model = build_model(TrainConfig(hidden_size=256, num_layers=2))  # the same gates, + biases and the head's
+    assert count_parameters(model) == gates + 2 * 8 * 256 + 256 * 10 + 10
 
 
 @pytest.mark.parametrize(
     "hidden_size, num_layers, bidirectional, reading_order", [(256, 2, False, "rows"), (8, 3, True, "pixels")]
 )
-def test_the_parameter_count_matches_the_model(hidden_size, num_layers, bidirectional, reading_order):
+def test_the_flops_count_each_weight_of_the_built_model(hidden_size, num_layers, bidirectional, reading_order):
+    """One multiply-add per gate weight and step, and per head weight once; biases left out."""
     config = TrainConfig(hidden_size=hidden_size, num_layers=num_layers, bidirectional=bidirectional, reading_order=reading_order)
-    expected = count_parameters(build_model(config))
-    assert lstm_parameters(hidden_size, num_layers, bidirectional, reading_order) == expected
+    model = build_model(config)
+    biases = sum(p.numel() for name, p in model.lstm.named_parameters() if name.startswith("bias_"))
+    gates, head = count_parameters(model.lstm) - biases, model.head.weight.numel()
+    steps = 784 if reading_order == "pixels" else 28
+    assert forward_flops(hidden_size, num_layers, bidirectional, reading_order) == 2 * (steps * gates + head)

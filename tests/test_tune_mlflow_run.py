@@ -94,6 +94,16 @@ def top_level(user):
     return [run for run in visible_runs(user) if "mlflow.parentRunId" not in run.data.tags]
 
 
+def trained_by(record, trial_runs) -> str:
+    """The numbers of the trial runs that a worker record's command trained, as its
+    ``optuna.trial_numbers`` lists them. The commands that join here run one worker (n_workers=1, or
+    auto on a CPU) in their own process, the one the record is named after: ``worker <host:pid>``."""
+    assert record.info.run_name.startswith("worker "), record.info.run_name
+    worker = record.info.run_name.removeprefix("worker ")
+    numbers = [int(run.data.tags["optuna.trial_number"]) for run in trial_runs if run.data.tags["optuna.worker"] == worker]
+    return " ".join(map(str, sorted(numbers)))
+
+
 def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
     first = user.run("n_trials=2", n_workers=2, **confirmed)  # both workers train the confirmation's runs
@@ -118,8 +128,9 @@ def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     assert {run.data.tags["mlflow.parentRunId"] for run in trials} == {parent.info.run_id}  # none in the launcher's run
     assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]  # no empty launcher run in the table
     [worker] = visible_runs(user, "worker")  # the second command's own run: a record of its worker, under the parent
-    assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id and worker.data.metrics["trials_run"] == 2
-    assert worker.data.tags["optuna.trial_numbers"] == "2 3"
+    assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert worker.data.tags["optuna.trial_numbers"] == trained_by(worker, trials) == "2 3"
+    assert worker.data.metrics["trials_run"] == 2
     assert len(counted(study(user).trials)) == 4
     evaluations = visible_runs(user, "evaluate")
     evaluated = [run.data.tags["pipeline.model"] for run in evaluations]
@@ -220,6 +231,10 @@ def test_two_mlflow_run_workers_started_at_once_share_one_study_to_its_end(user)
     assert sorted(int(run.data.tags["optuna.trial_number"]) for run in children) == [t.number for t in trials]
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
     assert [run.info.run_id for run in top_level(user)] == [parent.info.run_id]
+    # The command that joined records the trials its worker trained, as their runs say, none of the other's.
+    [worker] = visible_runs(user, "worker")
+    ran = trained_by(worker, children)
+    assert worker.data.tags["optuna.trial_numbers"] == ran and worker.data.metrics["trials_run"] == len(ran.split())
     # Each command's worker trained some of the confirmation's 4 runs, and two of them at the same time.
     confirmed = visible_runs(user, "confirm")
     assert len(confirmed) == 4 and all(run.info.status == "FINISHED" for run in confirmed)

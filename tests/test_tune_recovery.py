@@ -121,7 +121,9 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, prepared_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("orphan", ["no worker recorded", "a live pid without its lease", "a dead pid"])
+# Two ways to lose a worker: before it recorded itself, and after, with its lease gone. The pid is never
+# read (liveness is the lease alone), so a live one stands for every pid: a check by pid would keep it.
+@pytest.mark.parametrize("orphan", ["no worker recorded", "a live pid without its lease"])
 def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes(tmp_path, prepared_run, orphan):
     config = smoke(tmp_path, n_trials=2)
     tune(config, PrepareConfig(), prepared_run)
@@ -131,10 +133,6 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
     lost.set_user_attr(MLFLOW_RUN_ATTR, child.info.run_id)
     if orphan == "a live pid without its lease":  # a pid reused by another process: alive, but not a worker
         lost.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-    elif orphan == "a dead pid":
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        lost.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
 
     tune(smoke(tmp_path, n_trials=3), PrepareConfig(), prepared_run)
     trials = load(config).trials
