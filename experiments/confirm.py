@@ -51,7 +51,7 @@ from experiments.studies import OBJECTIVE_METRIC, trial_config
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData
 from pipeline.tables import markdown_table
-from pipeline.tracking import digest, start_run_with_system_metrics
+from pipeline.tracking import digest, start_run_with_system_metrics, when_reachable
 from pipeline.train import train_and_log
 
 KEY_TAG = "confirm.key"
@@ -212,7 +212,7 @@ def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: Pr
                 data_ref=job.data_ref,
                 label=f"[worker {job.worker}] [{name}]",
             )
-            mlflow.set_tag(MODEL_URI_TAG, model.model_uri)
+            when_reachable(lambda: mlflow.set_tag(MODEL_URI_TAG, model.model_uri), "the confirm run's model")
     return result.best_val_accuracy
 
 

@@ -33,7 +33,13 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
-from experiments.storage import DATABASE_RESTART_LIMIT, restarting, storage_kind, wait_out_restarts
+from experiments.storage import (
+    DATABASE_RESTART_LIMIT,
+    restarting,
+    seconds_since_database_back,
+    storage_kind,
+    wait_out_restarts,
+)
 from pipeline.config import ParameterError, TuneConfig
 
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
@@ -298,9 +304,12 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
     """Re-queue the running trials of a journal study whose worker is gone (call holding the study
     lock). On PostgreSQL Optuna does it from heartbeats, calling the storage's stale-trial callback."""
     if storage_kind(config.storage) == "postgresql":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
-            optuna.storages.fail_stale_trials(study)
+        # After an outage every heartbeat is old: the workers that live beat again within a grace of
+        # the database's return, so a worker judges heartbeats only a grace after it saw it return.
+        if seconds_since_database_back() >= 3 * config.heartbeat_interval:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+                optuna.storages.fail_stale_trials(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if attributes.worker(trial) is None:  # asked under this lock, but its lease never taken (a database cut)
                 reason = "its worker lost the database before it started the trial"

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 from experiments import attributes
 from experiments.storage import DATABASE_ERRORS
 from pipeline.checkpoints import Checkpoints
-from pipeline.tracking import download_checkpoint, remove_checkpoint, upload_checkpoint
+from pipeline.tracking import download_checkpoint, remove_checkpoint, upload_checkpoint, when_reachable
 from pipeline.training import EpochMetrics, TrainingInterrupted
 
 RESUMED_FROM_TAG = "optuna.resumed_from_run"  # on a retry's run: the earlier attempt's run it continues
@@ -105,4 +105,4 @@ def trial_state_tags():
         mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
         mlflow.end_run("KILLED" if interrupted else "FAILED")
         raise
-    mlflow.set_tag("optuna.trial_state", "COMPLETE")
+    when_reachable(lambda: mlflow.set_tag("optuna.trial_state", "COMPLETE"), "the run's state")

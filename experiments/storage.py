@@ -8,6 +8,7 @@ trial whose database call failed while it restarted is re-queued like an interru
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -91,16 +92,30 @@ def restarting(error: Exception, reached: bool) -> bool:
     return any(message in text for message in RESTART_MESSAGES) or (reached and DOWN_MESSAGE in text)
 
 
+# When this process last saw its database come back after refusing it (time.monotonic()). Process-wide:
+# every engine of one process talks to one database, and a worker judges heartbeats by it.
+_back_since = -math.inf
+
+
+def seconds_since_database_back() -> float:
+    """How long ago this process last reached its database after waiting for it (inf: never waited)."""
+    return time.monotonic() - _back_since
+
+
 def wait_out_restarts(engine: sqlalchemy.Engine, reached: bool = True, limit: float = DATABASE_RESTART_LIMIT) -> None:
     """Make ``engine``'s new connections wait while the database restarts, instead of failing.
     ``reached``: the database answered before (see ``restarting``). A wrong password still fails at once."""
 
     @sqlalchemy.event.listens_for(engine, "do_connect")
     def connect(dialect, connection_record, cargs, cparams):
+        global _back_since
         deadline, said = time.monotonic() + limit, False
         while True:
             try:
-                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+                connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+                if said:
+                    _back_since = time.monotonic()
+                return connection
             except dialect.loaded_dbapi.OperationalError as error:
                 if not restarting(error, reached) or time.monotonic() > deadline:
                     raise

@@ -49,7 +49,7 @@ from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import resolve_device, share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
-from pipeline.tracking import start_run_with_system_metrics
+from pipeline.tracking import start_run_with_system_metrics, unreachable, when_reachable
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged
 
@@ -105,16 +105,21 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
                 data_ref=job.data_ref,
                 label=f"[worker {job.worker}] trial {trial.number}",
             )
-            if device.type == "cuda":
-                mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-            accuracy, cost = result.best_val_accuracy, None
-            if multi_objective:
-                cost = measure_cost(job.config.cost, result.model, data, config.reading_order)
-                mlflow.log_metric(job.config.cost, cost)
-            if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy >= best_value(trial.study):
-                logged = log_trained_model(result.model, data, config.reading_order)
-                mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
-                attributes.set_model_uri(trial, logged.model_uri)
+            accuracy = result.best_val_accuracy
+            cost = measure_cost(job.config.cost, result.model, data, config.reading_order) if multi_objective else None
+
+            def log_result() -> None:
+                if device.type == "cuda":
+                    mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
+                if multi_objective:
+                    mlflow.log_metric(job.config.cost, cost)
+                finished = complete(trial.study)
+                if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
+                    logged = log_trained_model(result.model, data, config.reading_order)
+                    mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
+                    attributes.set_model_uri(trial, logged.model_uri)
+
+            when_reachable(log_result, f"trial {trial.number}'s model")
         return (accuracy, cost) if multi_objective else accuracy
 
 
@@ -176,7 +181,7 @@ def run_trials(
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
-    budget_said = False
+    budget_said = budget_ended = False
     waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
@@ -187,8 +192,9 @@ def run_trials(
                 over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
                 if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
                     step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
-                    if step is NextStep.STOP and over_budget and after_search and needs_summary(study):
+                    if step is NextStep.STOP and over_budget and after_search and not budget_ended and needs_summary(study):
                         say_budget_end(study, config, worker, budget_deadline, workers)
+                        budget_ended = True
                 if step is NextStep.RUN:
                     step = Work(study, *ask(study, storage, config, lock), objective, say_trial(worker, config.n_trials))
                 elif step is NextStep.STOP and after_search:
@@ -291,6 +297,16 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
             file=sys.stderr,
             flush=True,
         )
+        return None
+    except mlflow.exceptions.MlflowException as error:
+        if not unreachable(error):
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        with lock:
+            now = study.get_trials(deepcopy=False)[trial.number]
+            requeue(study, now, "its tracking server did not answer", lost_worker=False)
+        print(f"[worker {worker}] {label}: the tracking server does not answer; re-queued", file=sys.stderr, flush=True)
+        when_reachable(lambda: MlflowClient().search_experiments(max_results=1), f"worker {worker}")
         return None
     except DATABASE_ERRORS as error:
         with lock:

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,6 +308,34 @@ def library_versions() -> dict[str, str]:
         versions["cuda_version"] = str(torch.version.cuda)
         versions["cudnn_version"] = str(torch.backends.cudnn.version())
     return versions
+
+
+# --- a tracking server that does not answer ---------------------------------------------------------
+
+# Seconds a training's results wait for the tracking server, past MLflow's own retries of each
+# request (MLFLOW_HTTP_REQUEST_MAX_RETRIES: a few minutes by default), as workers wait for their database.
+TRACKING_RESTART_LIMIT = 600
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server did not answer, after MLflow's client retried."""
+    return isinstance(error, mlflow.exceptions.MlflowException) and "failed with exception" in str(error)
+
+
+def when_reachable(call, what: str, limit: float = TRACKING_RESTART_LIMIT):
+    """``call()``, tried again every 2 s while the tracking server does not answer, for up to
+    ``limit`` seconds: what a finished training logs outlives a server restart."""
+    deadline, said = time.monotonic() + limit, False
+    while True:
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as error:
+            if not unreachable(error) or time.monotonic() > deadline:
+                raise
+            if not said:
+                print(f"the tracking server does not answer; {what} waits for it up to {limit:.0f} s", file=sys.stderr)
+                said = True
+            time.sleep(2)
 
 
 # --- a training's newest checkpoint, kept on its run ------------------------------------------------

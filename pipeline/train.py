@@ -58,6 +58,8 @@ from pipeline.tracking import (
     log_data_inputs,
     log_params,
     stage_run,
+    unreachable,
+    when_reachable,
 )
 from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, train
 
@@ -108,29 +110,39 @@ def train_and_log(
         log_data_inputs(data, data_ref, {"train": "training", "val": "validation"})
 
     def log_epoch(metrics: EpochMetrics) -> None:
-        mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
+        try:
+            mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
+        except mlflow.exceptions.MlflowException as error:  # training goes on; the epoch is logged at the end
+            if not unreachable(error):
+                raise
+            print(f"epoch {metrics.epoch}'s metrics wait: the tracking server does not answer", file=sys.stderr)
         if on_epoch:
             on_epoch(metrics)
 
     # Kept until the run is logged: a stage killed while logging resumes instead of training again.
     result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir, keep_checkpoints=True, label=label)
-    if result.resumed_from_epoch:
-        log_missing_epochs(result.history)
-    log_params({"parameter_count": count_parameters(result.model)})
-    mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
-    model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
-    # With the model's id, MLflow 3's model page shows them (else only its system metrics).
-    mlflow.log_metrics(
-        {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch},
-        model_id=model_info and model_info.model_id,
-    )
+
+    def log_result() -> ModelInfo | None:
+        log_missing_epochs(result.history)  # a resumed run's restored epochs, and any the server missed
+        log_params({"parameter_count": count_parameters(result.model)})
+        mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
+        model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
+        # With the model's id, MLflow 3's model page shows them (else only its system metrics).
+        mlflow.log_metrics(
+            {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch},
+            model_id=model_info and model_info.model_id,
+        )
+        return model_info
+
+    model_info = when_reachable(log_result, "the trained model")
     if checkpoint_dir and not keep_checkpoints:
         Checkpoints(checkpoint_dir).remove()
     return result, model_info
 
 
 def log_missing_epochs(history: list[EpochMetrics]) -> None:
-    """After a resume: log the epochs the interrupted process checkpointed but did not live to log."""
+    """Log the epochs of ``history`` the run lacks: after a resume, those the interrupted process
+    checkpointed but did not live to log; those logged while the tracking server did not answer."""
     run_id = mlflow.active_run().info.run_id
     logged = {metric.step for metric in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
     for metrics in history:
