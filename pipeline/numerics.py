@@ -33,8 +33,10 @@ def resolve_device(name: str) -> torch.device:
 def share_cpu(processes: int) -> None:
     """Give this process its share of the machine's cores, one of ``processes`` training at once:
     two one-thread trials on 2 cores train more images per second than one two-thread trial
-    (benchmarks/results/cpu-workers-20261203.md). The thread count is tagged on each CPU run."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    (benchmarks/results/cpu-workers-20261203.md). The thread count is tagged on each CPU run.
+    The cores are those this process may run on (a Slurm task's or a container's), not the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // processes))
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

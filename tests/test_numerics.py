@@ -211,3 +211,17 @@ def test_deterministic_fp32_gives_the_same_metrics_twice_on_the_gpu():
     assert [dataclasses.astuple(m)[:5] for m in first.history] == [dataclasses.astuple(m)[:5] for m in second.history]
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_workers_share_the_cores_this_process_may_run_on_not_the_machines(monkeypatch):
+    """A Slurm task or a container given 2 of a node's 64 cores: two workers get one thread each."""
+    monkeypatch.setattr(numerics_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(numerics_module.os, "sched_getaffinity", lambda pid: {4, 5})
+    before = torch.get_num_threads()
+    try:
+        numerics_module.share_cpu(2)
+        assert torch.get_num_threads() == 1
+        numerics_module.share_cpu(1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
