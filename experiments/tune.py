@@ -271,10 +271,21 @@ def prepare_job(
     folder: str,
 ) -> tuple[WorkerJob, PreparedData]:
     """The data the study tunes on (``data_ref``, or a prepare run reused or run here, downloaded
-    into ``folder``), checked against the study's; and the job this machine's workers run."""
+    into ``folder``), checked against the study's; and the job this machine's workers run.
+
+    One prepare per study: commands started at once take turns, and the later ones reuse the first's run."""
     parent = MlflowClient().get_run(parent_run_id)
     if not data_ref:
-        data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
+        # A lock of its own, not the study's: a prepare (maybe a download) must not hold up other workers' trials.
+        lock = study_lock(config.storage, f"{config.study_name} (prepare)")
+        if not lock.acquire(blocking=False):
+            say = f"[tune] prepare: another command of study {config.study_name!r} is preparing its data; waiting for it"
+            print(say, file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
+        finally:
+            lock.release()
     downloaded = download(data_ref, PREPARED_ARTIFACT, folder)
     data = load_prepared(downloaded)
     config = dataclasses.replace(config, register_name=model_name(config.register_name, data.manifest["dataset"]))

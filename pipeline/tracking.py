@@ -195,7 +195,14 @@ def log_split_input(split: Split, name: str, sha256: str, source: str | None, co
         dataset = mlflow.data.from_numpy(
             split.images.cpu().numpy(), targets=split.labels.cpu().numpy(), source=source, name=name, digest=sha256[:16]
         )
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as error:
+        # Runs that log a dataset new to their experiment at once each look it up, miss it and insert it:
+        # one insert meets the other's (a unique constraint, BAD_REQUEST), and a second try finds it there.
+        if error.error_code != "BAD_REQUEST":
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str]) -> None:

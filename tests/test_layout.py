@@ -27,6 +27,7 @@ LAYERS = {
     "pipeline.signals": 0,
     "pipeline.tables": 0,
     "pipeline.inference": 0,
+    "pipeline.tracking_store": 0,
     "pipeline.data": 1,
     "pipeline.numerics": 1,
     "pipeline.model": 2,
