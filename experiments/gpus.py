@@ -16,7 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from experiments.worker import WorkerJob, run_worker
+from experiments.job import WorkerJob
+from experiments.worker import run_worker
 from pipeline.config import TuneConfig
 
 

@@ -278,6 +278,7 @@ def register_trial(
 
 # Version tags that say what a version was validated on: only versions that agree on both compare.
 DATASET_TAG, VAL_DIGEST_TAG = "data.dataset", "data.val_sha256"
+MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
 
 
 def validation_data(data: PreparedData) -> dict[str, str]:
@@ -298,7 +299,7 @@ def lineage_tags(study: optuna.Study, pick: Pick, data: PreparedData) -> dict[st
         tags[cost] = format_cost(cost, trial.values[1]).replace(",", "")  # a tag is read by programs: no separators
     if pick.seed is not None:
         tags.update({"confirm.seed": str(pick.seed), "confirm.n_seeds": str(pick.n_seeds)})
-        tags[f"confirm.{OBJECTIVE_METRIC}_mean"] = f"{pick.val_accuracy_mean:.6f}"
+        tags[MEAN_TAG] = f"{pick.val_accuracy_mean:.6f}"
         if pick.val_accuracy_std is not None:
             tags[f"confirm.{OBJECTIVE_METRIC}_std"] = f"{pick.val_accuracy_std:.6f}"
     tags.update(validation_data(data))
@@ -329,9 +330,6 @@ def test_once(model_uri: str, parent_run_id: str, data: PreparedData, data_ref: 
     ):
         evaluation = evaluate_and_log(classifier, data, EvaluateConfig(device=device), torch_device, data_ref, model_uri)
     return evaluation.test_accuracy
-
-
-MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
 
 
 def comparison(

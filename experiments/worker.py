@@ -59,8 +59,6 @@ TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
 # stopped for longer than the grace): its copy resumes from this attempt's checkpoint.
 TAKEN_AWAY = optuna.exceptions.UpdateFinishedTrialError
 
-__all__ = ["WorkerJob", "objective", "run_trials", "run_worker"]
-
 
 # --- one trial ------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import attributes, confirm, summary, warm_start
 from experiments import worker as worker_module
+from experiments.job import WorkerJob
 from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner, rungs
 from experiments.tune import tune
 from pipeline import prepare
@@ -111,7 +112,7 @@ def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_t
         pass
     config = smoke(tmp_path, confirm_top=3, confirm_seeds=2, budget=3600)
     # 15 minutes left: the best (2 runs of 4 min) and the next (2 of 1 min) fit, the third (2 of 100) does not.
-    job = worker_module.WorkerJob(config, parent.info.run_id, "0", "data", "", deadline=time.time() + 15 * 60)
+    job = WorkerJob(config, parent.info.run_id, "0", "data", "", deadline=time.time() + 15 * 60)
     confirm.plan(study, queue, job, tiny_prepared())
     queued = [attributes.work(item) for item in queue.get_trials(states=(optuna.trial.TrialState.WAITING,))]
     assert [[item["trial"], item["seed"]] for item in queued] == [[0, 1], [0, 2], [1, 1], [1, 2]]

@@ -24,9 +24,9 @@ from experiments import attributes, plots, progress, studies, summary, warm_star
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR
 from experiments.gpus import gpu_assignment
+from experiments.job import WorkerJob
 from experiments.studies import STUDIES, relative_cost, study_for, typical_cost
 from experiments.tune import tune
-from experiments.worker import WorkerJob
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.cost import forward_flops
 from pipeline.data import PreparedData, save_prepared

@@ -26,8 +26,8 @@ from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
 from experiments.coordination import counted
 from experiments.gpus import gpu_assignment, run_workers
+from experiments.job import WorkerJob
 from experiments.tune import tune
-from experiments.worker import WorkerJob
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.training import TrainingDiverged
