@@ -170,7 +170,7 @@ class MlflowServer:
         self.log = folder / "mlflow-server.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 300.0) -> None:
         with open(self.log, "ab") as log_file:
             # Its own process group: the uvicorn supervisor and its workers all stop with one signal.
             self.process = subprocess.Popen(
@@ -230,7 +230,7 @@ def mlflow_server(
     auth_cache_ttl: int = 60,
     artifacts: tuple[str, ...] = ("--artifacts-destination", "artifacts"),
     job_execution: bool = True,
-    timeout: float = 120.0,
+    timeout: float = 300.0,
 ) -> Iterator[MlflowServer]:
     """Start ``mlflow server`` on a free port, in ``folder``; stop it and its workers on exit.
 
@@ -248,6 +248,9 @@ def mlflow_server(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_AUTH_", "MLFLOW_SERVER_"))}
     if not job_execution:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    # uvicorn kills a worker that misses its 5 s health ping; on a loaded 2-core CI machine a worker
+    # still importing MLflow misses it, and the restarted one again ("Child process [..] died").
+    env.setdefault("UVICORN_TIMEOUT_WORKER_HEALTHCHECK", "60")
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, *artifacts]
     command += ["--host", "127.0.0.1", "--port", str(port)] + (["--workers", str(workers)] if workers else [])
