@@ -1,6 +1,7 @@
-"""Commands of a study started at the same moment all start: on a tracking store that does not exist
-yet (MLflow creates its tables once, pipeline/tracking_store.py), with one prepare run between them
-(experiments/tune.py), and runs that log the same new dataset at once both record it."""
+"""Processes started at the same moment all start: on a tracking store that does not exist yet (MLflow
+creates its tables once, pipeline/tracking_store.py), and runs that log the same new dataset at once
+both record it. Two `mlflow run . -e tune` commands started at once in a new folder, one prepare run
+between them: tests/test_tune_mlflow_run.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data import Split
 from pipeline.tracking import log_split_input
-from tests.conftest import REPO, user_environment
 
 
 def test_mlflow_builds_a_sqlite_store_holding_a_lock_beside_the_database(store_uri, tmp_path):
@@ -40,41 +40,6 @@ def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path):
     for process in processes:
         errors = process.communicate(timeout=300)[1]
         assert process.returncode == 0, errors[-3000:]  # not "Online migration expected to match one row", "duplicate column"
-
-
-@pytest.mark.slow  # three `mlflow run` commands, each with its trials
-def test_tune_commands_started_at_once_in_a_new_folder_all_run_one_prepare(tmp_path, mnist_dir):
-    env = user_environment("")
-    del env["MLFLOW_TRACKING_URI"]  # none set: MLflow's default, sqlite:///mlflow.db in the folder the commands are typed in
-    settings = {
-        "study": "smoke",
-        "study_name": "s",
-        "storage": "studies.journal",
-        "n_trials": 2,
-        "epochs": 1,
-        "device": "cpu",
-        "data_dir": mnist_dir,
-        "train_limit": 1000,
-        "val_size": 500,
-        "confirm_top": 0,
-    }
-    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local"]
-    command += [arg for name, value in settings.items() for arg in ("-P", f"{name}={value}")]
-    assert not (tmp_path / "mlflow.db").exists()
-    commands = [
-        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(3)
-    ]
-    outputs = [started.communicate(timeout=600)[0] for started in commands]
-    for started, output in zip(commands, outputs, strict=True):
-        assert started.returncode == 0, output[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    prepares = client.search_runs(["0"], "tags.`pipeline.stage` = 'prepare'")
-    assert len(prepares) == 1 and prepares[0].info.status == "FINISHED"
-    assert sum("[main] prepare: starting" in output for output in outputs) == 1
-    assert sum(f"[main] prepare: reusing finished run {prepares[0].info.run_id}" in output for output in outputs) == 2
-    [parent] = client.search_runs(["0"], "tags.`pipeline.stage` = 'tune'")
-    assert parent.info.status == "FINISHED"
 
 
 def test_runs_logging_the_same_new_dataset_at_once_both_record_it(tracking):

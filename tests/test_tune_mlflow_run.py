@@ -3,6 +3,7 @@ as README.md and docs/tuning.md tell users to run them, on 1000 real MNIST image
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.slow  # each starts several `mlflow run` processes: a m
 @pytest.fixture
 def user(tmp_path, store_uri, mnist_dir):
     """A user's shell: their own folder and tracking store, the project somewhere else."""
-    uri = store_uri
+    uri = store_uri  # tmp_path/mlflow.db
     env = user_environment(uri)  # this virtual environment activated, none of the tester's MLFLOW_* variables
     journal = str(tmp_path / "studies.journal")  # given as a relative path: the user's folder, not the project's
 
@@ -70,10 +71,18 @@ def user(tmp_path, store_uri, mnist_dir):
             start_new_session=True,
         )
 
-    user = type("User", (), {})()
-    user.run, user.start, user.client, user.journal = run, start, MlflowClient(uri), journal
+    user = User()
+    user.run, user.start, user.journal = run, start, journal
     user.env, user.folder, user.mnist_dir = env, tmp_path, mnist_dir
     return user
+
+
+class User:
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """A client of the store the user's commands log to: MLFLOW_TRACKING_URI, else MLflow's default
+        in their folder. Made when first asked for, so a test may first change the environment."""
+        return MlflowClient(self.env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.folder / 'mlflow.db'}")
 
 
 def study(user, name: str = "s") -> optuna.Study:
@@ -217,13 +226,21 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def test_two_mlflow_run_workers_started_at_once_share_one_study_to_its_end(user):
-    """As two tasks of an array: both search, then both train the confirmation's runs, at once; one summarises."""
+    """As two tasks of an array, started at the same moment in a new folder with MLflow's default store
+    (no MLFLOW_TRACKING_URI: sqlite:///mlflow.db there): both create the store, one prepares while the
+    other waits for it, both search, then both train the confirmation's runs, at once; one summarises."""
+    (user.folder / "mlflow.db").unlink()
+    del user.env["MLFLOW_TRACKING_URI"]
     shared = {"n_trials": 5, "pruner": "none", "n_workers": 1, "epochs": 2, "confirm_top": 2, "confirm_seeds": 2}
     workers = [user.start(**shared), user.start(**shared)]
     outputs = []
     for worker in workers:
         outputs.append(worker.communicate(timeout=600)[0])
         assert worker.returncode == 0, outputs[-1][-3000:]
+    [prepare] = visible_runs(user, "prepare")
+    assert prepare.info.status == "FINISHED"
+    assert sum("[main] prepare: starting" in output for output in outputs) == 1
+    assert sum(f"[main] prepare: reusing finished run {prepare.info.run_id}" in output for output in outputs) == 1
     trials = study(user).trials
     assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials), [t.state.name for t in trials]
     [parent] = visible_runs(user, "tune")
