@@ -33,10 +33,27 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.servers", "tests.slurm", "tests.tuning"]  # PostgreSQL, MLflow server, Slurm; studies
 
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first (stable otherwise): under `pytest -n 3` a long test started last keeps
-    one process busy for minutes while the others have nothing left to run."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, on every process: a long test started last keeps one process busy
+    for minutes while the others have nothing left to run. ``@pytest.mark.slow(seconds=...)`` says
+    how long a test took in the suite on a 2-core CPU (a slow test that does not: 30 s).
+
+    Under ``-n N``, pytest-xdist's worksteal hands each process one contiguous slice of this list
+    (sizes as it computes them), then moves tests from the end of a long queue to an idle process:
+    the list is dealt so that every slice starts with its share of the longest tests."""
+    items.sort(key=lambda item: -(marker.kwargs.get("seconds", 30) if (marker := item.get_closest_marker("slow")) else 0))
+    processes = getattr(config, "workerinput", {}).get("workercount", 1)
+    sizes, left = [], len(items)
+    for process in range(processes):
+        sizes.append(left // (processes - process))
+        left -= sizes[-1]
+    slices = [[] for _ in sizes]
+    for index, item in enumerate(items):
+        turn = index % processes
+        while len(slices[turn]) == sizes[turn]:  # a full slice: only the last, quickest tests move on
+            turn = (turn + 1) % processes
+        slices[turn].append(item)
+    items[:] = [item for part in slices for item in part]
 
 
 def user_environment(tracking_uri: str) -> dict[str, str]:

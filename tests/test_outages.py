@@ -240,7 +240,7 @@ def check_study(cluster, url: str, workers: Workers, n_trials: int) -> list[optu
 # --- the outages ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_postgres_down_longer_than_the_grace_loses_no_training(cluster, study_db, workers):
     """Worker A trains through a PostgreSQL outage longer than the heartbeat grace while worker B,
     its own trial told, waits for A's. When the database is back, B looks first: A, heartbeats
@@ -275,7 +275,7 @@ def test_postgres_down_longer_than_the_grace_loses_no_training(cluster, study_db
     assert kept.value == a_training["val_accuracy"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_a_tracking_server_outage_during_a_trial_loses_nothing(cluster, mlflow_server, workers):
     """The MLflow server stops as a trial starts training, for longer than the client's own
     retries (``SHORT_MLFLOW_RETRIES``), and starts again: the trial trains, logs and ends while it
@@ -297,7 +297,7 @@ def test_a_tracking_server_outage_during_a_trial_loses_nothing(cluster, mlflow_s
     assert kept.value == first["val_accuracy"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_postgres_restarted_during_the_summary_summarises_once(cluster, study_db, workers):
     """Two workers; PostgreSQL stops for 3 s while one of them summarises the study (held before it
     registers the best model), which ends every session it had open, and starts again. The

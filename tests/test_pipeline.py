@@ -77,7 +77,7 @@ def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.Comp
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=105)
 def test_mlflow_run_end_to_end_then_reuse(tmp_path, store_uri, mnist_dir):
     uri = store_uri
     (tmp_path / "mnist").symlink_to(mnist_dir)
@@ -158,7 +158,7 @@ def train_stage_pid(checkpoint_root: Path) -> int:
     raise AssertionError("no train stage process found")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_main_resumes_an_interrupted_train_run_and_deletes_the_launchers_empty_run(tmp_path, store_uri, mnist_dir):
     uri = store_uri
     (tmp_path / "mnist").symlink_to(mnist_dir)

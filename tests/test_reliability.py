@@ -94,7 +94,7 @@ def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in CURVES}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_sigterm_then_kill_9_the_rerun_resumes_the_same_run_to_the_uninterrupted_metrics(tmp_path, tracking, prepared_folder):
     client = MlflowClient()
     command = ["pipeline.train", "--data", str(prepared_folder), *TRAIN_FLAGS]

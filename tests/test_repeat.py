@@ -54,7 +54,7 @@ def test_summary_is_mean_sample_std_min_max_and_one_seed_has_no_std():
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=165)
 def test_mlflow_run_repeat_shares_the_prepare_run_and_summarizes_its_seeds(tmp_path, store_uri, mnist_dir):
     uri = store_uri
     env = user_environment(uri)

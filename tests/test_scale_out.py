@@ -77,7 +77,7 @@ def check_one_parent_one_child_per_trial_one_registration(cluster, study: optuna
         assert not any(secret in logged for secret in cluster["secrets"])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=140)
 def test_three_workers_started_at_once_run_exactly_n_trials(cluster):
     workers = start_workers(cluster, 3, n_trials=6)
     for process, log in workers:
@@ -109,7 +109,7 @@ def frozen_inside_a_trial(cluster, worker: subprocess.Popen) -> bool:
     return running
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(cluster):
     # The victim starts alone, so no other worker can take every trial before it starts one.
     [(victim, victim_log)] = start_workers(cluster, 1, 4, "--heartbeat-interval", "1")

@@ -146,7 +146,7 @@ def task_states(slurm, job: str) -> dict[str, tuple[str, str]]:
     return states
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=190)
 def test_an_array_of_three_workers_runs_the_study_and_a_cancelled_task_has_its_trial_rerun(slurm, cluster):
     job = submit(slurm, cluster, prepare_run(cluster))
     deadline = time.monotonic() + 300

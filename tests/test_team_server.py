@@ -115,7 +115,7 @@ def check_stage_inputs(client: MlflowClient, experiment_id: str, auth=None) -> s
     return kind
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=165)
 def test_the_pipeline_logs_to_a_plain_mlflow_server(tmp_path, mnist_dir):
     # `mlflow server --backend-store-uri sqlite:///server.db --port P`, as a new team types it.
     with mlflow_server(tmp_path / "server", "sqlite:///server.db") as server:
@@ -162,7 +162,7 @@ def wait_for(predicate, workers, logs: list[Path], timeout: float = 300):
     return value
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=155)
 def test_a_study_goes_on_while_the_tracking_server_and_postgresql_restart(tmp_path, monkeypatch):
     """Servers are upgraded and restarted while trials run: first the MLflow server (down 10 s), then
     PostgreSQL, which holds both the study and the server's runs (down until a worker has met it

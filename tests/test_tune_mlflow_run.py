@@ -113,6 +113,7 @@ def trained_by(record, trial_runs) -> str:
     return " ".join(map(str, sorted(numbers)))
 
 
+@pytest.mark.slow(seconds=300)
 def test_extend_rerun_refuse_and_evaluate_the_champion(user):
     confirmed = {"confirm_top": 2, "confirm_seeds": 2}  # the champion confirmed over seeds, as by default (3 x 3)
     first = user.run("n_trials=2", n_workers=2, **confirmed)  # both workers train the confirmation's runs
@@ -225,6 +226,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
 
 
+@pytest.mark.slow(seconds=145)
 def test_two_mlflow_run_workers_started_at_once_share_one_study_to_its_end(user):
     """As two tasks of an array, started at the same moment in a new folder with MLflow's default store
     (no MLFLOW_TRACKING_URI: sqlite:///mlflow.db there): both create the store, one prepares while the
@@ -266,6 +268,7 @@ def test_two_mlflow_run_workers_started_at_once_share_one_study_to_its_end(user)
     assert len(user.client.search_model_versions("name = 'lstm-mnist'")) == 1
 
 
+@pytest.mark.slow(seconds=105)
 def test_a_trial_killed_after_epoch_2_of_6_resumes_there_on_the_rerun(user):
     """kill -9 (a lost machine): the rerun's copy of the trial downloads its checkpoint from the run and
     trains the epochs left, at most the one cut short again; and ends where an uninterrupted one ends."""
@@ -303,6 +306,7 @@ def test_a_trial_killed_after_epoch_2_of_6_resumes_there_on_the_rerun(user):
     assert copy.value == study(user, "whole").trials[0].value
 
 
+@pytest.mark.slow(seconds=60)
 def test_ctrl_c_requeues_the_trial_in_progress_and_the_rerun_runs_it(user):
     slow = {"epochs": 8, "train_limit": 5000, "pruner": "none"}
     worker = user.start("n_trials=2", **slow)

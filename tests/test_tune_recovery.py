@@ -216,7 +216,7 @@ def test_a_worker_the_budget_holds_waits_past_the_bound_for_the_running_trials_t
     assert "still run the study's last work" not in err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)
 def test_two_worker_processes_share_one_study_and_confirm_two_seeds_at_once(tmp_path, prepared_run):
     config = smoke(tmp_path, n_trials=4, n_workers="2", confirm_top=1, confirm_seeds=2)
     registered = tune(config, PrepareConfig(), prepared_run)
