@@ -20,7 +20,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from experiments import attributes
-from experiments.coordination import counted
+from experiments.trials import counted
 from pipeline.tables import markdown_table
 
 THROUGHPUT_RATIO = 10.0  # the targets: project loop / tutorial loop, samples/s, same GPU and configuration

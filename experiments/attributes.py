@@ -18,7 +18,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # the study's one MLflow parent run
 DATA_ATTR = "data_sha256"  # the checksums of the train and val splits it tunes on
 WARM_START_ATTR = "warm_start"  # {"study", "trials"}: where its enqueued configurations came from (warm_start.py)
 SUMMARISED_ATTR = "summarised_at"  # how many counted trials the last successful summary saw
-REGISTERED_ATTR = "registered"  # the version registered as its champion candidate (summary.Registered as a dict)
+REGISTERED_ATTR = "registered"  # the version registered as its champion candidate (registry.Registered as a dict)
 COMPACT_ATTR = "compact"  # the version the compact rule picked (multi-objective studies)
 PLAN_ATTR = "plan"  # on the companion study: {"at": round, "runs": [{"trial", "seed", "key"}, ...]} (confirm.py)
 

@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 
 from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, run_entry_point, user_path
-from pipeline.tables import markdown_table
+from pipeline.tables import markdown_table, over_seeds, with_spread
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
@@ -76,18 +76,20 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
         name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS]) if runs.get(f"metrics.{name}", pd.Series()).notna().any()
     ]
     seeds = runs["params.seed"] if "params.seed" in runs else pd.Series(None, index=runs.index, dtype=object)
-    runs = runs.assign(**{column: runs[column].fillna("") for column in config}, seed=seeds.fillna(""))
-    rows = []
-    for values, group in runs.groupby(config, sort=False):
-        row = dict(zip([column.removeprefix("params.") for column in config], values, strict=True))
-        row["n_seeds"] = len(group)
-        row["seeds"] = " ".join(sorted(group["seed"], key=lambda seed: (not seed.isdigit(), int(seed) if seed.isdigit() else 0)))
-        for name in metrics:
-            row[f"{name}_mean"] = group[f"metrics.{name}"].mean()
-            row[f"{name}_std"] = group[f"metrics.{name}"].std()  # pandas' default: the sample std, NaN for one seed
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
-    return ranked(numbers_where_possible(table, [column.removeprefix("params.") for column in config]))
+    keys = [column.removeprefix("params.") for column in config]
+    runs = runs.rename(columns={f"params.{key}": key for key in keys} | {f"metrics.{name}": name for name in metrics})
+    runs = runs.assign(**{key: runs[key].fillna("") for key in keys}, seed=seeds.fillna(""))
+    table = over_seeds(runs, keys, metrics)
+    table.insert(len(keys), "n_seeds", table.pop("n_seeds"))
+    listed = runs.groupby(keys, sort=False)["seed"].agg(lambda seeds: " ".join(sorted(seeds, key=seed_order)))
+    table.insert(len(keys) + 1, "seeds", listed.to_numpy())
+    table = table.sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
+    return ranked(numbers_where_possible(table, keys))
+
+
+def seed_order(seed: str) -> tuple[bool, int]:
+    """Seeds as numbers, in order; anything else after them."""
+    return (not seed.isdigit(), int(seed) if seed.isdigit() else 0)
 
 
 def with_trained_params(runs: pd.DataFrame) -> pd.DataFrame:
@@ -121,20 +123,6 @@ def numbers_where_possible(table: pd.DataFrame, names) -> pd.DataFrame:
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
-
-
-def mean_and_std(table: pd.DataFrame) -> pd.DataFrame:
-    """A grouped leaderboard to print: each metric's mean and std as one ``0.9712 ± 0.0011`` cell."""
-    shown = table.copy()
-    for column in [c for c in table if c.endswith("_mean")]:
-        name = column.removesuffix("_mean")
-        std = table[f"{name}_std"]
-        shown[name] = [
-            "" if pd.isna(m) else f"{m:.4f}" + ("" if pd.isna(s) else f" ± {s:.4f}")
-            for m, s in zip(table[column], std, strict=True)
-        ]
-        shown = shown.drop(columns=[column, f"{name}_std"])
-    return shown
 
 
 def selected_experiment(name: str):
@@ -212,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
     except KeyError as error:
         fail(str(error.args[0]))
-    markdown = markdown_table(mean_and_std(table) if args.group_by_config else table)
+    markdown = markdown_table(with_spread(table) if args.group_by_config else table)
     if args.output_dir:
         output = Path(user_path(args.output_dir, args.launch_dir))
         output.mkdir(parents=True, exist_ok=True)

@@ -31,27 +31,25 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
 import optuna
 import pandas as pd
-from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
-from experiments.coordination import counted, worker_id
+from experiments.budget import fitting
 from experiments.job import WorkerJob
-from experiments.pareto import complete
-from experiments.runs import WORKER_TAG, earlier_runs, run_checkpoints, trial_state_tags
+from experiments.runs import training_run
 from experiments.studies import OBJECTIVE_METRIC, trial_config
+from experiments.trials import best_configurations, counted
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data import PreparedData
-from pipeline.tables import markdown_table
-from pipeline.tracking import digest, start_run_with_system_metrics, when_reachable
+from pipeline.tables import markdown_table, over_seeds, plus_minus, with_spread
+from pipeline.tracking import digest, finished_run, when_reachable
 from pipeline.train import train_and_log
 
 KEY_TAG = "confirm.key"
@@ -110,7 +108,7 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
     config, code = job.config, code_version()
     runs = []
     if config.confirm_top:
-        for trial in fitting(configurations(study, config.confirm_top), config, job.deadline, job.workers):
+        for trial in fitting(best_configurations(study, config.confirm_top), config, job.deadline, job.workers):
             for seed in range(1, config.confirm_seeds + 1):
                 runs.append({"trial": trial.number, "seed": seed, "key": run_key(seed_config(config, trial, seed), data, code)})
     waiting = {attributes.work(t).get("key") for t in queue.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
@@ -136,52 +134,6 @@ def queue_summary(queue: optuna.Study, at: int) -> None:
     queue.enqueue_trial({}, user_attrs={attributes.WORK_ATTR: {"summary": True, "at": at}})
 
 
-def configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    """The ``top`` best complete trials by val_accuracy, one per configuration (a re-queued trial
-    repeats its original's parameters); among equals the earlier."""
-    picked: list[FrozenTrial] = []
-    for trial in sorted(complete(study), key=lambda t: (-t.values[0], t.number)):
-        if all(trial.params != other.params for other in picked):
-            picked.append(trial)
-    return picked[:top]
-
-
-def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, processes: int = 1) -> list[FrozenTrial]:
-    """The configurations to confirm: the best always, each next one if all the chosen runs (each
-    as long as its trial took), ``processes`` at a time, end before ``deadline`` (``time.time()``);
-    one left out is said."""
-    chosen, runs = [], []
-    for rank, trial in enumerate(trials):
-        mine = [seconds_of(trial)] * config.confirm_seeds
-        ends = time.time() + makespan(runs + mine, processes)
-        if rank and ends > deadline:
-            left = max(0.0, deadline - time.time())
-            print(
-                f"[confirm] trial {trial.number}'s configuration left out: with its {config.confirm_seeds} runs the "
-                f"confirmation takes about {(ends - time.time()) / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
-                file=sys.stderr,
-                flush=True,
-            )
-            continue
-        chosen.append(trial)
-        runs += mine
-    return chosen
-
-
-def makespan(seconds: list[float], processes: int) -> float:
-    """How long runs of these lengths take, ``processes`` at a time, the longest first, each to
-    the first process free."""
-    loads = [0.0] * max(1, processes)
-    for length in sorted(seconds, reverse=True):
-        loads[loads.index(min(loads))] += length
-    return max(loads)
-
-
-def seconds_of(trial: FrozenTrial) -> float:
-    """How long ``trial`` took (0 if not recorded): how long one of its confirm runs takes."""
-    return trial.duration.total_seconds() if trial.duration else 0.0
-
-
 # --- one training of the queue ------------------------------------------------------------------------
 
 
@@ -191,28 +143,18 @@ def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: Pr
     work = attributes.work(item)
     source = study.get_trials(deepcopy=False)[work["trial"]]
     config = seed_config(job.config, source, work["seed"])
-    tags = {
-        "pipeline.stage": "confirm",
-        "pipeline.data": job.data_ref,
-        "optuna.trial_number": str(source.number),
-        KEY_TAG: work["key"],
-        WORKER_TAG: worker_id(),
-    }
+    tags = {"pipeline.stage": "confirm", "optuna.trial_number": str(source.number), KEY_TAG: work["key"]}
     name = f"confirm trial-{source.number} seed-{config.seed}"
-    with start_run_with_system_metrics(
-        run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
-    ) as run:
-        attributes.set_run_id(item, run.info.run_id)
-        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(item.study, item)) as checkpoints:
-            result, model = train_and_log(
-                config,
-                data,
-                checkpoint_dir=checkpoints.folder,
-                on_epoch=checkpoints.after_epoch(),
-                data_ref=job.data_ref,
-                label=f"[worker {job.worker}] [{name}]",
-            )
-            when_reachable(lambda: mlflow.set_tag(MODEL_URI_TAG, model.model_uri), "the confirm run's model")
+    with training_run(item, job, name, tags) as checkpoints:
+        result, model = train_and_log(
+            config,
+            data,
+            checkpoint_dir=checkpoints.folder,
+            on_epoch=checkpoints.after_epoch(),
+            data_ref=job.data_ref,
+            label=f"[worker {job.worker}] [{name}]",
+        )
+        when_reachable(lambda: mlflow.set_tag(MODEL_URI_TAG, model.model_uri), "the confirm run's model")
     return result.best_val_accuracy
 
 
@@ -256,7 +198,7 @@ def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
 
 def reused(run: dict, job: WorkerJob) -> SeedRun | None:
     """The study's finished confirm run of ``run["key"]``, if there is one."""
-    found = finished_child(job.parent_run_id, job.experiment_id, {KEY_TAG: run["key"]})
+    found = finished_run(job.experiment_id, {KEY_TAG: run["key"], "mlflow.parentRunId": job.parent_run_id})
     if found is None:
         return None
     seed, accuracy = int(found.data.params["seed"]), found.data.metrics["best_val_accuracy"]
@@ -267,8 +209,7 @@ def confirmation_table(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, the best mean val_accuracy first (among equals the earlier
     trial): trial, its parameters, ``val_accuracy_mean``, ``val_accuracy_std`` (sample std) and
     ``n_seeds``."""
-    table = runs.groupby("trial")["val_accuracy"].agg(val_accuracy_mean="mean", val_accuracy_std="std", n_seeds="count")
-    table = table.reset_index().sort_values(["val_accuracy_mean", "trial"], ascending=[False, True])
+    table = over_seeds(runs, "trial", ["val_accuracy"]).sort_values(["val_accuracy_mean", "trial"], ascending=[False, True])
     params = pd.DataFrame([study.trials[number].params for number in table["trial"]], index=table.index)
     return pd.concat([table[["trial"]], params, table.drop(columns="trial")], axis=1).reset_index(drop=True)
 
@@ -279,19 +220,10 @@ def champion_run(runs: pd.DataFrame, table: pd.DataFrame) -> SeedRun:
     return SeedRun(**mine.iloc[0].to_dict())
 
 
-def shown(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as people read it: val_accuracy as one ``0.9104 ± 0.0014`` cell."""
-    cells = [
-        f"{mean:.4f}" + ("" if pd.isna(std) else f" ± {std:.4f}")
-        for mean, std in zip(table["val_accuracy_mean"], table["val_accuracy_std"], strict=True)
-    ]
-    return table.drop(columns=["val_accuracy_mean", "val_accuracy_std"]).assign(**{OBJECTIVE_METRIC: cells})
-
-
 def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: int) -> str:
     """Record the table on the parent run; return it as markdown, to print."""
     client = MlflowClient()
-    markdown = markdown_table(shown(table))
+    markdown = markdown_table(with_spread(table))
     client.log_text(parent_run_id, markdown + "\n", "confirmation.md")
     client.log_table(parent_run_id, table, "confirmation.json")
     best = table.iloc[0]
@@ -316,27 +248,18 @@ def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable
     )
     client = MlflowClient()
     client.log_metric(parent_run_id, "confirmed_test_accuracy_mean", float(accuracies.mean()))
-    spread = ""
     if len(accuracies) > 1:
         client.log_metric(parent_run_id, "confirmed_test_accuracy_std", float(accuracies.std()))
-        spread = f" ± {accuracies.std():.4f}"
     each = ", ".join(f"seed {seed} {accuracy:.4f}" for seed, accuracy in accuracies.items())
     return (
         f"test_accuracy of the champion configuration's {len(accuracies)} models, each tested once after the choice: "
-        f"{each}; mean {accuracies.mean():.4f}{spread}"
+        f"{each}; mean {plus_minus(accuracies.mean(), accuracies.std())}"
     )
 
 
 def tested(parent_run_id: str, model_uri: str, test: Callable[[str], float]) -> float:
     """The test_accuracy of ``model_uri``'s finished evaluate run under the parent, else ``test(model_uri)``."""
     experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-    run = finished_child(parent_run_id, experiment_id, {"pipeline.stage": "evaluate", "pipeline.model": model_uri})
+    evaluated = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "mlflow.parentRunId": parent_run_id}
+    run = finished_run(experiment_id, evaluated)
     return run.data.metrics["test_accuracy"] if run else test(model_uri)
-
-
-def finished_child(parent_run_id: str, experiment_id: str, tags: dict[str, str]) -> Run | None:
-    """A finished run nested under the parent with these tags, if there is one."""
-    conditions = [f"tags.`{name}` = '{value}'" for name, value in {**tags, "mlflow.parentRunId": parent_run_id}.items()]
-    found = " and ".join([*conditions, "attributes.status = 'FINISHED'"])
-    runs = MlflowClient().search_runs([experiment_id], filter_string=found, max_results=1)
-    return runs[0] if runs else None

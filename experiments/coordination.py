@@ -9,9 +9,9 @@
   study lock: Optuna's heartbeats on PostgreSQL, a ``flock`` on the trial's own file on a
   journal. A trial whose lease is gone while it still reads RUNNING lost its worker.
 - **A database restart** is waited out (experiments/storage.py).
-- **Counting**: a study ends with exactly ``n_trials`` trials that count: COMPLETE, PRUNED, and
-  FAIL from the objective. A trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is
-  re-queued once with the same parameters, and the failed original is not counted.
+- **Re-queueing**: a trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is re-queued
+  once with the same parameters; the failed original no longer counts (experiments/trials.py), so
+  a study ends with exactly ``n_trials`` trials that count.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import socket
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
+from experiments.job import worker_id
 from experiments.storage import (
     DATABASE_RESTART_LIMIT,
     restarting,
@@ -40,10 +40,10 @@ from experiments.storage import (
     storage_kind,
     wait_out_restarts,
 )
+from experiments.trials import counted, requeued_numbers
 from pipeline.config import ParameterError, TuneConfig
 
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 class NextStep(Enum):
@@ -95,25 +95,36 @@ class Lock:
 
 
 class FileLock(Lock):
-    """``flock`` on one file: exclusive, and dropped by the kernel when the holder's process dies."""
+    """``flock`` on one file: exclusive, and dropped by the kernel when the holder's process dies.
+
+    Stands in for ``filelock.FileLock``: where a filesystem has no ``flock`` it falls back to a soft
+    lock that a killed holder never releases (this one fails instead), and the study lock shares
+    ``confirm`` with the PostgreSQL lock. Not re-entrant: a second acquire in the holding thread raises.
+    """
+
+    held: set[tuple[Path, int]] = set()  # (path, thread) held here: that thread's second acquire would wait for itself
 
     def __init__(self, path: Path):
         self.path, self.fd = path, None
 
     def acquire(self, blocking: bool = True) -> bool:
+        if (self.path, threading.get_ident()) in FileLock.held:
+            raise RuntimeError(f"{self.path} is already held by this thread")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False
-        self.fd = fd
+        self.fd, self.owner = fd, threading.get_ident()
+        FileLock.held.add((self.path, self.owner))
         return True
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
+            FileLock.held.discard((self.path, self.owner))
 
 
 class AdvisoryLock(Lock):
@@ -214,10 +225,6 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
 # --- liveness: a lease per running trial ----------------------------------------------------------
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class TrialLease:
     """Held by the worker running a trial, from the moment it asks (under the study lock) until it
     has told the result. On PostgreSQL, Optuna's heartbeats; on a journal file, ``flock`` on the
@@ -277,21 +284,13 @@ def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
 # --- counting, and the trials that lost their worker ----------------------------------------------
 
 
-def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """The failed trials that a re-queued copy replaces: they do not count."""
-    return {attributes.retry_of(trial) for trial in trials if attributes.retry_of(trial) is not None}
-
-
-def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The finished trials that count toward ``n_trials``."""
-    replaced = requeued_numbers(trials)
-    return [trial for trial in trials if trial.state in COUNTED_STATES and trial.number not in replaced]
-
-
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: bool) -> None:
     """Queue ``trial``'s parameters once more and end it FAIL; it no longer counts.
 
     Call holding the study lock. Safe to repeat after a crash halfway: a trial is copied once.
+    Stands in for Optuna's ``RetryHeartbeatStaleTrialCallback``: that serves heartbeats on an RDB
+    only (a journal has none, and Ctrl-C or SIGTERM re-queue too), copies a trial each time it is
+    called, and records the first original where a resumed copy needs the attempt it continues.
     """
     trials = study.get_trials(deepcopy=False)
     lost = attributes.lost_workers(trial) + lost_worker

@@ -1,9 +1,11 @@
 """This machine's share of a study: what each of its workers needs, in plain values that cross a
-process boundary (experiments/gpus.py spawns workers with it)."""
+process boundary (experiments/gpus.py spawns workers with it), and the name a worker goes by."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import dataclass
 
 from pipeline.config import TuneConfig
@@ -20,3 +22,8 @@ class WorkerJob:
     workers: int = 1  # how many run on this machine: they share its CPU threads
     gpu: str | None = None  # the GPU this worker is pinned to (its CUDA_VISIBLE_DEVICES); None: not pinned
     deadline: float = math.inf  # -P budget: when the command must end (time.time())
+
+
+def worker_id() -> str:
+    """``host:pid``: the worker that holds a trial's lease and trained a run."""
+    return f"{socket.gethostname()}:{os.getpid()}"

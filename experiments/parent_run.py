@@ -14,9 +14,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from experiments import attributes
-from experiments.coordination import worker_id
+from experiments.job import worker_id
 from experiments.storage import public_storage
-from experiments.studies import OBJECTIVE_METRIC, STUDIES
+from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe
 from pipeline.config import TuneConfig
 from pipeline.tracking import current_experiment_id, log_params
 
@@ -68,7 +68,7 @@ def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Stud
         "pruner": config.pruner,
         "epochs": config.epochs,
         "seed": config.seed,
-        "search_space": str(STUDIES[config.study].search_space),
+        "search_space": str(describe(STUDIES[config.study].space)),
         "objective": f"maximize {OBJECTIVE_METRIC}" + (f", minimize {config.cost}" if config.cost != "none" else ""),
         # where the enqueued configurations came from: the earlier study and its trial numbers, best first
         "warm_start": started_from.get("study", ""),

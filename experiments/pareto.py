@@ -21,11 +21,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from torch import nn
 
 from experiments import attributes
 from experiments.studies import OBJECTIVE_METRIC, trial_config
+from experiments.trials import complete
 from pipeline.config import TuneConfig
 from pipeline.data import SEQUENCE_SHAPES, PreparedData
 from pipeline.inference import inference_latency_ms
@@ -56,10 +57,6 @@ def format_cost(name: str, value: float) -> str:
     return f"{value:,.0f}" if name == "parameter_count" else f"{value:.3f}"
 
 
-def complete(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
 def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
     """``a`` is at least as accurate and as cheap as ``b``, and better in one."""
     (accuracy_a, cost_a), (accuracy_b, cost_b) = a.values, b.values
@@ -70,11 +67,6 @@ def on_front(values: tuple[float, float], trials: list[FrozenTrial]) -> bool:
     """Whether a result with ``values`` (accuracy, cost) is dominated by none of ``trials``."""
     candidate = optuna.trial.create_trial(values=list(values))
     return not any(dominates(trial, candidate) for trial in trials)
-
-
-def most_accurate(trials: list[FrozenTrial]) -> FrozenTrial:
-    """The champion's rule: the best val_accuracy; among equals the cheaper, then the earlier."""
-    return min(trials, key=lambda t: (-t.values[0], t.values[-1] if len(t.values) > 1 else 0, t.number))
 
 
 def within_reach(trials: list[FrozenTrial], within: float) -> list[FrozenTrial]:

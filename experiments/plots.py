@@ -12,8 +12,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from experiments.pareto import most_accurate
 from experiments.studies import OBJECTIVE_METRIC
+from experiments.trials import most_accurate
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
 
@@ -33,8 +33,8 @@ def optuna_quiet():
 def learning_curves(study: optuna.Study):
     """Each trial's reported val_accuracy by epoch, as a PNG that reads with dozens of trials.
 
-    Optuna's static intermediate-values plot gives every trial a colour and a legend entry:
-    fashion-hb7's 35 trials made a legend taller than the plot and colours that repeat. Here one
+    Optuna's static intermediate-values plot gives every trial a colour and a legend entry: with
+    dozens of trials the legend is taller than the plot and the colours repeat. Here one
     colour per outcome, pruned curves end in an x where the pruner stopped them, and the best
     trial is drawn last, labelled. The y axis shows where trials end (the title counts the curves
     that dip below it)."""

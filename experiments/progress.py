@@ -1,33 +1,22 @@
 """What a study's workers say while it runs: each finished trial (how far it trained, how long
-it took, the best so far, how many are done), the time left once the first trial is timed, and
-when ``-P budget`` holds a worker or ends the search. One line each, to stderr, as it happens.
+it took, the best so far, how many are done) and the time left once the first trial is timed.
+One line each, to stderr, as it happens. What ``-P budget`` makes them say: experiments/budget.py.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 
 import optuna
 from optuna.trial import TrialState
 
-from experiments.coordination import counted
-from experiments.pareto import complete, cost_name, format_cost, most_accurate
-from experiments.studies import OBJECTIVE_METRIC, time_left, worst_case_seconds
+from experiments.budget import time_left
+from experiments.pareto import cost_name, format_cost
+from experiments.studies import OBJECTIVE_METRIC
+from experiments.trials import best_value, complete, counted, most_accurate, trials_left
 from pipeline.config import TuneConfig
 from pipeline.training import duration
-
-
-def best_value(study: optuna.Study) -> float:
-    """The best val_accuracy of the study's complete trials (its first objective); -inf before any."""
-    return max((trial.values[0] for trial in complete(study)), default=-math.inf)
-
-
-def trials_left(study: optuna.Study, n_trials: int) -> int:
-    """Trials still to start: ``n_trials`` less those counted and those running."""
-    trials = study.get_trials(deepcopy=False)
-    return max(0, n_trials - len(counted(trials)) - sum(t.state == TrialState.RUNNING for t in trials))
 
 
 def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, workers: int) -> None:
@@ -35,30 +24,6 @@ def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, wor
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if len(finished) == 1:
         print(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}", file=sys.stderr)
-
-
-def say_budget_wait(worker: int) -> bool:
-    """Say, once a wait, that the budget holds this worker until the running trials end (their timing may
-    leave room for another trial: one small trial alone tells little of a large one's time)."""
-    print(
-        f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
-        "the running ones, then deciding again",
-        file=sys.stderr,
-        flush=True,
-    )
-    return True
-
-
-def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadline: float, workers: int) -> None:
-    """Say, before the confirmation, that the budget ended the search, and by how much."""
-    worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
-    print(
-        f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
-        f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
-        f"{left / 60:.0f} min are left",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, n_trials: int) -> None:

@@ -35,7 +35,7 @@ from pipeline.main import (
     run_pipeline,
     run_stage,
 )
-from pipeline.tables import markdown_table
+from pipeline.tables import markdown_table, plus_minus
 from pipeline.tracking import ERROR_TAG, log_params, ui_link
 
 DEFAULT_SEEDS = "1 2 3"
@@ -74,9 +74,9 @@ def repeat_table(per_seed: dict[int, dict[str, float]], runs: dict[int, str], su
 
 
 def one_line(summary: dict[str, float], seeds: tuple[int, ...]) -> str:
-    std = f" ± {summary['test_accuracy_std']:.4f}" if "test_accuracy_std" in summary else ""
+    accuracy = plus_minus(summary["test_accuracy_mean"], summary.get("test_accuracy_std"))
     return (
-        f"test_accuracy {summary['test_accuracy_mean']:.4f}{std} (mean ± sample std over {len(seeds)} seeds; "
+        f"test_accuracy {accuracy} (mean ± sample std over {len(seeds)} seeds; "
         f"min {summary['test_accuracy_min']:.4f}, max {summary['test_accuracy_max']:.4f})"
     )
 

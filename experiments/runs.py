@@ -22,9 +22,16 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from experiments import attributes
+from experiments.job import WorkerJob, worker_id
 from experiments.storage import DATABASE_ERRORS
 from pipeline.checkpoints import Checkpoints
-from pipeline.tracking import download_checkpoint, remove_checkpoint, upload_checkpoint, when_reachable
+from pipeline.tracking import (
+    download_checkpoint,
+    remove_checkpoint,
+    start_run_with_system_metrics,
+    upload_checkpoint,
+    when_reachable,
+)
 from pipeline.training import EpochMetrics, TrainingInterrupted
 
 RESUMED_FROM_TAG = "optuna.resumed_from_run"  # on a retry's run: the earlier attempt's run it continues
@@ -79,6 +86,21 @@ def run_checkpoints(run_id: str, earlier: list[str]) -> Iterator[RunCheckpoints]
             if stop.checkpoint:
                 upload_checkpoint(run_id, stop.checkpoint)
             raise
+
+
+@contextmanager
+def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str, str]) -> Iterator[RunCheckpoints]:
+    """A training of ``trial`` (of the study, or of its queue) in a run of its own under the study's
+    parent run: tagged with its worker (and GPU), its end state as tags, its checkpoints on the run."""
+    tags = {"pipeline.data": job.data_ref, WORKER_TAG: worker_id(), **tags}
+    if job.gpu is not None:
+        tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
+    with start_run_with_system_metrics(
+        run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
+    ) as run:
+        attributes.set_run_id(trial, run.info.run_id)
+        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(trial.study, trial)) as checkpoints:
+            yield checkpoints
 
 
 def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -1,78 +1,75 @@
 """Study definitions: what a tuning study searches, where it starts, and how it searches.
 
-A study is a ``StudyDefinition``: a ``suggest(trial)`` function that samples TrainConfig fields,
-the baseline configuration enqueued as trial 0 (so every study is measured against a known
-point), and the fixed settings every trial shares. Samplers and pruners are chosen by name on
-the command line. To add a study, add a definition to ``STUDIES``. The cost model here
-(``relative_cost``, ``time_left``) estimates how long a study takes from its own trials' timing.
+A study is a ``StudyDefinition``: its search space, declared once as Optuna distributions over
+TrainConfig fields (``suggest`` samples it; ``describe`` writes it as people read it, the key
+that refuses a rerun with another space), the baseline configuration
+enqueued as trial 0 (so every study is measured against a known point), and the fixed settings
+every trial shares. Samplers and pruners are chosen by name on
+the command line. To add a study, add a definition to ``STUDIES``. How long its trainings take:
+experiments/budget.py.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from experiments import attributes
 from pipeline.config import TrainConfig, TuneConfig
 
 # The metric a study maximises. Never test accuracy: the test set is looked at once, at the end.
 OBJECTIVE_METRIC = "val_accuracy"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal only to itself: hashable, so what is derived from it is computed once
 class StudyDefinition:
     description: str  # one line, printed when a study starts
-    suggest: Callable[[optuna.Trial], dict]  # TrainConfig overrides for one trial
-    baseline: dict  # enqueued as trial 0: the same keys suggest() samples
+    space: dict[str, BaseDistribution]  # what each trial samples, in this order (TrainConfig fields)
+    baseline: dict  # enqueued as trial 0: a value for each name of the space
     fixed: dict = field(default_factory=dict)  # TrainConfig overrides every trial shares
-    search_space: dict = field(default_factory=dict)  # human-readable, logged to the parent run
 
 
-def suggest_lstm(trial: optuna.Trial) -> dict:
-    num_layers = trial.suggest_int("num_layers", 1, 3)
-    params = {
-        "hidden_size": trial.suggest_int("hidden_size", 32, 512, log=True),
-        "num_layers": num_layers,
-        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
-        "bidirectional": trial.suggest_categorical("bidirectional", [False, True]),
-    }
-    # nn.LSTM's dropout acts between layers; with one layer there is nothing to sample.
-    params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5) if num_layers > 1 else 0.0
+def suggest(definition: StudyDefinition, trial: optuna.Trial | optuna.trial.FixedTrial) -> dict:
+    """One trial's TrainConfig overrides, sampled from the space. nn.LSTM's dropout acts between
+    layers: with one layer there is nothing to sample, and it is 0."""
+    params = {}
+    for name, distribution in definition.space.items():
+        if name == "dropout" and params.get("num_layers") == 1:
+            params[name] = 0.0
+        elif isinstance(distribution, CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, distribution.choices)
+        elif isinstance(distribution, IntDistribution):
+            params[name] = trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+        else:
+            params[name] = trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
     return params
 
 
-def suggest_lstm_cpu(trial: optuna.Trial) -> dict:
-    # Smaller than the GPU's space (no 3rd layer, 256 hidden at most): its typical trial costs about
-    # a quarter of the tutorial's per image (relative_cost), and small models take larger learning
-    # rates. Both directions and dropout to 0.5 are searched: on Fashion-MNIST a bidirectional,
-    # regularised model beat every one-directional one (docs/results.md).
-    num_layers = trial.suggest_int("num_layers", 1, 2)
-    params = {
-        "hidden_size": trial.suggest_int("hidden_size", 32, 256, log=True),  # 256: trial 0, the tutorial's
-        "num_layers": num_layers,
-        "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-2, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [128, 256]),  # a CPU is faster per image at larger batches
-        "bidirectional": trial.suggest_categorical("bidirectional", [False, True]),
-    }
-    params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5) if num_layers > 1 else 0.0
-    return params
+def describe(space: dict[str, BaseDistribution]) -> dict[str, str]:
+    """The space as people read it: ``{"hidden_size": "int 32..512, log", ...}``. Logged to the parent
+    run, and stored with the study: a rerun with another space is refused (experiments/tune.py)."""
+
+    def number(value: float) -> str:
+        return f"{value:.0e}".replace("e-0", "e-") if 0 < value < 0.1 else f"{value:g}"
+
+    described = {}
+    for name, distribution in space.items():
+        if isinstance(distribution, CategoricalDistribution):
+            text = ", ".join(str(choice).lower() for choice in distribution.choices)
+        else:
+            kind = "int" if isinstance(distribution, IntDistribution) else "float"
+            text = f"{kind} {number(distribution.low)}..{number(distribution.high)}" + (", log" if distribution.log else "")
+        if name == "dropout" and (layers := space.get("num_layers")):  # sampled only with two layers or more
+            text += f" when num_layers = {layers.high}" if layers.high == 2 else " when num_layers > 1"
+        described[name] = text
+    return described
 
 
-def suggest_smoke(trial: optuna.Trial) -> dict:
-    return {
-        "hidden_size": trial.suggest_int("hidden_size", 4, 16, log=True),
-        "num_layers": 1,
-        "learning_rate": trial.suggest_float("learning_rate", 1e-3, 3e-2, log=True),
-    }
+def largest_configuration(definition: StudyDefinition) -> dict:
+    """The space's largest model: every number at its upper bound, every choice at its largest (``True`` over ``False``)."""
+    return {name: max(d.choices) if isinstance(d, CategoricalDistribution) else d.high for name, d in definition.space.items()}
 
 
 # The tutorial's model: hidden 256, 2 layers, Adam 1e-3 (batch 128, one direction, no dropout).
@@ -81,35 +78,37 @@ TUTORIAL = {"hidden_size": 256, "num_layers": 2, "learning_rate": 1e-3, "batch_s
 STUDIES = {
     "lstm": StudyDefinition(
         description="the GPU-sized space: size, depth, learning rate, batch, direction, dropout",
-        suggest=suggest_lstm,
-        baseline=TUTORIAL,
-        search_space={
-            "hidden_size": "int 32..512, log",
-            "num_layers": "int 1..3",
-            "learning_rate": "float 1e-4..1e-2, log",
-            "batch_size": "64, 128, 256",
-            "bidirectional": "false, true",
-            "dropout": "float 0..0.5 when num_layers > 1",
+        space={
+            "num_layers": IntDistribution(1, 3),
+            "hidden_size": IntDistribution(32, 512, log=True),
+            "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
+            "batch_size": CategoricalDistribution([64, 128, 256]),
+            "bidirectional": CategoricalDistribution([False, True]),
+            "dropout": FloatDistribution(0.0, 0.5),
         },
+        baseline=TUTORIAL,
     ),
+    # Smaller than the GPU's space (no 3rd layer, 256 hidden at most: trial 0, the tutorial's): its
+    # typical trial costs about a quarter of the tutorial's per image, and small models take larger
+    # learning rates; a CPU is faster per image at larger batches. Both directions and dropout are
+    # searched: on Fashion-MNIST a bidirectional, regularised model beat every one-directional one.
     "lstm-cpu": StudyDefinition(
         description="the CPU-sized space: smaller models, no 3rd layer",
-        suggest=suggest_lstm_cpu,
-        baseline=TUTORIAL,
-        search_space={
-            "hidden_size": "int 32..256, log",
-            "num_layers": "int 1..2",
-            "learning_rate": "float 3e-4..3e-2, log",
-            "batch_size": "128, 256",
-            "bidirectional": "false, true",
-            "dropout": "float 0..0.5 when num_layers = 2",
+        space={
+            "num_layers": IntDistribution(1, 2),
+            "hidden_size": IntDistribution(32, 256, log=True),
+            "learning_rate": FloatDistribution(3e-4, 3e-2, log=True),
+            "batch_size": CategoricalDistribution([128, 256]),
+            "bidirectional": CategoricalDistribution([False, True]),
+            "dropout": FloatDistribution(0.0, 0.5),
         },
+        baseline=TUTORIAL,
     ),
     "smoke": StudyDefinition(
         description="tiny one-layer LSTMs: seconds per trial, for tests and a first try of the tooling",
-        suggest=suggest_smoke,
-        baseline={"hidden_size": 8, "num_layers": 1, "learning_rate": 1e-2},
-        search_space={"hidden_size": "int 4..16, log", "learning_rate": "float 1e-3..3e-2, log"},
+        space={"hidden_size": IntDistribution(4, 16, log=True), "learning_rate": FloatDistribution(1e-3, 3e-2, log=True)},
+        baseline={"hidden_size": 8, "learning_rate": 1e-2},
+        fixed={"num_layers": 1},
     ),
 }
 
@@ -118,7 +117,7 @@ def trial_config(config: TuneConfig, trial: optuna.Trial | optuna.trial.FixedTri
     """The TrainConfig of one trial: what it samples (or a FixedTrial's parameters), the study's fixed
     settings, and the study's epochs, seed and device."""
     definition = STUDIES[config.study]
-    overrides = {**definition.fixed, **definition.suggest(trial)}
+    overrides = {**definition.fixed, **suggest(definition, trial)}
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
 
 
@@ -127,37 +126,6 @@ def study_for(name: str, on_cuda: bool) -> str:
     if name != "auto":
         return name
     return "lstm" if on_cuda else "lstm-cpu"
-
-
-def relative_cost(definition: StudyDefinition, params: dict) -> float:
-    """A configuration's per-image training cost, relative to the study's baseline (trial 0), by
-    ``pipeline.cost.forward_flops``. A parameter ``params`` leaves out (a warm start cut to the
-    space) counts at the baseline's value."""
-    from pipeline.cost import forward_flops
-
-    def cost(params: dict) -> float:
-        size = (params.get("hidden_size", 256), params.get("num_layers", 2), bool(params.get("bidirectional")))
-        return forward_flops(*size, reading_order=params.get("reading_order", "rows"))
-
-    baseline = {**definition.fixed, **definition.baseline}
-    return cost({**baseline, **params}) / cost(baseline)
-
-
-def sampled_costs(definition: StudyDefinition, draws: int = 200) -> list[float]:
-    """Per-image costs of random draws of the study's space, relative to its baseline."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    return [relative_cost(definition, definition.suggest(study.ask())) for _ in range(draws)]
-
-
-def typical_cost(definition: StudyDefinition) -> float:
-    """The mean per-image cost of the study's sampled trials, relative to its baseline."""
-    return statistics.mean(sampled_costs(definition))
-
-
-def largest_cost(definition: StudyDefinition) -> float:
-    """The per-image cost of the largest configuration the space holds, relative to its baseline
-    (the largest of the draws, and the baseline itself)."""
-    return max(1.0, *sampled_costs(definition))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -238,109 +206,3 @@ def describe_pruner(name: str, epochs: int) -> str:
 
 
 # --- how long it takes here -----------------------------------------------------------------------
-
-
-def epochs_run(trial: FrozenTrial, epochs: int) -> int:
-    """Epochs a finished trial trained: its reports (a pruned one stopped early); a multi-objective
-    trial reports none, and completes all of them."""
-    return len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
-
-
-@dataclass(frozen=True)
-class EpochTime:
-    """Seconds one epoch takes here: a fixed ``overhead`` (validation, Python, a small model's
-    unfilled cores) plus ``per_cost`` times the configuration's relative cost."""
-
-    overhead: float
-    per_cost: float
-
-    def of(self, cost: float) -> float:
-        return self.overhead + self.per_cost * cost
-
-
-def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float | None:
-    """A trial's seconds per epoch so far: a finished one's whole duration over the epochs it ran;
-    a running one's time since it started over the epochs it reported (an over-estimate by at most
-    the epoch under way). None for a trial with no epoch behind it."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs):
-        return trial.duration.total_seconds() / epochs_run(trial, epochs)
-    if trial.state == TrialState.RUNNING and trial.datetime_start and trial.intermediate_values:
-        return (now - trial.datetime_start).total_seconds() / len(trial.intermediate_values)
-    return None
-
-
-def epoch_time(
-    definition: StudyDefinition, trials: list[FrozenTrial], epochs: int, now: datetime | None = None
-) -> EpochTime | None:
-    """How long an epoch takes here, fitted to the study's trials' own timing (seconds per epoch
-    against relative cost, least squares; the running trials' reported epochs count too, or one
-    small trial finished beside a large one still running makes every configuration look as slow
-    per cost as the small one's fixed cost); None before any epoch is timed. Where the points do not
-    give a line with a positive overhead and slope, the line through zero: mostly the largest
-    trials' rate. (Each trial's seconds over its cost, the earlier estimate, made a small trial's
-    overhead look like a baseline epoch of minutes, and a budget stopped a study after 2 trials.)"""
-    now = now or datetime.now()  # Optuna stamps trials with naive local time
-    points = [
-        (relative_cost(definition, trial.params), seconds)
-        for trial in trials
-        if (seconds := seconds_per_epoch(trial, epochs, now)) is not None
-    ]
-    if not points:
-        return None
-    costs, seconds = zip(*points, strict=True)
-    if len(set(costs)) > 1:
-        slope, intercept = statistics.linear_regression(costs, seconds)
-        if slope > 0 and intercept >= 0:
-            return EpochTime(intercept, slope)
-    return EpochTime(0.0, sum(c * s for c, s in points) / sum(c * c for c in costs))
-
-
-def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
-    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the trials' timing;
-    ``params`` None: the space's largest configuration. None before any epoch is timed."""
-    definition = STUDIES[config.study]
-    timing = epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)
-    if timing is None:
-        return None
-    cost = largest_cost(definition) if params is None else relative_cost(definition, params)
-    return config.epochs * timing.of(cost)
-
-
-def worst_case_seconds(study: optuna.Study, config: TuneConfig, workers: int = 1) -> float | None:
-    """Seconds a new trial, then the champion's confirmation, take at worst: the trial is the
-    space's largest configuration and becomes the champion, its seeds confirmed ``workers`` at a
-    time (experiments/confirm.py). None before any epoch is timed."""
-    if (seconds := run_seconds(study, config)) is None:
-        return None
-    return (1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)) * seconds
-
-
-def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float, workers: int = 1) -> bool:
-    """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
-    at worst (``worst_case_seconds``). Before any epoch is timed nothing is known, and the trial starts."""
-    if deadline == math.inf or (worst := worst_case_seconds(study, config, workers)) is None:
-        return True
-    return time.time() + worst <= deadline
-
-
-def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:
-    """How long the rest of the study takes here, if none is pruned, and its confirmation (one
-    line), from its trials' own timing; or when that will be known."""
-    definition = STUDIES[config.study]
-    trials = study.get_trials(deepcopy=False)
-    timing = epoch_time(definition, trials, config.epochs)
-    if timing is None:
-        return "time: estimated when the first epoch is timed"
-    waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
-    search = sum(timing.of(relative_cost(definition, params)) for params in waiting)
-    search += (to_run - len(waiting)) * timing.of(typical_cost(definition))
-    minutes = math.ceil(search * config.epochs / workers / 60)
-    line = f"time: about {minutes} min here for the {to_run} trial(s) left if none is pruned"
-    if config.confirm_top:  # `workers` runs at a time, at the size of the best configurations so far
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = sorted(complete, key=lambda t: -t.values[0])[: config.confirm_top]
-        size = statistics.mean([relative_cost(definition, t.params) for t in best] or [1.0])
-        rounds = math.ceil(config.confirm_top * config.confirm_seeds / workers)
-        minutes = math.ceil(rounds * timing.of(size) * config.epochs / 60)
-        line += f", then about {minutes} min to confirm"
-    return line + f" (the baseline takes {timing.of(1.0):.0f} s an epoch here, by the trials' timing so far)"

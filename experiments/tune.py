@@ -42,15 +42,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import attributes
-from experiments.coordination import open_storage, single_sqlite_worker, study_lock, worker_id
+from experiments.budget import time_left
+from experiments.coordination import open_storage, single_sqlite_worker, study_lock
 from experiments.gpus import WorkersFailed, gpu_assignment, run_workers
-from experiments.job import WorkerJob
+from experiments.job import WorkerJob, worker_id
 from experiments.parent_run import log_parent_params, open_parent_run, record_trials_run, record_worker, run_exists
-from experiments.pareto import complete, most_accurate
-from experiments.progress import best_value, trials_left
+from experiments.registry import CHAMPION, Registered, model_name
 from experiments.storage import check_storage, storage_kind
-from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe_pruner, resolve_pruner, study_for, time_left
-from experiments.summary import CHAMPION, Registered, model_name, needs_summary
+from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe, describe_pruner, resolve_pruner, study_for
+from experiments.trials import best_value, complete, most_accurate, needs_summary, trials_left
 from experiments.warm_start import WarmStart, enqueue, warm_start
 from experiments.worker import on_stale_trial, run_worker
 from pipeline.config import (
@@ -82,7 +82,7 @@ def study_settings(config: TuneConfig) -> dict:
         "epochs": config.epochs,
         "sampler": config.sampler,
         "pruner": config.pruner,
-        "search_space": STUDIES[config.study].search_space,
+        "search_space": describe(STUDIES[config.study].space),
     }
     if config.cost != "none":  # only then: studies made before costs existed keep comparing equal
         settings["cost"] = config.cost

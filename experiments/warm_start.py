@@ -30,17 +30,6 @@ class WarmStart:
     left_out: list[str]  # 'trial N: name=value' for each parameter not carried
 
 
-def search_space(definition: StudyDefinition, draws: int = 64) -> dict[str, BaseDistribution]:
-    """The distributions ``definition.suggest`` samples from, conditional ones included (from random draws)."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space: dict[str, BaseDistribution] = {}
-    for _ in range(draws):
-        trial = study.ask()
-        definition.suggest(trial)
-        space.update(trial.distributions)
-    return space
-
-
 def contains(distribution: BaseDistribution, value) -> bool:
     if isinstance(distribution, CategoricalDistribution):
         return value in distribution.choices
@@ -56,7 +45,7 @@ def warm_start(storage: optuna.storages.BaseStorage, source: str, k: int, defini
     complete = earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ParameterError(f"warm_start={source!r}: that study has no complete trial to start from")
-    space = search_space(definition)
+    space = definition.space
     baseline = {name: value for name, value in definition.baseline.items() if name in space}
     # val_accuracy is the first objective of every study, single- or multi-objective.
     ranked = sorted(complete, key=lambda t: (-t.values[0], t.number))

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import attributes
+from experiments.budget import another_trial_fits, say_budget_end, say_budget_wait
 from experiments.confirm import companion, pending, plan, queue_summary, round_of, say_trained, train_seed
 from experiments.coordination import (
     NextStep,
@@ -36,20 +37,20 @@ from experiments.coordination import (
     open_storage,
     requeue,
     study_lock,
-    worker_id,
 )
 from experiments.job import WorkerJob
-from experiments.pareto import complete, measure_cost, on_front
-from experiments.progress import best_value, say_budget_end, say_budget_wait, say_done, say_time_left_once
-from experiments.runs import WORKER_TAG, earlier_runs, forget_checkpoints, run_checkpoints, trial_state_tags
+from experiments.pareto import measure_cost, on_front
+from experiments.progress import say_done, say_time_left_once
+from experiments.runs import forget_checkpoints, training_run
 from experiments.storage import DATABASE_ERRORS
-from experiments.studies import another_trial_fits, make_pruner, make_sampler, trial_config
-from experiments.summary import needs_summary, report, summarise
+from experiments.studies import make_pruner, make_sampler, trial_config
+from experiments.summary import report, summarise
+from experiments.trials import best_value, complete, needs_summary
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import resolve_device, share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
-from pipeline.tracking import start_run_with_system_metrics, unreachable, when_reachable
+from pipeline.tracking import unreachable, when_reachable
 from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged
 
@@ -74,50 +75,38 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
     """
     config = trial_config(job.config, trial)
     multi_objective = job.config.cost != "none"
-    tags = {
-        "pipeline.stage": "trial",
-        "pipeline.data": job.data_ref,
-        "optuna.study_name": job.config.study_name,
-        "optuna.trial_number": str(trial.number),
-        WORKER_TAG: worker_id(),
-    }
-    if job.gpu is not None:
-        tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
-    with start_run_with_system_metrics(
-        run_name=f"trial-{trial.number}", experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
-    ) as run:
-        attributes.set_run_id(trial, run.info.run_id)
+    tags = {"pipeline.stage": "trial", "optuna.study_name": job.config.study_name, "optuna.trial_number": str(trial.number)}
+    with training_run(trial, job, f"trial-{trial.number}", tags) as checkpoints:
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone
             torch.cuda.reset_peak_memory_stats(device)
-        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(trial.study, trial)) as checkpoints:
-            report_epoch = None if multi_objective else pruning(trial, config.epochs)
-            for metrics in checkpoints.restored() if report_epoch else ():  # the pruner sees the whole curve
-                report_epoch(metrics)
-            result, _ = train_and_log(
-                config,
-                data,
-                checkpoint_dir=checkpoints.folder,
-                on_epoch=checkpoints.after_epoch(report_epoch),
-                log_model=False,
-                data_ref=job.data_ref,
-                label=f"[worker {job.worker}] trial {trial.number}",
-            )
-            accuracy = result.best_val_accuracy
-            cost = measure_cost(job.config.cost, result.model, data, config.reading_order) if multi_objective else None
+        report_epoch = None if multi_objective else pruning(trial, config.epochs)
+        for metrics in checkpoints.restored() if report_epoch else ():  # the pruner sees the whole curve
+            report_epoch(metrics)
+        result, _ = train_and_log(
+            config,
+            data,
+            checkpoint_dir=checkpoints.folder,
+            on_epoch=checkpoints.after_epoch(report_epoch),
+            log_model=False,
+            data_ref=job.data_ref,
+            label=f"[worker {job.worker}] trial {trial.number}",
+        )
+        accuracy = result.best_val_accuracy
+        cost = measure_cost(job.config.cost, result.model, data, config.reading_order) if multi_objective else None
 
-            def log_result() -> None:
-                if device.type == "cuda":
-                    mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-                if multi_objective:
-                    mlflow.log_metric(job.config.cost, cost)
-                finished = complete(trial.study)
-                if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
-                    logged = log_trained_model(result.model, data, config.reading_order)
-                    mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
-                    attributes.set_model_uri(trial, logged.model_uri)
+        def log_result() -> None:
+            if device.type == "cuda":
+                mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
+            if multi_objective:
+                mlflow.log_metric(job.config.cost, cost)
+            finished = complete(trial.study)
+            if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
+                logged = log_trained_model(result.model, data, config.reading_order)
+                mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
+                attributes.set_model_uri(trial, logged.model_uri)
 
-            when_reachable(log_result, f"trial {trial.number}'s model")
+        when_reachable(log_result, f"trial {trial.number}'s model")
         return (accuracy, cost) if multi_objective else accuracy
 
 
@@ -170,6 +159,10 @@ def run_trials(
 ) -> None:
     """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
     their worker and decide the next step; train one at a time with the lock released.
+
+    Stands in for Optuna's ``study.optimize`` with ``MaxTrialsCallback``: optimize asks without a
+    lock and the callback counts after a trial ends, so workers started together overshoot
+    ``n_trials``, and neither knows a re-queued copy from its original, a budget, or the queue after it.
 
     Once the search has ended (nothing left to ask, nothing running), ``after_search(lock)`` gives
     the next item of the study's queue, or says to wait or stop. ``workers``: how many run on this

@@ -35,7 +35,7 @@ from pipeline.config import (
     user_path,
 )
 from pipeline.tables import markdown_table
-from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, log_params, ui_link
+from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, finished_run, log_params, ui_link
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -56,16 +56,6 @@ def content_key(stage: str, parameters: dict[str, str], code: str) -> str:
     return digest({"stage": stage, "parameters": parameters, "code": code})
 
 
-def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> str | None:
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{CONTENT_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 class StageFailed(RuntimeError):
     """A stage run by ``run_stage`` exited with an error (which it printed itself)."""
 
@@ -76,10 +66,14 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
     parameters = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in parameters.items()}
     key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
-    if reused := find_reusable(client, experiment_id, key):
-        print(f"[main] {stage}: reusing finished run {reused} (same parameters, inputs and code)", file=sys.stderr, flush=True)
+    if reused := finished_run(experiment_id, {CONTENT_KEY_TAG: key}):
+        print(
+            f"[main] {stage}: reusing finished run {reused.info.run_id} (same parameters, inputs and code)",
+            file=sys.stderr,
+            flush=True,
+        )
         client.set_tag(parent.info.run_id, f"pipeline.{stage}_reused", "true")
-        return reused
+        return reused.info.run_id
     print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
     try:
         submitted = mlflow.run(

@@ -112,6 +112,18 @@ def find_interrupted(resume_key: str):
     return None
 
 
+def finished_run(experiment_id: str, tags: dict[str, str]):
+    """The newest finished run of the experiment that carries these tags, if there is one."""
+    conditions = [f"tags.`{name}` = '{value}'" for name, value in tags.items()]
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=" and ".join([*conditions, "attributes.status = 'FINISHED'"]),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 def process_alive(host: str, pid: str) -> bool:
     """Whether process ``pid`` of ``host`` still runs; on another host we cannot tell, so yes."""
     if host != socket.gethostname() or not pid.isdigit():

@@ -14,13 +14,15 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import attributes, confirm, summary, warm_start
+from experiments import attributes, budget, confirm, summary
 from experiments import worker as worker_module
 from experiments.job import WorkerJob
 from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner, rungs
+from experiments.trials import best_configurations
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import ParameterError, PrepareConfig
+from pipeline.tables import with_spread
 from tests.conftest import tiny_prepared
 from tests.test_tune import load, runs_of, smoke
 
@@ -79,7 +81,7 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run():
     distributions = {"hidden_size": optuna.distributions.IntDistribution(4, 16)}
     for hidden, value in [(16, 0.95), (8, 0.93), (8, 0.93), (4, 0.80)]:  # trial 2 re-ran trial 1's parameters
         study.add_trial(optuna.trial.create_trial(params={"hidden_size": hidden}, distributions=distributions, value=value))
-    assert [t.number for t in confirm.configurations(study, 3)] == [0, 1, 3]  # one per configuration
+    assert [t.number for t in best_configurations(study, 3)] == [0, 1, 3]  # one per configuration
     # Trial 0 was the best single run; over seeds its configuration is the worse one.
     runs = runs_table([(0, 1, 0.90), (0, 2, 0.97), (0, 3, 0.88), (1, 1, 0.94), (1, 2, 0.93), (1, 3, 0.95)])
     table = confirm.confirmation_table(study, runs)
@@ -88,13 +90,13 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run():
     assert table["val_accuracy_std"].tolist() == pytest.approx([pd.Series([0.94, 0.93, 0.95]).std(), 0.0473], abs=1e-4)
     assert table["n_seeds"].tolist() == [3, 3]
     assert confirm.champion_run(runs, table) == confirm.SeedRun(1, 3, "run-1-3", 0.95, "models:/m-1-3")  # its best seed
-    assert confirm.shown(table)["val_accuracy"].tolist() == ["0.9400 ± 0.0100", "0.9167 ± 0.0473"]
+    assert with_spread(table)["val_accuracy"].tolist() == ["0.9400 ± 0.0100", "0.9167 ± 0.0473"]
 
 
 def study_of(trials: list[tuple[int, float, float]]) -> optuna.Study:
     """A smoke study of complete trials, each (hidden_size, val_accuracy, minutes it took)."""
     study = optuna.create_study(direction="maximize")
-    space = warm_start.search_space(STUDIES["smoke"])
+    space = STUDIES["smoke"].space
     for hidden, value, minutes in trials:
         params = {"hidden_size": hidden, "learning_rate": 0.01}
         trial = optuna.trial.create_trial(params=params, distributions={name: space[name] for name in params}, value=value)
@@ -124,11 +126,11 @@ def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_t
     confirm.plan(study, queue, job, tiny_prepared())  # planned once per round, whoever asks again
     assert len(queue.trials) == 4
     # 9 minutes: one run at a time, the next no longer fits (10 min); two at a time, it does (5 min).
-    best = confirm.configurations(study, 3)
-    assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60)] == [0]
-    assert [t.number for t in confirm.fitting(best, config, time.time() + 9 * 60, processes=2)] == [0, 1]
-    assert [t.number for t in confirm.fitting(best, config, time.time() + 60)] == [0]  # the best, even over budget
-    assert confirm.makespan([3, 3, 2, 2, 2], 2) == 7 and confirm.makespan([3, 3, 2, 2, 2], 1) == 12
+    best = best_configurations(study, 3)
+    assert [t.number for t in budget.fitting(best, config, time.time() + 9 * 60)] == [0]
+    assert [t.number for t in budget.fitting(best, config, time.time() + 9 * 60, processes=2)] == [0, 1]
+    assert [t.number for t in budget.fitting(best, config, time.time() + 60)] == [0]  # the best, even over budget
+    assert budget.makespan([3, 3, 2, 2, 2], 2) == 7 and budget.makespan([3, 3, 2, 2, 2], 1) == 12
 
 
 def fake_accuracy(monkeypatch, module, accuracy) -> list:

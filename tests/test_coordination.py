@@ -140,3 +140,17 @@ def test_a_holder_learns_that_a_database_restart_took_its_lock(postgres):
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'")
         with pytest.raises(DATABASE_ERRORS):
             lock.confirm()
+
+
+def test_a_file_lock_taken_twice_by_one_thread_says_so_instead_of_waiting_for_itself(tmp_path):
+    from experiments.coordination import study_lock
+
+    storage = str(tmp_path / "studies.journal")
+    with study_lock(storage, "s"):
+        with pytest.raises(RuntimeError, match="already held by this thread"):
+            study_lock(storage, "s").acquire()
+        other = study_lock(storage, "other")  # another study's lock is another file
+        assert other.acquire(blocking=False)
+        other.release()
+    with study_lock(storage, "s"):  # released: taken again at once
+        pass

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import main as main_module
 from pipeline.config import TrainConfig
-from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
-from pipeline.tracking import format_param
+from pipeline.main import CONTENT_KEY_TAG, code_version, content_key
+from pipeline.tracking import finished_run, format_param
 from tests.conftest import REPO
 from tests.test_tables import table_rows
 
@@ -55,12 +55,12 @@ def test_only_finished_runs_are_reused(tracking):
         run = client.create_run("0", tags={CONTENT_KEY_TAG: "k"})
         if status != "RUNNING":
             client.set_terminated(run.info.run_id, status)
-    assert find_reusable(client, "0", "k") is None
+    assert finished_run("0", {CONTENT_KEY_TAG: "k"}) is None
     finished = client.create_run("0", tags={CONTENT_KEY_TAG: "k"})
     client.set_terminated(finished.info.run_id, "FINISHED")
     other = client.create_run("0", tags={CONTENT_KEY_TAG: "other"})
     client.set_terminated(other.info.run_id, "FINISHED")
-    assert find_reusable(client, "0", "k") == finished.info.run_id
+    assert finished_run("0", {CONTENT_KEY_TAG: "k"}).info.run_id == finished.info.run_id
 
 
 def mlflow_run(args: list[str], cwd: Path, tracking_uri: str) -> subprocess.CompletedProcess:

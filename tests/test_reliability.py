@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import prepare, train
 from pipeline.data import DataError, save_prepared
-from pipeline.main import CONTENT_KEY_TAG, code_version, content_key, find_reusable
-from pipeline.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_KEY_TAG, find_interrupted, load_prepared_run
+from pipeline.main import CONTENT_KEY_TAG, code_version, content_key
+from pipeline.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_KEY_TAG, find_interrupted, finished_run, load_prepared_run
 from tests.conftest import REPO, tiny_prepared
 
 EPOCHS = 5
@@ -195,13 +195,13 @@ def test_kill_9_while_prepare_logs_leaves_output_that_is_refused_and_not_reused(
     # Even carrying the content key main would look for, a run that did not finish is never reused.
     key = content_key("prepare", {"data_dir": str(synthetic_mnist), "val_size": "100"}, code_version())
     MlflowClient().set_tag(run.info.run_id, CONTENT_KEY_TAG, key)
-    assert find_reusable(MlflowClient(), "0", key) is None
+    assert finished_run("0", {CONTENT_KEY_TAG: key}) is None
 
     prepare.main(flags)  # the next run rebuilds from the raw files
     (finished,) = MlflowClient().search_runs(["0"], "tags.`pipeline.stage` = 'prepare' and attributes.status = 'FINISHED'")
     assert len(load_prepared_run(finished.info.run_id).train.labels) == 300
     MlflowClient().set_tag(finished.info.run_id, CONTENT_KEY_TAG, key)
-    assert find_reusable(MlflowClient(), "0", key) == finished.info.run_id  # the finished one is
+    assert finished_run("0", {CONTENT_KEY_TAG: key}).info.run_id == finished.info.run_id  # the finished one is
 
 
 LOGGER = """

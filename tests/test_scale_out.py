@@ -18,7 +18,7 @@ import optuna
 import pytest
 
 from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR, WORKER_ATTR
-from experiments.coordination import counted
+from experiments.trials import counted
 
 
 def start_workers(cluster, count: int, n_trials: int, *extra: str, first: int = 0) -> list[tuple[subprocess.Popen, object]]:

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from experiments.attributes import MLFLOW_RUN_ATTR, REQUEUE_REASON_ATTR, RETRY_OF_ATTR, WORKER_ATTR
-from experiments.coordination import counted
+from experiments.trials import counted
 from pipeline.data import save_prepared
 from pipeline.tracking import PREPARED_ARTIFACT
 from tests.conftest import REPO, mlflow_run, tiny_prepared

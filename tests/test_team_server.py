@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
 from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
-from experiments.coordination import counted
+from experiments.trials import counted
 from pipeline.tracking import DATA_SOURCE_TAG, log_data_inputs, proxied_artifact_url, split_source, ui_link
 from tests.conftest import REPO, mlflow_run, tiny_prepared, user_environment
 from tests.infra import mlflow_server, postgres_cluster

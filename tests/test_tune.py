@@ -20,12 +20,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from experiments import attributes, plots, progress, studies, summary, warm_start
+from experiments import attributes, budget, plots, progress, registry, studies, summary
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR
+from experiments.budget import relative_cost, typical_cost
 from experiments.gpus import gpu_assignment
 from experiments.job import WorkerJob
-from experiments.studies import STUDIES, relative_cost, study_for, typical_cost
+from experiments.studies import STUDIES, study_for
 from experiments.tune import tune
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.cost import forward_flops
@@ -89,7 +90,7 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
     assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation.data.metrics["test_accuracy"], abs=1e-6)
 
 
-MNIST = {summary.DATASET_TAG: "mnist", summary.VAL_DIGEST_TAG: "a" * 64}
+MNIST = {registry.DATASET_TAG: "mnist", registry.VAL_DIGEST_TAG: "a" * 64}
 
 
 def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
@@ -102,12 +103,12 @@ def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
         return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version)
 
     first = version(val=0.95, test=0.90)
-    assert summary.crown_if_better("m", first, 0.95, MNIST) == ""
+    assert registry.crown_if_better("m", first, 0.95, MNIST) == ""
     better_on_test_only = version(val=0.94, test=0.99)
-    assert "has val_accuracy 0.9500 on the same data" in summary.crown_if_better("m", better_on_test_only, 0.94, MNIST)
+    assert "has val_accuracy 0.9500 on the same data" in registry.crown_if_better("m", better_on_test_only, 0.94, MNIST)
     assert str(client.get_model_version_by_alias("m", "champion").version) == first
     better_on_validation = version(val=0.96, test=0.80)
-    assert summary.crown_if_better("m", better_on_validation, 0.96, MNIST) == ""
+    assert registry.crown_if_better("m", better_on_validation, 0.96, MNIST) == ""
     assert str(client.get_model_version_by_alias("m", "champion").version) == better_on_validation
 
 
@@ -121,16 +122,17 @@ def test_a_confirmed_version_takes_the_alias_by_its_mean_over_seeds_not_its_best
             tags["confirm.val_accuracy_mean"] = f"{pick.val_accuracy_mean:.6f}"  # as lineage_tags writes it
         return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version), 0.9
 
-    monkeypatch.setattr(summary, "register_trial", register)
+    monkeypatch.setattr(registry, "register_trial", register)
     data = PreparedData(*[None] * 3, manifest={"dataset": "mnist", "splits": {"val": {"sha256": "a" * 64}}})
+    job = WorkerJob(TuneConfig(register_name="m", device="cpu"), "parent", "0", "data", "")
 
-    def study_registers(val_accuracy: float, mean: float | None = None) -> summary.Registered:
+    def study_registers(val_accuracy: float, mean: float | None = None) -> registry.Registered:
         """A study of its own registers its pick: confirmed over 3 seeds (``mean``), or its best trial's model."""
         study = optuna.create_study(direction="maximize")
         study.add_trial(optuna.trial.create_trial(value=val_accuracy))
         confirmed = {"seed": 1, "val_accuracy_mean": mean, "n_seeds": 3} if mean is not None else {}
-        pick = summary.Pick(study.trials[0], None, "uri", val_accuracy, **confirmed)
-        return summary.register_best(study, pick, "parent", "m", data, "data", "cpu")
+        pick = registry.Pick(study.trials[0], None, "uri", val_accuracy, **confirmed)
+        return registry.register_best(study, pick, job, data)
 
     assert study_registers(0.951, mean=0.95).champion
     lucky = study_registers(0.96, mean=0.94)  # its best seed beats the champion's; its configuration does not
@@ -150,8 +152,8 @@ def test_a_confirmed_version_takes_the_alias_by_its_mean_over_seeds_not_its_best
 @pytest.mark.parametrize(
     "other",
     [
-        {summary.DATASET_TAG: "fashion-mnist", summary.VAL_DIGEST_TAG: "b" * 64},  # another dataset
-        {summary.DATASET_TAG: "mnist", summary.VAL_DIGEST_TAG: "c" * 64},  # a smaller or other validation split
+        {registry.DATASET_TAG: "fashion-mnist", registry.VAL_DIGEST_TAG: "b" * 64},  # another dataset
+        {registry.DATASET_TAG: "mnist", registry.VAL_DIGEST_TAG: "c" * 64},  # a smaller or other validation split
         {},  # registered before the data was recorded
     ],
 )
@@ -161,7 +163,7 @@ def test_a_version_validated_on_other_data_never_takes_the_alias(tracking, tmp_p
     champion = str(client.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": "0.90", **other}).version)
     client.set_registered_model_alias("m", "champion", champion)
     challenger = str(client.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": "0.99", **MNIST}).version)
-    why_not = summary.crown_if_better("m", challenger, 0.99, MNIST)
+    why_not = registry.crown_if_better("m", challenger, 0.99, MNIST)
     assert why_not.startswith(f"not compared with champion version {champion}, validated on other data")
     assert str(client.get_model_version_by_alias("m", "champion").version) == champion
 
@@ -207,6 +209,31 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     }
 
 
+def test_the_search_space_is_declared_once_and_its_key_reads_as_stored_studies_hold_it():
+    # The key a study stores when it is created, and a rerun must match: a study made earlier compares equal.
+    assert studies.describe(STUDIES["lstm-cpu"].space) == {
+        "hidden_size": "int 32..256, log",
+        "num_layers": "int 1..2",
+        "learning_rate": "float 3e-4..3e-2, log",
+        "batch_size": "128, 256",
+        "bidirectional": "false, true",
+        "dropout": "float 0..0.5 when num_layers = 2",
+    }
+    assert studies.describe(STUDIES["lstm"].space)["dropout"] == "float 0..0.5 when num_layers > 1"
+    wider = {**STUDIES["smoke"].space, "hidden_size": optuna.distributions.IntDistribution(4, 32, log=True)}
+    assert studies.describe(wider)["hidden_size"] == "int 4..32, log"  # an edited range is another key
+    # A trial samples exactly the declared distributions; dropout only with two layers or more.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        params = studies.suggest(STUDIES["lstm"], trial)
+        assert trial.distributions == {name: STUDIES["lstm"].space[name] for name in trial.distributions}
+        assert ("dropout" in trial.distributions) == (params["num_layers"] > 1) and set(params) == set(STUDIES["lstm"].space)
+    largest = studies.largest_configuration(STUDIES["lstm-cpu"])
+    assert (largest["hidden_size"], largest["num_layers"], largest["bidirectional"]) == (256, 2, True)
+    assert budget.largest_cost(STUDIES["lstm-cpu"]) == forward_flops(256, 2, True) / forward_flops(256, 2)
+
+
 def test_auto_picks_the_space_by_device():
     assert study_for("auto", on_cuda=True) == "lstm" and study_for("auto", on_cuda=False) == "lstm-cpu"
     assert study_for("smoke", on_cuda=True) == "smoke"
@@ -215,7 +242,7 @@ def test_auto_picks_the_space_by_device():
 
 def timed_trial(definition, params: dict, accuracies: list[float], seconds: float, state=optuna.trial.TrialState.COMPLETE):
     """A trial of ``definition``'s space that reported ``accuracies``, one an epoch, and ended ``seconds`` after it began."""
-    space = warm_start.search_space(definition)
+    space = definition.space
     trial = optuna.trial.create_trial(
         params=params,
         distributions={name: space[name] for name in params},
@@ -237,23 +264,23 @@ def test_the_estimate_comes_from_the_trials_own_timing_and_counts_enqueued_trial
     assert relative_cost(definition, {}) == 1  # left-out parameters count at the baseline's value
     config = smoke(tmp_path, study="lstm-cpu", n_trials=9, epochs=2, confirm_top=1, confirm_seeds=2)
     study = optuna.create_study(direction="maximize")
-    assert studies.time_left(study, config, 9, workers=1) == "time: estimated when the first epoch is timed"
+    assert budget.time_left(study, config, 9, workers=1) == "time: estimated when the first epoch is timed"
 
     # Trial 0, the baseline, took 120 s for its 2 epochs; a small trial pruned after 1 epoch took
     # its relative cost of 60 s: one epoch of the baseline takes 60 s here.
     study.add_trial(timed_trial(definition, definition.baseline, [0.8, 0.9], 120))
     study.add_trial(timed_trial(definition, small, [0.5], 60 * relative_cost(definition, small), optuna.trial.TrialState.PRUNED))
-    assert studies.epoch_time(definition, study.trials, epochs=2).of(1.0) == pytest.approx(60)
+    assert budget.epoch_time(definition, study.trials, epochs=2).of(1.0) == pytest.approx(60)
     for _ in range(6):
         study.enqueue_trial(definition.baseline)  # as large as trial 0: 2 min each
     # 6 baselines and one typical trial of 2 epochs; then the best configuration (the baseline)
     # with 2 seeds: 4 min. Two workers on this machine share the work.
     search = math.ceil((6 + typical_cost(definition)) * 2)
-    assert studies.time_left(study, config, 7, workers=1) == (
+    assert budget.time_left(study, config, 7, workers=1) == (
         f"time: about {search} min here for the 7 trial(s) left if none is pruned, then about 4 min to confirm "
         "(the baseline takes 60 s an epoch here, by the trials' timing so far)"
     )
-    assert "about 7 min here for the 7 trial(s) left if none is pruned, then about 2 min to confirm" in studies.time_left(
+    assert "about 7 min here for the 7 trial(s) left if none is pruned, then about 2 min to confirm" in budget.time_left(
         study, config, 7, workers=2
     )
 
@@ -276,25 +303,25 @@ def test_a_budget_starts_a_trial_only_if_it_and_the_champions_confirmation_end_i
     definition = STUDIES["lstm-cpu"]
     config = smoke(tmp_path, study="lstm-cpu", epochs=2, confirm_top=2, confirm_seeds=3, budget=3600)
     study = optuna.create_study(direction="maximize")
-    assert studies.another_trial_fits(study, config, time.time() + 1)  # nothing timed yet: trial 0 starts
+    assert budget.another_trial_fits(study, config, time.time() + 1)  # nothing timed yet: trial 0 starts
     study.add_trial(timed_trial(definition, definition.baseline, [0.8, 0.9], 120))  # 2 epochs in 120 s
-    assert studies.run_seconds(study, config, definition.baseline) == pytest.approx(120)
-    largest = studies.run_seconds(study, config)  # the space's largest configuration: bidirectional, 2 layers, wide
-    assert largest == pytest.approx(studies.largest_cost(definition) * 120) and largest > 2 * 120
+    assert budget.run_seconds(study, config, definition.baseline) == pytest.approx(120)
+    largest = budget.run_seconds(study, config)  # the space's largest configuration: bidirectional, 2 layers, wide
+    assert largest == pytest.approx(budget.largest_cost(definition) * 120) and largest > 2 * 120
     worst = 4 * largest  # that trial, then its confirmation with 3 seeds
-    assert studies.another_trial_fits(study, config, time.time() + worst + 60)
-    assert not studies.another_trial_fits(study, config, time.time() + worst - 60)
+    assert budget.another_trial_fits(study, config, time.time() + worst + 60)
+    assert not budget.another_trial_fits(study, config, time.time() + worst - 60)
     unconfirmed = dataclasses.replace(config, confirm_top=0)  # the trial alone
-    assert studies.another_trial_fits(study, unconfirmed, time.time() + largest + 60)
+    assert budget.another_trial_fits(study, unconfirmed, time.time() + largest + 60)
     # Two workers on this machine confirm two seeds at a time: the trial, then 2 rounds for 3 seeds.
-    assert studies.another_trial_fits(study, config, time.time() + 3 * largest + 60, workers=2)
-    assert not studies.another_trial_fits(study, config, time.time() + 3 * largest - 60, workers=2)
+    assert budget.another_trial_fits(study, config, time.time() + 3 * largest + 60, workers=2)
+    assert not budget.another_trial_fits(study, config, time.time() + 3 * largest - 60, workers=2)
 
 
 def test_a_small_trials_fixed_cost_per_epoch_does_not_make_the_largest_configuration_look_slower(tmp_path):
-    # fashion-hb4: the baseline took 42 s an epoch, a small 1-layer trial 3.4 s, mostly fixed
-    # cost. Its seconds over its relative cost (about 0.01) made the baseline's epoch minutes long,
-    # and a 2-hour budget stopped the study after those 2 trials.
+    # The baseline takes 42 s an epoch, a small 1-layer trial 3.4 s, mostly fixed cost: its seconds
+    # over its relative cost (about 0.01) would make the baseline's epoch minutes long, and a 2-hour
+    # budget would stop the study after those 2 trials.
     definition = STUDIES["lstm-cpu"]
     config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
     study = optuna.create_study(direction="maximize")
@@ -305,30 +332,30 @@ def test_a_small_trials_fixed_cost_per_epoch_does_not_make_the_largest_configura
 
     finished(definition.baseline, 504)
     finished(small, 41)
-    timing = studies.epoch_time(definition, study.trials, epochs=12)
+    timing = budget.epoch_time(definition, study.trials, epochs=12)
     assert timing.of(1.0) == pytest.approx(42) and timing.of(relative_cost(definition, small)) == pytest.approx(41 / 12)
     assert timing.overhead > 0.85 * 41 / 12  # the small trial's epoch is almost all fixed cost
-    largest = 12 * timing.of(studies.largest_cost(definition))  # about 19 min
-    assert studies.run_seconds(study, config) == pytest.approx(largest) and largest < 20 * 60
-    assert studies.another_trial_fits(study, config, time.time() + 111 * 60, workers=2)  # as hb4 was after 9 minutes
+    largest = 12 * timing.of(budget.largest_cost(definition))  # 256 hidden in 2 layers, both ways: about 21 min
+    assert budget.run_seconds(study, config) == pytest.approx(largest) and largest < 22 * 60
+    assert budget.another_trial_fits(study, config, time.time() + 111 * 60, workers=2)  # 9 minutes into a 2-hour budget
     # Points that give no line with a positive overhead (the smaller trial the slower): the line through zero.
     finished(small, 3600)
-    assert studies.epoch_time(definition, study.trials, epochs=12).overhead == 0
+    assert budget.epoch_time(definition, study.trials, epochs=12).overhead == 0
 
 
 def test_a_running_trials_reported_epochs_count_in_the_timing(tmp_path):
-    # fashion-hb7: trial 1 (37 hidden, 4.7 s an epoch, mostly fixed cost) finished while trial 0,
-    # the baseline, was in its second epoch. On trial 1's timing alone the baseline's epoch took
-    # 187 s (it took 39), and the 2-hour budget held worker 0 idle until trial 0 ended.
+    # A small trial (37 hidden, 4.7 s an epoch, mostly fixed cost) finishes while trial 0, the
+    # baseline, is in its second epoch: on the small trial's timing alone the baseline's epoch
+    # would take 187 s (it takes 39), and a 2-hour budget would hold a worker idle.
     definition = STUDIES["lstm-cpu"]
     config = smoke(tmp_path, study="lstm-cpu", epochs=12, confirm_top=3, confirm_seeds=3, budget=7200)
-    space, study = warm_start.search_space(definition), optuna.create_study(direction="maximize")
+    space, study = definition.space, optuna.create_study(direction="maximize")
     small = {"hidden_size": 37, "num_layers": 2, "bidirectional": False}
     trial = timed_trial(definition, small, [0.87] * 12, 56.75)
     study.add_trial(trial)
-    alone = studies.epoch_time(definition, study.trials, epochs=12)
+    alone = budget.epoch_time(definition, study.trials, epochs=12)
     assert alone.of(1.0) > 180  # the line through zero: the small trial's fixed cost scaled up
-    assert not studies.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
+    assert not budget.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
 
     running = optuna.trial.create_trial(
         params=definition.baseline,
@@ -338,18 +365,18 @@ def test_a_running_trials_reported_epochs_count_in_the_timing(tmp_path):
     )
     running.datetime_start = datetime.now() - timedelta(seconds=57)  # one epoch reported, the second under way
     study.add_trial(running)
-    timing = studies.epoch_time(definition, study.trials, epochs=12)
+    timing = budget.epoch_time(definition, study.trials, epochs=12)
     assert timing.of(1.0) == pytest.approx(57, rel=0.05)  # its time so far over its one reported epoch
     assert timing.of(relative_cost(definition, small)) == pytest.approx(56.75 / 12, rel=0.05)
-    assert studies.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
+    assert budget.another_trial_fits(study, config, time.time() + 119 * 60, workers=2)
     # A running trial with no epoch reported yet says nothing about its speed.
     running.intermediate_values.clear()
-    assert studies.epoch_time(definition, [trial, running], epochs=12) == alone
+    assert budget.epoch_time(definition, [trial, running], epochs=12) == alone
 
 
 @pytest.mark.slow
 def test_a_study_over_budget_starts_no_more_trials_and_still_confirms_its_champion(tmp_path, prepared_run, monkeypatch, capsys):
-    monkeypatch.setattr(studies, "largest_cost", lambda definition: 1e6)  # any next trial would take days
+    monkeypatch.setattr(budget, "largest_cost", lambda definition: 1e6)  # any next trial would take days
     config = smoke(tmp_path, n_trials=3, confirm_top=2, confirm_seeds=2, budget=3600)
     registered = tune(config, PrepareConfig(), prepared_run)
     assert [t.number for t in load(config).trials] == [0]  # timed by trial 0, nothing more fits
@@ -373,8 +400,8 @@ def test_a_cpu_machine_runs_one_worker_by_default(tmp_path, monkeypatch):
 
 
 def test_the_learning_curves_read_with_dozens_of_trials(tmp_path):
-    # fashion-hb7's 35 trials: Optuna's PNG gave each its colour and legend entry, a legend taller
-    # than the plot. One colour per outcome, the best trial labelled, a diverged trial off the chart.
+    # 35 trials: Optuna's PNG gives each its colour and legend entry, a legend taller than the plot.
+    # One colour per outcome, the best trial labelled, a diverged trial off the chart.
     study = optuna.create_study(study_name="hb", direction="maximize")
     for number in range(35):
         pruned = number % 2 == 1

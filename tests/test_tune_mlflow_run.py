@@ -24,7 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments.attributes import RETRY_OF_ATTR
-from experiments.coordination import counted
+from experiments.trials import counted
 from pipeline.tracking import CPU_THREADS_TAG
 from tests.conftest import REPO, user_environment
 from tests.servers import model_server

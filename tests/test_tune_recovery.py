@@ -24,9 +24,9 @@ from experiments import coordination, storage, summary
 from experiments import tune as tune_module
 from experiments import worker as worker_module
 from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
-from experiments.coordination import counted
 from experiments.gpus import gpu_assignment, run_workers
 from experiments.job import WorkerJob
+from experiments.trials import counted
 from experiments.tune import tune
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
@@ -182,8 +182,8 @@ def test_a_worker_with_nothing_to_ask_waits_for_a_live_trial_with_a_bound_then_a
 def test_a_worker_the_budget_holds_waits_past_the_bound_for_the_running_trials_then_decides_again(
     tmp_path, prepared_run, monkeypatch, capsys
 ):
-    # fashion-hb5: after one small trial the budget left no room; the worker left at the 127 s bound
-    # while trial 0, whose timing would have made room, still ran. It now waits for the running trials.
+    # After one small trial the budget leaves no room, while trial 0, whose timing would make room,
+    # still runs: the worker waits for the running trials rather than leave at its bound.
     tune(smoke(tmp_path, n_trials=1), PrepareConfig(), prepared_run)
     config = smoke(tmp_path, n_trials=3, budget=3600)
     study = load(config)
@@ -222,7 +222,7 @@ def test_two_worker_processes_share_one_study_and_confirm_two_seeds_at_once(tmp_
     registered = tune(config, PrepareConfig(), prepared_run)
     assert sorted(t.number for t in load(config).trials) == [0, 1, 2, 3]
     draws = [tuple(sorted(t.params.items())) for t in load(config).trials]
-    assert len(set(draws)) == 4, draws  # no worker replays another's draws (fashion-hb6's trial 3 was trial 1)
+    assert len(set(draws)) == 4, draws  # no worker replays another's draws (the same seed in each worker would)
     trials = runs_of("trial")
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1", "2", "3"]
     [parent] = runs_of("tune")

@@ -15,7 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments import coordination, pareto, progress, summary, warm_start
+from experiments import coordination, pareto, summary, warm_start
+from experiments import trials as trials_module
 from experiments.coordination import NextStep
 from experiments.studies import STUDIES
 from experiments.tune import tune
@@ -98,12 +99,12 @@ def test_enqueued_configurations_count_inside_n_trials_and_a_lost_trial_frees_it
     for _ in range(2):
         study.tell(study.ask(space), 0.9)
     # n_trials=2 is reached: the two configurations still enqueued wait for an extension.
-    assert coordination.next_step(study, 2) is NextStep.STOP and progress.trials_left(study, 2) == 0
-    assert coordination.next_step(study, 3) is NextStep.RUN and progress.trials_left(study, 3) == 1
+    assert coordination.next_step(study, 2) is NextStep.STOP and trials_module.trials_left(study, 2) == 0
+    assert coordination.next_step(study, 3) is NextStep.RUN and trials_module.trials_left(study, 3) == 1
     lost = study.ask(space)  # the third, whose worker is lost: its re-queued copy replaces it in the count
     assert coordination.next_step(study, 3) is NextStep.WAIT
     coordination.requeue(study, study.trials[lost.number], "its worker stopped while running it", lost_worker=True)
-    assert coordination.next_step(study, 3) is NextStep.RUN and progress.trials_left(study, 3) == 1
+    assert coordination.next_step(study, 3) is NextStep.RUN and trials_module.trials_left(study, 3) == 1
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_a_warm_start_larger_than_n_trials_runs_n_trials_and_the_rest_wait_for_a
     tune(second, PrepareConfig(), prepared_run)
     trials = load(second).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "WAITING", "WAITING"]
-    assert len(coordination.counted(trials)) == 2
+    assert len(trials_module.counted(trials)) == 2
     err = capsys.readouterr().err
     assert "1 worker(s): 2 trial(s) left of 2," in err  # the first lines and the end agree
     assert "| 2 of 2 done" in err and "study second: 2 trials counted" in err
@@ -148,7 +149,7 @@ def test_the_compact_rule_picks_the_smallest_model_within_the_margin_of_the_best
     assert pareto.compact_trial(trials, within=0.002).number == 1  # 0.2 points: 300 parameters, the more accurate of two
     assert pareto.compact_trial(trials, within=0.0035).number == 3
     assert pareto.compact_trial(trials, within=0.0).number == 4  # the best accuracy, and the smaller of the two
-    assert pareto.most_accurate(trials).number == 4
+    assert trials_module.most_accurate(trials).number == 4
     assert not pareto.on_front((0.989, 400), trials) and pareto.on_front((0.991, 1000), trials)
 
 
@@ -178,7 +179,7 @@ def test_a_latency_study_picks_its_compact_model_on_latency_measured_alone(track
     data = SimpleNamespace(val=SimpleNamespace(images=torch.zeros(1, 28, 28, dtype=torch.uint8)))
     parent = MlflowClient().create_run(MlflowClient().create_experiment("latency")).info.run_id
 
-    assert pareto.compact_trial(pareto.complete(study), 0.002).number == 0  # the trials' own values
+    assert pareto.compact_trial(trials_module.complete(study), 0.002).number == 0  # the trials' own values
     assert pareto.compact_pick(study, config, data, parent).number == 1
 
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="latency_alone.csv"))
@@ -198,7 +199,7 @@ def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_m
     study = load(config)
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     assert study.user_attrs["settings"]["pruner"] == "none"  # Optuna's pruners judge one objective
-    trials = pareto.complete(study)
+    trials = trials_module.complete(study)
     assert len(trials) == 4 and all(t.values[1] == t.values[1] // 1 > 0 for t in trials)
 
     [parent] = runs_of("tune")
@@ -218,7 +219,7 @@ def test_a_multi_objective_study_logs_its_pareto_front_and_registers_a_compact_m
     compact = client.get_model_version_by_alias("tiny-lstm", "compact")
     champion = client.get_model_version_by_alias("tiny-lstm", "champion")
     assert compact.tags["optuna.trial_number"] == str(expected.number) == parent.data.tags["compact.trial_number"]
-    assert champion.tags["optuna.trial_number"] == str(pareto.most_accurate(trials).number)
+    assert champion.tags["optuna.trial_number"] == str(trials_module.most_accurate(trials).number)
     # Test is read once per registered version.
     evaluated = sorted(run.data.tags["pipeline.model"] for run in runs_of("evaluate"))
     assert evaluated == sorted({f"models:/tiny-lstm/{v.version}" for v in (compact, champion)})
@@ -230,7 +231,7 @@ def test_a_latency_study_measures_each_trial_once_and_logs_it_where_people_compa
     config = smoke(tmp_path, n_trials=3, cost="latency_ms", compact_within=0.05)
     tune(config, PrepareConfig(), prepared_run)
     study = load(config)
-    trials = pareto.complete(study)
+    trials = trials_module.complete(study)
     assert len(trials) == 3 and all(0 < t.values[1] < 1000 for t in trials)  # milliseconds for one image
     for trial in trials:  # the value Optuna minimised is the metric on the trial's run, for the runs table
         run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])

@@ -1,0 +1,218 @@
+"""How long a training takes here, and what ``-P budget`` lets a study still start.
+
+One model of time: an epoch takes a fixed overhead plus a rate times the configuration's per-image
+cost relative to the study's baseline (``relative_cost``, by ``pipeline.cost.forward_flops``), the
+line fitted to the study's own trials' timing (``epoch_time``). From it: one run's seconds, the
+worst case of another trial and the confirmation after it (the space's largest configuration,
+``largest_cost``), the time left said when a study starts; and, for the confirmation, each run as
+long as its trial took, packed onto the workers (``makespan``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from experiments import attributes
+from experiments.studies import STUDIES, StudyDefinition, largest_configuration, suggest
+from experiments.trials import best_configurations, counted
+from pipeline.config import TuneConfig
+
+
+def relative_cost(definition: StudyDefinition, params: dict) -> float:
+    """A configuration's per-image training cost, relative to the study's baseline (trial 0), by
+    ``pipeline.cost.forward_flops``. A parameter ``params`` leaves out (a warm start cut to the
+    space) counts at the baseline's value."""
+    from pipeline.cost import forward_flops
+
+    def cost(params: dict) -> float:
+        size = (params.get("hidden_size", 256), params.get("num_layers", 2), bool(params.get("bidirectional")))
+        return forward_flops(*size, reading_order=params.get("reading_order", "rows"))
+
+    baseline = {**definition.fixed, **definition.baseline}
+    return cost({**baseline, **params}) / cost(baseline)
+
+
+@functools.cache
+def typical_cost(definition: StudyDefinition, draws: int = 200) -> float:
+    """The mean per-image cost of random draws of the study's space, relative to its baseline."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return statistics.mean(relative_cost(definition, suggest(definition, study.ask())) for _ in range(draws))
+
+
+def largest_cost(definition: StudyDefinition) -> float:
+    """The per-image cost of the space's largest configuration (or of the baseline, if larger), relative to the baseline."""
+    return max(1.0, relative_cost(definition, largest_configuration(definition)))
+
+
+def epochs_run(trial: FrozenTrial, epochs: int) -> int:
+    """Epochs a finished trial trained: its reports (a pruned one stopped early); a multi-objective
+    trial reports none, and completes all of them."""
+    return len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
+
+
+@dataclass(frozen=True)
+class EpochTime:
+    """Seconds one epoch takes here: a fixed ``overhead`` (validation, Python, a small model's
+    unfilled cores) plus ``per_cost`` times the configuration's relative cost."""
+
+    overhead: float
+    per_cost: float
+
+    def of(self, cost: float) -> float:
+        return self.overhead + self.per_cost * cost
+
+
+def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float | None:
+    """A trial's seconds per epoch so far: a finished one's whole duration over the epochs it ran;
+    a running one's time since it started over the epochs it reported (an over-estimate by at most
+    the epoch under way). None for a trial with no epoch behind it."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs):
+        return trial.duration.total_seconds() / epochs_run(trial, epochs)
+    if trial.state == TrialState.RUNNING and trial.datetime_start and trial.intermediate_values:
+        return (now - trial.datetime_start).total_seconds() / len(trial.intermediate_values)
+    return None
+
+
+def epoch_time(
+    definition: StudyDefinition, trials: list[FrozenTrial], epochs: int, now: datetime | None = None
+) -> EpochTime | None:
+    """How long an epoch takes here, fitted to the study's trials' own timing (seconds per epoch
+    against relative cost, least squares; the running trials' reported epochs count too, or one
+    small trial finished beside a large one still running makes every configuration look as slow
+    per cost as the small one's fixed cost); None before any epoch is timed. Where the points do not
+    give a line with a positive overhead and slope, the line through zero: mostly the largest
+    trials' rate. (Each trial's seconds over its cost alone would make a small trial's fixed
+    overhead look like a baseline epoch of minutes.)"""
+    now = now or datetime.now()  # Optuna stamps trials with naive local time
+    points = [
+        (relative_cost(definition, trial.params), seconds)
+        for trial in trials
+        if (seconds := seconds_per_epoch(trial, epochs, now)) is not None
+    ]
+    if not points:
+        return None
+    costs, seconds = zip(*points, strict=True)
+    if len(set(costs)) > 1:
+        slope, intercept = statistics.linear_regression(costs, seconds)
+        if slope > 0 and intercept >= 0:
+            return EpochTime(intercept, slope)
+    return EpochTime(0.0, sum(c * s for c, s in points) / sum(c * c for c in costs))
+
+
+def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
+    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the trials' timing;
+    ``params`` None: the space's largest configuration. None before any epoch is timed."""
+    definition = STUDIES[config.study]
+    timing = epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)
+    if timing is None:
+        return None
+    cost = largest_cost(definition) if params is None else relative_cost(definition, params)
+    return config.epochs * timing.of(cost)
+
+
+def worst_case_seconds(study: optuna.Study, config: TuneConfig, workers: int = 1) -> float | None:
+    """Seconds a new trial, then the champion's confirmation, take at worst: the trial is the
+    space's largest configuration and becomes the champion, its seeds confirmed ``workers`` at a
+    time (experiments/confirm.py). None before any epoch is timed."""
+    if (seconds := run_seconds(study, config)) is None:
+        return None
+    return (1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)) * seconds
+
+
+def another_trial_fits(study: optuna.Study, config: TuneConfig, deadline: float, workers: int = 1) -> bool:
+    """Whether a new trial, then the champion's confirmation, end before ``deadline`` (``time.time()``)
+    at worst (``worst_case_seconds``). Before any epoch is timed nothing is known, and the trial starts."""
+    if deadline == math.inf or (worst := worst_case_seconds(study, config, workers)) is None:
+        return True
+    return time.time() + worst <= deadline
+
+
+def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int) -> str:
+    """How long the rest of the study takes here, if none is pruned, and its confirmation (one
+    line), from its trials' own timing; or when that will be known."""
+    definition = STUDIES[config.study]
+    trials = study.get_trials(deepcopy=False)
+    timing = epoch_time(definition, trials, config.epochs)
+    if timing is None:
+        return "time: estimated when the first epoch is timed"
+    waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
+    search = sum(timing.of(relative_cost(definition, params)) for params in waiting)
+    search += (to_run - len(waiting)) * timing.of(typical_cost(definition))
+    minutes = math.ceil(search * config.epochs / workers / 60)
+    line = f"time: about {minutes} min here for the {to_run} trial(s) left if none is pruned"
+    if config.confirm_top:  # `workers` runs at a time, at the size of the best configurations so far
+        best = best_configurations(study, config.confirm_top)
+        size = statistics.mean([relative_cost(definition, t.params) for t in best] or [1.0])
+        rounds = math.ceil(config.confirm_top * config.confirm_seeds / workers)
+        minutes = math.ceil(rounds * timing.of(size) * config.epochs / 60)
+        line += f", then about {minutes} min to confirm"
+    return line + f" (the baseline takes {timing.of(1.0):.0f} s an epoch here, by the trials' timing so far)"
+
+
+def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, processes: int = 1) -> list[FrozenTrial]:
+    """The configurations to confirm: the best always, each next one if all the chosen runs (each
+    as long as its trial took), ``processes`` at a time, end before ``deadline`` (``time.time()``);
+    one left out is said."""
+    chosen, runs = [], []
+    for rank, trial in enumerate(trials):
+        mine = [seconds_of(trial)] * config.confirm_seeds
+        ends = time.time() + makespan(runs + mine, processes)
+        if rank and ends > deadline:
+            left = max(0.0, deadline - time.time())
+            print(
+                f"[confirm] trial {trial.number}'s configuration left out: with its {config.confirm_seeds} runs the "
+                f"confirmation takes about {(ends - time.time()) / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        chosen.append(trial)
+        runs += mine
+    return chosen
+
+
+def makespan(seconds: list[float], processes: int) -> float:
+    """How long runs of these lengths take, ``processes`` at a time, the longest first, each to
+    the first process free."""
+    loads = [0.0] * max(1, processes)
+    for length in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += length
+    return max(loads)
+
+
+def seconds_of(trial: FrozenTrial) -> float:
+    """How long ``trial`` took (0 if not recorded): how long one of its confirm runs takes."""
+    return trial.duration.total_seconds() if trial.duration else 0.0
+
+
+def say_budget_wait(worker: int) -> bool:
+    """Say, once a wait, that the budget holds this worker until the running trials end (their timing may
+    leave room for another trial: one small trial alone tells little of a large one's time)."""
+    print(
+        f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
+        "the running ones, then deciding again",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadline: float, workers: int) -> None:
+    """Say, before the confirmation, that the budget ended the search, and by how much."""
+    worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
+    print(
+        f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
+        f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
+        f"{left / 60:.0f} min are left",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -1,0 +1,259 @@
+"""The model registry: a study's pick registered with its lineage, tested once, and made champion
+when validation says so.
+
+A version carries what it was trained and validated on (``lineage_tags``): the study, trial and
+seed, the data's checksums, precision, code version and commit. It takes the alias ``champion``
+only from a champion validated on the same data, and only with a better score: the means over
+seeds when both were confirmed over seeds, else each model's own val_accuracy. The test set is
+read once per version, after it was chosen, on the registered artifact, and only reported.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import mlflow
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial
+
+from experiments import attributes
+from experiments.job import WorkerJob
+from experiments.pareto import COMPACT, cost_name, format_cost
+from experiments.studies import OBJECTIVE_METRIC
+from pipeline import serving
+from pipeline.config import EvaluateConfig
+from pipeline.data import PreparedData
+from pipeline.evaluate import evaluate_and_log
+from pipeline.numerics import resolve_device
+from pipeline.tables import plus_minus
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version registered from a study: the configuration of its trial ``trial``."""
+
+    name: str
+    version: str
+    trial: int
+    val_accuracy: float  # the registered model's own
+    test_accuracy: float
+    champion: bool  # whether it held the champion alias when registered
+    why_not_champion: str = ""  # one line, when it did not take the alias
+    seed: int | None = None  # a confirmation run's training seed; None: the trial's own run
+    val_accuracy_mean: float | None = None  # its configuration's, over the confirmation seeds
+    val_accuracy_std: float | None = None
+    n_seeds: int = 0
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A model to register: the trial whose configuration it is, and the run that trained it."""
+
+    trial: FrozenTrial
+    run_id: str | None
+    model_uri: str | None
+    val_accuracy: float
+    seed: int | None = None  # as in Registered
+    val_accuracy_mean: float | None = None
+    val_accuracy_std: float | None = None
+    n_seeds: int = 0
+    seed_models: tuple[tuple[int, str], ...] = ()  # confirmed: (seed, model URI) of each of its configuration's models
+
+
+def trial_pick(trial: FrozenTrial) -> Pick:
+    """The model a trial logged itself (when it was the best so far)."""
+    return Pick(trial, attributes.run_id(trial), attributes.model_uri(trial), trial.values[0])
+
+
+def model_name(register_name: str, dataset: str) -> str:
+    """The registered model a study's versions go to: ``auto`` is ``lstm-<dataset>``."""
+    return f"lstm-{dataset}" if register_name == "auto" else register_name
+
+
+def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> Registered | None:
+    """Register the model ``pick`` names, unless it already is; test it once; maybe crown it."""
+    register_name = job.config.register_name
+    confirmed = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
+    previous = attributes.registered(study)
+    if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
+        registered = Registered(**{**previous, **confirmed})  # the same model: nothing new to register or test
+    else:
+        made = register_trial(study, pick, job, data)
+        if not made:
+            return None
+        version, test_accuracy = made
+        why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
+        registered = Registered(
+            register_name,
+            version,
+            pick.trial.number,
+            pick.val_accuracy,
+            test_accuracy,
+            not why_not,
+            why_not,
+            pick.seed,
+            **confirmed,
+        )
+    attributes.set_registered(study, asdict(registered))
+    return registered
+
+
+def register_compact(
+    study: optuna.Study, compact: FrozenTrial, best: Registered | None, job: WorkerJob, data: PreparedData
+) -> Registered | None:
+    """Give the compact rule's pick the alias ``compact``: the best trial's version when it is the
+    same trial's own model (tested once already), else its own version, registered and tested once."""
+    register_name = job.config.register_name
+    previous = attributes.compact(study)
+    if previous and previous["trial"] == compact.number and previous["name"] == register_name:
+        registered = Registered(**previous)
+    elif best and best.trial == compact.number and best.seed is None:
+        registered = best
+    else:
+        made = register_trial(study, trial_pick(compact), job, data)
+        if not made:
+            return None
+        version, test_accuracy = made
+        registered = Registered(register_name, version, compact.number, compact.values[0], test_accuracy, False)
+    MlflowClient().set_registered_model_alias(register_name, COMPACT, registered.version)
+    attributes.set_compact(study, asdict(registered))
+    return registered
+
+
+def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> tuple[str, float] | None:
+    """Register the model ``pick`` names, with its lineage (``lineage_tags``), and test it once;
+    its version and test_accuracy."""
+    register_name = job.config.register_name
+    if not pick.model_uri:
+        print(f"warning: trial {pick.trial.number} logged no model, so nothing is registered", file=sys.stderr)
+        return None
+    tags = lineage_tags(study, pick, data)
+    version = str(mlflow.register_model(pick.model_uri, register_name, tags=tags).version)
+    test_accuracy = test_once(f"models:/{register_name}/{version}", job, data)
+    client = MlflowClient()
+    client.set_model_version_tag(register_name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    params = ", ".join(f"{name} {value}" for name, value in pick.trial.params.items())
+    confirmed = ""
+    if pick.seed is not None:
+        confirmed = (
+            f", trained again with seed {pick.seed}: its configuration has the best mean {OBJECTIVE_METRIC} "
+            f"over {pick.n_seeds} seeds ({plus_minus(pick.val_accuracy_mean, pick.val_accuracy_std)}) of the study's best"
+        )
+    client.update_model_version(
+        register_name,
+        version,
+        description=f"Study {study.study_name}, trial {pick.trial.number} ({params}){confirmed}: {OBJECTIVE_METRIC} "
+        f"{pick.val_accuracy:.4f} on {data.manifest['dataset']} (validation split {tags[VAL_DIGEST_TAG][:12]}), "
+        f"test_accuracy {test_accuracy:.4f} (tested once, after it was chosen). Trained in {tags['precision']}, "
+        f"code {tags['code_version'][:12]}" + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
+    )
+    return version, test_accuracy
+
+
+# Version tags that say what a version was validated on: only versions that agree on both compare.
+DATASET_TAG, VAL_DIGEST_TAG = "data.dataset", "data.val_sha256"
+
+
+MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
+
+
+def validation_data(data: PreparedData) -> dict[str, str]:
+    return {DATASET_TAG: data.manifest["dataset"], VAL_DIGEST_TAG: data.manifest["splits"]["val"]["sha256"]}
+
+
+def lineage_tags(study: optuna.Study, pick: Pick, data: PreparedData) -> dict[str, str]:
+    """What a reviewer needs to trust a version: its data (dataset, each split's sha256), its study
+    and trial, the trial's parameters, its validation score (and, confirmed, its seed and its
+    configuration's mean over seeds), precision and code version."""
+    from pipeline.main import code_version
+
+    trial = pick.trial
+    tags = {"optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
+    tags[OBJECTIVE_METRIC] = f"{pick.val_accuracy:.6f}"
+    if len(trial.values) > 1:
+        cost = cost_name(study)
+        tags[cost] = format_cost(cost, trial.values[1]).replace(",", "")  # a tag is read by programs: no separators
+    if pick.seed is not None:
+        tags.update({"confirm.seed": str(pick.seed), "confirm.n_seeds": str(pick.n_seeds)})
+        tags[MEAN_TAG] = f"{pick.val_accuracy_mean:.6f}"
+        if pick.val_accuracy_std is not None:
+            tags[f"confirm.{OBJECTIVE_METRIC}_std"] = f"{pick.val_accuracy_std:.6f}"
+    tags.update(validation_data(data))
+    tags.update({f"data.{split}_sha256": data.manifest["splits"][split]["sha256"] for split in ("train", "test")})
+    tags.update({f"param.{name}": str(value) for name, value in trial.params.items()})
+    run = MlflowClient().get_run(pick.run_id) if pick.run_id else None
+    tags["precision"] = run.data.params.get("resolved_precision", "unknown") if run else "unknown"
+    tags["code_version"] = code_version()
+    parent = (
+        MlflowClient().get_run(run.data.tags["mlflow.parentRunId"]) if run and "mlflow.parentRunId" in run.data.tags else None
+    )
+    if parent and (commit := parent.data.tags.get("mlflow.source.git.commit")):  # `mlflow run` records it
+        tags["git_commit"] = commit
+    return tags
+
+
+def test_once(model_uri: str, job: WorkerJob, data: PreparedData) -> float:
+    """Evaluate the registered artifact on the test set, in an evaluate run under the study's parent."""
+    device = resolve_device(job.config.device)
+    classifier = serving.load(model_uri, device)  # as users load and serve it
+    tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": job.data_ref}
+    with mlflow.start_run(
+        run_name=f"evaluate {model_uri.removeprefix('models:/')}",
+        experiment_id=job.experiment_id,
+        parent_run_id=job.parent_run_id,
+        tags=tags,
+    ):
+        config = EvaluateConfig(device=job.config.device)
+        evaluation = evaluate_and_log(classifier, data, config, device, job.data_ref, model_uri)
+    return evaluation.test_accuracy
+
+
+def comparison(
+    champion_tags: dict[str, str], val_accuracy: float, val_accuracy_mean: float | None
+) -> tuple[float, float, str, str]:
+    """How a new version is judged against the champion: (its score, the champion's, what they are,
+    why). Means over seeds when both have one (the configuration was chosen by its mean: its best
+    seed would flatter it), else each model's own val_accuracy."""
+    if val_accuracy_mean is not None and MEAN_TAG in champion_tags:
+        measure = f"mean {OBJECTIVE_METRIC} over seeds"
+        return val_accuracy_mean, float(champion_tags[MEAN_TAG]), measure, "means compared: both were confirmed over seeds"
+    how = "single models compared"
+    if val_accuracy_mean is not None or MEAN_TAG in champion_tags:
+        how += f": {'the champion' if val_accuracy_mean is not None else 'this one'} was not confirmed over seeds"
+    return val_accuracy, float(champion_tags.get(OBJECTIVE_METRIC, "-1")), OBJECTIVE_METRIC, how
+
+
+def crown_if_better(
+    name: str, version: str, val_accuracy: float, validated_on: dict[str, str], val_accuracy_mean: float | None = None
+) -> str:
+    """Move the champion alias to ``version`` if the champion was validated on the same data
+    (``validated_on``: dataset and validation split digest) and scores lower (``comparison``: the
+    means over seeds when both have one, ``val_accuracy_mean`` and the champion's tag). Returns ""
+    when it moved, else why not in one line, naming what was compared: a version validated on other
+    data (another dataset, a smaller split) is registered, but never compared."""
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        champion = None
+    if champion:
+        differs = [
+            f"{key} {champion.tags.get(key, 'unrecorded')[:16]}"
+            for key, value in validated_on.items()
+            if champion.tags.get(key) != value
+        ]
+        if differs:
+            return (
+                f"not compared with champion version {champion.version}, validated on other data ({', '.join(differs)}); "
+                "move the alias by hand if this one should serve"
+            )
+        score, to_beat, measure, how = comparison(champion.tags, val_accuracy, val_accuracy_mean)
+        if score <= to_beat:
+            said = f"champion version {champion.version} has {measure} {to_beat:.4f} on the same data"
+            return f"{said}, this one {score:.4f} ({how})"
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return ""
