@@ -108,9 +108,18 @@ def test_experiment_modules_import_pipeline_and_lower_layers_only(module):
         )
 
 
-def test_every_experiment_module_has_a_layer():
-    modules = {f"experiments.{path.stem}" for path in REPO.glob("experiments/*.py") if path.stem != "__init__"}
-    assert modules == set(EXPERIMENT_LAYERS)
+def test_every_module_has_a_layer_and_docs_layout_md_says_which():
+    for package, layers in (("pipeline", LAYERS), ("experiments", EXPERIMENT_LAYERS)):
+        modules = {f"{package}.{path.stem}" for path in REPO.glob(f"{package}/*.py") if path.stem != "__init__"}
+        assert modules == set(layers)
+    documented, package = {}, None
+    for line in (REPO / "docs" / "layout.md").read_text().splitlines():
+        if line.startswith("## "):
+            package = line.split()[1].rstrip("/")
+        elif package in ("pipeline", "experiments") and line.startswith("| ") and line.split("|")[1].strip().isdigit():
+            layer, names = int(line.split("|")[1]), line.split("|")[2]
+            documented |= {f"{package}.{name.strip('` ')[:-3]}": layer for name in names.split(",")}
+    assert documented == LAYERS | EXPERIMENT_LAYERS
 
 
 def test_imports_in_functions_type_checking_blocks_and_relative_ones_count(tmp_path):
