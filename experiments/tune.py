@@ -10,7 +10,8 @@ Writes: an Optuna study in ``--storage`` (rerun the command to continue or exten
         ``--confirm-seeds`` seeds, each training queued for every worker to take, and the best mean
         val_accuracy wins (experiments/confirm.py); then one worker summarises: the parent gets a
         leaderboard and Optuna's plots, the winner's model is registered as ``--register-name``,
-        tested once, and takes the alias ``champion`` if it beats the champion's (experiments/summary.py).
+        tested once, and takes the alias ``champion`` if it beats the champion's (experiments/summary.py,
+        experiments/registry.py).
         With ``--warm-start``, a new study's first trials after trial 0 are an earlier study's best
         configurations (experiments/warm_start.py).
         With ``--cost parameter_count`` the study is multi-objective (not pruned): its Pareto front
