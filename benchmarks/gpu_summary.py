@@ -103,12 +103,12 @@ def throughput(work: Path) -> list[str]:
 def study(work: Path, results: Path) -> list[str]:
     study = optuna.load_study(study_name="gpu-check", storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
     trials, client, samples, rows = study.get_trials(deepcopy=False), MlflowClient(), [], []
-    for trial in (t for t in trials if attributes.run_id(t)):
-        history = client.get_metric_history(attributes.run_id(trial), GPU_UTILIZATION)
+    for trial in (t for t in trials if attributes.RUN_ID.read(t)):
+        history = client.get_metric_history(attributes.RUN_ID.read(trial), GPU_UTILIZATION)
         samples += [(m.timestamp // 1000, m.value) for m in history]  # trials side by side sample the same GPU
-        peak = client.get_run(attributes.run_id(trial)).data.metrics.get("peak_gpu_memory_mb")
+        peak = client.get_run(attributes.RUN_ID.read(trial)).data.metrics.get("peak_gpu_memory_mb")
         rows.append({"trial": trial.number, "state": trial.state.name, **trial.params, "val_accuracy": trial.value})
-        rows[-1] |= {"peak GPU MB": peak, "worker": attributes.worker(trial)}
+        rows[-1] |= {"peak GPU MB": peak, "worker": attributes.WORKER.read(trial)}
     done = counted(trials)
     ends = [t.datetime_complete for t in done if t.datetime_complete]
     span = (max(ends) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds() if ends else 0
@@ -116,9 +116,10 @@ def study(work: Path, results: Path) -> list[str]:
     states = pd.Series([t.state.name for t in done], dtype=str).value_counts().to_dict()
     per_second = pd.DataFrame(samples, columns=["second", "value"]).groupby("second").value.mean()
     peaks = pd.DataFrame(rows, columns=["peak GPU MB"])["peak GPU MB"].dropna()
-    registered = attributes.registered(study)
+    registered = attributes.REGISTERED.read(study)
+    workers = len({attributes.WORKER.read(t) for t in trials} - {None})
     lines = [
-        f"study: {len(done)} trials counted in {span:.0f} s {states}, {len({attributes.worker(t) for t in trials} - {None})} "
+        f"study: {len(done)} trials counted in {span:.0f} s {states}, {workers} "
         f"worker(s), trials could start for {(work / 'study_timeout').read_text().strip()} s: "
         f"{'met' if met else 'MISSED'} (>= {STUDY_TRIALS} in {STUDY_SECONDS} s)",
         f"  registered {registered['name']} version {registered['version']} from trial {registered['trial']}: val_accuracy "

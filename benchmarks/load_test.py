@@ -50,7 +50,7 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
         val_accuracy = 1 - learning_rate / (hidden * layers)  # stands in for training
         tags = {"optuna.study_name": study_name, "optuna.trial_number": str(trial.number)}
         with mlflow.start_run(experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags) as run:
-            attributes.set_run_id(trial, run.info.run_id)
+            attributes.RUN_ID.write(trial, run.info.run_id)
             mlflow.log_params(trial.params)
             mlflow.log_metrics({"val_accuracy": val_accuracy, "val_loss": 1 - val_accuracy, "train_loss": learning_rate})
         mlflow_seconds.append(time.perf_counter() - now)
@@ -62,7 +62,7 @@ def worker(storage_url: str, study_name: str, experiment_id: str, parent_run_id:
         run_trials(study, storage, config, objective)
     except Exception as error:  # the storage or the server gave up
         errors.append(f"{type(error).__name__}: {error}")
-    mine = [t for t in study.get_trials(deepcopy=False) if (attributes.worker(t) or "").endswith(f":{os.getpid()}")]
+    mine = [t for t in study.get_trials(deepcopy=False) if (attributes.WORKER.read(t) or "").endswith(f":{os.getpid()}")]
     errors += [f"trial {t.number}: {t.state.name}" for t in mine if t.state != optuna.trial.TrialState.COMPLETE]
     ended = time.perf_counter()
     results.put({"began": began, "ended": ended, "latencies": latencies, "mlflow": mlflow_seconds, "errors": errors})

@@ -101,7 +101,7 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
     always confirmed; each next one only if all the runs, timed as their trials took, end before
     ``job.deadline`` (``-P budget``), else it is left out, saying so."""
     at = round_of(study)
-    if (attributes.confirm_plan(queue) or {}).get("at") == at:
+    if (attributes.CONFIRM_PLAN.read(queue) or {}).get("at") == at:
         return
     from pipeline.main import code_version
 
@@ -111,13 +111,13 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
         for trial in fitting(best_configurations(study, config.confirm_top), config, job.deadline, job.workers):
             for seed in range(1, config.confirm_seeds + 1):
                 runs.append({"trial": trial.number, "seed": seed, "key": run_key(seed_config(config, trial, seed), data, code)})
-    waiting = {attributes.work(t).get("key") for t in queue.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    waiting = {attributes.WORK.read(t).get("key") for t in queue.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for run in runs:
         if found := reused(run, job):
             say_seed_run(found, "reused: trained before")
         elif run["key"] not in waiting:
-            queue.enqueue_trial({}, user_attrs={attributes.WORK_ATTR: {**run, "at": at}})
-    attributes.set_confirm_plan(queue, {"at": at, "runs": runs})  # last: a planner that died before it is redone
+            queue.enqueue_trial({}, user_attrs={attributes.WORK.key: {**run, "at": at}})
+    attributes.CONFIRM_PLAN.write(queue, {"at": at, "runs": runs})  # last: a planner that died before it is redone
 
 
 def seed_config(config: TuneConfig, trial: FrozenTrial, seed: int) -> TrainConfig:
@@ -131,7 +131,7 @@ def run_key(train_config: TrainConfig, data: PreparedData, code: str) -> str:
 
 def queue_summary(queue: optuna.Study, at: int) -> None:
     """Queue round ``at``'s summary: the queue's last item (call holding the study lock)."""
-    queue.enqueue_trial({}, user_attrs={attributes.WORK_ATTR: {"summary": True, "at": at}})
+    queue.enqueue_trial({}, user_attrs={attributes.WORK.key: {"summary": True, "at": at}})
 
 
 # --- one training of the queue ------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def queue_summary(queue: optuna.Study, at: int) -> None:
 def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: PreparedData) -> float:
     """Train a queued (configuration, seed) in a confirm run under the parent, logging its model, as
     a trial trains (resuming an earlier attempt's checkpoint); its best val_accuracy."""
-    work = attributes.work(item)
+    work = attributes.WORK.read(item)
     source = study.get_trials(deepcopy=False)[work["trial"]]
     config = seed_config(job.config, source, work["seed"])
     tags = {"pipeline.stage": "confirm", "optuna.trial_number": str(source.number), KEY_TAG: work["key"]}
@@ -160,12 +160,12 @@ def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: Pr
 
 def say_trained(queue: optuna.Study, item: FrozenTrial, worker: int) -> None:
     """One line per finished training of the queue, with how many of its round are done."""
-    work = attributes.work(item)
-    planned, left = len((attributes.confirm_plan(queue) or {}).get("runs", [])), len(pending(queue))
+    work = attributes.WORK.read(item)
+    planned, left = len((attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", [])), len(pending(queue))
     value = f"{OBJECTIVE_METRIC} {item.value:.4f}" if item.state == TrialState.COMPLETE else item.state.name
     print(
         f"[worker {worker}] [confirm] trial {work['trial']}'s configuration, seed {work['seed']}: {value} "
-        f"(run {attributes.run_id(item)}; {planned - left} of {planned} trained)",
+        f"(run {attributes.RUN_ID.read(item)}; {planned - left} of {planned} trained)",
         file=sys.stderr,
         flush=True,
     )
@@ -187,7 +187,7 @@ def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
     """One row per ``SeedRun`` of the round's plan that finished (one whose training failed is said
     and left out)."""
     rows = []
-    for run in (attributes.confirm_plan(queue) or {}).get("runs", []):
+    for run in (attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", []):
         if found := reused(run, job):
             rows.append(dataclasses.asdict(found))
         else:

@@ -243,7 +243,7 @@ class TrialLease:
         else:
             self.lock = FileLock(lease_path(config, study.study_name, trial.number))
             self.lock.acquire()
-        attributes.set_worker(trial, worker_id())  # last: a trial with this attribute has its lease
+        attributes.WORKER.write(trial, worker_id())  # last: a trial with this attribute has its lease
 
     def _beat(self, storage, trial_id: int, interval: int) -> None:
         while not self.stop.wait(interval):
@@ -266,7 +266,7 @@ def lease_path(config: TuneConfig, study_name: str, number: int) -> Path:
 
 def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
     """Whether the worker of a journal trial still holds its lease (call holding the study lock)."""
-    if attributes.worker(trial) is None:  # it died between asking and taking its lease
+    if attributes.WORKER.read(trial) is None:  # it died between asking and taking its lease
         return False
     try:
         fd = os.open(lease_path(config, study_name, trial.number), os.O_RDWR)
@@ -293,7 +293,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: b
     called, and records the first original where a resumed copy needs the attempt it continues.
     """
     trials = study.get_trials(deepcopy=False)
-    lost = attributes.lost_workers(trial) + lost_worker
+    lost = attributes.LOST_WORKERS.read(trial) + lost_worker
     if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
         study.enqueue_trial(trial.params, user_attrs=attributes.requeued_copy(trial, reason, lost))
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -310,7 +310,7 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
                 optuna.storages.fail_stale_trials(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if attributes.worker(trial) is None:  # asked under this lock, but its lease never taken (a database cut)
+            if attributes.WORKER.read(trial) is None:  # asked under this lock, but its lease never taken (a database cut)
                 reason = "its worker lost the database before it started the trial"
                 requeue(study, trial, reason, lost_worker=True)
                 on_lost(study, trial, reason)
@@ -321,7 +321,7 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
         # Free lease: either the worker died, or it told its result and let go just now. Look again.
         now = study.get_trials(deepcopy=False)[trial.number]
         if now.state == TrialState.RUNNING:
-            reason = f"its worker {attributes.worker(trial) or attributes.NOT_RECORDED} stopped while running it"
+            reason = f"its worker {attributes.WORKER.read(trial) or attributes.NOT_RECORDED} stopped while running it"
             requeue(study, now, reason, lost_worker=True)
             on_lost(study, now, reason)
 

@@ -59,7 +59,7 @@ def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> 
 
 
 def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Study) -> None:
-    started_from = attributes.warm_start_of(study)
+    started_from = attributes.WARM_START.read(study)
     params = {
         "study": config.study,
         "study_name": config.study_name,
@@ -86,6 +86,6 @@ def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Stud
 
 def record_trials_run(launched_run: str, study: optuna.Study, workers: set[str]) -> None:
     """What this command's worker record shows: the trials its workers ran."""
-    ran = [t.number for t in study.get_trials(deepcopy=False) if attributes.worker(t) in workers]
+    ran = [t.number for t in study.get_trials(deepcopy=False) if attributes.WORKER.read(t) in workers]
     MlflowClient().log_metric(launched_run, "trials_run", len(ran))
     MlflowClient().set_tag(launched_run, "optuna.trial_numbers", " ".join(map(str, ran)))

@@ -50,7 +50,7 @@ def measure_cost(name: str, model: nn.Module, data: PreparedData, reading_order:
 
 def cost_name(study: optuna.Study) -> str:
     """The cost a multi-objective study minimises, as its settings recorded it."""
-    return (attributes.settings(study) or {}).get("cost", "parameter_count")
+    return (attributes.SETTINGS.read(study) or {}).get("cost", "parameter_count")
 
 
 def format_cost(name: str, value: float) -> str:
@@ -101,7 +101,7 @@ def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, pa
 
 def with_model(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that logged a model: those on the front when they finished (the best among them)."""
-    return [t for t in trials if attributes.model_uri(t)]
+    return [t for t in trials if attributes.MODEL_URI.read(t)]
 
 
 def latency_alone(

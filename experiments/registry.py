@@ -66,7 +66,7 @@ class Pick:
 
 def trial_pick(trial: FrozenTrial) -> Pick:
     """The model a trial logged itself (when it was the best so far)."""
-    return Pick(trial, attributes.run_id(trial), attributes.model_uri(trial), trial.values[0])
+    return Pick(trial, attributes.RUN_ID.read(trial), attributes.MODEL_URI.read(trial), trial.values[0])
 
 
 def model_name(register_name: str, dataset: str) -> str:
@@ -78,7 +78,7 @@ def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepare
     """Register the model ``pick`` names, unless it already is; test it once; maybe crown it."""
     register_name = job.config.register_name
     confirmed = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
-    previous = attributes.registered(study)
+    previous = attributes.REGISTERED.read(study)
     if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
         registered = Registered(**{**previous, **confirmed})  # the same model: nothing new to register or test
     else:
@@ -98,7 +98,7 @@ def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepare
             pick.seed,
             **confirmed,
         )
-    attributes.set_registered(study, asdict(registered))
+    attributes.REGISTERED.write(study, asdict(registered))
     return registered
 
 
@@ -108,7 +108,7 @@ def register_compact(
     """Give the compact rule's pick the alias ``compact``: the best trial's version when it is the
     same trial's own model (tested once already), else its own version, registered and tested once."""
     register_name = job.config.register_name
-    previous = attributes.compact(study)
+    previous = attributes.COMPACT_PICK.read(study)
     if previous and previous["trial"] == compact.number and previous["name"] == register_name:
         registered = Registered(**previous)
     elif best and best.trial == compact.number and best.seed is None:
@@ -120,7 +120,7 @@ def register_compact(
         version, test_accuracy = made
         registered = Registered(register_name, version, compact.number, compact.values[0], test_accuracy, False)
     MlflowClient().set_registered_model_alias(register_name, COMPACT, registered.version)
-    attributes.set_compact(study, asdict(registered))
+    attributes.COMPACT_PICK.write(study, asdict(registered))
     return registered
 
 

@@ -41,11 +41,11 @@ WORKER_TAG = "optuna.worker"  # host:pid of the worker that trained the run
 def earlier_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:
     """The runs of the attempts ``trial`` repeats (``retry_of``, then its own ``retry_of``...), newest first."""
     trials, runs = study.get_trials(deepcopy=False), []
-    number = attributes.retry_of(trial)
+    number = attributes.RETRY_OF.read(trial)
     while number is not None:
-        if run_id := attributes.run_id(trials[number]):
+        if run_id := attributes.RUN_ID.read(trials[number]):
             runs.append(run_id)
-        number = attributes.retry_of(trials[number])
+        number = attributes.RETRY_OF.read(trials[number])
     return runs
 
 
@@ -98,14 +98,14 @@ def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str,
     with start_run_with_system_metrics(
         run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
     ) as run:
-        attributes.set_run_id(trial, run.info.run_id)
+        attributes.RUN_ID.write(trial, run.info.run_id)
         with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(trial.study, trial)) as checkpoints:
             yield checkpoints
 
 
 def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
     """Remove the checkpoints of a trial whose result is told, and of the attempts it repeats."""
-    for run_id in [attributes.run_id(trial), *earlier_runs(study, trial)]:
+    for run_id in [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]:
         if run_id:
             remove_checkpoint(run_id)
 

@@ -70,7 +70,7 @@ def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Pr
         client.set_tag(parent_run_id, "compact.rule", rule)
         register_compact(study, compact, registered, job, data)
     client.set_terminated(parent_run_id, "FINISHED")
-    attributes.set_summarised_at(study, len(trials))  # last: a summary that failed halfway is redone
+    attributes.SUMMARISED_AT.write(study, len(trials))  # last: a summary that failed halfway is redone
     return registered
 
 
@@ -147,7 +147,7 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
             f"registered {registered.name} version {registered.version} from {origin}: "
             f"{OBJECTIVE_METRIC} {registered.val_accuracy:.4f}, test_accuracy {registered.test_accuracy:.4f}; {role}"
         )
-    if compact := attributes.compact(study):
+    if compact := attributes.COMPACT_PICK.read(study):
         lines.append(
             f"alias {COMPACT}: {compact['name']} version {compact['version']} from trial {compact['trial']}: "
             f"{OBJECTIVE_METRIC} {compact['val_accuracy']:.4f}, test_accuracy {compact['test_accuracy']:.4f}"

@@ -22,7 +22,7 @@ COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
     """The failed trials that a re-queued copy replaces: they do not count."""
-    return {attributes.retry_of(trial) for trial in trials if attributes.retry_of(trial) is not None}
+    return {attributes.RETRY_OF.read(trial) for trial in trials if attributes.RETRY_OF.read(trial) is not None}
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -39,7 +39,7 @@ def trials_left(study: optuna.Study, n_trials: int) -> int:
 
 def needs_summary(study: optuna.Study) -> bool:
     """Whether the counted trials changed since the last successful summary."""
-    return attributes.summarised_at(study) != len(counted(study.get_trials(deepcopy=False)))
+    return attributes.SUMMARISED_AT.read(study) != len(counted(study.get_trials(deepcopy=False)))
 
 
 def complete(study: optuna.Study) -> list[FrozenTrial]:

@@ -115,7 +115,7 @@ def open_study(
     records its settings, trial 0, its warm start and parent run before any other looks."""
     exists = config.study_name in optuna.study.get_all_study_names(storage)
     study = optuna.load_study(study_name=config.study_name, storage=storage) if exists else None
-    stored = attributes.settings(study) if study else None
+    stored = attributes.SETTINGS.read(study) if study else None
     config = dataclasses.replace(config, pruner=resolve_pruner(config.pruner, stored, config.cost != "none"))
     if stored:
         refuse_other_settings(config.study_name, stored, study_settings(config))
@@ -129,20 +129,20 @@ def open_study(
             if start:
                 enqueue(study, start)
                 say_warm_start(start)
-        attributes.set_settings(study, study_settings(config))  # last: a creator that died before it is redone
-    parent_run_id = attributes.parent_run(study)
+        attributes.SETTINGS.write(study, study_settings(config))  # last: a creator that died before it is redone
+    parent_run_id = attributes.PARENT_RUN.read(study)
     if parent_run_id and not run_exists(parent_run_id):
         print(f"the study's parent run {parent_run_id} is not in this tracking store; opening a new one", file=sys.stderr)
         parent_run_id = None
     if not parent_run_id:
         parent_run_id = open_parent_run(config, launched_run)
-        attributes.set_parent_run(study, parent_run_id)
+        attributes.PARENT_RUN.write(study, parent_run_id)
     return study, parent_run_id, config
 
 
 def refuse_other_warm_start(study: optuna.Study, config: TuneConfig) -> None:
     """A warm start happens when a study is created; a rerun may omit -P warm_start, not name another."""
-    started_from = attributes.warm_start_of(study).get("study", "")
+    started_from = attributes.WARM_START.read(study).get("study", "")
     if config.warm_start and config.warm_start != started_from:
         raise ParameterError(
             f"study {study.study_name!r} was created "
@@ -169,11 +169,11 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
         return None
     if needs_summary(study):
         return None
-    line = f"study {study.study_name} is complete: {attributes.summarised_at(study)} trials"
+    line = f"study {study.study_name} is complete: {attributes.SUMMARISED_AT.read(study)} trials"
     if best_value(study) > -math.inf:
         best = most_accurate(complete(study))
         line += f"; best trial {best.number}, {OBJECTIVE_METRIC} {best.values[0]:.4f}"
-    if registered := attributes.registered(study):
+    if registered := attributes.REGISTERED.read(study):
         line += (
             f"; registered as {registered['name']} version {registered['version']} "
             f"(test_accuracy {registered['test_accuracy']:.4f}), {champion_of(registered['name'])}"
@@ -189,16 +189,16 @@ def champion_of(name: str) -> str:
 
 
 def registered_of(study: optuna.Study) -> Registered | None:
-    registered = attributes.registered(study)
+    registered = attributes.REGISTERED.read(study)
     return Registered(**registered) if registered else None
 
 
 def check_data(study: optuna.Study, data: PreparedData) -> None:
     """Record the data the study tunes on, or refuse other data (call holding the study lock)."""
     sha256 = {split: data.manifest["splits"][split]["sha256"] for split in ("train", "val")}
-    stored = attributes.data_checksums(study)
+    stored = attributes.DATA_CHECKSUMS.read(study)
     if stored is None:
-        attributes.set_data_checksums(study, sha256)
+        attributes.DATA_CHECKSUMS.write(study, sha256)
     elif stored != sha256:
         raise ParameterError(
             f"study {study.study_name!r} was created on other data (train/val checksums differ): "

@@ -65,4 +65,4 @@ def enqueue(study: optuna.Study, start: WarmStart) -> None:
     """Enqueue the carried configurations and record where they came from (call once, at creation)."""
     for params in start.configurations:
         study.enqueue_trial(params)
-    attributes.set_warm_start(study, start.study, start.trials)
+    attributes.WARM_START.write(study, {"study": start.study, "trials": start.trials})

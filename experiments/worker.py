@@ -104,7 +104,7 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
             if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
                 logged = log_trained_model(result.model, data, config.reading_order)
                 mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
-                attributes.set_model_uri(trial, logged.model_uri)
+                attributes.MODEL_URI.write(trial, logged.model_uri)
 
         when_reachable(log_result, f"trial {trial.number}'s model")
         return (accuracy, cost) if multi_objective else accuracy
@@ -274,7 +274,7 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     while cut off, is re-queued (its copy resumes from its checkpoint); an interrupt goes on, the
     worker goes on otherwise. Once a result is told, its checkpoints are removed."""
     study, trial = work.study, work.trial
-    label = f"{'item' if attributes.work(trial) else 'trial'} {trial.number}"
+    label = f"{'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
     try:
         study.tell(trial, work.run(trial))
     except optuna.TrialPruned:
@@ -329,7 +329,7 @@ def first_line(error: BaseException) -> str:
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
-    if run_id := attributes.run_id(trial):
+    if run_id := attributes.RUN_ID.read(trial):
         client = MlflowClient()
         try:
             client.set_tag(run_id, "optuna.trial_state", "REQUEUED")
@@ -342,7 +342,7 @@ def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """PostgreSQL: Optuna failed a trial whose heartbeats stopped; re-queue it once."""
-    reason = f"its worker {attributes.worker(trial) or attributes.NOT_RECORDED} stopped sending heartbeats"
+    reason = f"its worker {attributes.WORKER.read(trial) or attributes.NOT_RECORDED} stopped sending heartbeats"
     requeue(study, trial, reason, lost_worker=True)
     say_lost(study, trial, reason)
 
@@ -375,7 +375,7 @@ class AfterSearch:
         return Work(self.queue, *take(self.queue, self.storage, config), self.run_item, self.say_item)
 
     def run_item(self, item: optuna.Trial) -> float:
-        work = attributes.work(item)
+        work = attributes.WORK.read(item)
         if not work.get("summary"):
             return train_seed(item, self.study, self.job, self.data)
         at = round_of(self.study)
@@ -387,7 +387,7 @@ class AfterSearch:
         return float(at)
 
     def say_item(self, queue: optuna.Study, item: optuna.trial.FrozenTrial) -> None:
-        if not attributes.work(item).get("summary"):
+        if not attributes.WORK.read(item).get("summary"):
             say_trained(queue, item, self.job.worker)
 
 

@@ -57,7 +57,7 @@ def test_pruner_auto_is_hyperband_for_a_new_study_and_the_studys_own_after():
 def test_a_study_made_with_the_median_pruner_extends_with_the_default_and_refuses_another(tmp_path, prepared_run):
     tune(smoke(tmp_path, n_trials=1, pruner="median"), PrepareConfig(), prepared_run)
     tune(smoke(tmp_path, n_trials=2, pruner="auto"), PrepareConfig(), prepared_run)  # the default: its own pruner
-    assert len(load(smoke(tmp_path)).trials) == 2 and attributes.settings(load(smoke(tmp_path)))["pruner"] == "median"
+    assert len(load(smoke(tmp_path)).trials) == 2 and attributes.SETTINGS.read(load(smoke(tmp_path)))["pruner"] == "median"
     with pytest.raises(ParameterError, match=r"created with pruner=median \(this command: hyperband\)"):
         tune(smoke(tmp_path, n_trials=3, pruner="hyperband"), PrepareConfig(), prepared_run)
 
@@ -116,9 +116,9 @@ def test_a_budget_confirms_the_best_configuration_and_the_next_ones_only_while_t
     # 15 minutes left: the best (2 runs of 4 min) and the next (2 of 1 min) fit, the third (2 of 100) does not.
     job = WorkerJob(config, parent.info.run_id, "0", "data", "", deadline=time.time() + 15 * 60)
     confirm.plan(study, queue, job, tiny_prepared())
-    queued = [attributes.work(item) for item in queue.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    queued = [attributes.WORK.read(item) for item in queue.get_trials(states=(optuna.trial.TrialState.WAITING,))]
     assert [[item["trial"], item["seed"]] for item in queued] == [[0, 1], [0, 2], [1, 1], [1, 2]]
-    assert attributes.confirm_plan(queue) == {"at": 3, "runs": [{k: v for k, v in i.items() if k != "at"} for i in queued]}
+    assert attributes.CONFIRM_PLAN.read(queue) == {"at": 3, "runs": [{k: v for k, v in i.items() if k != "at"} for i in queued]}
     assert (
         "trial 2's configuration left out: with its 2 runs the confirmation takes about 210 min, and 15 min of -P budget "
         "are left" in capsys.readouterr().err

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from experiments import attributes
 from experiments import worker as worker_module
-from experiments.attributes import WORKER_ATTR
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import PrepareConfig, TrainConfig, TuneConfig
@@ -114,7 +114,7 @@ def test_two_workers_share_the_gpu_and_the_best_trial_becomes_champion(shell, mn
 
     trials = optuna.load_study(study_name="gpu", storage=JournalStorage(JournalFileBackend(shell.journal))).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
-    assert len({t.user_attrs[WORKER_ATTR] for t in trials}) == 2  # host:pid: both workers ran trials
+    assert len({attributes.WORKER.read(t) for t in trials}) == 2  # host:pid: both workers ran trials
     trial_runs = shell.client.search_runs(["0"], filter_string="tags.`pipeline.stage` = 'trial'")
     assert len(trial_runs) == 4
     assert all(run.data.tags["pipeline.cuda_visible_devices"] == gpu for run in trial_runs)

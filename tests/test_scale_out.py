@@ -17,7 +17,7 @@ import mlflow
 import optuna
 import pytest
 
-from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR, WORKER_ATTR
+from experiments import attributes
 from experiments.trials import counted
 
 
@@ -101,7 +101,7 @@ def frozen_inside_a_trial(cluster, worker: subprocess.Popen) -> bool:
     except KeyError:  # not created yet
         study = None
     running = study is not None and any(
-        t.user_attrs.get(WORKER_ATTR, "").endswith(f":{worker.pid}") and MLFLOW_RUN_ATTR in t.user_attrs
+        t.user_attrs.get(attributes.WORKER.key, "").endswith(f":{worker.pid}") and attributes.RUN_ID.key in t.user_attrs
         for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     )
     if not running:
@@ -127,10 +127,10 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1, states
     [killed] = [t for t in study.trials if t.state.name == "FAIL"]
-    [retry] = [t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == killed.number]
+    [retry] = [t for t in study.trials if attributes.RETRY_OF.read(t) == killed.number]
     assert retry.state.name == "COMPLETE" and retry.params == killed.params
     assert len(counted(study.trials)) == 4  # the killed trial is not counted
-    killed_run = cluster["client"].get_run(killed.user_attrs[MLFLOW_RUN_ATTR])
+    killed_run = cluster["client"].get_run(attributes.RUN_ID.read(killed))
     assert killed_run.info.status == "FAILED" and "stopped sending heartbeats" in killed_run.data.tags["optuna.fail_reason"]
     check_one_parent_one_child_per_trial_one_registration(cluster, study)
     mlflow.set_tracking_uri(None)

@@ -23,7 +23,7 @@ import optuna
 import pytest
 import requests
 
-from experiments.attributes import MLFLOW_RUN_ATTR, REQUEUE_REASON_ATTR, RETRY_OF_ATTR, WORKER_ATTR
+from experiments import attributes
 from experiments.trials import counted
 from pipeline.data import save_prepared
 from pipeline.tracking import PREPARED_ARTIFACT
@@ -115,7 +115,7 @@ def training_trial(cluster, job: str) -> tuple[int, str, optuna.trial.FrozenTria
     except KeyError:  # not created yet
         return None
     for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-        pid = int(trial.user_attrs.get(WORKER_ATTR, ":0").rsplit(":", 1)[1])
+        pid = int(trial.user_attrs.get(attributes.WORKER.key, ":0").rsplit(":", 1)[1])
         task = task_of(pid, job) if pid else None
         if task and in_second_epoch(cluster, task, trial.number):
             os.kill(pid, signal.SIGSTOP)
@@ -174,11 +174,11 @@ def test_an_array_of_three_workers_runs_the_study_and_a_cancelled_task_has_its_t
     assert len(counted(study.trials)) == N_TRIALS
     [failed] = [t for t in study.trials if t.state.name == "FAIL"]
     assert failed.number == cancelled.number, outputs(cluster)
-    [retry] = [t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == cancelled.number]
+    [retry] = [t for t in study.trials if attributes.RETRY_OF.read(t) == cancelled.number]
     assert retry.state.name == "COMPLETE" and retry.params == cancelled.params
-    assert retry.user_attrs[REQUEUE_REASON_ATTR].startswith("interrupted"), retry.user_attrs  # by SIGTERM, not lost
+    assert attributes.REQUEUE_REASON.read(retry).startswith("interrupted"), retry.user_attrs  # by SIGTERM, not lost
     client = cluster["client"]
-    cancelled_run = client.get_run(cancelled.user_attrs[MLFLOW_RUN_ATTR])
+    cancelled_run = client.get_run(attributes.RUN_ID.read(cancelled))
     assert cancelled_run.info.status == "KILLED" and cancelled_run.data.tags["optuna.trial_state"] == "REQUEUED"
     [parent] = client.search_runs([cluster["experiment_id"]], "tags.`pipeline.stage` = 'tune'")
     children = client.search_runs([cluster["experiment_id"]], "tags.`pipeline.stage` = 'trial'")

@@ -25,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
-from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
+from experiments import attributes
 from experiments.trials import counted
 from pipeline.tracking import DATA_SOURCE_TAG, log_data_inputs, proxied_artifact_url, split_source, ui_link
 from tests.conftest import REPO, mlflow_run, tiny_prepared, user_environment
@@ -147,7 +147,7 @@ def running_trial(storage_url: str, name: str, after: int = -1) -> int | None:
         study = optuna.load_study(study_name=name, storage=storage_url)
     except KeyError:  # not created yet
         return None
-    numbers = [t.number for t in study.trials if t.state.name == "RUNNING" and MLFLOW_RUN_ATTR in t.user_attrs]
+    numbers = [t.number for t in study.trials if t.state.name == "RUNNING" and attributes.RUN_ID.key in t.user_attrs]
     return next((n for n in numbers if n > after), None)
 
 
@@ -208,7 +208,7 @@ def test_a_study_goes_on_while_the_tracking_server_and_postgresql_restart(tmp_pa
             study = optuna.load_study(study_name=name, storage=storage_url)
             assert len(counted(study.trials)) == 4, [(t.number, t.state.name) for t in study.trials]
             assert all(t.state.name == "COMPLETE" for t in counted(study.trials)), output
-            retried = [t.user_attrs[RETRY_OF_ATTR] for t in study.trials if RETRY_OF_ATTR in t.user_attrs]
+            retried = [attributes.RETRY_OF.read(t) for t in study.trials if attributes.RETRY_OF.read(t) is not None]
             assert len(retried) == len(set(retried)), "a trial was re-queued twice"
             for key, value in server.env(*server.admin).items():
                 monkeypatch.setenv(key, value)

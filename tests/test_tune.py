@@ -22,7 +22,6 @@ from plotly.offline import get_plotlyjs
 
 from experiments import attributes, budget, plots, progress, registry, studies, summary
 from experiments import worker as worker_module
-from experiments.attributes import MLFLOW_RUN_ATTR
 from experiments.budget import relative_cost, typical_cost
 from experiments.gpus import gpu_assignment
 from experiments.job import WorkerJob
@@ -64,7 +63,7 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
 
     # The best trial's own model is registered: no retrain, picked by validation.
     version = MlflowClient().get_model_version_by_alias("tiny-lstm", "champion")
-    best_run = study.best_trial.user_attrs[MLFLOW_RUN_ATTR]
+    best_run = attributes.RUN_ID.read(study.best_trial)
     assert str(version.version) == "1" and version.run_id == best_run and registered.champion
     assert float(version.tags["val_accuracy"]) == pytest.approx(study.best_value, abs=1e-6)
     assert not MlflowClient().search_runs(["0"], filter_string="attributes.run_name = 'best-retrain'")
@@ -198,8 +197,8 @@ def test_the_default_study_fits_the_device_starts_with_the_tutorial_configuratio
     assert announced.rstrip().endswith(
         f"see the trials: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then open http://127.0.0.1:5000{page}"
     )
-    assert attributes.settings(load(config))["study"] == "lstm-cpu"
-    assert attributes.settings(load(config))["pruner"] == "hyperband"  # pruner=auto, for a new study
+    assert attributes.SETTINGS.read(load(config))["study"] == "lstm-cpu"
+    assert attributes.SETTINGS.read(load(config))["pruner"] == "hyperband"  # pruner=auto, for a new study
     first = load(config).trials[0]
     assert first.number == 0
     assert {k: first.params[k] for k in ("hidden_size", "num_layers", "learning_rate")} == {
@@ -469,7 +468,7 @@ def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
     job = WorkerJob(config, mlflow.MlflowClient().create_run("0").info.run_id, "0", "data", "folder")
     trial = study.ask()
     assert worker_module.objective(trial, job, tiny_prepared()) == 0.9
-    assert attributes.model_uri(study.trials[-1]) == "models:/m-tie"
+    assert attributes.MODEL_URI.read(study.trials[-1]) == "models:/m-tie"
 
 
 def logged_prepared(data: PreparedData, dataset: str) -> str:

@@ -23,7 +23,7 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments.attributes import RETRY_OF_ATTR
+from experiments import attributes
 from experiments.trials import counted
 from pipeline.tracking import CPU_THREADS_TAG
 from tests.conftest import REPO, user_environment
@@ -294,7 +294,7 @@ def test_a_trial_killed_after_epoch_2_of_6_resumes_there_on_the_rerun(user):
     assert sorted(set(trained)) == [1, 2, 3, 4, 5, 6] and len(trained) <= 7, trained
     assert "resuming after epoch" in rerun.stderr
     trials = study(user).trials
-    [copy] = [t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == 0]
+    [copy] = [t for t in trials if attributes.RETRY_OF.read(t) == 0]
     assert copy.state.name == "COMPLETE" and len(counted(trials)) == 1
     resumed = user.client.get_run(copy.user_attrs["mlflow_run_id"])
     assert resumed.data.tags["optuna.resumed_from_run"] == trials[0].user_attrs["mlflow_run_id"]
@@ -333,7 +333,7 @@ def test_ctrl_c_requeues_the_trial_in_progress_and_the_rerun_runs_it(user):
     trials = study(user).trials
     interrupted = running[0].number
     assert trials[interrupted].state.name == "FAIL" and len(counted(trials)) == interrupted  # it does not count
-    [copy] = [t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == interrupted]
+    [copy] = [t for t in trials if attributes.RETRY_OF.read(t) == interrupted]
     assert copy.state.name == "WAITING"
     killed = user.client.get_run(running[0].user_attrs["mlflow_run_id"])
     assert killed.info.status == "KILLED" and killed.data.tags["optuna.trial_state"] == "REQUEUED"

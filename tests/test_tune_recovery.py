@@ -20,10 +20,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments import coordination, storage, summary
+from experiments import attributes, coordination, storage, summary
 from experiments import tune as tune_module
 from experiments import worker as worker_module
-from experiments.attributes import MLFLOW_RUN_ATTR, RETRY_OF_ATTR
 from experiments.gpus import gpu_assignment, run_workers
 from experiments.job import WorkerJob
 from experiments.trials import counted
@@ -77,7 +76,7 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_
         tune(config, PrepareConfig(), prepared_run)
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
-    assert trials[2].user_attrs[RETRY_OF_ATTR] == 1 and len(counted(trials)) == 1
+    assert attributes.RETRY_OF.read(trials[2]) == 1 and len(counted(trials)) == 1
     [interrupted] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == "1"]
     assert interrupted.info.status == "KILLED" and interrupted.data.tags["optuna.trial_state"] == "REQUEUED"
 
@@ -130,14 +129,14 @@ def test_a_running_trial_that_lost_its_worker_is_requeued_when_the_study_resumes
     study = load(config)
     lost = study.ask(study.trials[0].distributions)  # left RUNNING by a worker that is gone
     child = MlflowClient().create_run("0", tags={"pipeline.stage": "trial", "optuna.trial_number": str(lost.number)})
-    lost.set_user_attr(MLFLOW_RUN_ATTR, child.info.run_id)
+    attributes.RUN_ID.write(lost, child.info.run_id)
     if orphan == "a live pid without its lease":  # a pid reused by another process: alive, but not a worker
         lost.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
 
     tune(smoke(tmp_path, n_trials=3), PrepareConfig(), prepared_run)
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[3].user_attrs[RETRY_OF_ATTR] == lost.number and trials[3].params == trials[2].params
+    assert attributes.RETRY_OF.read(trials[3]) == lost.number and trials[3].params == trials[2].params
     lost_run = MlflowClient().get_run(child.info.run_id)
     assert lost_run.info.status == "FAILED" and "stopped while running it" in lost_run.data.tags["optuna.fail_reason"]
     assert not [run for run in runs_of("trial") if run.info.status == "RUNNING"]
