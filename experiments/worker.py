@@ -39,19 +39,18 @@ from experiments.coordination import (
     study_lock,
 )
 from experiments.job import WorkerJob
-from experiments.pareto import measure_cost, on_front
+from experiments.objective import objective
 from experiments.progress import say_done, say_time_left_once
-from experiments.runs import forget_checkpoints, training_run
+from experiments.runs import forget_checkpoints
 from experiments.storage import DATABASE_ERRORS
-from experiments.studies import make_pruner, make_sampler, trial_config
+from experiments.studies import make_pruner, make_sampler
 from experiments.summary import report, summarise
-from experiments.trials import best_value, complete, needs_summary
+from experiments.trials import needs_summary
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
-from pipeline.numerics import resolve_device, share_cpu
+from pipeline.numerics import share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
 from pipeline.tracking import unreachable, when_reachable
-from pipeline.train import log_trained_model, train_and_log
 from pipeline.training import TrainingDiverged
 
 # A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
@@ -59,69 +58,6 @@ TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
 # A trial the other workers gave up while its worker was cut off from the database (its heartbeats
 # stopped for longer than the grace): its copy resumes from this attempt's checkpoint.
 TAKEN_AWAY = optuna.exceptions.UpdateFinishedTrialError
-
-
-# --- one trial ------------------------------------------------------------------------------------
-
-
-def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
-    """Train one sampled configuration in its own child run; return its best val_accuracy (and,
-    in a multi-objective study, its cost, also logged as a metric of the run).
-
-    The model is logged only when no trial finished so far beats it (multi-objective: when no
-    finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
-    has its own model to register. A tie logs too: under parallel workers the tied trial that
-    finishes second may be the one the champion's rule picks (the earlier number).
-    """
-    config = trial_config(job.config, trial)
-    multi_objective = job.config.cost != "none"
-    tags = {"pipeline.stage": "trial", "optuna.study_name": job.config.study_name, "optuna.trial_number": str(trial.number)}
-    with training_run(trial, job, f"trial-{trial.number}", tags) as checkpoints:
-        device = resolve_device(config.device)
-        if device.type == "cuda":  # the allocator's peak, this trial's alone
-            torch.cuda.reset_peak_memory_stats(device)
-        report_epoch = None if multi_objective else pruning(trial, config.epochs)
-        for metrics in checkpoints.restored() if report_epoch else ():  # the pruner sees the whole curve
-            report_epoch(metrics)
-        result, _ = train_and_log(
-            config,
-            data,
-            checkpoint_dir=checkpoints.folder,
-            on_epoch=checkpoints.after_epoch(report_epoch),
-            log_model=False,
-            data_ref=job.data_ref,
-            label=f"[worker {job.worker}] trial {trial.number}",
-        )
-        accuracy = result.best_val_accuracy
-        cost = measure_cost(job.config.cost, result.model, data, config.reading_order) if multi_objective else None
-
-        def log_result() -> None:
-            if device.type == "cuda":
-                mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
-            if multi_objective:
-                mlflow.log_metric(job.config.cost, cost)
-            finished = complete(trial.study)
-            if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
-                logged = log_trained_model(result.model, data, config.reading_order)
-                mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
-                attributes.MODEL_URI.write(trial, logged.model_uri)
-
-        when_reachable(log_result, f"trial {trial.number}'s model")
-        return (accuracy, cost) if multi_objective else accuracy
-
-
-def pruning(trial: optuna.Trial, epochs: int):
-    """The per-epoch callback that reports val_accuracy to Optuna and prunes when its pruner says
-    so; never after the last epoch, when there is nothing left to save (Optuna takes intermediate
-    values of single-objective studies only)."""
-
-    def report_epoch(metrics) -> None:
-        trial.report(metrics.val_accuracy, metrics.epoch)
-        if metrics.epoch < epochs and trial.should_prune():
-            bar = f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar"
-            raise optuna.TrialPruned(bar)
-
-    return report_epoch
 
 
 def release_memory() -> None:

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import attributes, budget, confirm, summary
-from experiments import worker as worker_module
+from experiments import objective as objective_module
 from experiments.job import WorkerJob
 from experiments.studies import STUDIES, make_pruner, min_epochs, resolve_pruner, rungs
 from experiments.trials import best_configurations
@@ -155,7 +155,7 @@ CONFIRM_LINE = r"\[confirm\] trial (\d)'s configuration, seed (\d): val_accuracy
 @pytest.mark.slow
 def test_a_confirmed_study_registers_the_best_mean_configuration_and_reuses_its_runs(tmp_path, prepared_run, monkeypatch, capsys):
     baseline = 1e-2  # trial 0's learning rate (the smoke study's baseline); trial 1 samples another
-    fake_accuracy(monkeypatch, worker_module, lambda config: 0.95 if config.learning_rate == baseline else 0.93)
+    fake_accuracy(monkeypatch, objective_module, lambda config: 0.95 if config.learning_rate == baseline else 0.93)
     seeds = {True: {1: 0.90, 2: 0.91}, False: {1: 0.94, 2: 0.93}}  # trial 0's configuration: worse over seeds
     trained = fake_accuracy(monkeypatch, confirm, lambda config: seeds[config.learning_rate == baseline][config.seed])
     config = smoke(tmp_path, n_trials=2, confirm_top=2, confirm_seeds=2)

@@ -19,7 +19,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from experiments import attributes
-from experiments import worker as worker_module
+from experiments import objective as objective_module
 from experiments.tune import tune
 from pipeline import prepare
 from pipeline.config import PrepareConfig, TrainConfig, TuneConfig
@@ -161,7 +161,7 @@ def prepared_run(tracking, mnist_dir) -> str:
 
 def test_gpu_memory_is_back_to_its_baseline_after_an_out_of_memory_trial(tmp_path, prepared_run, monkeypatch):
     hog_bytes = 8 * 2**30
-    real = worker_module.train_and_log
+    real = objective_module.train_and_log
     at_start, hogs = [], []  # (allocated, reserved, hog still alive) when each trial starts training
 
     def out_of_memory_in_the_second_trial(*args, **kwargs):
@@ -172,7 +172,7 @@ def test_gpu_memory_is_back_to_its_baseline_after_an_out_of_memory_trial(tmp_pat
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (forced, holding {hog.numel() / 2**30:.0f} GiB)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "train_and_log", out_of_memory_in_the_second_trial)
+    monkeypatch.setattr(objective_module, "train_and_log", out_of_memory_in_the_second_trial)
     config = TuneConfig(
         study="smoke",
         study_name="oom",

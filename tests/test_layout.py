@@ -58,6 +58,7 @@ EXPERIMENT_LAYERS = {
     "experiments.progress": 3,
     "experiments.confirm": 3,
     "experiments.registry": 3,
+    "experiments.objective": 3,
     "experiments.summary": 4,
     "experiments.worker": 5,
     "experiments.gpus": 6,

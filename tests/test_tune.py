@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
 from experiments import attributes, budget, plots, progress, registry, studies, summary
-from experiments import worker as worker_module
+from experiments import objective as objective_module
 from experiments.budget import relative_cost, typical_cost
 from experiments.gpus import gpu_assignment
 from experiments.job import WorkerJob
@@ -460,14 +460,14 @@ def test_a_trial_that_ties_the_best_logs_its_model(tracking, monkeypatch):
     study = optuna.create_study(direction="maximize")
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.9))  # finished first, with a model
     result = type("Result", (), {"best_val_accuracy": 0.9, "model": None})()
-    monkeypatch.setattr(worker_module, "train_and_log", lambda *args, **kwargs: (result, None))
+    monkeypatch.setattr(objective_module, "train_and_log", lambda *args, **kwargs: (result, None))
     logged = type("Logged", (), {"model_uri": "models:/m-tie", "model_id": "m-tie"})()
-    monkeypatch.setattr(worker_module, "log_trained_model", lambda *args: logged)
-    monkeypatch.setattr(worker_module.mlflow, "log_metric", lambda *args, **kwargs: None)  # no model m-tie to link to
+    monkeypatch.setattr(objective_module, "log_trained_model", lambda *args: logged)
+    monkeypatch.setattr(objective_module.mlflow, "log_metric", lambda *args, **kwargs: None)  # no model m-tie to link to
     config = TuneConfig(study="smoke", study_name="ties", device="cpu")
     job = WorkerJob(config, mlflow.MlflowClient().create_run("0").info.run_id, "0", "data", "folder")
     trial = study.ask()
-    assert worker_module.objective(trial, job, tiny_prepared()) == 0.9
+    assert objective_module.objective(trial, job, tiny_prepared()) == 0.9
     assert attributes.MODEL_URI.read(study.trials[-1]) == "models:/m-tie"
 
 

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import attributes, coordination, storage, summary
+from experiments import objective as objective_module
 from experiments import tune as tune_module
 from experiments import worker as worker_module
 from experiments.gpus import gpu_assignment, run_workers
@@ -47,7 +48,7 @@ def test_pruned_trials_end_killed(tmp_path, prepared_run):
 
 def second_trial_raises(monkeypatch, error: BaseException) -> None:
     """The second trial's training raises ``error``; the others train as usual."""
-    real, calls = worker_module.train_and_log, []
+    real, calls = objective_module.train_and_log, []
 
     def train_and_log(*args, **kwargs):
         calls.append(1)
@@ -55,7 +56,7 @@ def second_trial_raises(monkeypatch, error: BaseException) -> None:
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "train_and_log", train_and_log)
+    monkeypatch.setattr(objective_module, "train_and_log", train_and_log)
 
 
 @pytest.mark.slow
@@ -256,10 +257,12 @@ def test_every_trials_model_is_released_whatever_its_ending(tmp_path, prepared_r
         if kind == "oom":
             raise __import__("torch").cuda.OutOfMemoryError("forced")
 
-    real_train = worker_module.train_and_log
+    real_train = objective_module.train_and_log
     monkeypatch.setattr(training_module, "build_model", tracked_build)
     monkeypatch.setattr(
-        worker_module, "train_and_log", lambda *a, on_epoch, **k: real_train(*a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k)
+        objective_module,
+        "train_and_log",
+        lambda *a, on_epoch, **k: real_train(*a, on_epoch=lambda m: (on_epoch(m), ending(m)), **k),
     )
     tune(smoke(tmp_path, n_trials=5, pruner="none"), PrepareConfig(), prepared_run)
     assert [t.state.name for t in load(smoke(tmp_path)).trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
