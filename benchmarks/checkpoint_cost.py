@@ -25,10 +25,10 @@ from mlflow import MlflowClient
 from benchmarks.bench import run_job
 from benchmarks.measure import MNIST_TRAIN_IMAGES
 from benchmarks.report import RESULTS, describe, environment, flag, log, render, write_report
+from experiments.runs import download_checkpoint, upload_checkpoint
 from pipeline.checkpoints import Checkpoints
 from pipeline.config import OneLineParser, PrepareConfig, TrainConfig
 from pipeline.data import PreparedData, Split, load_raw
-from pipeline.tracking import download_checkpoint, upload_checkpoint
 from pipeline.training import train
 from tests.infra import mlflow_server
 
@@ -181,7 +181,7 @@ def main() -> None:
         f"# checkpoint cost: {describe(env)}\n\n"
         f"The machine was shared: load average {load_before[0]:.1f} before, {env['load_average_after'][0]:.1f} after "
         f"({os.cpu_count()} cores). Each transfer cell: median (min-max) of {args.rounds} rounds after a warm-up; 'save' "
-        "is the loop's own atomic torch.save of the checkpoint; 'upload' is pipeline.tracking.upload_checkpoint to a "
+        "is the loop's own atomic torch.save of the checkpoint; 'upload' is experiments.runs.upload_checkpoint to a "
         "run in a local SQLite store with an artifact folder, or on an `mlflow server` on 127.0.0.1 (SQLite, proxied "
         f"artifacts, {args.server_workers} worker(s)); 'download' is download_checkpoint from it. 'epoch s': one epoch of "
         f"55,000 training and 5,000 validation images on 'threads' torch threads, median (min-max) of {args.epoch_rounds} "

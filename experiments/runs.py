@@ -1,7 +1,7 @@
 """A training of a study (a trial, or a confirmation run) in its MLflow run: its end state as tags,
 and its checkpoint kept on the run, where the retry of a lost attempt resumes it.
 
-Every epoch's checkpoint replaces the run's ``checkpoint/`` artifact (pipeline/tracking.py), so
+Every epoch's checkpoint replaces the run's ``checkpoint/`` artifact (``upload_checkpoint``), so
 it reaches every worker through the tracking store, with no shared filesystem. A re-queued copy
 (a preempted, killed or cut-off attempt) opens a run of its own, tagged with the run it resumes,
 downloads the newest checkpoint of its earlier attempts and goes on from the epoch after it; the
@@ -12,6 +12,8 @@ not dead) and logging to it. Once a training's result is told, its checkpoints a
 
 from __future__ import annotations
 
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,23 +21,65 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
 from experiments import attributes
 from experiments.job import WorkerJob, worker_id
 from experiments.storage import DATABASE_ERRORS
 from pipeline.checkpoints import Checkpoints
-from pipeline.tracking import (
-    download_checkpoint,
-    remove_checkpoint,
-    start_run_with_system_metrics,
-    upload_checkpoint,
-    when_reachable,
-)
+from pipeline.tracking import start_run_with_system_metrics, when_reachable
 from pipeline.training import EpochMetrics, TrainingInterrupted
 
 RESUMED_FROM_TAG = "optuna.resumed_from_run"  # on a retry's run: the earlier attempt's run it continues
 WORKER_TAG = "optuna.worker"  # host:pid of the worker that trained the run
+
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # a run's newest checkpoint, replaced after every epoch
+_CHECKPOINT_FILE = "latest.pt"
+
+
+def upload_checkpoint(run_id: str, path: Path) -> bool:
+    """Make ``path`` the run's checkpoint artifact, replacing the one before: any worker that reaches
+    the tracking store can resume the training, with no shared filesystem. A failed upload (the
+    tracking server down) is said and skipped: the next epoch uploads again."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+            fixed = Path(tmp, _CHECKPOINT_FILE)  # one name: each upload overwrites the last
+            shutil.copyfile(path, fixed)
+            MlflowClient().log_artifact(run_id, str(fixed), CHECKPOINT_ARTIFACT)
+        return True
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        print(f"warning: checkpoint of run {run_id} not uploaded ({type(error).__name__}: {error})", file=sys.stderr)
+        return False
+
+
+def download_checkpoint(run_id: str, folder: Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into ``folder`` (as the loop's oldest checkpoint
+    name, so the loop resumes from it); None if the run has none."""
+    try:
+        if not MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT):
+            return None
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+            downloaded = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT}/{_CHECKPOINT_FILE}", dst_path=tmp
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            return Path(downloaded).replace(folder / "epoch-0000-from-run.pt")
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        print(f"warning: checkpoint of run {run_id} not read ({type(error).__name__}: {error})", file=sys.stderr)
+        return None
+
+
+def remove_checkpoint(run_id: str) -> None:
+    """Delete the run's checkpoint artifact once its result is safe. MLflow's client has no call to
+    delete an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
+    except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:
+        print(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})", file=sys.stderr)
 
 
 def earlier_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:

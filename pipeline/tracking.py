@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -355,52 +354,3 @@ def when_reachable(call, what: str, limit: float = TRACKING_RESTART_LIMIT):
                 print(f"the tracking server does not answer; {what} waits for it up to {limit:.0f} s", file=sys.stderr)
                 said = True
             time.sleep(2)
-
-
-# --- a training's newest checkpoint, kept on its run ------------------------------------------------
-
-CHECKPOINT_ARTIFACT = "checkpoint"  # a run's newest checkpoint, replaced after every epoch
-_CHECKPOINT_FILE = "latest.pt"
-
-
-def upload_checkpoint(run_id: str, path: Path) -> bool:
-    """Make ``path`` the run's checkpoint artifact, replacing the one before: any worker that reaches
-    the tracking store can resume the training, with no shared filesystem. A failed upload (the
-    tracking server down) is said and skipped: the next epoch uploads again."""
-    try:
-        with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
-            fixed = Path(tmp, _CHECKPOINT_FILE)  # one name: each upload overwrites the last
-            shutil.copyfile(path, fixed)
-            MlflowClient().log_artifact(run_id, str(fixed), CHECKPOINT_ARTIFACT)
-        return True
-    except (mlflow.exceptions.MlflowException, OSError) as error:
-        print(f"warning: checkpoint of run {run_id} not uploaded ({type(error).__name__}: {error})", file=sys.stderr)
-        return False
-
-
-def download_checkpoint(run_id: str, folder: Path) -> Path | None:
-    """The run's checkpoint artifact, downloaded into ``folder`` (as the loop's oldest checkpoint
-    name, so the loop resumes from it); None if the run has none."""
-    try:
-        if not MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT):
-            return None
-        with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
-            downloaded = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT}/{_CHECKPOINT_FILE}", dst_path=tmp
-            )
-            folder.mkdir(parents=True, exist_ok=True)
-            return Path(downloaded).replace(folder / "epoch-0000-from-run.pt")
-    except (mlflow.exceptions.MlflowException, OSError) as error:
-        print(f"warning: checkpoint of run {run_id} not read ({type(error).__name__}: {error})", file=sys.stderr)
-        return None
-
-
-def remove_checkpoint(run_id: str) -> None:
-    """Delete the run's checkpoint artifact once its result is safe. MLflow's client has no call to
-    delete an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    try:
-        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
-    except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:
-        print(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})", file=sys.stderr)
