@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.trial import TrialState
 
 from experiments import attributes
 from experiments.studies import StudyDefinition
+from experiments.trials import best_first, complete
 from pipeline.config import ParameterError
 
 
@@ -42,15 +42,13 @@ def warm_start(storage: optuna.storages.BaseStorage, source: str, k: int, defini
     if source not in optuna.study.get_all_study_names(storage):
         raise ParameterError(f"warm_start={source!r}: no study of that name in this storage")
     earlier = optuna.load_study(study_name=source, storage=storage)
-    complete = earlier.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    finished = complete(earlier)
+    if not finished:
         raise ParameterError(f"warm_start={source!r}: that study has no complete trial to start from")
     space = definition.space
     baseline = {name: value for name, value in definition.baseline.items() if name in space}
-    # val_accuracy is the first objective of every study, single- or multi-objective.
-    ranked = sorted(complete, key=lambda t: (-t.values[0], t.number))
     trials, configurations, left_out = [], [], []
-    for trial in ranked:
+    for trial in best_first(finished):
         carried = {name: value for name, value in trial.params.items() if name in space and contains(space[name], value)}
         if carried and carried != baseline and carried not in configurations:  # trial 0 runs the baseline anyway
             trials.append(trial.number)
