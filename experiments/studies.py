@@ -41,9 +41,13 @@ def suggest(definition: StudyDefinition, trial: optuna.Trial | optuna.trial.Fixe
         elif isinstance(distribution, CategoricalDistribution):
             params[name] = trial.suggest_categorical(name, distribution.choices)
         elif isinstance(distribution, IntDistribution):
-            params[name] = trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+            params[name] = trial.suggest_int(
+                name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+            )
         else:
-            params[name] = trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+            params[name] = trial.suggest_float(
+                name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+            )
     return params
 
 
