@@ -5,6 +5,8 @@ stage's work leaves it as it was."""
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -144,6 +146,20 @@ def test_imports_in_functions_type_checking_blocks_and_relative_ones_count(tmp_p
 def test_nothing_imports_benchmarks_but_benchmarks():
     for path in [*REPO.glob("tests/*.py"), *REPO.glob("pipeline/*.py"), *REPO.glob("experiments/*.py")]:
         assert not [name for name in project_imports(path) if name.startswith("benchmarks")], path.name
+
+
+def test_every_name_imported_from_the_project_exists():
+    """Scripts run by hand (benchmarks/, deploy/) are imported by no test: a renamed name would
+    break them unseen."""
+    folders = ("pipeline", "experiments", "tests", "benchmarks", "deploy")
+    for path in [path for folder in folders for path in REPO.glob(f"{folder}/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module.split(".")[0] not in folders[:2]:
+                continue
+            module = importlib.import_module(node.module)
+            missing = [alias.name for alias in node.names if not hasattr(module, alias.name)]
+            if missing and not all(importlib.util.find_spec(f"{node.module}.{name}") for name in missing):
+                pytest.fail(f"{path.relative_to(REPO)}: {node.module} has no {missing}")
 
 
 def test_the_entry_points_that_only_start_others_import_no_torch():

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import mlflow
 import optuna
 
-from experiments.attributes import REGISTERED_ATTR
+from experiments.attributes import REGISTERED
 from tests.infra import mlflow_server, postgres_cluster
 
 EXPERIMENT = "k8s-smoke"
@@ -76,7 +76,7 @@ def main() -> None:
             study = optuna.load_study(study_name="smoke", storage=optuna_url)
             smoke = [t.state.name for t in study.trials]
             print(f"two workers: exit codes {codes}, {time.monotonic() - started:.0f} s, trials {smoke}")
-            print(f"  best val_accuracy {study.best_value:.4f}; registered {study.user_attrs.get(REGISTERED_ATTR)}")
+            print(f"  best val_accuracy {study.best_value:.4f}; registered {REGISTERED.read(study)}")
 
             stopped = docker_run(args.image, args.data_dir, env, "worker-stop", *tune, "-P", "study_name=smoke-stop",
                                  "-P", "n_trials=1", "-P", "epochs=200", "-P", "pruner=none")  # fmt: skip
