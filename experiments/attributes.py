@@ -1,9 +1,7 @@
 """What a study and its trials carry in Optuna's storage besides parameters and values: every
-attribute's name and what it holds, read and written through its ``Attribute``.
-
-Every module of ``experiments/`` goes through these; no other reads ``user_attrs`` or calls
-``set_user_attr``. A reader of an older study finds the default (``None`` unless stated) for an
-attribute that study never recorded.
+attribute's name and what it holds, read and written through its ``Attribute`` (no other module
+reads ``user_attrs`` or calls ``set_user_attr``). One an older study never recorded reads as its
+default (``None`` unless stated).
 """
 
 from __future__ import annotations

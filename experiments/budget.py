@@ -1,11 +1,8 @@
 """How long a training takes here, and what ``-P budget`` lets a study still start.
 
-One model of time: an epoch takes a fixed overhead plus a rate times the configuration's per-image
-cost relative to the study's baseline (``relative_cost``, by ``pipeline.cost.forward_flops``), the
-line fitted to the study's own trials' timing (``epoch_time``). From it: one run's seconds, the
-worst case of another trial and the confirmation after it (the space's largest configuration,
-``largest_cost``), the time left said when a study starts; and, for the confirmation, each run as
-long as its trial took, packed onto the workers (``makespan``).
+One model of time (docs/tuning.md, "How long"): an epoch takes a fixed overhead plus a rate times
+the configuration's per-image cost relative to the study's baseline, the line fitted to the study's
+own trials (``epoch_time``). The confirmation's runs each take as long as their trial took.
 """
 
 from __future__ import annotations
@@ -25,13 +22,13 @@ from experiments import attributes
 from experiments.studies import STUDIES, StudyDefinition, largest_configuration, suggest
 from experiments.trials import best_configurations, counted
 from pipeline.config import TuneConfig
+from pipeline.cost import forward_flops
 
 
 def relative_cost(definition: StudyDefinition, params: dict) -> float:
     """A configuration's per-image training cost, relative to the study's baseline (trial 0), by
     ``pipeline.cost.forward_flops``. A parameter ``params`` leaves out (a warm start cut to the
     space) counts at the baseline's value."""
-    from pipeline.cost import forward_flops
 
     def cost(params: dict) -> float:
         size = (params.get("hidden_size", 256), params.get("num_layers", 2), bool(params.get("bidirectional")))
@@ -53,12 +50,6 @@ def largest_cost(definition: StudyDefinition) -> float:
     return max(1.0, relative_cost(definition, largest_configuration(definition)))
 
 
-def epochs_run(trial: FrozenTrial, epochs: int) -> int:
-    """Epochs a finished trial trained: its reports (a pruned one stopped early); a multi-objective
-    trial reports none, and completes all of them."""
-    return len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
-
-
 @dataclass(frozen=True)
 class EpochTime:
     """Seconds one epoch takes here: a fixed ``overhead`` (validation, Python, a small model's
@@ -75,8 +66,10 @@ def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float |
     """A trial's seconds per epoch so far: a finished one's whole duration over the epochs it ran;
     a running one's time since it started over the epochs it reported (an over-estimate by at most
     the epoch under way). None for a trial with no epoch behind it."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and epochs_run(trial, epochs):
-        return trial.duration.total_seconds() / epochs_run(trial, epochs)
+    # A multi-objective trial reports no epochs, and completes all of them.
+    ran = len(trial.intermediate_values) or (epochs if trial.state == TrialState.COMPLETE else 0)
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.duration and ran:
+        return trial.duration.total_seconds() / ran
     if trial.state == TrialState.RUNNING and trial.datetime_start and trial.intermediate_values:
         return (now - trial.datetime_start).total_seconds() / len(trial.intermediate_values)
     return None
@@ -85,13 +78,9 @@ def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float |
 def epoch_time(
     definition: StudyDefinition, trials: list[FrozenTrial], epochs: int, now: datetime | None = None
 ) -> EpochTime | None:
-    """How long an epoch takes here, fitted to the study's trials' own timing (seconds per epoch
-    against relative cost, least squares; the running trials' reported epochs count too, or one
-    small trial finished beside a large one still running makes every configuration look as slow
-    per cost as the small one's fixed cost); None before any epoch is timed. Where the points do not
-    give a line with a positive overhead and slope, the line through zero: mostly the largest
-    trials' rate. (Each trial's seconds over its cost alone would make a small trial's fixed
-    overhead look like a baseline epoch of minutes.)"""
+    """How long an epoch takes here: the trials' seconds per epoch (running ones' too) against their
+    relative cost, by least squares; where that line has no positive overhead and slope, the line
+    through zero. None before any epoch is timed."""
     now = now or datetime.now()  # Optuna stamps trials with naive local time
     points = [
         (relative_cost(definition, trial.params), seconds)
@@ -164,7 +153,7 @@ def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, proc
     one left out is said."""
     chosen, runs = [], []
     for rank, trial in enumerate(trials):
-        mine = [seconds_of(trial)] * config.confirm_seeds
+        mine = [trial.duration.total_seconds() if trial.duration else 0.0] * config.confirm_seeds
         ends = time.time() + makespan(runs + mine, processes)
         if rank and ends > deadline:
             left = max(0.0, deadline - time.time())
@@ -187,11 +176,6 @@ def makespan(seconds: list[float], processes: int) -> float:
     for length in sorted(seconds, reverse=True):
         loads[loads.index(min(loads))] += length
     return max(loads)
-
-
-def seconds_of(trial: FrozenTrial) -> float:
-    """How long ``trial`` took (0 if not recorded): how long one of its confirm runs takes."""
-    return trial.duration.total_seconds() if trial.duration else 0.0
 
 
 def say_budget_wait(worker: int) -> bool:

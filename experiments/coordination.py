@@ -1,17 +1,7 @@
-"""How the workers of one study agree, on primitives the storage engine or the kernel guarantees.
-
-- **The study lock** serialises the moments a worker looks at the study and asks for a trial.
-  It is ``fcntl.flock`` on a file beside a journal or SQLite storage, and a session-level
-  PostgreSQL advisory lock on a connection of its own for PostgreSQL. Both are released when the
-  holder releases them or when its process dies, and at no other time: nothing is judged by
-  age, so a holder that stalls (a slow MLflow call, a sampler fit, a database pause) keeps it.
-- **Liveness of a running trial** comes from a lease its worker takes before it lets go of the
-  study lock: Optuna's heartbeats on PostgreSQL, a ``flock`` on the trial's own file on a
-  journal. A trial whose lease is gone while it still reads RUNNING lost its worker.
-- **A database restart** is waited out (experiments/storage.py).
-- **Re-queueing**: a trial that lost its worker or was interrupted (Ctrl-C, SIGTERM) is re-queued
-  once with the same parameters; the failed original no longer counts (experiments/trials.py), so
-  a study ends with exactly ``n_trials`` trials that count.
+"""How the workers of one study agree, on primitives the storage engine or the kernel guarantees
+(docs/tuning.md, "How the workers agree"): the study lock, which only its holder's release or death
+frees, never its age; a lease per running trial, whose loss means the trial lost its worker; and
+re-queueing such a trial, or an interrupted one, once, so a study ends with exactly ``n_trials``.
 """
 
 from __future__ import annotations
@@ -40,7 +30,7 @@ from experiments.storage import (
     storage_kind,
     wait_out_restarts,
 )
-from experiments.trials import counted, requeued_numbers
+from experiments.trials import requeued_numbers, trials_left
 from pipeline.config import ParameterError, TuneConfig
 
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
@@ -57,12 +47,7 @@ class NextStep(Enum):
 
 def lock_folder(storage: str) -> Path:
     """Where the lock files of a file-based storage live: ``<file>.locks/`` beside it."""
-    if storage_kind(storage) == "journal":
-        path = storage
-    else:
-        from sqlalchemy.engine import make_url
-
-        path = make_url(storage).database
+    path = storage if storage_kind(storage) == "journal" else sqlalchemy.make_url(storage).database
     folder = Path(f"{path}.locks")
     folder.mkdir(exist_ok=True)
     return folder
@@ -75,13 +60,8 @@ def file_name(study_name: str) -> str:
 
 
 class Lock:
-    """``with lock:`` holds it for the block, waiting as long as it takes."""
-
-    def acquire(self, blocking: bool = True) -> bool:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        raise NotImplementedError
+    """``with lock:`` holds it for the block, waiting as long as it takes; ``acquire(blocking=False)``
+    returns False where another holds it."""
 
     def confirm(self) -> None:
         """Raise if the lock was lost while held (only a database restart can take it)."""
@@ -95,12 +75,10 @@ class Lock:
 
 
 class FileLock(Lock):
-    """``flock`` on one file: exclusive, and dropped by the kernel when the holder's process dies.
-
-    Stands in for ``filelock.FileLock``: where a filesystem has no ``flock`` it falls back to a soft
-    lock that a killed holder never releases (this one fails instead), and the study lock shares
-    ``confirm`` with the PostgreSQL lock. Not re-entrant: a second acquire in the holding thread raises.
-    """
+    """``flock`` on one file, dropped by the kernel when the holder's process dies; not re-entrant (a
+    second acquire in the holding thread raises). Stands in for ``filelock.FileLock``: where a filesystem
+    has no ``flock`` that falls back to a soft lock a killed holder never releases (this one fails
+    instead), and the study lock shares ``confirm`` with the PostgreSQL lock."""
 
     held: set[tuple[Path, int]] = set()  # (path, thread) held here: that thread's second acquire would wait for itself
 
@@ -186,15 +164,9 @@ def single_sqlite_worker(storage: str):
 def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.BaseStorage:
     """A journal file (crash-safe, shared by the processes of one machine), or an RDB storage with
     heartbeats: ``on_stale_trial(study, trial)`` runs for a trial whose worker stopped beating.
-
-    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command.
-    """
+    ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command."""
     if storage_kind(config.storage) == "journal":
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(config.storage))
-    from sqlalchemy.exc import DBAPIError
-
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(config.storage))
     deadline = time.monotonic() + DATABASE_RESTART_LIMIT
     while True:
         try:
@@ -210,36 +182,31 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
                         grace_period=3 * config.heartbeat_interval,
                         heartbeat_stale_trial_callback=on_stale_trial,
                     )
-            break
-        except DBAPIError as error:
-            if restarting(error.orig, reached=False) and time.monotonic() < deadline:
-                time.sleep(1)
-                continue
-            raise ParameterError(
-                f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
-            ) from None
-    wait_out_restarts(storage.engine)
-    return storage
+            wait_out_restarts(storage.engine)
+            return storage
+        except sqlalchemy.exc.DBAPIError as error:
+            if not restarting(error.orig, reached=False) or time.monotonic() >= deadline:
+                raise ParameterError(
+                    f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
+                ) from None
+            time.sleep(1)
 
 
 # --- liveness: a lease per running trial ----------------------------------------------------------
 
 
 class TrialLease:
-    """Held by the worker running a trial, from the moment it asks (under the study lock) until it
-    has told the result. On PostgreSQL, Optuna's heartbeats; on a journal file, ``flock`` on the
-    trial's own file."""
+    """Held by a trial's worker from its ask (under the study lock) until its result is told:
+    Optuna's heartbeats on PostgreSQL, ``flock`` on the trial's own file on a journal."""
 
     def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, config: TuneConfig, trial: optuna.Trial):
-        self.stop = threading.Event()
-        self.lock, self.thread = None, None
+        self.stop, self.lock = threading.Event(), None
         if storage_kind(config.storage) == "postgresql":
             trial_id = storage.get_trial_id_from_study_id_trial_number(
                 storage.get_study_id_from_name(study.study_name), trial.number
             )
             storage.record_heartbeat(trial_id)  # before the study lock is released: never RUNNING without one
-            self.thread = threading.Thread(target=self._beat, args=(storage, trial_id, config.heartbeat_interval), daemon=True)
-            self.thread.start()
+            threading.Thread(target=self._beat, args=(storage, trial_id, config.heartbeat_interval), daemon=True).start()
         else:
             self.lock = FileLock(lease_path(config, study.study_name, trial.number))
             self.lock.acquire()
@@ -285,13 +252,12 @@ def lease_held(config: TuneConfig, study_name: str, trial: FrozenTrial) -> bool:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: bool) -> None:
-    """Queue ``trial``'s parameters once more and end it FAIL; it no longer counts.
+    """Queue ``trial``'s parameters once more and end it FAIL; it no longer counts. Call holding the
+    study lock; safe to repeat after a crash halfway: a trial is copied once.
 
-    Call holding the study lock. Safe to repeat after a crash halfway: a trial is copied once.
     Stands in for Optuna's ``RetryHeartbeatStaleTrialCallback``: that serves heartbeats on an RDB
     only (a journal has none, and Ctrl-C or SIGTERM re-queue too), copies a trial each time it is
-    called, and records the first original where a resumed copy needs the attempt it continues.
-    """
+    called, and records the first original where a resumed copy needs the attempt it continues."""
     trials = study.get_trials(deepcopy=False)
     lost = attributes.LOST_WORKERS.read(trial) + lost_worker
     if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
@@ -302,38 +268,32 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: b
 def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
     """Re-queue the running trials of a journal study whose worker is gone (call holding the study
     lock). On PostgreSQL Optuna does it from heartbeats, calling the storage's stale-trial callback."""
-    if storage_kind(config.storage) == "postgresql":
-        # After an outage every heartbeat is old: the workers that live beat again within a grace of
-        # the database's return, so a worker judges heartbeats only a grace after it saw it return.
-        if seconds_since_database_back() >= 3 * config.heartbeat_interval:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
-                optuna.storages.fail_stale_trials(study)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if attributes.WORKER.read(trial) is None:  # asked under this lock, but its lease never taken (a database cut)
-                reason = "its worker lost the database before it started the trial"
-                requeue(study, trial, reason, lost_worker=True)
-                on_lost(study, trial, reason)
-        return
+    postgresql = storage_kind(config.storage) == "postgresql"
+    # After an outage every heartbeat is old: the workers that live beat again within a grace of
+    # the database's return, so a worker judges heartbeats only a grace after it saw it return.
+    if postgresql and seconds_since_database_back() >= 3 * config.heartbeat_interval:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+            optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if lease_held(config, study.study_name, trial):
-            continue
-        # Free lease: either the worker died, or it told its result and let go just now. Look again.
-        now = study.get_trials(deepcopy=False)[trial.number]
-        if now.state == TrialState.RUNNING:
+        if postgresql and attributes.WORKER.read(trial) is None:  # asked under this lock, its lease never taken (a database cut)
+            reason = "its worker lost the database before it started the trial"
+        elif not postgresql and not lease_held(config, study.study_name, trial):
             reason = f"its worker {attributes.WORKER.read(trial) or attributes.NOT_RECORDED} stopped while running it"
-            requeue(study, now, reason, lost_worker=True)
-            on_lost(study, now, reason)
+            # Free lease: either the worker died, or it told its result and let go just now. Look again.
+            trial = study.get_trials(deepcopy=False)[trial.number]
+        else:
+            continue
+        if trial.state == TrialState.RUNNING:
+            requeue(study, trial, reason, lost_worker=True)
+            on_lost(study, trial, reason)
 
 
 def next_step(study: optuna.Study, n_trials: int) -> NextStep:
     """What a worker does next; call holding the study lock, after ``fail_lost_trials``.
 
     Only the count decides: an enqueued trial (a warm start's configuration) runs within ``n_trials``
-    like a sampled one, and those past it wait for an extension. A re-queued copy still runs, since
-    the original it replaces no longer counts."""
-    trials = study.get_trials(deepcopy=False)
-    running = sum(trial.state == TrialState.RUNNING for trial in trials)
-    if len(counted(trials)) + running < n_trials:
+    like a sampled one, and those past it wait for an extension."""
+    if trials_left(study, n_trials):
         return NextStep.RUN
-    return NextStep.WAIT if running else NextStep.STOP
+    return NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP

@@ -5,7 +5,6 @@ One line each, to stderr, as it happens. What ``-P budget`` makes them say: expe
 
 from __future__ import annotations
 
-import math
 import sys
 
 import optuna
@@ -14,7 +13,7 @@ from optuna.trial import TrialState
 from experiments.budget import time_left
 from experiments.pareto import cost_name, format_cost
 from experiments.studies import OBJECTIVE_METRIC
-from experiments.trials import best_value, complete, counted, most_accurate, trials_left
+from experiments.trials import complete, counted, most_accurate, trials_left
 from pipeline.config import TuneConfig
 from pipeline.training import duration
 
@@ -35,10 +34,8 @@ def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, 
     value = f": {OBJECTIVE_METRIC} {trial.values[0]:.4f}" if trial.values else ""
     if len(trial.values or ()) > 1:
         value += f" {cost_name(study)} {format_cost(cost_name(study), trial.values[1])}"
-    best = best_value(study)
-    best_text = "no complete trial yet"
-    if best > -math.inf:
-        best_text = f"best {best:.4f} (trial {most_accurate(complete(study)).number})"
+    best = most_accurate(finished) if (finished := complete(study)) else None
+    best_text = f"best {best.values[0]:.4f} (trial {best.number})" if best else "no complete trial yet"
     done = f"{len(counted(study.get_trials(deepcopy=False)))} of {n_trials} done"
     line = f"[worker {worker}] trial {trial.number} {trial.state.name}{trained}{took}{value} | {best_text} | {done}"
     print(line, file=sys.stderr, flush=True)

@@ -1,9 +1,6 @@
-"""Where a study lives: checking and naming its storage (coordination.py opens it), and waiting out a database restart.
-
-A restart (an upgrade, a failover) is waited out: a connection that PostgreSQL refuses while it
-stops or starts is tried again every second, for up to ``DATABASE_RESTART_LIMIT`` seconds; a
-trial whose database call failed while it restarted is re-queued like an interrupted one
-(experiments/worker.py).
+"""Where a study lives: its storage checked and named (coordination.py opens it), and a database
+restart (an upgrade, a failover) waited out, which Optuna does not: a connection PostgreSQL refuses
+while it stops or starts is tried again every second, for up to ``DATABASE_RESTART_LIMIT`` seconds.
 """
 
 from __future__ import annotations
@@ -34,23 +31,18 @@ def check_storage(storage: str, n_workers: int = 1) -> None:
     """Refuse, in one line, a storage tune cannot use; the URL is never echoed (it may hold a password)."""
     kind = storage_kind(storage)
     if kind == "journal":
-        if not Path(storage).resolve().parent.is_dir():
-            raise ParameterError(
-                f"storage={storage!r} is not allowed: its folder {Path(storage).resolve().parent} does not exist"
-            )
+        if not (folder := Path(storage).resolve().parent).is_dir():
+            raise ParameterError(f"storage={storage!r} is not allowed: its folder {folder} does not exist")
         return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
     scheme = storage.split("://")[0]
     if kind not in ("sqlite", "postgresql"):
         raise ParameterError(
             f"storage={scheme}://... is not allowed: must be a journal file path, sqlite:///<file> or postgresql://..."
         )
     try:
-        url = make_url(storage)
+        url = sqlalchemy.make_url(storage)
         dialect = url.get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError):
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError):
         raise ParameterError(f"storage={scheme}://... is not allowed: not a database URL SQLAlchemy understands") from None
     try:
         dialect.import_dbapi()
@@ -73,23 +65,18 @@ def check_storage(storage: str, n_workers: int = 1) -> None:
 
 def public_storage(storage: str) -> str:
     """``storage`` with any password replaced by ***, fit to log."""
-    if "://" not in storage:
-        return storage
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True)
+    return storage if "://" not in storage else sqlalchemy.make_url(storage).render_as_string(hide_password=True)
 
 
-# What libpq reports while PostgreSQL stops, starts, or is down: a failed connection carries no SQLSTATE.
+# What libpq reports while PostgreSQL stops or starts: a failed connection carries no SQLSTATE.
 RESTART_MESSAGES = ("the database system is shutting down", "the database system is starting up", "not yet accepting connections")
-DOWN_MESSAGE = "Connection refused"
 
 
 def restarting(error: Exception, reached: bool) -> bool:
     """Whether a failed connection means the database is restarting: it says so, or (``reached``:
     it answered before) it refuses connections."""
     text = str(error)
-    return any(message in text for message in RESTART_MESSAGES) or (reached and DOWN_MESSAGE in text)
+    return any(message in text for message in RESTART_MESSAGES) or (reached and "Connection refused" in text)
 
 
 # When this process last saw its database come back after refusing it (time.monotonic()). Process-wide:

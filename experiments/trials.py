@@ -1,8 +1,7 @@
 """Which trials of a study count, and which are best.
 
 - **Counted**: the finished trials (COMPLETE, PRUNED, and FAIL from the objective) toward
-  ``n_trials``, less the failed originals that a re-queued copy replaces
-  (experiments/coordination.py re-queues a trial that lost its worker or was interrupted).
+  ``n_trials``, less the failed originals that a re-queued copy replaces (experiments/coordination.py).
 - **Best**: the highest val_accuracy, every study's first objective, of a complete trial; among
   equals the cheaper (a multi-objective study's cost), then the earlier. A re-queued copy repeats
   its original's parameters, so a ranking of configurations keeps each one once.
@@ -17,8 +16,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
 
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
     """The failed trials that a re-queued copy replaces: they do not count."""
@@ -26,9 +23,9 @@ def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The finished trials that count toward ``n_trials``."""
+    """The finished trials (COMPLETE, PRUNED, FAIL) that count toward ``n_trials``."""
     replaced = requeued_numbers(trials)
-    return [trial for trial in trials if trial.state in COUNTED_STATES and trial.number not in replaced]
+    return [trial for trial in trials if trial.state.is_finished() and trial.number not in replaced]
 
 
 def trials_left(study: optuna.Study, n_trials: int) -> int:

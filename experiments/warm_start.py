@@ -1,10 +1,5 @@
-"""Warm starts: a new study begins from the best configurations of an earlier study in the same storage.
-
-Read when a study is created, and only then (under the study lock, experiments/tune.py): the
-earlier study's ``k`` best complete trials by ``val_accuracy`` are cut to the new study's search
-space and enqueued after trial 0, best first. A parameter the new space does not sample, or a
-value outside its range, is left out: the new study's sampler draws it (or its fixed default
-applies), so a carried configuration never leaves the space it is compared in.
+"""Warm starts (docs/tuning.md): a new study begins from the ``k`` best configurations of an earlier
+study in the same storage, cut to its search space so that none leaves the space it is compared in.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def with_config(trials: list[optuna.trial.FrozenTrial], config: dict) -> list[op
 def check_study(cluster, url: str, workers: Workers, n_trials: int) -> list[optuna.trial.FrozenTrial]:
     """Exactly ``n_trials`` counted trials, all COMPLETE, and no configuration trained from epoch 1
     twice; the counted trials."""
-    from experiments.coordination import counted
+    from experiments.trials import counted
 
     trials = counted(load(cluster, url).trials)
     assert len(trials) == n_trials and {t.state.name for t in trials} == {"COMPLETE"}, [(t.number, t.state.name) for t in trials]
