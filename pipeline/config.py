@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-Config = TypeVar("Config")
+from typing import Any
 
 
 class ParameterError(ValueError):
@@ -30,7 +29,7 @@ def param(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, choice
     return field(default=default, metadata={"help": help, **bounds})
 
 
-_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -39,37 +38,30 @@ def allowed(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta.get("choices"):
         return "one of " + ", ".join(map(str, meta["choices"]))
-    limits = [f"{_SYMBOLS[k]} {meta[k]}" for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None]
-    return " and ".join([_TYPE_WORDS[_field_type(f)] + (" " + limits[0] if limits else "")] + limits[1:])
+    limits = [f"{symbol} {meta[k]}" for k, (symbol, _) in _BOUNDS.items() if meta.get(k) is not None]
+    return " and ".join([_TYPE_WORDS[type(f.default)] + (" " + limits[0] if limits else "")] + limits[1:])
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    return type(f.default)
+class Checked:
+    """A config dataclass whose building raises ParameterError for the first field outside its allowed values."""
 
-
-def check_fields(config) -> None:
-    """Raise ParameterError for the first field whose value is outside its allowed values."""
-    for f in dataclasses.fields(config):
-        value, meta, kind = getattr(config, f.name), f.metadata, _field_type(f)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if ok and meta.get("choices"):
-            ok = value in meta["choices"]
-        if ok and kind in (int, float):
-            ok = (
-                value == value  # rejects NaN
-                and (meta.get("ge") is None or value >= meta["ge"])
-                and (meta.get("gt") is None or value > meta["gt"])
-                and (meta.get("le") is None or value <= meta["le"])
-                and (meta.get("lt") is None or value < meta["lt"])
-            )
-        if not ok:
-            raise ParameterError(f"{f.name}={value!r} is not allowed: must be {allowed(f)}")
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, meta, kind = getattr(self, f.name), f.metadata, type(f.default)
+            # an int is a float too; a bool is an int only to Python
+            ok = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
+            if ok and meta.get("choices"):
+                ok = value in meta["choices"]
+            if ok and kind in (int, float):
+                ok = value == value and all(  # value == value rejects NaN
+                    meta.get(k) is None or compare(value, meta[k]) for k, (_, compare) in _BOUNDS.items()
+                )
+            if not ok:
+                raise ParameterError(f"{f.name}={value!r} is not allowed: must be {allowed(f)}")
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Checked):
     """Parameters of the prepare stage: which images, and how the training set is split."""
 
     dataset: str = param("mnist", "dataset to prepare", choices=("mnist", "fashion-mnist"))
@@ -79,17 +71,13 @@ class PrepareConfig:
     train_limit: int = param(0, "keep this many training images after the split (0 = all)", ge=0)
     seed: int = param(42, "seed of the train/validation split", ge=0)
 
-    def __post_init__(self):
-        check_fields(self)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """Hyperparameters of one training run. The model ones are nn.LSTM's own names."""
 
-    # The tutorial's model (256 hidden, 2 layers, batch 128) with a recipe chosen by measurement
-    # (docs/results.md): Adam at 2e-3 under the cosine schedule for 3 epochs reaches 99.0% test
-    # accuracy over seeds in under 2 epochs' time of the tutorial's own loop (0.001, 5 epochs before).
+    # The tutorial's model (256 hidden, 2 layers, batch 128) with the recipe measured in docs/results.md:
+    # Adam at 2e-3, cosine schedule, 3 epochs: 99.0% test accuracy over seeds.
     hidden_size: int = param(256, "LSTM hidden units per direction", ge=1, le=4096)
     num_layers: int = param(2, "stacked LSTM layers", ge=1, le=16)
     learning_rate: float = param(2e-3, "Adam learning rate (the peak one under a schedule)", gt=0, le=1)
@@ -116,7 +104,7 @@ class TrainConfig:
     deterministic: bool = param(False, "deterministic kernels only (torch.use_deterministic_algorithms)")
 
     def __post_init__(self):
-        check_fields(self)
+        super().__post_init__()
         if self.dropout > 0 and self.num_layers == 1:
             raise ParameterError(
                 f"dropout={self.dropout} is not allowed with num_layers=1: nn.LSTM applies dropout "
@@ -125,33 +113,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     """Parameters of the evaluate stage (inference only, so nothing here changes results)."""
 
     batch_size: int = param(1000, "images per inference batch", ge=1, le=65_536)
     device: str = param("auto", "where to run the model; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
 
-    def __post_init__(self):
-        check_fields(self)
-
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(Checked):
     """Parameters of an Optuna study (experiments/tune.py); trials share everything else."""
 
     # auto: the GPU-sized space (lstm) where CUDA is found, the CPU-sized one (lstm-cpu) elsewhere.
     study: str = param("auto", "study definition in experiments/studies.py", choices=("auto", "lstm", "lstm-cpu", "smoke"))
     study_name: str = param("lstm-rows", "name of the Optuna study and of its MLflow parent run")
-    # A journal file is crash-safe and safe for several processes on one machine; pass an RDB
-    # URL (postgresql://user@host/db) to share a study across machines.
+    # A journal file serves the processes of one machine; an RDB URL (postgresql://user@host/db) several machines.
     storage: str = param("optuna-studies.journal", "Optuna journal file, or an RDB URL such as postgresql://...")
-    # Counted over the whole study: every worker on every machine stops when it has this many, so
-    # a rerun with a larger number continues it. Trials whose worker died are retried, not counted.
+    # Counted over the whole study, so a rerun with more continues it; a dead worker's trials are retried, not counted.
     n_trials: int = param(20, "trials the study runs in all, whoever runs them", ge=1, le=100_000)
     timeout: int = param(0, "stop starting trials after this many seconds (0 = no limit)", ge=0)
-    # The whole command, confirmation included: a trial starts only if it and the champion's
-    # confirmation end in time even if it is the space's largest configuration and becomes the
-    # champion; the next configurations are confirmed while they fit (experiments/studies.py).
+    # A trial starts only if it and the champion's confirmation would end in time even at the space's
+    # largest configuration; more configurations are confirmed while they fit (experiments/budget.py).
     budget: int = param(0, "seconds for the whole command, search and confirmation (0 = no limit)", ge=0)
     # auto: one per visible GPU times workers_per_gpu (worker i on GPU i mod count); 1 without a GPU.
     n_workers: str = param("auto", "worker processes on this machine: auto, or a number from 1 to 64")
@@ -160,15 +142,13 @@ class TuneConfig:
     heartbeat_interval: int = param(20, "seconds between a running trial's heartbeats (RDB storage)", ge=1, le=3600)
     epochs: int = param(3, "epochs per trial", ge=1, le=1000)
     sampler: str = param("tpe", "search algorithm (seeded)", choices=("tpe", "random", "gp", "cmaes", "nsga2"))
-    # auto: hyperband for a new study (the epochs are the resource: judged first after a quarter of
-    # them), the study's own pruner when it exists (experiments/studies.py).
+    # auto: hyperband (over epochs) for a new study, the study's own pruner when it exists (experiments/studies.py).
     pruner: str = param(
         "auto", "stops weak trials early, by per-epoch val_accuracy", choices=("auto", "hyperband", "median", "none")
     )
     # Not the split's: that is prepare's (seed 42), or the -P data run's, the same for every trial.
     seed: int = param(42, "seed of the sampler and of every trial's training", ge=0)
-    # Before the champion alias moves, the confirm_top best configurations by val_accuracy train
-    # again with seeds 1..confirm_seeds, and the best mean val_accuracy wins (experiments/confirm.py).
+    # Of the confirm_top best configurations, the best mean val_accuracy on seeds 1..confirm_seeds wins (experiments/confirm.py).
     confirm_top: int = param(
         3, "configurations retrained over seeds before one is registered (0 = the best trial's own)", ge=0, le=50
     )
@@ -178,22 +158,18 @@ class TuneConfig:
         "auto", "MLflow registered model for the study's champion (a confirmed run, or the best trial's): auto = lstm-<dataset>"
     )
     device: str = param("auto", "where trials train; auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
-    # Read only when the study is created: its first trials after trial 0 are the earlier study's
-    # best warm_start_k configurations, cut to this study's search space (experiments/warm_start.py).
+    # Read only when the study is created; configurations are cut to this study's space (experiments/warm_start.py).
     warm_start: str = param("", "earlier study in the same storage whose best configurations start this one ('' = none)")
     warm_start_k: int = param(5, "how many of the earlier study's best configurations to enqueue", ge=1, le=100)
-    # A multi-objective study: val_accuracy up and the model's size (parameter_count) or its time to
-    # classify one image (latency_ms) down; no pruning: Optuna's pruners judge one objective. Its
-    # Pareto front is logged (experiments/pareto.py).
+    # Two objectives, so no pruning (Optuna's pruners judge one); the Pareto front is logged (experiments/pareto.py).
     cost: str = param(
         "none", "second objective, minimised beside val_accuracy", choices=("none", "parameter_count", "latency_ms")
     )
-    # With a cost: the smallest model within this much val_accuracy of the best (0.002 = 0.2 points)
-    # is registered too, under the alias compact.
+    # With a cost, the smallest model this close to the best (0.002 = 0.2 points) is registered as compact.
     compact_within: float = param(0.002, "the compact model's allowed val_accuracy below the best", ge=0.0, le=1.0)
 
     def __post_init__(self):
-        check_fields(self)
+        super().__post_init__()
         for name in ("study_name", "storage", "register_name"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}='' is not allowed: must be a non-empty string")
@@ -246,32 +222,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, ski
         if f.name in skip:
             continue
         help_text = f"{f.metadata['help']}; {allowed(f)} (default: {f.default})"
-        group.add_argument(flag(f.name), dest=f.name, type=_parser_type(_field_type(f)), default=f.default, help=help_text)
+        group.add_argument(flag(f.name), dest=f.name, type=_parser_type(type(f.default)), default=f.default, help=help_text)
 
 
-def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
-    names = {f.name for f in dataclasses.fields(config_type)}
-    return config_type(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def build_configs(parser: argparse.ArgumentParser, argv, *config_types: type) -> tuple[argparse.Namespace, list]:
+def build_configs(parser: OneLineParser, argv, *config_types: type) -> tuple[argparse.Namespace, list]:
     """Parse ``argv`` and build each config; a bad value exits with one line and status 2."""
     args = parser.parse_args(argv)
+    given = vars(args)  # a field without its flag (``skip``) keeps its default
     try:
-        return args, [config_from_args(t, args) for t in config_types]
+        return args, [t(**{f.name: given[f.name] for f in dataclasses.fields(t) if f.name in given}) for t in config_types]
     except ParameterError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.error(str(error))
 
 
 def run_entry_point(main: Callable[[], object]) -> None:
-    """Run an entry point's ``main()``, then let the process end at once.
-
-    A stage imports torch and MLflow; at exit the interpreter's last garbage collection then walks
-    every object they made, about 1-3 s per process on a 2-core CPU, paid by every stage of every
-    pipeline and study. ``gc.freeze()`` leaves those objects out of it. Exit handlers still run
-    (MLflow's flushes, the system metrics thread), and Python never promised to collect cycles at
-    exit anyway.
-    """
+    """Run an entry point's ``main()``, then let the process end at once: ``gc.freeze()`` spares
+    the interpreter's last collection a walk over every object torch and MLflow made (1-3 s per
+    process on 2 cores). Exit handlers (MLflow's flushes, the system metrics thread) still run."""
     try:
         main()
     finally:
@@ -285,12 +252,9 @@ def fail(message: str, status: int = 1):
 
 
 def add_launch_dir_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--launch-dir``: the folder relative paths are read from (see ``user_path``).
-
-    `mlflow run <project>` starts an entry point in the project folder, not where the user typed
-    the command. MLproject passes ``launch_dir``, a parameter of type ``path`` defaulting to ``.``,
-    which MLflow makes absolute in the `mlflow run` process: that is, the user's folder.
-    """
+    """Add ``--launch-dir``, the folder relative paths are read from (see ``user_path``): `mlflow run`
+    starts an entry point in the project folder, so MLproject passes ``launch_dir``, a ``path``
+    parameter defaulting to ``.``, which MLflow makes absolute in the user's folder."""
     parser.add_argument(
         "--launch-dir",
         default=".",

@@ -1,21 +1,12 @@
-"""The logged model as a classifier: pixels in, the class and its probabilities out.
+"""The logged model as a classifier: pixels in, the class and its probabilities out (docs/serving.md).
 
-Every model the pipeline logs has two faces, and this module defines the second:
-- ``mlflow.pytorch.load_model(uri)``: the ``LSTMClassifier`` itself, (B, T, F) floats in [0, 1]
-  -> (B, 10) logits, for people who fine-tune or inspect it.
-- ``mlflow.pyfunc.load_model(uri).predict(images)``, ``mlflow models serve`` and
-  ``mlflow models predict``: a ``Classifier`` that takes what users have, a batch of 28x28 images
-  as 0-255 integers (uint8 or any integer type) or as floats in [0, 1], refuses anything else
-  with a message that says what was wrong, and answers a table: ``class``, ``label`` (the class's
-  name), ``probability`` (of that class) and ``probability_0`` ... ``probability_9``.
-
-The evaluate stage scores the test set through this same ``predict``, so what is served is what
-was tested. Integers are pixels and floats are fractions, as in torchvision's ``to_dtype(scale=True)``:
-the dtype decides, never the values, and JSON keeps the difference (``255`` is an integer, ``1.0`` a
-float). MLflow's tensor signatures hold one dtype and are enforced before a model sees its input
-(a float32 signature refuses uint8 arrays in Python and turns JSON's 255 into 255.0 over HTTP), so
-the signature declares the output and the ``batch_size`` parameter, and the input contract is in
-the model's metadata (``INPUT``) and checked here.
+Every logged model has two faces: ``mlflow.pytorch.load_model`` gives the ``LSTMClassifier``
+((B, T, F) floats -> (B, 10) logits), and ``mlflow.pyfunc``, ``mlflow models serve`` and ``predict``
+give this module's ``Classifier``: 28x28 images as 0-255 integers or floats in [0, 1] in, a table
+out (``class``, ``label``, ``probability``, ``probability_0`` ... ``probability_9``). The evaluate
+stage scores the test set through the same ``predict``. An MLflow tensor signature holds one dtype
+and is enforced before the model sees its input, so the input contract is the metadata's ``INPUT``,
+checked by ``pixels``, and the signature declares only the output and ``batch_size``.
 """
 
 from __future__ import annotations
@@ -32,6 +23,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES
+from pipeline.inference import predict_logits
 from pipeline.numerics import resolve_device
 
 IMAGE_SHAPE = SEQUENCE_SHAPES["rows"]  # (28, 28)
@@ -77,16 +69,10 @@ class Classifier:
         answer[PROBABILITY_COLUMNS] = probabilities.numpy()
         return answer
 
-    @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """(N, 10) float64 class probabilities of (N, 28, 28) floats in [0, 1], on the model's device."""
-        return torch.cat(
-            [
-                # float64 softmax: a confident model's small probabilities stay > 0, so log(p) is finite
-                self.model(batch.to(self.device).reshape(-1, *self.sequence_shape)).double().softmax(1)
-                for batch in images.split(batch_size)
-            ]
-        )
+        # float64 softmax: a confident model's small probabilities stay > 0, so log(p) is finite
+        return predict_logits(self.model, images, self.sequence_shape, batch_size).double().softmax(1)
 
     def get_raw_model(self) -> torch.nn.Module:  # PyFuncModel.get_raw_model() returns this
         return self.model

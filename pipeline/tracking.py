@@ -1,4 +1,4 @@
-"""Small MLflow helpers shared by the stages: opening a stage run, resolving inputs, versions."""
+"""MLflow helpers shared by the stages: stage runs, inputs, finished runs by tags, a server that does not answer."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ ERROR_TAG = "pipeline.error"  # set when the stage failed by itself (bad input, 
 RESUMED_RUN_TAG = "pipeline.resumed_run"  # on the run `mlflow run` opened, when the stage resumed another
 CPU_THREADS_TAG = "pipeline.cpu_threads"  # torch's CPU threads while the run trained: runs at once share the cores
 INTERRUPTED_TAG = "pipeline.interrupted"  # the signal that stopped a stage: its run ended KILLED
+DATA_SOURCE_TAG = "pipeline.data_source"  # why a run's dataset inputs have no source, when they have none
 
 
 @contextmanager
@@ -85,10 +86,8 @@ SYSTEM_METRICS_INTERVAL_SECONDS = 1.0
 
 
 def start_run_with_system_metrics(**start_run_args) -> mlflow.ActiveRun:
-    """``mlflow.start_run(**start_run_args)`` that also logs MLflow's system metrics while the run is
-    open: ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, disk and
-    network, and where nvidia-ml-py finds a GPU ``system/gpu_0_utilization_percentage``,
-    ``system/gpu_0_memory_usage_megabytes`` and more. The sampling thread stops with the run.
+    """``mlflow.start_run(**start_run_args)`` that also logs MLflow's system metrics (``system/...``:
+    CPU, memory, disk, network, and a GPU where nvidia-ml-py finds one) while the run is open.
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides the interval."""
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
@@ -163,11 +162,8 @@ def digest(payload: dict) -> str:
 
 
 def log_params(params: dict) -> None:
-    """Log params, skipping those the run already has.
-
-    `mlflow run` logs the MLproject parameters as typed (``-P learning_rate=1e-3``) before the
-    stage starts; logging the parsed value (0.001) again would be a conflicting change.
-    """
+    """Log params, skipping those the run already has: `mlflow run` logs the MLproject parameters as
+    typed (``-P learning_rate=1e-3``) first, and the parsed value (0.001) would be a conflicting change."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: format_param(v) for k, v in params.items() if k not in existing})
 
@@ -177,7 +173,7 @@ def format_param(value) -> str:
 
 
 def artifact_location(ref: str, artifact_path: str) -> str:
-    """An artifact URI from a run id (``runs:/<id>/<artifact_path>``) or an URI/path as given."""
+    """An artifact URI from a run id (``runs:/<id>/<artifact_path>``), or any URI or path as given."""
     return f"runs:/{ref}/{artifact_path}" if _RUN_ID.match(ref) else ref
 
 
@@ -185,9 +181,8 @@ def download(ref: str, artifact_path: str, dst: str | Path | None = None) -> Pat
     """Local folder holding the artifact ``ref`` points at: a run id, artifact URI or local path."""
     if Path(ref).is_dir():
         return Path(ref)
-    return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(ref, artifact_path), dst_path=dst and str(dst))
-    )
+    uri = artifact_location(ref, artifact_path)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst and str(dst)))
 
 
 def load_prepared_run(ref: str) -> PreparedData:
@@ -222,12 +217,7 @@ def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str])
     its source, where MLflow can read that kind of URI (``split_source``). Where it cannot, the
     inputs are still recorded (name, digest, schema) and the tag ``pipeline.data_source`` says why
     their source is missing."""
-    if Path(data_ref).is_dir():
-        folder = str(Path(data_ref).resolve())
-    elif _RUN_ID.match(data_ref):
-        folder = f"{mlflow.get_run(data_ref).info.artifact_uri}/{PREPARED_ARTIFACT}"
-    else:
-        folder = data_ref
+    folder = str(Path(data_ref).resolve()) if Path(data_ref).is_dir() else artifact_location(data_ref, PREPARED_ARTIFACT)
     for split, context in contexts.items():
         entry = data.manifest["splits"][split]
         source, why_not = split_source(f"{folder.rstrip('/')}/{entry['file']}")
@@ -236,20 +226,11 @@ def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str])
         log_split_input(getattr(data, split), f"{data.manifest['dataset']}-{split}", entry["sha256"], source, context)
 
 
-DATA_SOURCE_TAG = "pipeline.data_source"  # why a run's dataset inputs have no source, when they have none
-
-
 def split_source(uri: str) -> tuple[str | None, str]:
     """A source for a split's file at artifact ``uri`` that MLflow's dataset sources read, or None
-    and why not. Each kind of artifact URI MLflow hands out:
-
-    - a local path or ``file:``, ``http(s):``, and the object stores MLflow has artifact
-      repositories for (``s3:``, ``gs:``, ``wasbs:``, ``hdfs:``...): as they are;
-    - ``mlflow-artifacts:`` (a tracking server that proxies artifacts, MLflow 3's default): the
-      server's download address for that file, fetched with the same credentials as the runs;
-    - ``runs:/<id>/<path>``: the run's own artifact URI, then as above;
-    - anything else: None, with the reason.
-    """
+    and why not: a path, ``file:``, ``http(s):`` or an object store (``s3:``, ``gs:``...) as it is;
+    ``mlflow-artifacts:`` (a server that proxies artifacts) as that server's download address;
+    ``runs:/<id>/<path>`` as the run's own artifact URI, then as above."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     scheme = urlparse(uri).scheme
@@ -287,7 +268,7 @@ def proxied_artifact_url(uri: str) -> str | None:
 
 def model_uri(ref: str) -> str:
     """A model URI from a train run id, or any MLflow model URI as given."""
-    return f"runs:/{ref}/{MODEL_NAME}" if _RUN_ID.match(ref) else ref
+    return artifact_location(ref, MODEL_NAME)
 
 
 def device_params(device: torch.device) -> dict[str, str | int | float]:
@@ -314,14 +295,8 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    versions = {
-        "python_version": platform.python_version(),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "mlflow_version": mlflow.__version__,
-        "optuna_version": optuna.__version__,
-        "pandas_version": pandas.__version__,
-    }
+    versions = {"python_version": platform.python_version()}
+    versions.update({f"{module.__name__}_version": module.__version__ for module in (torch, torchvision, mlflow, optuna, pandas)})
     if torch.cuda.is_available():
         versions["cuda_version"] = str(torch.version.cuda)
         versions["cudnn_version"] = str(torch.backends.cudnn.version())
@@ -330,19 +305,16 @@ def library_versions() -> dict[str, str]:
 
 # --- a tracking server that does not answer ---------------------------------------------------------
 
-# Seconds a training's results wait for the tracking server, past MLflow's own retries of each
-# request (MLFLOW_HTTP_REQUEST_MAX_RETRIES: a few minutes by default), as workers wait for their database.
-TRACKING_RESTART_LIMIT = 600
-
 
 def unreachable(error: BaseException) -> bool:
     """Whether ``error`` says the tracking server did not answer, after MLflow's client retried."""
     return isinstance(error, mlflow.exceptions.MlflowException) and "failed with exception" in str(error)
 
 
-def when_reachable(call, what: str, limit: float = TRACKING_RESTART_LIMIT):
+def when_reachable(call, what: str, limit: float = 600):
     """``call()``, tried again every 2 s while the tracking server does not answer, for up to
-    ``limit`` seconds: what a finished training logs outlives a server restart."""
+    ``limit`` seconds past MLflow's own retries of each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES):
+    what a finished training logs outlives a server restart, as workers wait for their database."""
     deadline, said = time.monotonic() + limit, False
     while True:
         try:

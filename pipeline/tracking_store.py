@@ -1,11 +1,10 @@
 """MLflow's SQLite tracking store, built holding a lock: commands that start at once on a new
 database take turns creating its tables instead of running MLflow's migrations side by side.
 
-pyproject.toml declares ``sqlite_tracking_store`` as the ``mlflow.tracking_store`` plugin for
-``sqlite:`` URIs, so MLflow builds its SQLite stores here wherever it runs in this environment:
-`mlflow run`'s own process (which opens the store, and migrates a new one, before any code of this
-project runs), the stages, `mlflow ui` and `mlflow server`. MLflow imports this module while it is
-being imported itself, so MLflow is imported only inside the function.
+pyproject.toml declares ``sqlite_tracking_store`` the ``mlflow.tracking_store`` plugin for ``sqlite:``
+URIs, so every MLflow process of this environment builds its SQLite stores here, `mlflow run`'s own
+(which migrates a new store before any code of this project runs) included. MLflow imports this
+module while it is imported itself, so MLflow is imported only inside the function.
 """
 
 from __future__ import annotations
