@@ -10,33 +10,26 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
-from experiments.job import WorkerJob
+from experiments.job import WorkerJob, worker_id
 from experiments.worker import run_worker
 from pipeline.config import TuneConfig
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (or by index)."""
-    count = torch.cuda.device_count()
-    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
-    return (listed or [str(i) for i in range(count)])[:count]
-
-
 def gpu_assignment(config: TuneConfig) -> list[str | None]:
-    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count;
-    None for workers on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
-    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    gpus = visible_gpus() if on_cuda else []
-    if config.n_workers != "auto":
-        count = int(config.n_workers)
-    else:
-        count = len(gpus) * config.workers_per_gpu if gpus else 1
+    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count,
+    named as CUDA_VISIBLE_DEVICES names them (or by index); None for workers on a CPU (or MPS).
+    ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
+    gpus = []
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count()
+        listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+        gpus = (listed or [str(i) for i in range(visible)])[:visible]
+    count = int(config.n_workers) if config.n_workers != "auto" else max(1, len(gpus) * config.workers_per_gpu)
     return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
 
 
@@ -64,7 +57,7 @@ def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run
             f"{', '.join(f'{p.name} {ending(p.exitcode)}' for p in failed)}; the study keeps their finished "
             "trials: rerun the same command to run any trial left"
         )
-    return {f"{socket.gethostname()}:{p.pid}" for p in processes}
+    return {worker_id(p.pid) for p in processes}
 
 
 def ending(exitcode: int) -> str:
@@ -80,15 +73,13 @@ def ending(exitcode: int) -> str:
 @contextmanager
 def pinned_to(gpu: str | None):
     """CUDA_VISIBLE_DEVICES=``gpu`` inside the block (a process started there sees only that GPU)."""
-    if gpu is None:
-        yield
-        return
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
         yield
     finally:
         if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = before

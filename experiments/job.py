@@ -24,6 +24,6 @@ class WorkerJob:
     deadline: float = math.inf  # -P budget: when the command must end (time.time())
 
 
-def worker_id() -> str:
-    """``host:pid``: the worker that holds a trial's lease and trained a run."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    """``host:pid`` (this process's by default): the worker that holds a trial's lease and trained a run."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"

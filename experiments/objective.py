@@ -1,11 +1,11 @@
 """The study's objective: one trial's sampled configuration trained in a run of its own, each epoch
-reported to the pruner, and its model logged when no finished trial beats it.
-
-experiments/worker.py runs it for every trial a worker takes; a retried trial resumes from its
-lost attempt's checkpoint (experiments/runs.py).
+reported to the pruner, and its model logged when no finished trial beats it. A retried trial
+resumes from its lost attempt's checkpoint (experiments/runs.py).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import mlflow
 import optuna
@@ -27,10 +27,9 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
     """Train one sampled configuration in its own child run; return its best val_accuracy (and,
     in a multi-objective study, its cost, also logged as a metric of the run).
 
-    The model is logged only when no trial finished so far beats it (multi-objective: when no
-    finished trial dominates it), so the study's best trial, and every trial on its Pareto front,
-    has its own model to register. A tie logs too: under parallel workers the tied trial that
-    finishes second may be the one the champion's rule picks (the earlier number).
+    The model is logged only when no finished trial beats it (multi-objective: dominates it), so the
+    best trial and every trial on the Pareto front has its own model to register. A tie logs too: the
+    tied trial that finishes second may be the one the champion's rule picks (the earlier number).
     """
     config = trial_config(job.config, trial)
     multi_objective = job.config.cost != "none"
@@ -39,14 +38,14 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
         device = resolve_device(config.device)
         if device.type == "cuda":  # the allocator's peak, this trial's alone
             torch.cuda.reset_peak_memory_stats(device)
-        report_epoch = None if multi_objective else pruning(trial, config.epochs)
-        for metrics in checkpoints.restored() if report_epoch else ():  # the pruner sees the whole curve
-            report_epoch(metrics)
+        report = None if multi_objective else partial(report_epoch, trial, config.epochs)
+        for metrics in checkpoints.restored() if report else ():  # the pruner sees the whole curve
+            report(metrics)
         result, _ = train_and_log(
             config,
             data,
             checkpoint_dir=checkpoints.folder,
-            on_epoch=checkpoints.after_epoch(report_epoch),
+            on_epoch=checkpoints.after_epoch(report),
             log_model=False,
             data_ref=job.data_ref,
             label=f"[worker {job.worker}] trial {trial.number}",
@@ -69,15 +68,10 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
         return (accuracy, cost) if multi_objective else accuracy
 
 
-def pruning(trial: optuna.Trial, epochs: int):
-    """The per-epoch callback that reports val_accuracy to Optuna and prunes when its pruner says
-    so; never after the last epoch, when there is nothing left to save (Optuna takes intermediate
-    values of single-objective studies only)."""
-
-    def report_epoch(metrics) -> None:
-        trial.report(metrics.val_accuracy, metrics.epoch)
-        if metrics.epoch < epochs and trial.should_prune():
-            bar = f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar"
-            raise optuna.TrialPruned(bar)
-
-    return report_epoch
+def report_epoch(trial: optuna.Trial, epochs: int, metrics) -> None:
+    """Report an epoch's val_accuracy to Optuna and prune when its pruner says so; never after the
+    last epoch, when there is nothing left to save (Optuna takes intermediate values of
+    single-objective studies only)."""
+    trial.report(metrics.val_accuracy, metrics.epoch)
+    if metrics.epoch < epochs and trial.should_prune():
+        raise optuna.TrialPruned(f"val_accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch} is below the pruner's bar")

@@ -1,10 +1,6 @@
-"""The study's MLflow parent run: opened once per study, its parameters, and the record each
-joining command leaves under it.
-
-A study has one parent run (its id is a study attribute, experiments/attributes.py): the run
-`mlflow run` opened for the command that created the study, or one opened here. Every trial,
-confirmation and evaluate run nests under it. A later command that joins the study keeps the run
-`mlflow run` opened for it as a small ``worker`` record under the parent.
+"""The study's MLflow parent run, under which every trial, confirmation and evaluate run nests:
+opened once per study (its id is a study attribute), its parameters, and the ``worker`` record
+each command that joins the study leaves under it.
 """
 
 from __future__ import annotations
@@ -42,10 +38,8 @@ def open_parent_run(config: TuneConfig, launched_run: str | None) -> str:
 
 def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> None:
     """`mlflow run` opened a run for this command, but the study already has its parent: make it this
-    worker's record, nested under the parent, rather than an empty run at the top of the table.
-
-    (It cannot be deleted: MLflow 3.17's `mlflow run` ends its run after the command exits, and
-    ending a deleted run fails, which would fail the command.)"""
+    worker's record, nested under the parent, rather than an empty run at the top of the table (not
+    deleted: `mlflow run` ends its run after the command exits, and ending a deleted run fails)."""
     client = MlflowClient()
     client.update_run(launched_run, name=f"worker {worker_id()}")
     tags = {

@@ -3,26 +3,13 @@
 Reads:  a prepared split (``--data``, a prepare run id; or the prepare parameters, whose
         finished prepare run is reused or run once).
 Writes: an Optuna study in ``--storage`` (rerun the command to continue or extend it), and in
-        MLflow one parent run per study with a child run per trial (params, per-epoch metrics,
-        trial number and state as tags; pruned trials end KILLED, failed ones FAILED). Trials are
-        pruned by hyperband by default, the epochs being the resource (experiments/studies.py).
-        When no trial runs any more, the best ``--confirm-top`` configurations train again over
-        ``--confirm-seeds`` seeds, each training queued for every worker to take, and the best mean
-        val_accuracy wins (experiments/confirm.py); then one worker summarises: the parent gets a
-        leaderboard and Optuna's plots, the winner's model is registered as ``--register-name``,
-        tested once, and takes the alias ``champion`` if it beats the champion's (experiments/summary.py,
-        experiments/registry.py).
-        With ``--warm-start``, a new study's first trials after trial 0 are an earlier study's best
-        configurations (experiments/warm_start.py).
-        With ``--cost parameter_count`` the study is multi-objective (not pruned): its Pareto front
-        is logged and the ``compact_within`` rule's pick takes the alias ``compact``
-        (experiments/pareto.py).
+        MLflow one parent run per study with a child run per trial (docs/tuning.md). When the search
+        ends, the best configurations train again over seeds (experiments/confirm.py), and the winner
+        is registered and may take the alias ``champion`` (experiments/summary.py).
 
 Any number of workers may run the same command, on one machine (journal file) or many
 (PostgreSQL): this module opens (or joins) the study and its parent run, experiments/worker.py
-runs the trials (experiments/gpus.py several on one machine), experiments/coordination.py says
-how workers agree, experiments/attributes.py what the study stores, and experiments/summary.py
-what a finished study leaves.
+runs the trials (experiments/gpus.py several on one machine).
 
     python -m experiments.tune --study-name lstm-rows --n-trials 40 --data-dir ../shared/data
 """
@@ -44,7 +31,7 @@ from optuna.trial import TrialState
 
 from experiments import attributes
 from experiments.budget import time_left
-from experiments.coordination import open_storage, single_sqlite_worker, study_lock
+from experiments.coordination import NextStep, next_step, open_storage, single_sqlite_worker, study_lock
 from experiments.gpus import WorkersFailed, gpu_assignment, run_workers
 from experiments.job import WorkerJob, worker_id
 from experiments.parent_run import log_parent_params, open_parent_run, record_trials_run, record_worker, run_exists
@@ -52,7 +39,7 @@ from experiments.registry import CHAMPION, Registered, model_name
 from experiments.storage import check_storage, storage_kind
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe, describe_pruner, resolve_pruner, study_for
 from experiments.trials import best_value, complete, most_accurate, needs_summary, trials_left
-from experiments.warm_start import WarmStart, enqueue, warm_start
+from experiments.warm_start import enqueue, warm_start
 from experiments.worker import on_stale_trial, run_worker
 from pipeline.config import (
     OneLineParser,
@@ -90,20 +77,22 @@ def study_settings(config: TuneConfig) -> dict:
     return settings
 
 
-def directions(config: TuneConfig) -> list[str]:
-    """val_accuracy up; with a cost, the cost down too (a multi-objective study)."""
-    return ["maximize"] if config.cost == "none" else ["maximize", "minimize"]
-
-
-def differences(stored: dict, asked: dict) -> list[str]:
-    return [f"{name}={stored.get(name)} (this command: {asked[name]})" for name in asked if stored.get(name) != asked[name]]
-
-
-def refuse_other_settings(study_name: str, stored: dict, asked: dict) -> None:
-    if changed := differences(stored, asked):
+def refuse_other_settings(study: optuna.Study, stored: dict, config: TuneConfig) -> None:
+    """A rerun must ask for the study's settings. A warm start happens when a study is created: a rerun
+    may omit -P warm_start, not name another."""
+    asked = study_settings(config)
+    if changed := [f"{key}={stored.get(key)} (this command: {asked[key]})" for key in asked if stored.get(key) != asked[key]]:
         raise ParameterError(
-            f"study {study_name!r} was created with {'; '.join(changed)}: its trials would not compare; "
+            f"study {study.study_name!r} was created with {'; '.join(changed)}: its trials would not compare; "
             "rerun with its settings, or start a new study with another -P study_name"
+        )
+    started_from = attributes.WARM_START.read(study).get("study", "")
+    if config.warm_start and config.warm_start != started_from:
+        raise ParameterError(
+            f"study {study.study_name!r} was created "
+            + (f"warm-started from {started_from!r}" if started_from else "without a warm start")
+            + f", not from {config.warm_start!r}: a warm start applies only when a study is created; "
+            "rerun without -P warm_start, or start a new -P study_name"
         )
 
 
@@ -118,17 +107,23 @@ def open_study(
     stored = attributes.SETTINGS.read(study) if study else None
     config = dataclasses.replace(config, pruner=resolve_pruner(config.pruner, stored, config.cost != "none"))
     if stored:
-        refuse_other_settings(config.study_name, stored, study_settings(config))
-        refuse_other_warm_start(study, config)
+        refuse_other_settings(study, stored, config)
     else:  # new, or its creator died before recording anything
         # Looked up before the study is created, so that a warm start refused creates nothing.
         start = warm_start(storage, config.warm_start, config.warm_start_k, STUDIES[config.study]) if config.warm_start else None
-        study = study or optuna.create_study(study_name=config.study_name, storage=storage, directions=directions(config))
+        directions = ["maximize"] if config.cost == "none" else ["maximize", "minimize"]  # val_accuracy up, a cost down
+        study = study or optuna.create_study(study_name=config.study_name, storage=storage, directions=directions)
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(STUDIES[config.study].baseline)  # trial 0: the known configuration to beat
             if start:
                 enqueue(study, start)
-                say_warm_start(start)
+                left_out = f"; not carried (outside this search space): {'; '.join(start.left_out)}" if start.left_out else ""
+                print(
+                    f"warm start: enqueued {len(start.configurations)} configuration(s) of study {start.study!r} "
+                    f"(its trials {', '.join(map(str, start.trials))}) after trial 0{left_out}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         attributes.SETTINGS.write(study, study_settings(config))  # last: a creator that died before it is redone
     parent_run_id = attributes.PARENT_RUN.read(study)
     if parent_run_id and not run_exists(parent_run_id):
@@ -140,57 +135,29 @@ def open_study(
     return study, parent_run_id, config
 
 
-def refuse_other_warm_start(study: optuna.Study, config: TuneConfig) -> None:
-    """A warm start happens when a study is created; a rerun may omit -P warm_start, not name another."""
-    started_from = attributes.WARM_START.read(study).get("study", "")
-    if config.warm_start and config.warm_start != started_from:
-        raise ParameterError(
-            f"study {study.study_name!r} was created "
-            + (f"warm-started from {started_from!r}" if started_from else "without a warm start")
-            + f", not from {config.warm_start!r}: a warm start applies only when a study is created; "
-            "rerun without -P warm_start, or start a new -P study_name"
-        )
-
-
-def say_warm_start(start: WarmStart) -> None:
-    print(
-        f"warm start: enqueued {len(start.configurations)} configuration(s) of study {start.study!r} "
-        f"(its trials {', '.join(map(str, start.trials))}) after trial 0"
-        + (f"; not carried (outside this search space): {'; '.join(start.left_out)}" if start.left_out else ""),
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def finished_line(study: optuna.Study, n_trials: int) -> str | None:
     """One line when the study has nothing left to do: all its trials counted and summarised (enqueued
     trials past ``n_trials`` wait for an extension)."""
-    if trials_left(study, n_trials) or study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        return None
-    if needs_summary(study):
+    if next_step(study, n_trials) is not NextStep.STOP or needs_summary(study):
         return None
     line = f"study {study.study_name} is complete: {attributes.SUMMARISED_AT.read(study)} trials"
     if best_value(study) > -math.inf:
         best = most_accurate(complete(study))
         line += f"; best trial {best.number}, {OBJECTIVE_METRIC} {best.values[0]:.4f}"
     if registered := attributes.REGISTERED.read(study):
+        try:
+            champion = f"champion: version {MlflowClient().get_model_version_by_alias(registered['name'], CHAMPION).version}"
+        except mlflow.exceptions.MlflowException:
+            champion = "no champion"
         line += (
             f"; registered as {registered['name']} version {registered['version']} "
-            f"(test_accuracy {registered['test_accuracy']:.4f}), {champion_of(registered['name'])}"
+            f"(test_accuracy {registered['test_accuracy']:.4f}), {champion}"
         )
     return line + ". Raise -P n_trials to extend it."
 
 
-def champion_of(name: str) -> str:
-    try:
-        return f"champion: version {MlflowClient().get_model_version_by_alias(name, CHAMPION).version}"
-    except mlflow.exceptions.MlflowException:
-        return "no champion"
-
-
 def registered_of(study: optuna.Study) -> Registered | None:
-    registered = attributes.REGISTERED.read(study)
-    return Registered(**registered) if registered else None
+    return Registered(**registered) if (registered := attributes.REGISTERED.read(study)) else None
 
 
 def check_data(study: optuna.Study, data: PreparedData) -> None:
@@ -217,15 +184,17 @@ def tune(
     pruner: optuna.pruners.BasePruner | None = None,
     launched_run: str | None = None,
 ) -> Registered | None:
-    """Run (or continue, or extend) the study; the worker that ends it summarises it.
+    """Run (or continue, or extend) the study, ``study=auto`` as this machine's device says; the worker
+    that ends it summarises it. Returns what was registered from the study, if anything.
 
     ``launched_run`` is the run `mlflow run` opened for this command: it becomes the study's parent
     run if the study is new, and this worker's record under the parent otherwise. ``pruner``
-    overrides the named one (tests use it to force pruning). Returns what was registered from the
-    study, if anything.
+    overrides the named one (tests use it to force pruning).
     """
     started = time.time()  # -P budget counts from here
-    config = for_this_machine(config)
+    config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
+    if config.cost != "none" and config.pruner not in ("auto", "none"):  # Optuna's pruners judge a single objective
+        print(f"note: cost={config.cost} makes a multi-objective study, which is not pruned (pruner=none)", file=sys.stderr)
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
         study, parent_run_id, config = open_study(storage, config, launched_run)
@@ -254,14 +223,6 @@ def tune(
     return registered_of(study)
 
 
-def for_this_machine(config: TuneConfig) -> TuneConfig:
-    """``study=auto`` as this machine's device says; a pruner named beside a cost is noted as unused."""
-    config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
-    if config.cost != "none" and config.pruner not in ("auto", "none"):  # Optuna's pruners judge a single objective
-        print(f"note: cost={config.cost} makes a multi-objective study, which is not pruned (pruner=none)", file=sys.stderr)
-    return config
-
-
 def prepare_job(
     study: optuna.Study,
     config: TuneConfig,
@@ -272,9 +233,8 @@ def prepare_job(
     folder: str,
 ) -> tuple[WorkerJob, PreparedData]:
     """The data the study tunes on (``data_ref``, or a prepare run reused or run here, downloaded
-    into ``folder``), checked against the study's; and the job this machine's workers run.
-
-    One prepare per study: commands started at once take turns, and the later ones reuse the first's run."""
+    into ``folder``), checked against the study's; and the job this machine's workers run. One prepare
+    per study: commands started at once take turns, and the later ones reuse the first's run."""
     parent = MlflowClient().get_run(parent_run_id)
     if not data_ref:
         # A lock of its own, not the study's: a prepare (maybe a download) must not hold up other workers' trials.
@@ -292,8 +252,7 @@ def prepare_job(
     config = dataclasses.replace(config, register_name=model_name(config.register_name, data.manifest["dataset"]))
     with study_lock(config.storage, config.study_name):
         check_data(study, data)
-        # Under the lock: workers started at once each inserted this tag, and the server's
-        # select-then-insert let two inserts meet (UniqueViolation on PostgreSQL).
+        # Under the lock: the server's select-then-insert lets two workers' inserts meet (UniqueViolation on PostgreSQL).
         MlflowClient().set_tag(parent_run_id, "pipeline.data", data_ref)
     return WorkerJob(config, parent_run_id, parent.info.experiment_id, data_ref, str(downloaded)), data
 
@@ -312,17 +271,14 @@ def run_here(study: optuna.Study, job: WorkerJob, data: PreparedData, pruner: op
 
 def announce(study: optuna.Study, config: TuneConfig, images: int, gpus: list[str | None]) -> None:
     """The first lines, before any trial: what was chosen, how the champion is confirmed, and how
-    long it takes here, from the study's own trials (nothing is trained to find out: a
-    new study says it when its first epoch is timed)."""
+    long it takes here by the study's own trials (a new study says it when its first epoch is timed)."""
     to_run = trials_left(study, config.n_trials)
     if not to_run:
         return
-    definition = STUDIES[config.study]
-    device = resolve_device(config.device)
     lines = [
-        f"tune: study {config.study_name!r} ({config.study}: {definition.description}) on {device.type}, "
-        f"{len(gpus)} worker(s): {to_run} trial(s) left of {config.n_trials}, {config.epochs} epochs on {images:,} images "
-        f"each; {describe_pruner(config.pruner, config.epochs)}",
+        f"tune: study {config.study_name!r} ({config.study}: {STUDIES[config.study].description}) on "
+        f"{resolve_device(config.device).type}, {len(gpus)} worker(s): {to_run} trial(s) left of {config.n_trials}, "
+        f"{config.epochs} epochs on {images:,} images each; {describe_pruner(config.pruner, config.epochs)}",
         f"confirm: the best {config.confirm_top} configurations train again with seeds 1 to {config.confirm_seeds} "
         f"({config.confirm_top * config.confirm_seeds} runs of {config.epochs} epochs), and the best mean "
         f"{OBJECTIVE_METRIC} is registered (-P confirm_top=0: the best trial's own model)"

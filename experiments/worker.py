@@ -5,8 +5,6 @@ and decides the next step: a trial of the study while the search goes on; once i
 items of the study's queue (experiments/confirm.py): the confirmation's trainings, then its
 summary. It trains with the lock released, tells Optuna the result and frees the memory; a
 retried trial or training resumes from its lost attempt's checkpoint (experiments/runs.py).
-experiments/gpus.py starts several workers on one machine; what a worker says as it goes is in
-experiments/progress.py.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import mlflow
 import optuna
@@ -53,23 +52,6 @@ from pipeline.signals import raise_if_terminated, raise_terminated, signal_handl
 from pipeline.tracking import unreachable, when_reachable
 from pipeline.training import TrainingDiverged
 
-# A trial that fails with one of these is marked FAIL (and counted) and the study goes on.
-TRIAL_ERRORS = (TrainingDiverged, torch.cuda.OutOfMemoryError)
-# A trial the other workers gave up while its worker was cut off from the database (its heartbeats
-# stopped for longer than the grace): its copy resumes from this attempt's checkpoint.
-TAKEN_AWAY = optuna.exceptions.UpdateFinishedTrialError
-
-
-def release_memory() -> None:
-    """Free the finished trial's tensors before the next trial allocates its own. Call it once the
-    trial's frames are gone: after its exception, if any, was handled and dropped."""
-    gc.collect()  # tracebacks hold frames in reference cycles, which only the collector frees
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-# --- the worker loop ------------------------------------------------------------------------------
-
 
 @dataclass
 class Work:
@@ -88,7 +70,7 @@ def run_trials(
     config: TuneConfig,
     objective: Callable[[optuna.Trial], float],
     *,
-    after_search: Callable[[object], Work | NextStep] | None = None,
+    after_search: Callable[[object, bool], Work | NextStep] | None = None,
     worker: int = 0,
     workers: int = 1,
     budget_deadline: float = math.inf,
@@ -100,32 +82,21 @@ def run_trials(
     lock and the callback counts after a trial ends, so workers started together overshoot
     ``n_trials``, and neither knows a re-queued copy from its original, a budget, or the queue after it.
 
-    Once the search has ended (nothing left to ask, nothing running), ``after_search(lock)`` gives
-    the next item of the study's queue, or says to wait or stop. ``workers``: how many run on this
-    machine, for the time estimates. No trial starts after the timeout, nor one that
-    ``budget_deadline`` leaves too little time (``another_trial_fits``): while other trials run,
-    that is decided again when they end.
+    Once the search has ended, ``after_search(lock, over_budget)`` gives the next item of the study's
+    queue, or says to wait or stop.
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
-    budget_said = budget_ended = False
     waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
         try:
             with lock:
-                fail_lost_trials(study, config, on_lost=say_lost)
-                step = next_step(study, config.n_trials)
-                over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
-                if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):  # start nothing new
-                    step = NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP
-                    if step is NextStep.STOP and over_budget and after_search and not budget_ended and needs_summary(study):
-                        say_budget_end(study, config, worker, budget_deadline, workers)
-                        budget_ended = True
+                step, over_budget = decide(study, config, deadline, budget_deadline, workers)
                 if step is NextStep.RUN:
-                    step = Work(study, *ask(study, storage, config, lock), objective, say_trial(worker, config.n_trials))
+                    step = ask(study, storage, config, lock, objective, worker)
                 elif step is NextStep.STOP and after_search:
-                    step = after_search(lock)
+                    step = after_search(lock, over_budget)
         except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
             print(
                 f"[worker {worker}] the study's database failed ({first_line(error)}); looking again", file=sys.stderr, flush=True
@@ -135,40 +106,56 @@ def run_trials(
         if step is NextStep.STOP:
             return
         if step is NextStep.WAIT:
-            if over_budget:  # decided again when the running trials, timed, have ended
-                budget_said = budget_said or say_budget_wait(worker)
-            elif (waiting := waiting or Waiting(study, worker)).over(deadline):
+            if (waiting := waiting or Waiting(study, worker)).over(deadline, over_budget):
                 return
             time.sleep(1)
             continue
-        waiting, budget_said = None, False  # a budget that holds this worker later is said again
+        waiting = None  # a wait, or a budget that holds this worker, later is said again
         if finished := run_one(step, lock, worker):
             step.say(step.study, finished)
-        release_memory()
+        gc.collect()  # the finished trial's tensors, held by tracebacks in reference cycles, before the next allocates
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
         say_time_left_once(study, config, worker, workers)
 
 
-def say_trial(worker: int, n_trials: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    return lambda study, trial: say_done(study, trial, worker, n_trials)
+def decide(
+    study: optuna.Study, config: TuneConfig, deadline: float, budget_deadline: float, workers: int
+) -> tuple[NextStep, bool]:
+    """Call holding the study lock: re-queue the trials that lost their worker, then say what the study
+    lets this worker do, and whether the budget holds a trial back. No trial starts after the timeout
+    (``deadline``), nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``,
+    ``workers`` on this machine): while others run, that is decided again when they end."""
+    fail_lost_trials(study, config, on_lost=say_lost)
+    step = next_step(study, config.n_trials)
+    over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
+    if step is NextStep.RUN and (time.monotonic() >= deadline or over_budget):
+        step = next_step(study, n_trials=0)  # start nothing new: wait for the running trials, or stop
+    return step, over_budget
 
 
 class Waiting:
     """A worker with nothing to take waits for the others' work: one that loses its worker is
     re-queued, and someone must run it. The bound only decides when to leave that to them; it never
-    judges a trial dead."""
+    judges a trial dead. A budget that holds back a trial waits for the running ones, past the bound."""
 
     def __init__(self, study: optuna.Study, worker: int):
         self.study, self.worker = study, worker
-        self.since, self.patience = time.monotonic(), wait_bound(study)
-        print(
-            f"[worker {worker}] nothing left to take; waiting up to {self.patience:.0f} s for the work other workers "
-            "run (a lost one is re-queued and run here)",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.since, self.budget_said = None, False
 
-    def over(self, deadline: float) -> bool:
+    def over(self, deadline: float, over_budget: bool) -> bool:
         """Whether to leave: the bound, or the study's timeout, has passed."""
+        if over_budget:  # decided again when the running trials, timed, have ended
+            self.budget_said = self.budget_said or say_budget_wait(self.worker)
+            return False
+        if self.since is None:
+            self.since, self.patience = time.monotonic(), wait_bound(self.study)
+            print(
+                f"[worker {self.worker}] nothing left to take; waiting up to {self.patience:.0f} s for the work other "
+                "workers run (a lost one is re-queued and run here)",
+                file=sys.stderr,
+                flush=True,
+            )
         if time.monotonic() < min(deadline, self.since + self.patience):
             return False
         print(
@@ -180,78 +167,72 @@ class Waiting:
         return True
 
 
-def ask(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
-    """A new trial and its lease; call holding the study lock, so no RUNNING trial lacks a lease.
-
-    The sampler is seeded afresh for each ask, by the count of trials: asks take turns under the
-    lock, so no two workers and no resumed study replay the same draws."""
-    lock.confirm()  # still ours: a database restart may have ended the session that held it
-    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-    return take(study, storage, config)
-
-
-def take(study: optuna.Study, storage, config: TuneConfig) -> tuple[optuna.Trial, TrialLease]:
-    """The next trial of ``study`` (its oldest enqueued one first) and its lease."""
-    with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        trial = study.ask()
-    return trial, TrialLease(study, storage, config, trial)
-
-
 def wait_bound(study: optuna.Study) -> float:
     """How long a worker with nothing to ask waits for the others: twice the longest trial so far, at least a minute."""
     durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None]
     return max(60.0, 2 * max(durations, default=0.0))
 
 
+def ask(study: optuna.Study, storage, config: TuneConfig, lock, objective, worker: int) -> Work:
+    """A new trial of the study, to train with ``objective``. The sampler is seeded afresh for each
+    ask, by the count of trials: asks take turns under the lock, so no two workers and no resumed
+    study replay the same draws."""
+    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+    return Work(study, *take(study, storage, config, lock), objective, partial(say_done, worker=worker, n_trials=config.n_trials))
+
+
+def take(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
+    """The next trial of ``study`` (its oldest enqueued one first) and its lease; call holding the
+    study lock, so no RUNNING trial lacks a lease."""
+    lock.confirm()  # still ours: a database restart may have ended the session that held it
+    with warnings.catch_warnings():  # Optuna expects heartbeats under optimize(); TrialLease beats here
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    return trial, TrialLease(study, storage, config, trial)
+
+
 def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     """Run ``work`` and tell its result; return its trial as told, or None if it was re-queued. A
-    trial interrupted, cut off from its database (a restart), or given up by the other workers
+    trial interrupted, cut off from its database or tracking server, or given up by the other workers
     while cut off, is re-queued (its copy resumes from its checkpoint); an interrupt goes on, the
     worker goes on otherwise. Once a result is told, its checkpoints are removed."""
     study, trial = work.study, work.trial
-    label = f"{'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
+    label = f"[worker {worker}] {'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
+
+    def requeue_it(reason: str, said: str) -> None:
+        with lock:
+            now = study.get_trials(deepcopy=False)[trial.number]
+            if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
+                requeue(study, now, reason, lost_worker=False)
+        print(f"{label}{said}", file=sys.stderr, flush=True)
+
     try:
         study.tell(trial, work.run(trial))
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
-    except TRIAL_ERRORS:
+    except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
         study.tell(trial, state=TrialState.FAIL)
-    except TAKEN_AWAY:
+    except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up while this one was cut off
         print(
-            f"[worker {worker}] {label} was given up by the other workers while this one was cut off from the "
-            "database; its copy resumes from its checkpoint",
+            f"{label} was given up by the other workers while this one was cut off from the database; its copy "
+            "resumes from its checkpoint",
             file=sys.stderr,
             flush=True,
         )
         return None
-    except mlflow.exceptions.MlflowException as error:
-        if not unreachable(error):
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            raise
-        with lock:
-            now = study.get_trials(deepcopy=False)[trial.number]
-            requeue(study, now, "its tracking server did not answer", lost_worker=False)
-        print(f"[worker {worker}] {label}: the tracking server does not answer; re-queued", file=sys.stderr, flush=True)
-        when_reachable(lambda: MlflowClient().search_experiments(max_results=1), f"worker {worker}")
-        return None
     except DATABASE_ERRORS as error:
-        with lock:
-            now = study.get_trials(deepcopy=False)[trial.number]
-            if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
-                requeue(study, now, f"its database call failed ({first_line(error)})", lost_worker=False)
-        print(f"[worker {worker}] {label}: the study's database failed; re-queued", file=sys.stderr, flush=True)
+        requeue_it(f"its database call failed ({first_line(error)})", ": the study's database failed; re-queued")
         return None
     except KeyboardInterrupt as stop:
-        with lock:
-            requeue(
-                study, study.get_trials(deepcopy=False)[trial.number], f"interrupted ({type(stop).__name__})", lost_worker=False
-            )
-        print(f"[worker {worker}] {label} interrupted: re-queued, it resumes on the next start", file=sys.stderr, flush=True)
+        requeue_it(f"interrupted ({type(stop).__name__})", " interrupted: re-queued, it resumes on the next start")
         raise
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        raise
+    except BaseException as error:
+        if not unreachable(error):  # the tracking server did not answer: re-queued; anything else fails the trial
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        requeue_it("its tracking server did not answer", ": the tracking server does not answer; re-queued")
+        when_reachable(lambda: MlflowClient().search_experiments(max_results=1), f"worker {worker}")
+        return None
     finally:
         work.lease.release()
     told = study.get_trials(deepcopy=False)[trial.number]
@@ -293,22 +274,24 @@ class AfterSearch:
 
     def __init__(self, study: optuna.Study, storage, job: WorkerJob, data: PreparedData):
         self.study, self.storage, self.job, self.data = study, storage, job, data
-        self.queue = None
+        self.queue, self.budget_said = None, False
 
-    def __call__(self, lock) -> Work | NextStep:
+    def __call__(self, lock, over_budget: bool) -> Work | NextStep:
         if not needs_summary(self.study):
             return NextStep.STOP
+        job = self.job
+        if over_budget and not self.budget_said:  # said once, before the confirmation
+            say_budget_end(self.study, job.config, job.worker, job.deadline, job.workers)
+            self.budget_said = True
         self.queue = self.queue or companion(self.storage, self.study.study_name)
-        config = self.job.config
-        fail_lost_trials(self.queue, config, on_lost=say_lost)
-        plan(self.study, self.queue, self.job, self.data)
+        fail_lost_trials(self.queue, job.config, on_lost=say_lost)
+        plan(self.study, self.queue, job, self.data)
         items = pending(self.queue)
         if not items:
             queue_summary(self.queue, round_of(self.study))
         elif all(item.state == TrialState.RUNNING for item in items):
             return NextStep.WAIT
-        lock.confirm()
-        return Work(self.queue, *take(self.queue, self.storage, config), self.run_item, self.say_item)
+        return Work(self.queue, *take(self.queue, self.storage, job.config, lock), self.run_item, self.say_item)
 
     def run_item(self, item: optuna.Trial) -> float:
         work = attributes.WORK.read(item)
@@ -329,7 +312,7 @@ class AfterSearch:
 
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
     """One worker: train trials until the study has ``n_trials``, then the confirmation's trainings
-    and the summary; any number may run at once."""
+    and the summary; any number may run at once (experiments/gpus.py starts several on one machine)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if job.workers > 1:
         share_cpu(job.workers)
@@ -338,16 +321,12 @@ def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) 
     study = optuna.load_study(
         study_name=job.config.study_name, storage=storage, pruner=pruner or make_pruner(job.config.pruner, job.config.epochs)
     )
-
-    def trial_objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        return objective(trial, job, data)
-
     with signal_handler(raise_terminated, signal.SIGTERM):  # a SIGTERM re-queues the trial in progress
         run_trials(
             study,
             storage,
             job.config,
-            trial_objective,
+            partial(objective, job=job, data=data),
             after_search=AfterSearch(study, storage, job, data),
             worker=job.worker,
             workers=job.workers,
