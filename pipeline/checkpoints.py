@@ -12,21 +12,14 @@ import torch
 
 from pipeline.data import atomic_write
 
-# Where training runs, not what it computes: a run preempted on one machine may go on on another
-# (where precision=auto may resolve differently too).
-WHERE_ONLY = ("device",)
-
 
 class CheckpointMismatch(ValueError):
     """The checkpoint folder holds a training with other settings than the one asked for."""
 
 
 class Checkpoints:
-    """Per-epoch checkpoints in one folder, each written atomically; the newest two are kept.
-
-    Loading uses ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
-    planted file cannot run code when it is read.
-    """
+    """Loaded with ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
+    planted file cannot run code when it is read."""
 
     keep = 2
 
@@ -58,10 +51,12 @@ class Checkpoints:
         """Raise CheckpointMismatch, in one line naming the fields, where ``saved`` was written by a
         training whose ``config`` (a TrainConfig as a dict) differs in a field that changes the result."""
         before = saved["config"]
+        # device says where training runs, not what it computes: a run preempted on one machine may go
+        # on on another (where precision=auto may resolve differently too).
         changed = [
             f"{name} {before.get(name, '(not saved)')!r} -> {value!r}"
             for name, value in config.items()
-            if name not in WHERE_ONLY and before.get(name, object()) != value
+            if name != "device" and before.get(name, object()) != value
         ]
         if changed:
             raise CheckpointMismatch(

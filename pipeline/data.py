@@ -52,7 +52,7 @@ class DatasetSpec:
     extra_dirs: tuple[str, ...] = ()  # other places the raw files are commonly installed
 
 
-def _files(md5s: tuple[str, str, str, str]) -> tuple[RawFile, ...]:
+def _files(*md5s: str) -> tuple[RawFile, ...]:
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     magics, counts = (0x803, 0x801, 0x803, 0x801), (60_000, 60_000, 10_000, 10_000)
     return tuple(RawFile(*row) for row in zip(names, md5s, magics, counts, strict=True))
@@ -63,24 +63,20 @@ DATASETS = {
         torchvision.datasets.MNIST,
         "MNIST",
         _files(
-            (
-                "6bbc9ace898e44ae57da46a324031adb",
-                "a25bea736e30d166cdddb491f175f624",
-                "2646ac647ad5339dbf082846283269ea",
-                "27ae3e4e09519cfbb04c329615203637",
-            )
+            "6bbc9ace898e44ae57da46a324031adb",
+            "a25bea736e30d166cdddb491f175f624",
+            "2646ac647ad5339dbf082846283269ea",
+            "27ae3e4e09519cfbb04c329615203637",
         ),
     ),
     "fashion-mnist": DatasetSpec(
         torchvision.datasets.FashionMNIST,
         "FashionMNIST",
         _files(
-            (
-                "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                "9018921c3c673c538a1fc5bad174d6f9",
-                "8181f5470baa50b63fa0f6fddb340f0a",
-                "15d484375f8d13e6eb1aabb0c3f46965",
-            )
+            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "9018921c3c673c538a1fc5bad174d6f9",
+            "8181f5470baa50b63fa0f6fddb340f0a",
+            "15d484375f8d13e6eb1aabb0c3f46965",
         ),
         extra_dirs=("/usr/share/datasets/fashion-mnist",),  # Debian's dataset-fashion-mnist
     ),
@@ -112,11 +108,8 @@ def search_dirs(spec: DatasetSpec, data_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_raw_file(raw: RawFile, dirs: list[Path]) -> Path | None:
-    for folder in dirs:
-        for candidate in (folder / raw.name, folder / (raw.name + ".gz")):
-            if candidate.is_file():
-                return candidate
-    return None
+    candidates = (folder / name for folder in dirs for name in (raw.name, raw.name + ".gz"))
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def read_raw_file(path: Path) -> bytes:
@@ -138,19 +131,16 @@ def check_raw_file(path: Path, data: bytes, raw: RawFile) -> None:
     digest = hashlib.md5(data).hexdigest()
     if digest == raw.md5:
         return
-    dims = 3 if raw.magic == 0x803 else 1
-    expected_size = 8 + 4 * (dims - 1) + raw.count * (784 if dims == 3 else 1)
-    problem = f"md5 {digest} differs from the official {raw.md5} (altered bytes)"
-    if len(data) >= 8:
-        magic, count = struct.unpack(">II", data[:8])
-        if magic != raw.magic:
-            problem = f"IDX magic number 0x{magic:08x}, expected 0x{raw.magic:08x} (not this kind of IDX file)"
-        elif count != raw.count:
-            problem = f"header says {count} items, expected {raw.count}"
-        elif len(data) != expected_size:
-            problem = f"{len(data)} bytes, expected {expected_size} (truncated)"
-    else:
+    expected_size = 16 + 784 * raw.count if raw.magic == 0x803 else 8 + raw.count  # images: 3 dims; labels: 1
+    magic, count = struct.unpack(">II", data[:8]) if len(data) >= 8 else (raw.magic, raw.count)
+    if magic != raw.magic:
+        problem = f"IDX magic number 0x{magic:08x}, expected 0x{raw.magic:08x} (not this kind of IDX file)"
+    elif count != raw.count:
+        problem = f"header says {count} items, expected {raw.count}"
+    elif len(data) != expected_size:
         problem = f"{len(data)} bytes, expected {expected_size} (truncated)"
+    else:
+        problem = f"md5 {digest} differs from the official {raw.md5} (altered bytes)"
     raise DataError(f"{path}: {problem}; {_FIX}")
 
 
@@ -162,10 +152,9 @@ def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, d
     """
     spec = DATASETS[dataset]
     dirs = search_dirs(spec, data_dir)
+    if missing := [raw.name for raw in spec.files if find_raw_file(raw, dirs) is None]:
+        _download(spec, data_dir, dirs, missing)
     paths = [find_raw_file(raw, dirs) for raw in spec.files]
-    if None in paths:
-        _download(spec, data_dir, dirs)
-        paths = [find_raw_file(raw, dirs) for raw in spec.files]
     with tempfile.TemporaryDirectory(prefix="lstm-mnist-raw-") as staging:
         raw_folder = Path(staging) / spec.folder / "raw"
         raw_folder.mkdir(parents=True)
@@ -186,8 +175,7 @@ def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, d
     return train, test, {raw.name: raw.md5 for raw in spec.files}
 
 
-def _download(spec: DatasetSpec, data_dir, dirs: list[Path]) -> None:
-    missing = [raw.name for raw in spec.files if find_raw_file(raw, dirs) is None]
+def _download(spec: DatasetSpec, data_dir, dirs: list[Path], missing: list[str]) -> None:
     try:
         spec.torchvision_class(str(data_dir), train=True, download=True)
         spec.torchvision_class(str(data_dir), train=False, download=True)
@@ -216,16 +204,9 @@ def split_train_val(train: Split, val_size: int, train_limit: int, seed: int) ->
     return pick(train_index), pick(val_index)
 
 
-def class_counts(labels: torch.Tensor) -> list[int]:
-    return torch.bincount(labels, minlength=NUM_CLASSES).tolist()
-
-
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -258,7 +239,7 @@ def save_prepared(out_dir: Path, splits: dict[str, Split], manifest: dict) -> di
         manifest["splits"][name] = {
             "file": path.name,
             "count": len(labels),
-            "class_counts": class_counts(labels),
+            "class_counts": torch.bincount(labels, minlength=NUM_CLASSES).tolist(),
             "sha256": sha256_file(path),
         }
     atomic_write(out_dir / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))

@@ -17,24 +17,18 @@ from pipeline.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
+    gpus = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}  # auto tries them in this order
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device=mps was asked for, but torch sees no Apple GPU")
+        return torch.device(next((kind for kind, available in gpus.items() if available()), "cpu"))
+    if name in gpus and not gpus[name]():
+        raise RuntimeError(f"device={name} was asked for, but torch sees no {'CUDA' if name == 'cuda' else 'Apple'} GPU")
     return torch.device(name)
 
 
 def share_cpu(processes: int) -> None:
-    """Give this process its share of the machine's cores, one of ``processes`` training at once:
-    two one-thread trials on 2 cores train more images per second than one two-thread trial
-    (benchmarks/results/cpu-workers-20261203.md). The thread count is tagged on each CPU run.
-    The cores are those this process may run on (a Slurm task's or a container's), not the machine's."""
+    """Give this process its share of the cores it may run on (a Slurm task's or a container's), one of
+    ``processes`` training at once: two one-thread trials on 2 cores train more images per second
+    than one two-thread trial (benchmarks/results/cpu-workers-20261203.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // processes))
 

@@ -1,10 +1,6 @@
 """Signals for the stages and the training loop: SIGTERM handled like Ctrl-C, handlers for a block,
-and the loop's stop requests.
-
-Every handler here is installed for a block and the previous one put back after it: only an entry
-point's ``main()`` installs one for good. The lowest layer of ``pipeline/``: it imports nothing of
-the project, so the loop (``training.py``) and the MLflow helpers (``tracking.py``) both use it
-without reaching sideways.
+and the loop's stop requests. Every handler here is installed for a block and the previous one put
+back after it: only an entry point's ``main()`` installs one for good.
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 
 class Terminated(KeyboardInterrupt):
@@ -57,11 +54,7 @@ def stop_requests():
     """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
     progress; the same signal again stops at once. Outside the main thread signals stay as they are.
     Yields the request: its ``signal_number`` is 0 until one arrives."""
-
-    class Stop:
-        signal_number = 0
-
-    stop = Stop()
+    stop = SimpleNamespace(signal_number=0)
 
     def request(signal_number, frame):
         if stop.signal_number == signal_number:  # asked twice: do not wait for the batch

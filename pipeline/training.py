@@ -64,7 +64,6 @@ class TrainResult:
     history: list[EpochMetrics]
     best_epoch: int
     best_val_accuracy: float
-    device: torch.device
     stopped_early: bool = False
     resumed_from_epoch: int = 0
     precision: str = "fp32"  # what training ran in: fp32 or bf16
@@ -104,51 +103,44 @@ def train(
     """
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)
-    with numerics(settings):
-        result = _train(config, data, device, settings["resolved_precision"], on_epoch, checkpoint_dir, progress, label)
-    if checkpoint_dir and not keep_checkpoints:
-        Checkpoints(checkpoint_dir).remove()  # finished: nothing is left to resume
-    return result
-
-
-def _train(config, data, device, precision, on_epoch, checkpoint_dir, progress, label="") -> TrainResult:
-    torch.manual_seed(config.seed)
-    run = _Run.start(config, data, device, precision)
-    train_split, val_split = data.train.to(device), data.val.to(device)
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
-    start_epoch, partial = 1, None
-    if checkpoints and (saved := checkpoints.latest()):
-        checkpoints.check_resumable(saved, dataclasses.asdict(config))
-        start_epoch, partial = run.restore(saved)
-        within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
-        print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
-
     show_bar = sys.stderr.isatty() if progress is None else progress
-    stopped_early, last_checkpoint = False, None
-    with stop_requests() as stop:
-        for epoch in range(start_epoch, config.epochs + 1):
-            loss_sum, correct, started = _train_epoch(run, train_split, epoch, stop, checkpoints, show_bar, partial)
-            partial = None
-            metrics = _end_epoch(run, val_split, epoch, loss_sum, correct, started)
-            _print_epoch(metrics, run.history, config.epochs, label)
-            last_checkpoint = checkpoints.save(f"epoch-{epoch:04d}", run.checkpoint(epoch)) if checkpoints else None
-            if on_epoch:
-                on_epoch(metrics)
-            if config.patience and epoch - run.best_epoch >= config.patience:
-                stopped_early = True
-                print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
-                break
-        # Asked after the last batch (validation, on_epoch) of the last epoch: no batch is left to stop
-        # after, and a caller must not go on as if nothing came.
-        if stop.signal_number:
-            raise TrainingInterrupted(stop.signal_number, last_checkpoint)
+    with numerics(settings):
+        torch.manual_seed(config.seed)
+        run = _Run.start(config, data, device, settings["resolved_precision"])
+        train_split, val_split = data.train.to(device), data.val.to(device)
+        start_epoch, partial = 1, None
+        if checkpoints and (saved := checkpoints.latest()):
+            checkpoints.check_resumable(saved, dataclasses.asdict(config))
+            start_epoch, partial = run.restore(saved)
+            within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
+            print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
+        stopped_early, last_checkpoint = False, None
+        with stop_requests() as stop:
+            for epoch in range(start_epoch, config.epochs + 1):
+                loss_sum, correct, started = _train_epoch(run, train_split, epoch, stop, checkpoints, show_bar, partial)
+                partial = None
+                metrics = _end_epoch(run, val_split, epoch, loss_sum, correct, started)
+                _print_epoch(metrics, run.history, config.epochs, label)
+                last_checkpoint = checkpoints.save(f"epoch-{epoch:04d}", run.checkpoint(epoch)) if checkpoints else None
+                if on_epoch:
+                    on_epoch(metrics)
+                if config.patience and epoch - run.best_epoch >= config.patience:
+                    stopped_early = True
+                    print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
+                    break
+            # Asked after the last batch (validation, on_epoch) of the last epoch: no batch is left to stop
+            # after, and a caller must not go on as if nothing came.
+            if stop.signal_number:
+                raise TrainingInterrupted(stop.signal_number, last_checkpoint)
 
-    model = run.model
+    if checkpoints and not keep_checkpoints:
+        checkpoints.remove()  # finished: nothing is left to resume
     if run.best_state is not None:
-        model.load_state_dict(run.best_state)
-    model.eval()
+        run.model.load_state_dict(run.best_state)
+    run.model.eval()
     return TrainResult(
-        model, run.history, run.best_epoch, run.best_val_accuracy, device, stopped_early, start_epoch - 1, precision
+        run.model, run.history, run.best_epoch, run.best_val_accuracy, stopped_early, start_epoch - 1, run.precision
     )
 
 
@@ -235,7 +227,6 @@ def _end_epoch(run: _Run, val_split: Split, epoch: int, loss_sum, correct, start
 
 
 def _print_epoch(metrics: EpochMetrics, history: list[EpochMetrics], epochs: int, label: str) -> None:
-    """One line to stderr per epoch; the estimated time left while epochs remain."""
     left = (epochs - metrics.epoch) * sum(m.epoch_seconds for m in history) / len(history)
     print(
         f"{label + ' ' if label else ''}epoch {metrics.epoch}/{epochs}  train_loss {metrics.train_loss:.4f}  "
