@@ -14,6 +14,7 @@ Writes: the leaderboard as markdown to stdout; with ``--output-dir``, also ``lea
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -25,35 +26,32 @@ from pipeline.tables import markdown_table, over_seeds, with_spread
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
-# A configuration, for --group-by-config: what changes a result. The training's parameters, the
-# arithmetic it resolved to (precision=auto is bf16 on one machine, fp32 on another), and which
-# data (not where it lives): the dataset and split, and the train split's checksum (a trial's or
-# train run's only record of its data).
+# A configuration, for --group-by-config: what changes a result. The training's parameters, the arithmetic
+# it resolved to (precision=auto is bf16 on one machine, fp32 on another), and which data, not where it lives
+# (the train split's checksum is a trial's or train run's only record of its data).
 TRAINED_COLUMNS = ["resolved_precision", "data_sha256"]
 CONFIG_COLUMNS = [*PARAM_COLUMNS, "dataset", "val_size", "train_limit", *TRAINED_COLUMNS]
 
 
 def filter_string(study: str = "", parent_run: str = "", stage: str = "") -> str:
-    clauses = []
-    if study:
-        clauses.append(f"tags.`optuna.study_name` = '{study}'")
-    if parent_run:
-        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run}'")
-    if stage:
-        clauses.append(f"tags.`pipeline.stage` = '{stage}'")
-    return " and ".join(clauses)
+    tags = {"optuna.study_name": study, "mlflow.parentRunId": parent_run, "pipeline.stage": stage}
+    return " and ".join(f"tags.`{tag}` = '{value}'" for tag, value in tags.items() if value)
+
+
+def ranked_metrics(runs: pd.DataFrame, sort_by: str) -> list[str]:
+    """``sort_by``, then the other ``METRIC_COLUMNS``; a KeyError naming the metrics there if no run has ``sort_by``."""
+    if f"metrics.{sort_by}" not in runs:
+        metrics = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
+        raise KeyError(f"no run has the metric {sort_by!r}; these do: {', '.join(metrics) or 'none'}")
+    return list(dict.fromkeys([sort_by, *METRIC_COLUMNS]))
 
 
 def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = False) -> pd.DataFrame:
     """One row per run: name, state, hyperparameters and metrics, best first by ``sort_by``."""
-    key = f"metrics.{sort_by}"
-    if key not in runs:
-        metrics = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
-        raise KeyError(f"no run has the metric {sort_by!r}; these do: {', '.join(metrics) or 'none'}")
-    table = runs.sort_values(key, ascending=ascending, na_position="last").head(top_k)
+    metrics = ranked_metrics(runs, sort_by)
+    table = runs.sort_values(f"metrics.{sort_by}", ascending=ascending, na_position="last").head(top_k)
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id", "status": "status"}
-    columns |= {f"params.{name}": name for name in PARAM_COLUMNS}
-    columns |= {f"metrics.{name}": name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS])}
+    columns |= {f"params.{name}": name for name in PARAM_COLUMNS} | {f"metrics.{name}": name for name in metrics}
     present = {source: name for source, name in columns.items() if source in table and table[source].notna().any()}
     table = table[list(present)].rename(columns=present)
     return ranked(numbers_where_possible(table, PARAM_COLUMNS))
@@ -65,16 +63,12 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
     if "tags.pipeline.evaluate_run" in runs:  # pipeline runs that reused one evaluate run are one result
         evaluated = runs["tags.pipeline.evaluate_run"]
         runs = runs[evaluated.isna() | ~evaluated.duplicated()]
-    if f"metrics.{sort_by}" not in runs:
-        metrics = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
-        raise KeyError(f"no run has the metric {sort_by!r}; these do: {', '.join(metrics) or 'none'}")
+    metrics = ranked_metrics(runs, sort_by)
     runs = with_trained_params(runs[runs[f"metrics.{sort_by}"].notna()])  # a failed or unfinished run is no result
     config = [f"params.{name}" for name in CONFIG_COLUMNS if f"params.{name}" in runs and runs[f"params.{name}"].notna().any()]
     if not config:
         raise KeyError(f"no run has a parameter to group by (one of: {', '.join(CONFIG_COLUMNS)})")
-    metrics = [
-        name for name in dict.fromkeys([sort_by, *METRIC_COLUMNS]) if runs.get(f"metrics.{name}", pd.Series()).notna().any()
-    ]
+    metrics = [name for name in metrics if runs.get(f"metrics.{name}", pd.Series()).notna().any()]
     seeds = runs["params.seed"] if "params.seed" in runs else pd.Series(None, index=runs.index, dtype=object)
     keys = [column.removeprefix("params.") for column in config]
     runs = runs.rename(columns={f"params.{key}": key for key in keys} | {f"metrics.{name}": name for name in metrics})
@@ -111,12 +105,9 @@ def with_trained_params(runs: pd.DataFrame) -> pd.DataFrame:
 
 def numbers_where_possible(table: pd.DataFrame, names) -> pd.DataFrame:
     """MLflow keeps params as strings; numbers sort and print better as numbers."""
-    for name in names:
-        if name in table:
-            try:
-                table[name] = pd.to_numeric(table[name])
-            except (ValueError, TypeError):
-                pass
+    for name in [name for name in names if name in table]:
+        with contextlib.suppress(ValueError, TypeError):
+            table[name] = pd.to_numeric(table[name])
     return table
 
 
@@ -194,10 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if runs.empty:
         fail(f"no runs match in experiment {experiment.name!r}")
     try:
-        if args.group_by_config:
-            table = grouped_leaderboard(runs, args.sort_by, args.top_k, args.ascending)
-        else:
-            table = leaderboard(runs, args.sort_by, args.top_k, args.ascending)
+        board = grouped_leaderboard if args.group_by_config else leaderboard
+        table = board(runs, args.sort_by, args.top_k, args.ascending)
     except KeyError as error:
         fail(str(error.args[0]))
     markdown = markdown_table(with_spread(table) if args.group_by_config else table)

@@ -1,11 +1,10 @@
 """The ``repeat`` entry point: the whole pipeline once per training seed, under one parent run.
 
-What a seed varies: the training (weights, shuffling, dropout). The data split is prepared once,
-with ``--seed``, and shared: every repeat trains and is evaluated on the same images, so the
-spread is the training's alone. Each seed is a pipeline run of its own (``pipeline.main``'s, stage
-tag ``main``, run name ``seed-<s>``) nested under the repeat run, with its train and evaluate runs
-nested under it; the shared prepare run is nested under the repeat run. Stages reuse finished
-runs as ``main`` does, so a rerun after a failure, or with one more seed, runs only what is new.
+A seed varies the training alone (weights, shuffling, dropout): the split is prepared once, with
+``--seed``, and shared, so every seed trains and is evaluated on the same images. Each seed is a
+pipeline run (``pipeline.main``'s, stage tag ``main``, run name ``seed-<s>``) nested under the
+repeat run, beside the shared prepare run. Finished stages are reused as ``main`` reuses them,
+so a rerun after a failure, or with one more seed, runs only what is new.
 
 Reads:  the prepare and train parameters of ``main``, and ``--seeds``.
 Writes: the repeat run (stage tag ``repeat``): the configuration's params, ``seeds``, and per test
@@ -32,6 +31,7 @@ from pipeline.main import (
     parse_pipeline_args,
     pipeline_parser,
     python_first_on_path,
+    run_link,
     run_pipeline,
     run_stage,
 )
@@ -47,8 +47,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     accepts = "integers >= 0 separated by spaces or commas, e.g. '1 2 3'"
     if not words:
         raise ParameterError(f"seeds={text!r} is not allowed: must be {accepts}")
-    bad = [word for word in words if not word.isdigit()]
-    if bad:
+    if bad := [word for word in words if not word.isdigit()]:
         raise ParameterError(f"seeds={text!r} is not allowed: {bad[0]!r} is not an integer >= 0; must be {accepts}")
     seeds = tuple(int(word) for word in words)
     if repeated := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
@@ -116,9 +115,7 @@ def run_repeat(
         table = repeat_table(per_seed, runs, summary)
         mlflow.log_text(markdown_table(table) + "\n", "repeat.md")
         mlflow.log_text(table.to_html(index=False, na_rep="", float_format="{:.4f}".format), "repeat.html")
-        linked = table.assign(
-            run=[f"[{r}](#/experiments/{parent.info.experiment_id}/runs/{r})" if r else r for r in table["run"].fillna("")]
-        )
+        linked = table.assign(run=[run_link(parent, r) if r else r for r in table["run"].fillna("")])
         mlflow.set_tag("mlflow.note.content", f"{one_line(summary, seeds)}\n\n{markdown_table(linked)}")
     return parent, summary, table
 
@@ -134,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         seeds = parse_seeds(args.seeds)
     except ParameterError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.error(str(error))
     python_first_on_path(args.env_manager)  # its stages start with the shell's `python`, as main's do
     try:
         parent, summary, table = run_repeat(

@@ -1,12 +1,10 @@
 """Study definitions: what a tuning study searches, where it starts, and how it searches.
 
 A study is a ``StudyDefinition``: its search space, declared once as Optuna distributions over
-TrainConfig fields (``suggest`` samples it; ``describe`` writes it as people read it, the key
-that refuses a rerun with another space), the baseline configuration
-enqueued as trial 0 (so every study is measured against a known point), and the fixed settings
-every trial shares. Samplers and pruners are chosen by name on
-the command line. To add a study, add a definition to ``STUDIES``. How long its trainings take:
-experiments/budget.py.
+TrainConfig fields (``suggest`` samples it, ``describe`` writes it as people read it), the baseline
+enqueued as trial 0 (every study is measured against a known point), and the fixed settings every
+trial shares. Samplers and pruners are chosen by name on the command line. To add a study, add a
+definition to ``STUDIES``. How long its trainings take: experiments/budget.py.
 """
 
 from __future__ import annotations
@@ -40,14 +38,9 @@ def suggest(definition: StudyDefinition, trial: optuna.Trial | optuna.trial.Fixe
             params[name] = 0.0
         elif isinstance(distribution, CategoricalDistribution):
             params[name] = trial.suggest_categorical(name, distribution.choices)
-        elif isinstance(distribution, IntDistribution):
-            params[name] = trial.suggest_int(
-                name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
-            )
         else:
-            params[name] = trial.suggest_float(
-                name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
-            )
+            number = trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+            params[name] = number(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
     return params
 
 
@@ -92,10 +85,9 @@ STUDIES = {
         },
         baseline=TUTORIAL,
     ),
-    # Smaller than the GPU's space (no 3rd layer, 256 hidden at most: trial 0, the tutorial's): its
-    # typical trial costs about a quarter of the tutorial's per image, and small models take larger
-    # learning rates; a CPU is faster per image at larger batches. Both directions and dropout are
-    # searched: on Fashion-MNIST a bidirectional, regularised model beat every one-directional one.
+    # Smaller than the GPU's space (256 hidden at most, the tutorial's): a typical trial costs about a quarter
+    # of the tutorial's per image; small models take larger learning rates, a CPU is faster at larger batches.
+    # Both directions and dropout stay: on Fashion-MNIST a bidirectional, regularised model beat the rest.
     "lstm-cpu": StudyDefinition(
         description="the CPU-sized space: smaller models, no 3rd layer",
         space={
@@ -127,9 +119,7 @@ def trial_config(config: TuneConfig, trial: optuna.Trial | optuna.trial.FixedTri
 
 def study_for(name: str, on_cuda: bool) -> str:
     """The study definition ``name`` stands for: ``auto`` is the GPU-sized space on CUDA, else the CPU-sized one."""
-    if name != "auto":
-        return name
-    return "lstm" if on_cuda else "lstm-cpu"
+    return name if name != "auto" else ("lstm" if on_cuda else "lstm-cpu")
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -182,14 +172,11 @@ def rungs(epochs: int) -> list[int]:
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
-        # Judge a trial from its first epoch on, against the median of the trials before it at the
-        # same epoch, once three trials have given that median a meaning.
+        # From the first epoch on, against the median of earlier trials there, once three give it a meaning.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
-        # Multi-fidelity: the epoch budget is the resource. Trials are spread over brackets, each
-        # a successive halving that judges them first after min_epochs, 3x that, ... epochs (the
-        # later brackets start higher); at each rung a trial goes on only if it is in the best
-        # third of its bracket there, so long training goes to the promising configurations.
+        # Multi-fidelity, epochs the resource: brackets of successive halving judge a trial after min_epochs,
+        # 3x that, ... epochs; only the best third of its bracket goes on, so long training goes to the promising.
         return optuna.pruners.HyperbandPruner(
             min_resource=min_epochs(epochs), max_resource=epochs, reduction_factor=REDUCTION_FACTOR
         )
@@ -207,6 +194,3 @@ def describe_pruner(name: str, epochs: int) -> str:
     if name == "median":
         return "pruner median (from epoch 1, against the median of earlier trials)"
     return "no pruner"
-
-
-# --- how long it takes here -----------------------------------------------------------------------

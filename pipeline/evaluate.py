@@ -50,11 +50,7 @@ class Evaluation:
     test_macro_f1: float
     per_class: pd.DataFrame  # one row per class: precision, recall, f1, support
     confusion: torch.Tensor  # (true class, predicted class) counts
-    probabilities: torch.Tensor  # (N, num_classes) float64, as the classifier answered them
     predictions: pd.DataFrame  # one row per image: image, true_class, class, probability
-
-    def metrics(self) -> dict[str, float]:
-        return {"test_loss": self.test_loss, "test_accuracy": self.test_accuracy, "test_macro_f1": self.test_macro_f1}
 
 
 def evaluate(classifier, split: Split, class_names: list[str], batch_size: int = 1000) -> Evaluation:
@@ -69,22 +65,14 @@ def evaluate(classifier, split: Split, class_names: list[str], batch_size: int =
     precision = true_positives / confusion.sum(0).clamp(min=1)
     recall = true_positives / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    per_class = pd.DataFrame(
-        {
-            "class": class_names,
-            "precision": precision.numpy(),
-            "recall": recall.numpy(),
-            "f1": f1.numpy(),
-            "support": confusion.sum(1).numpy(),
-        }
-    )
+    columns = {"precision": precision, "recall": recall, "f1": f1, "support": confusion.sum(1)}
+    per_class = pd.DataFrame({"class": class_names, **{name: column.numpy() for name, column in columns.items()}})
     return Evaluation(
         test_loss=F.nll_loss(probabilities.log(), labels).item(),  # cross-entropy, from float64 probabilities
         test_accuracy=(predictions == labels).double().mean().item(),
         test_macro_f1=f1.mean().item(),
         per_class=per_class,
         confusion=confusion,
-        probabilities=probabilities,
         predictions=pd.DataFrame(
             {"image": range(len(labels)), "true_class": labels.numpy(), **answers[["class", "probability"]]}
         ),
@@ -95,44 +83,32 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str]):
     figure = Figure(figsize=(8, 7))
     axis = figure.subplots()
     image = axis.imshow(confusion.log1p(), cmap="Blues")  # log scale: the off-diagonal errors stay visible
-    for (true, predicted), count in zip(
-        torch.cartesian_prod(torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)).tolist(),
-        confusion.flatten().tolist(),
-        strict=True,
-    ):
-        color = "white" if true == predicted else "black"
-        axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=color)
-    axis.set(
-        xticks=range(NUM_CLASSES),
-        yticks=range(NUM_CLASSES),
-        xlabel="predicted class",
-        ylabel="true class",
-        title="confusion matrix (test)",
-    )
-    axis.set_xticklabels(class_names, rotation=45, ha="right")
-    axis.set_yticklabels(class_names)
+    for true, row in enumerate(confusion.tolist()):
+        for predicted, count in enumerate(row):
+            color = "white" if true == predicted else "black"
+            axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=color)
+    axis.set_xticks(range(NUM_CLASSES), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(NUM_CLASSES), class_names)
+    axis.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (test)")
     figure.colorbar(image, ax=axis, label="log(1 + count)")
     figure.tight_layout()
     return figure
 
 
-def plot_confident_mistakes(split: Split, evaluation: Evaluation, class_names: list[str], count: int = 25):
-    confidence, predictions = evaluation.probabilities.max(1)
-    labels = split.labels.cpu()
-    wrong = (predictions != labels).nonzero().flatten()
-    worst = wrong[confidence[wrong].argsort(descending=True)][:count]
+def plot_confident_mistakes(split: Split, predictions: pd.DataFrame, class_names: list[str], count: int = 25):
+    wrong = predictions[predictions["class"] != predictions["true_class"]]
+    worst = wrong.sort_values("probability", ascending=False, kind="stable").head(count)
     columns = 5
     rows = max(1, -(-len(worst) // columns))
     figure = Figure(figsize=(2 * columns, 2.3 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, index in zip(axes.flat, worst.tolist(), strict=False):  # more axes than mistakes, at times
+    mistakes = worst[["image", "class", "probability", "true_class"]].itertuples(index=False)
+    for axis, (index, said, confidence, was) in zip(axes.flat, mistakes, strict=False):  # more axes than mistakes, at times
         axis.imshow(split.images[index].cpu(), cmap="gray")
-        axis.set_title(
-            f"said {class_names[predictions[index]]} ({confidence[index]:.2f})\nwas {class_names[labels[index]]}", fontsize=8
-        )
-    figure.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})")
+        axis.set_title(f"said {class_names[said]} ({confidence:.2f})\nwas {class_names[was]}", fontsize=8)
+    figure.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(predictions)})")
     figure.tight_layout()
     return figure
 
@@ -144,11 +120,11 @@ def evaluate_and_log(
     ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input, and
     ``model_uri`` (what ``classifier`` was loaded from) links the metrics to that logged model, whose
     page in MLflow 3 then shows them."""
-    dataset, data_split = data.manifest["dataset"], data.test
-    class_names = [str(name) for name in DATASETS[dataset].torchvision_class.classes]
-    result = evaluate(classifier, data_split, class_names, config.batch_size)
+    class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
+    result = evaluate(classifier, data.test, class_names, config.batch_size)
     log_params({**dataclasses.asdict(config), **device_params(device)})
-    mlflow.log_metrics(result.metrics(), model_id=mlflow.models.get_model_info(model_uri).model_id if model_uri else None)
+    metrics = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy, "test_macro_f1": result.test_macro_f1}
+    mlflow.log_metrics(metrics, model_id=mlflow.models.get_model_info(model_uri).model_id if model_uri else None)
     with tempfile.TemporaryDirectory() as tmp:
         result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
         result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
@@ -158,7 +134,7 @@ def evaluate_and_log(
     if data_ref:
         log_data_inputs(data, data_ref, {"test": "testing"})
     mlflow.log_figure(plot_confusion(result.confusion, class_names), "confusion_matrix.png")
-    mlflow.log_figure(plot_confident_mistakes(data_split, result, class_names), "confident_mistakes.png")
+    mlflow.log_figure(plot_confident_mistakes(data.test, result.predictions, class_names), "confident_mistakes.png")
     return result
 
 

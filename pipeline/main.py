@@ -1,12 +1,10 @@
 """The ``main`` entry point: prepare -> train -> evaluate under one parent MLflow run.
 
-Each stage runs as its own MLproject entry point through ``mlflow.run`` and becomes a child
-run of the parent; stages hand over only run ids. A stage whose parameters, inputs and code are
-unchanged since a FINISHED run of it is not run again: that run is reused. The match is a
-content key (a hash of the stage name, its parameters, its input run ids and the source of
-``pipeline/``, ``MLproject`` and the requirements), stored as a tag on the finished run only,
-so failed, killed or still-running stage runs are never reused. An interrupted train run is
-resumed by the train stage itself (see ``pipeline/train.py``) and takes its place here.
+Each stage runs as its own MLproject entry point through ``mlflow.run``, a child run of the parent;
+stages hand over only run ids. A FINISHED stage run with the same content key (a hash of the stage,
+its parameters, its input run ids and the source of ``pipeline/``, ``MLproject`` and the requirements)
+is reused instead of running the stage again; the key is tagged on finished runs only, so failed,
+killed or running ones never are. An interrupted train run is resumed by the train stage itself.
 
     mlflow run . --env-manager local -P data_dir=../shared/data -P epochs=2
 """
@@ -35,7 +33,16 @@ from pipeline.config import (
     user_path,
 )
 from pipeline.tables import markdown_table
-from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, finished_run, log_params, ui_link
+from pipeline.tracking import (
+    ERROR_TAG,
+    INTERRUPTED_TAG,
+    RESUMED_RUN_TAG,
+    digest,
+    finished_run,
+    format_param,
+    log_params,
+    ui_link,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
@@ -63,7 +70,7 @@ class StageFailed(RuntimeError):
 def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str) -> str:
     """Run one entry point as a child of ``parent`` (a run), or reuse its finished twin; return its run id."""
     client = MlflowClient()
-    parameters = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in parameters.items()}
+    parameters = {name: format_param(value) for name, value in parameters.items()}
     key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
     if reused := finished_run(experiment_id, {CONTENT_KEY_TAG: key}):
@@ -106,14 +113,15 @@ def stages_note(parent, stages: dict[str, str]) -> str:
     a reused stage stays nested under the pipeline run that made it, so this one would look empty."""
     reused = MlflowClient().get_run(parent.info.run_id).data.tags
     rows = [
-        [
-            stage,
-            f"[{run_id}](#/experiments/{parent.info.experiment_id}/runs/{run_id})",
-            "reused" if reused.get(f"pipeline.{stage}_reused") else "run here",
-        ]
+        [stage, run_link(parent, run_id), "reused" if reused.get(f"pipeline.{stage}_reused") else "run here"]
         for stage, run_id in stages.items()
     ]
     return "Stages of this pipeline:\n\n" + markdown_table(rows, columns=["stage", "run", ""])
+
+
+def run_link(run, run_id: str) -> str:
+    """A markdown link to ``run_id`` (of ``run``'s experiment) that works in a run's description in the UI."""
+    return f"[{run_id}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
 
 
 # What a pipeline run reports: the evaluate run's test metrics and the train run's best validation accuracy.
@@ -143,10 +151,8 @@ def pipeline_parser(prog: str, description: str) -> OneLineParser:
 
 def parse_pipeline_args(parser: OneLineParser, argv: list[str] | None):
     """Parse ``pipeline_parser``'s flags (and any a caller added): the args, the prepare and the train config.
-
-    Paths come out absolute, read from ``--launch-dir``, before they reach the stages: ``mlflow.run``
-    starts those in the project folder, with this process's working directory as their ``launch_dir``.
-    """
+    Paths come out absolute, read from ``--launch-dir``: ``mlflow.run`` starts the stages in the project
+    folder, with this process's working directory as their ``launch_dir``."""
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
     args.checkpoint_dir = user_path(args.checkpoint_dir, args.launch_dir)
     return args, dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir, args.launch_dir)), train_config
@@ -177,16 +183,10 @@ def run_pipeline(
                 prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), run, env_manager, code)
             else:
                 mlflow.set_tag("pipeline.prepare_reused", "true")  # made elsewhere, as a reused stage is
-            train_id = run_stage(
-                "train",
-                {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)},
-                run,
-                env_manager,
-                code,
-            )
-            evaluate_id = run_stage(
-                "evaluate", {"model": train_id, "data": prepare_id, "device": train_config.device}, run, env_manager, code
-            )
+            train = {"data": prepare_id, "checkpoint_dir": checkpoint_dir, **dataclasses.asdict(train_config)}
+            train_id = run_stage("train", train, run, env_manager, code)
+            evaluate = {"model": train_id, "data": prepare_id, "device": train_config.device}
+            evaluate_id = run_stage("evaluate", evaluate, run, env_manager, code)
         except StageFailed as error:
             mlflow.set_tag(ERROR_TAG, str(error))
             raise

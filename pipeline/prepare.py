@@ -41,27 +41,9 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
     """
     train, test, source_md5 = load_raw(config.dataset, config.data_dir)
     train, val = split_train_val(train, config.val_size, config.train_limit, config.seed)
-    manifest = {
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "val_size": config.val_size,
-        "train_limit": config.train_limit,
-        "source_md5": source_md5,
-    }
-    return save_prepared(Path(out_dir), {"train": train, "val": val, "test": test}, manifest)
-
-
-def log_dataset_input(config: PrepareConfig, folder: Path, manifest: dict) -> None:
-    """Record the prepared training split, read back from ``train.pt``, as this run's MLflow dataset
-    input, with the folder of raw files it was prepared from as its source."""
-    train = torch.load(folder / "train.pt", weights_only=True)
-    log_split_input(
-        Split(train["images"], train["labels"]),
-        f"{config.dataset}-train",
-        manifest["splits"]["train"]["sha256"],
-        str(Path(config.data_dir).resolve()),
-        "training",
-    )
+    # The parameters, but not where the raw files were: a path is this machine's, not the data's.
+    manifest = {name: value for name, value in dataclasses.asdict(config).items() if name != "data_dir"}
+    return save_prepared(Path(out_dir), {"train": train, "val": val, "test": test}, {**manifest, "source_md5": source_md5})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         with stage_run("prepare") as run:
             log_params(dataclasses.asdict(config))
             mlflow.log_metrics({f"{name}_count": split["count"] for name, split in manifest["splits"].items()})
-            log_dataset_input(config, folder, manifest)
+            # The run's dataset input: the training split as saved, with the raw files' folder as its source.
+            train = Split(**torch.load(folder / "train.pt", weights_only=True))
+            log_split_input(train, f"{config.dataset}-train", manifest["splits"]["train"]["sha256"], config.data_dir, "training")
             mlflow.log_artifacts(str(folder), PREPARED_ARTIFACT)
         counts = ", ".join(f"{name} {split['count']}" for name, split in manifest["splits"].items())
         print(f"prepared {config.dataset}: {counts}; run {run.info.run_id}", file=sys.stderr)

@@ -63,16 +63,6 @@ from pipeline.tracking import (
 )
 from pipeline.training import EpochMetrics, TrainingDiverged, TrainResult, train
 
-EPOCH_METRICS = (
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "epoch_seconds",
-    "samples_per_second",
-    "learning_rate",
-)
-
 
 def train_and_log(
     config: TrainConfig,
@@ -95,15 +85,9 @@ def train_and_log(
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)  # what precision=auto chose, TF32, cuDNN autotuning, determinism
     set_cublas_workspace(settings)  # before device_params starts CUDA
-    log_params(
-        {
-            **dataclasses.asdict(config),
-            **library_versions(),
-            **device_params(device),  # what device=auto chose; a GPU's name, index and memory
-            **settings,
-            "data_sha256": data.manifest["splits"]["train"]["sha256"],
-        }
-    )
+    # device_params: what device=auto chose, and a GPU's name, index and memory
+    params = {**dataclasses.asdict(config), **library_versions(), **device_params(device), **settings}
+    log_params({**params, "data_sha256": data.manifest["splits"]["train"]["sha256"]})
     if device.type == "cpu":  # a tag, not a param: a run resumed by another worker count may train with other threads
         mlflow.set_tag(CPU_THREADS_TAG, torch.get_num_threads())
     if data_ref:
@@ -111,7 +95,7 @@ def train_and_log(
 
     def log_epoch(metrics: EpochMetrics) -> None:
         try:
-            mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
+            log_epoch_metrics(metrics)
         except mlflow.exceptions.MlflowException as error:  # training goes on; the epoch is logged at the end
             if not unreachable(error):
                 raise
@@ -140,14 +124,18 @@ def train_and_log(
     return result, model_info
 
 
+def log_epoch_metrics(metrics: EpochMetrics) -> None:
+    """Every field of ``metrics`` but the epoch, which is the step."""
+    mlflow.log_metrics({k: v for k, v in dataclasses.asdict(metrics).items() if k != "epoch"}, step=metrics.epoch)
+
+
 def log_missing_epochs(history: list[EpochMetrics]) -> None:
     """Log the epochs of ``history`` the run lacks: after a resume, those the interrupted process
     checkpointed but did not live to log; those logged while the tracking server did not answer."""
-    run_id = mlflow.active_run().info.run_id
-    logged = {metric.step for metric in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "val_accuracy")}
     for metrics in history:
         if metrics.epoch not in logged:
-            mlflow.log_metrics({name: getattr(metrics, name) for name in EPOCH_METRICS}, step=metrics.epoch)
+            log_epoch_metrics(metrics)
 
 
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
@@ -207,9 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
         fail(f"--data {args.data}: {error}")
     checkpoint_root = Path(user_path(args.checkpoint_dir, args.launch_dir))
+    # What makes two train commands the same: a rerun of an interrupted one continues its run.
+    resume_key = digest({"config": dataclasses.asdict(config), "data": args.data, "checkpoint_dir": str(checkpoint_root)})
+    # ``train h256x2 lr0.002 b128 seed42``: what differs between trainings, readable in the UI's chart legends
+    name = f"train h{config.hidden_size}x{config.num_layers} lr{config.learning_rate:g} b{config.batch_size} seed{config.seed}"
     try:
-        with stage_run("train", resume_key(config, args.data, checkpoint_root), **{"pipeline.data": args.data}) as run:
-            mlflow.set_tag("mlflow.runName", run_name(config))  # tells trainings apart in the UI's chart legends
+        with stage_run("train", resume_key, **{"pipeline.data": args.data}) as run:
+            mlflow.set_tag("mlflow.runName", name)
             folder, keep = checkpoint_root / run.info.run_id, args.keep_checkpoints
             result, _ = train_and_log(config, data, checkpoint_dir=folder, keep_checkpoints=keep, data_ref=args.data)
     except (TrainingDiverged, CheckpointMismatch) as error:  # the run ended FAILED; its checkpoints stay
@@ -217,16 +209,6 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr
     )
-
-
-def run_name(config: TrainConfig) -> str:
-    """``train h256x2 lr0.002 b128 seed42``: what differs between trainings, readable in a legend."""
-    return f"train h{config.hidden_size}x{config.num_layers} lr{config.learning_rate:g} b{config.batch_size} seed{config.seed}"
-
-
-def resume_key(config: TrainConfig, data: str, checkpoint_root: Path) -> str:
-    """What makes two train commands the same: a rerun of an interrupted one continues its run."""
-    return digest({"config": dataclasses.asdict(config), "data": data, "checkpoint_dir": str(checkpoint_root)})
 
 
 if __name__ == "__main__":
