@@ -1,28 +1,16 @@
-"""A champion confirmed over seeds: before an alias moves, the study's best configurations train
-again with fresh seeds, and the best mean val_accuracy wins.
+"""A champion confirmed over seeds: before an alias moves, the study's ``confirm_top`` best
+configurations train again with seeds 1 to ``confirm_seeds`` (a trial's rank mixes its
+configuration's quality with its seed's luck), and the best mean val_accuracy wins (docs/tuning.md).
 
-A trial trains once, with the study's seed, so the best trial's rank mixes its configuration's
-quality with that seed's luck. Once the search has ended, the ``confirm_top`` best configurations
-by val_accuracy (complete trials, one per configuration) are planned with seeds 1 to
-``confirm_seeds``, as ``-e repeat`` does by default. Each (configuration, seed) is a trial of the
-study's **companion study** ``<study>:confirm`` in the same storage: a queue of work that every
-worker of the study, in any command on any machine, takes from exactly as it takes trials (the
-same lock, leases, re-queue, checkpoints and GPU pinning: experiments/worker.py). A companion
-study rather than marked trials of the study itself: its sampler, its pruner, ``n_trials`` and
-every count read the study's trials only, and a confirmation run is not a sample of the space.
-The last item of the queue is the summary (experiments/summary.py), queued once every training
-is done, so exactly one worker summarises.
-
-The champion is the configuration with the best mean val_accuracy; what is registered is its seed
-run with the best val_accuracy (the models differ by seed only; the pick reads validation too).
-The test set is read only afterwards, once per model: the version registered, and the champion
-configuration's other seed models, for its mean test accuracy (``test_seed_models``).
+Each (configuration, seed) is a trial of the **companion study** ``<study>:confirm``: a queue that
+every worker takes from as it takes trials (experiments/worker.py), whose last item is the summary.
+A companion study rather than marked trials of the study: its sampler, pruner and ``n_trials`` read
+the study's trials only.
 
 Reads:  the study's complete trials, the prepared data.
 Writes: per configuration and seed a ``confirm`` run under the study's parent run (params,
         per-epoch metrics, its model); on the parent run ``confirmation.md`` and the MLflow table
-        ``confirmation.json`` (per configuration: trial, parameters, val_accuracy mean ± sample
-        std, n_seeds).
+        ``confirmation.json`` (``confirmation_table``).
 Reuses: a finished confirm run of the study with the same configuration, seed, epochs, data and
         code (its tag ``confirm.key``): an extended study trains only what is new.
 """
@@ -32,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlflow
 import optuna
@@ -56,7 +43,7 @@ KEY_TAG = "confirm.key"
 MODEL_URI_TAG = "confirm.model_uri"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SeedRun:
     """One configuration (the trial that found it) trained with one confirmation seed."""
 
@@ -67,18 +54,11 @@ class SeedRun:
     model_uri: str
 
 
-# --- the queue: the companion study -----------------------------------------------------------------
-
-
-def companion_name(study_name: str) -> str:
-    return f"{study_name}:confirm"
-
-
 def companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
     """Study ``study_name``'s queue of work after the search (created if new). Its trials are only
     ever enqueued, so its sampler never samples: the cheapest one is given."""
     return optuna.create_study(
-        study_name=companion_name(study_name),
+        study_name=f"{study_name}:confirm",
         storage=storage,
         sampler=optuna.samplers.RandomSampler(),
         load_if_exists=True,
@@ -97,24 +77,24 @@ def pending(queue: optuna.Study) -> list[FrozenTrial]:
 
 def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> None:
     """Queue this round's trainings, unless planned already (call holding the study lock once no
-    trial runs): each best configuration's seeds that no finished confirm run holds. The best is
-    always confirmed; each next one only if all the runs, timed as their trials took, end before
-    ``job.deadline`` (``-P budget``), else it is left out, saying so."""
+    trial runs): each best configuration's seeds that no finished confirm run holds, as many
+    configurations as ``job.deadline`` (``-P budget``) lets end in time (``fitting``)."""
     at = round_of(study)
     if (attributes.CONFIRM_PLAN.read(queue) or {}).get("at") == at:
         return
     from pipeline.main import code_version
 
     config, code = job.config, code_version()
-    runs = []
-    if config.confirm_top:
-        for trial in fitting(best_configurations(study, config.confirm_top), config, job.deadline, job.workers):
-            for seed in range(1, config.confirm_seeds + 1):
-                runs.append({"trial": trial.number, "seed": seed, "key": run_key(seed_config(config, trial, seed), data, code)})
+    runs = [
+        {"trial": trial.number, "seed": seed, "key": run_key(seed_config(config, trial, seed), data, code)}
+        for trial in fitting(best_configurations(study, config.confirm_top), config, job.deadline, job.workers)
+        for seed in range(1, config.confirm_seeds + 1)
+    ]
     waiting = {attributes.WORK.read(t).get("key") for t in queue.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for run in runs:
         if found := reused(run, job):
-            say_seed_run(found, "reused: trained before")
+            accuracy = f"{OBJECTIVE_METRIC} {found.val_accuracy:.4f}"
+            say(found.trial, found.seed, f"{accuracy} (run {found.run_id}; reused: trained before)")
         elif run["key"] not in waiting:
             queue.enqueue_trial({}, user_attrs={attributes.WORK.key: {**run, "at": at}})
     attributes.CONFIRM_PLAN.write(queue, {"at": at, "runs": runs})  # last: a planner that died before it is redone
@@ -132,9 +112,6 @@ def run_key(train_config: TrainConfig, data: PreparedData, code: str) -> str:
 def queue_summary(queue: optuna.Study, at: int) -> None:
     """Queue round ``at``'s summary: the queue's last item (call holding the study lock)."""
     queue.enqueue_trial({}, user_attrs={attributes.WORK.key: {"summary": True, "at": at}})
-
-
-# --- one training of the queue ------------------------------------------------------------------------
 
 
 def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: PreparedData) -> float:
@@ -163,24 +140,12 @@ def say_trained(queue: optuna.Study, item: FrozenTrial, worker: int) -> None:
     work = attributes.WORK.read(item)
     planned, left = len((attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", [])), len(pending(queue))
     value = f"{OBJECTIVE_METRIC} {item.value:.4f}" if item.state == TrialState.COMPLETE else item.state.name
-    print(
-        f"[worker {worker}] [confirm] trial {work['trial']}'s configuration, seed {work['seed']}: {value} "
-        f"(run {attributes.RUN_ID.read(item)}; {planned - left} of {planned} trained)",
-        file=sys.stderr,
-        flush=True,
-    )
+    run = f"run {attributes.RUN_ID.read(item)}; {planned - left} of {planned} trained"
+    say(work["trial"], work["seed"], f"{value} ({run})", f"[worker {worker}] ")
 
 
-def say_seed_run(run: SeedRun, how: str) -> None:
-    print(
-        f"[confirm] trial {run.trial}'s configuration, seed {run.seed}: {OBJECTIVE_METRIC} {run.val_accuracy:.4f} "
-        f"(run {run.run_id}; {how})",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-# --- the results, once every training is done ---------------------------------------------------------
+def say(trial: int, seed: int, what: str, worker: str = "") -> None:
+    print(f"{worker}[confirm] trial {trial}'s configuration, seed {seed}: {what}", file=sys.stderr, flush=True)
 
 
 def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
@@ -191,8 +156,7 @@ def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
         if found := reused(run, job):
             rows.append(dataclasses.asdict(found))
         else:
-            left_out = f"[confirm] trial {run['trial']}'s configuration, seed {run['seed']}: no finished run; left out"
-            print(left_out, file=sys.stderr)
+            say(run["trial"], run["seed"], "no finished run; left out")
     return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
 
 
@@ -207,8 +171,7 @@ def reused(run: dict, job: WorkerJob) -> SeedRun | None:
 
 def confirmation_table(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, the best mean val_accuracy first (among equals the earlier
-    trial): trial, its parameters, ``val_accuracy_mean``, ``val_accuracy_std`` (sample std) and
-    ``n_seeds``."""
+    trial): trial, its parameters, then ``over_seeds``'s columns."""
     table = over_seeds(runs, "trial", ["val_accuracy"]).sort_values(["val_accuracy_mean", "trial"], ascending=[False, True])
     params = pd.DataFrame([study.trials[number].params for number in table["trial"]], index=table.index)
     return pd.concat([table[["trial"]], params, table.drop(columns="trial")], axis=1).reset_index(drop=True)
@@ -237,16 +200,19 @@ def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: 
 
 def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable[[str], float]) -> str:
     """Test each of the champion configuration's seed models once, now that it is chosen (the
-    registered one already was; one tested by an earlier summary keeps its evaluate run): the
-    configuration's test accuracy over seeds, not one seed's. Logs ``confirmed_test_accuracy_mean``
-    (and ``_std``) on the parent run; returns the line to print."""
-    accuracies = pd.Series(
-        {
-            seed: registered.test_accuracy if seed == registered.seed else tested(parent_run_id, uri, test)
-            for seed, uri in seed_models
-        }
-    )
+    registered one already was; one tested by an earlier summary keeps its evaluate run), and log
+    their mean test accuracy (and std) on the parent run; returns the line to print."""
     client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    accuracies = pd.Series(dtype=float)
+    for seed, uri in seed_models:
+        evaluated = {"pipeline.stage": "evaluate", "pipeline.model": uri, "mlflow.parentRunId": parent_run_id}
+        if seed == registered.seed:
+            accuracies[seed] = registered.test_accuracy
+        elif run := finished_run(experiment_id, evaluated):
+            accuracies[seed] = run.data.metrics["test_accuracy"]
+        else:
+            accuracies[seed] = test(uri)
     client.log_metric(parent_run_id, "confirmed_test_accuracy_mean", float(accuracies.mean()))
     if len(accuracies) > 1:
         client.log_metric(parent_run_id, "confirmed_test_accuracy_std", float(accuracies.std()))
@@ -255,11 +221,3 @@ def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable
         f"test_accuracy of the champion configuration's {len(accuracies)} models, each tested once after the choice: "
         f"{each}; mean {plus_minus(accuracies.mean(), accuracies.std())}"
     )
-
-
-def tested(parent_run_id: str, model_uri: str, test: Callable[[str], float]) -> float:
-    """The test_accuracy of ``model_uri``'s finished evaluate run under the parent, else ``test(model_uri)``."""
-    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-    evaluated = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "mlflow.parentRunId": parent_run_id}
-    run = finished_run(experiment_id, evaluated)
-    return run.data.metrics["test_accuracy"] if run else test(model_uri)

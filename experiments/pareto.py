@@ -1,13 +1,9 @@
 """Multi-objective studies: val_accuracy maximised together with a cost minimised (the parameter
 count, or the inference latency of one image), their Pareto front as a table and a plot, and the
-rule that picks a compact model.
-
-A trial is on the front when no other complete trial is at least as accurate and at most as
-costly, and strictly better in one of the two. Selection reads validation only.
+rule that picks a compact model, on validation only (docs/tuning.md).
 
 A trial measures its latency while other workers train on the same cores, so in a latency study
-the summary measures it again, alone, for every trial the compact rule could pick, and the rule
-reads those values; the table says how far each trial's own measurement was off.
+the summary measures it again, alone, for every trial the compact rule could pick.
 """
 
 from __future__ import annotations
@@ -57,16 +53,11 @@ def format_cost(name: str, value: float) -> str:
     return f"{value:,.0f}" if name == "parameter_count" else f"{value:.3f}"
 
 
-def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-    """``a`` is at least as accurate and as cheap as ``b``, and better in one."""
-    (accuracy_a, cost_a), (accuracy_b, cost_b) = a.values, b.values
-    return accuracy_a >= accuracy_b and cost_a <= cost_b and (accuracy_a > accuracy_b or cost_a < cost_b)
-
-
 def on_front(values: tuple[float, float], trials: list[FrozenTrial]) -> bool:
-    """Whether a result with ``values`` (accuracy, cost) is dominated by none of ``trials``."""
-    candidate = optuna.trial.create_trial(values=list(values))
-    return not any(dominates(trial, candidate) for trial in trials)
+    """Whether a result with ``values`` (accuracy, cost) is dominated by none of ``trials``: none is
+    at least as accurate and as cheap, and better in one."""
+    accuracy, cost = values
+    return not any(a >= accuracy and c <= cost and (a > accuracy or c < cost) for a, c in (t.values for t in trials))
 
 
 def within_reach(trials: list[FrozenTrial], within: float) -> list[FrozenTrial]:
@@ -79,11 +70,8 @@ def compact_trial(trials: list[FrozenTrial], within: float, costs: Mapping[int, 
     """The compact rule: the smallest model whose val_accuracy is within ``within`` of the best
     (0.002 = 0.2 points); among equals the more accurate, then the earlier. Its cost is the trial's
     own, or ``costs[number]`` when given (latency measured alone). It is on the front."""
-
-    def cost(t: FrozenTrial) -> float:
-        return t.values[1] if costs is None else costs[t.number]
-
-    return min(within_reach(trials, within), key=lambda t: (cost(t), -t.values[0], t.number))
+    costs = {t.number: t.values[1] for t in trials} if costs is None else costs
+    return min(within_reach(trials, within), key=lambda t: (costs[t.number], -t.values[0], t.number))
 
 
 def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, parent_run_id: str) -> FrozenTrial:
@@ -108,12 +96,9 @@ def latency_alone(
     study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device, rounds: int = 5
 ) -> pd.DataFrame:
     """Latency measured again with nothing else running, for every trial the compact rule could
-    pick (within ``config.compact_within`` of the best, with a model of its own to register) and
-    every trial on the front (each has one: a trial logs its model when it is on the front): ``rounds``
-    medians of 100 calls each, on a fresh model of the trial's architecture (latency depends on
-    the shapes, not on the weights). One row per trial, cheapest first: number, val_accuracy,
-    latency_ms (the trial's own), latency_ms_alone (the median of the rounds), alone_spread
-    ((max - min) / median of the rounds) and in_trial_ratio (latency_ms / latency_ms_alone)."""
+    pick (within ``config.compact_within`` of the best, with a model to register) and every trial on
+    the front: ``rounds`` medians of 100 calls each, on a fresh model of the trial's architecture
+    (latency depends on the shapes, not on the weights). One row per trial, cheapest first."""
     reach = within_reach(with_model(complete(study)), config.compact_within)
     candidates = {t.number: t for t in [*reach, *study.best_trials]}
     image = data.val.images[:1]
@@ -124,17 +109,9 @@ def latency_alone(
         shape = SEQUENCE_SHAPES[train_config.reading_order]
         measured = [inference_latency_ms(model, image, shape) for _ in range(rounds)]
         alone = statistics.median(measured)
-        rows.append(
-            {
-                "number": number,
-                OBJECTIVE_METRIC: trial.values[0],
-                "latency_ms": trial.values[1],
-                "latency_ms_alone": alone,
-                "alone_spread": (max(measured) - min(measured)) / alone,
-                "in_trial_ratio": trial.values[1] / alone,
-            }
-        )
-    return pd.DataFrame(rows).sort_values(["latency_ms_alone", "number"]).reset_index(drop=True)
+        rows.append([number, *trial.values, alone, (max(measured) - min(measured)) / alone, trial.values[1] / alone])
+    columns = ["number", OBJECTIVE_METRIC, "latency_ms", "latency_ms_alone", "alone_spread", "in_trial_ratio"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["latency_ms_alone", "number"]).reset_index(drop=True)
 
 
 def log_latency_alone(parent_run_id: str, table: pd.DataFrame, device: torch.device) -> str:
@@ -156,16 +133,9 @@ def log_latency_alone(parent_run_id: str, table: pd.DataFrame, device: torch.dev
 def front_table(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front, most accurate first: trial number, both objectives, parameters."""
     cost = cost_name(study)
-    rows = [
-        {
-            "number": t.number,
-            OBJECTIVE_METRIC: t.values[0],
-            cost: int(t.values[1]) if cost == "parameter_count" else t.values[1],
-            **t.params,
-        }
-        for t in sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
-    ]
-    return pd.DataFrame(rows)
+    front = sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
+    table = pd.DataFrame([{"number": t.number, OBJECTIVE_METRIC: t.values[0], cost: t.values[1], **t.params} for t in front])
+    return table.astype({cost: int}) if cost == "parameter_count" else table
 
 
 def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Figure:
@@ -183,9 +153,7 @@ def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Fig
         axes.scatter(
             [compact.values[1]], [compact.values[0]], s=120, facecolors="none", edgecolors="black", linewidths=1.5, label=COMPACT
         )
-    axes.set_xscale("log")
-    axes.set_xlabel(f"{cost_name(study)} (log scale)")
-    axes.set_ylabel(OBJECTIVE_METRIC)
+    axes.set(xscale="log", xlabel=f"{cost_name(study)} (log scale)", ylabel=OBJECTIVE_METRIC)
     axes.set_title(f"study {study.study_name}: Pareto front of {len(front)} of {len(trials)} trials")
     axes.legend(loc="lower right")
     figure.tight_layout()

@@ -31,13 +31,9 @@ def optuna_quiet():
 
 
 def learning_curves(study: optuna.Study):
-    """Each trial's reported val_accuracy by epoch, as a PNG that reads with dozens of trials.
-
-    Optuna's static intermediate-values plot gives every trial a colour and a legend entry: with
-    dozens of trials the legend is taller than the plot and the colours repeat. Here one
-    colour per outcome, pruned curves end in an x where the pruner stopped them, and the best
-    trial is drawn last, labelled. The y axis shows where trials end (the title counts the curves
-    that dip below it)."""
+    """Each trial's reported val_accuracy by epoch, as a PNG that reads with dozens of trials (Optuna's
+    gives each trial a colour and a legend entry): one colour per outcome, pruned curves ending in an
+    x where the pruner stopped them, the best trial drawn last, labelled."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import MaxNLocator
@@ -51,14 +47,9 @@ def learning_curves(study: optuna.Study):
     for trial in trials:
         epochs, values = zip(*sorted(trial.intermediate_values.items()), strict=True)
         state = trial.state.name.lower()
-        axes.plot(
-            epochs,
-            values,
-            color=colours.get(trial.state, "tab:red"),  # running or failed
-            linewidth=1,
-            alpha=0.8,
-            label=None if state in labelled else (f"{state}, stopped at the x" if trial.state == TrialState.PRUNED else state),
-        )
+        label = None if state in labelled else (f"{state}, stopped at the x" if trial.state == TrialState.PRUNED else state)
+        colour = colours.get(trial.state, "tab:red")  # running or failed
+        axes.plot(epochs, values, color=colour, linewidth=1, alpha=0.8, label=label)
         labelled.add(state)
         if trial.state == TrialState.PRUNED:
             axes.plot(epochs[-1], values[-1], "x", color=colours[TrialState.PRUNED])
@@ -66,8 +57,8 @@ def learning_curves(study: optuna.Study):
         best = most_accurate(finished)  # the rule the trial lines' "best" follows
         epochs, values = zip(*sorted(best.intermediate_values.items()), strict=True)
         axes.plot(epochs, values, color="tab:orange", linewidth=2.5, label=f"best: trial {best.number} ({best.values[0]:.4f})")
-    # The y axis shows where trials end, not where they start: from below the 5th percentile of
-    # the last values reported, so one diverged trial does not flatten the others.
+    # The y axis shows where trials end, from below the 5th percentile of the last values reported,
+    # so one diverged trial does not flatten the others; the title counts the curves that dip below.
     ends = np.array([t.intermediate_values[max(t.intermediate_values)] for t in trials])
     top = max(max(t.intermediate_values.values()) for t in trials)
     low = np.percentile(ends, 5)
@@ -76,8 +67,7 @@ def learning_curves(study: optuna.Study):
     below = sum(min(t.intermediate_values.values()) < bottom for t in trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(Counter(t.state.name.lower() for t in trials).items()))
     axes.set_title(f"{study.study_name}: {len(trials)} trials ({counts})" + (f"; {below} dip below the chart" if below else ""))
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(OBJECTIVE_METRIC)
+    axes.set(xlabel="epoch", ylabel=OBJECTIVE_METRIC)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")

@@ -1,11 +1,6 @@
-"""The model registry: a study's pick registered with its lineage, tested once, and made champion
-when validation says so.
-
-A version carries what it was trained and validated on (``lineage_tags``): the study, trial and
-seed, the data's checksums, precision, code version and commit. It takes the alias ``champion``
-only from a champion validated on the same data, and only with a better score: the means over
-seeds when both were confirmed over seeds, else each model's own val_accuracy. The test set is
-read once per version, after it was chosen, on the registered artifact, and only reported.
+"""The model registry: a study's pick registered with its lineage (``lineage_tags``), tested once
+on the registered artifact after it was chosen, and made champion when validation on the same data
+says so (``crown_if_better``; docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -30,6 +25,9 @@ from pipeline.numerics import resolve_device
 from pipeline.tables import plus_minus
 
 CHAMPION = "champion"
+# Version tags that say what a version was validated on: only versions that agree on both compare.
+DATASET_TAG, VAL_DIGEST_TAG = "data.dataset", "data.val_sha256"
+MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
 
 
 @dataclass(frozen=True)
@@ -154,13 +152,6 @@ def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepar
     return version, test_accuracy
 
 
-# Version tags that say what a version was validated on: only versions that agree on both compare.
-DATASET_TAG, VAL_DIGEST_TAG = "data.dataset", "data.val_sha256"
-
-
-MEAN_TAG = f"confirm.{OBJECTIVE_METRIC}_mean"  # a confirmed version's: its configuration's mean over seeds
-
-
 def validation_data(data: PreparedData) -> dict[str, str]:
     return {DATASET_TAG: data.manifest["dataset"], VAL_DIGEST_TAG: data.manifest["splits"]["val"]["sha256"]}
 
@@ -185,13 +176,12 @@ def lineage_tags(study: optuna.Study, pick: Pick, data: PreparedData) -> dict[st
     tags.update(validation_data(data))
     tags.update({f"data.{split}_sha256": data.manifest["splits"][split]["sha256"] for split in ("train", "test")})
     tags.update({f"param.{name}": str(value) for name, value in trial.params.items()})
-    run = MlflowClient().get_run(pick.run_id) if pick.run_id else None
+    client = MlflowClient()
+    run = client.get_run(pick.run_id) if pick.run_id else None
     tags["precision"] = run.data.params.get("resolved_precision", "unknown") if run else "unknown"
     tags["code_version"] = code_version()
-    parent = (
-        MlflowClient().get_run(run.data.tags["mlflow.parentRunId"]) if run and "mlflow.parentRunId" in run.data.tags else None
-    )
-    if parent and (commit := parent.data.tags.get("mlflow.source.git.commit")):  # `mlflow run` records it
+    parent_id = run and run.data.tags.get("mlflow.parentRunId")
+    if parent_id and (commit := client.get_run(parent_id).data.tags.get("mlflow.source.git.commit")):  # `mlflow run` records it
         tags["git_commit"] = commit
     return tags
 
@@ -208,33 +198,17 @@ def test_once(model_uri: str, job: WorkerJob, data: PreparedData) -> float:
         tags=tags,
     ):
         config = EvaluateConfig(device=job.config.device)
-        evaluation = evaluate_and_log(classifier, data, config, device, job.data_ref, model_uri)
-    return evaluation.test_accuracy
-
-
-def comparison(
-    champion_tags: dict[str, str], val_accuracy: float, val_accuracy_mean: float | None
-) -> tuple[float, float, str, str]:
-    """How a new version is judged against the champion: (its score, the champion's, what they are,
-    why). Means over seeds when both have one (the configuration was chosen by its mean: its best
-    seed would flatter it), else each model's own val_accuracy."""
-    if val_accuracy_mean is not None and MEAN_TAG in champion_tags:
-        measure = f"mean {OBJECTIVE_METRIC} over seeds"
-        return val_accuracy_mean, float(champion_tags[MEAN_TAG]), measure, "means compared: both were confirmed over seeds"
-    how = "single models compared"
-    if val_accuracy_mean is not None or MEAN_TAG in champion_tags:
-        how += f": {'the champion' if val_accuracy_mean is not None else 'this one'} was not confirmed over seeds"
-    return val_accuracy, float(champion_tags.get(OBJECTIVE_METRIC, "-1")), OBJECTIVE_METRIC, how
+        return evaluate_and_log(classifier, data, config, device, job.data_ref, model_uri).test_accuracy
 
 
 def crown_if_better(
     name: str, version: str, val_accuracy: float, validated_on: dict[str, str], val_accuracy_mean: float | None = None
 ) -> str:
     """Move the champion alias to ``version`` if the champion was validated on the same data
-    (``validated_on``: dataset and validation split digest) and scores lower (``comparison``: the
-    means over seeds when both have one, ``val_accuracy_mean`` and the champion's tag). Returns ""
-    when it moved, else why not in one line, naming what was compared: a version validated on other
-    data (another dataset, a smaller split) is registered, but never compared."""
+    (``validated_on``: dataset and validation split digest) and scores lower: by the means over seeds
+    when both have one (the configuration was chosen by its mean: its best seed would flatter it),
+    else by each model's own val_accuracy. Returns "" when it moved, else why not in one line: a
+    version validated on other data (another dataset, a smaller split) is registered, but never compared."""
     client = MlflowClient()
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -251,7 +225,14 @@ def crown_if_better(
                 f"not compared with champion version {champion.version}, validated on other data ({', '.join(differs)}); "
                 "move the alias by hand if this one should serve"
             )
-        score, to_beat, measure, how = comparison(champion.tags, val_accuracy, val_accuracy_mean)
+        if val_accuracy_mean is not None and MEAN_TAG in champion.tags:
+            score, to_beat, measure = val_accuracy_mean, float(champion.tags[MEAN_TAG]), f"mean {OBJECTIVE_METRIC} over seeds"
+            how = "means compared: both were confirmed over seeds"
+        else:
+            score, to_beat, measure = val_accuracy, float(champion.tags.get(OBJECTIVE_METRIC, "-1")), OBJECTIVE_METRIC
+            how = "single models compared"
+            if val_accuracy_mean is not None or MEAN_TAG in champion.tags:
+                how += f": {'the champion' if val_accuracy_mean is not None else 'this one'} was not confirmed over seeds"
         if score <= to_beat:
             said = f"champion version {champion.version} has {measure} {to_beat:.4f} on the same data"
             return f"{said}, this one {score:.4f} ({how})"

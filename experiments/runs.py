@@ -1,13 +1,10 @@
 """A training of a study (a trial, or a confirmation run) in its MLflow run: its end state as tags,
 and its checkpoint kept on the run, where the retry of a lost attempt resumes it.
 
-Every epoch's checkpoint replaces the run's ``checkpoint/`` artifact (``upload_checkpoint``), so
-it reaches every worker through the tracking store, with no shared filesystem. A re-queued copy
-(a preempted, killed or cut-off attempt) opens a run of its own, tagged with the run it resumes,
-downloads the newest checkpoint of its earlier attempts and goes on from the epoch after it; the
-epochs restored are logged to the new run too, so its curve is whole. A new run rather than the
-old one reopened: the worker of the earlier attempt may still be alive (cut off from the database,
-not dead) and logging to it. Once a training's result is told, its checkpoints are removed.
+Every epoch's checkpoint replaces the run's ``checkpoint/`` artifact, so it reaches every worker
+through the tracking store, with no shared filesystem. A re-queued copy opens a run of its own,
+tagged with the run it resumes, rather than reopening the old one: the worker of the earlier
+attempt may still be alive (cut off from the database, not dead) and logging to it (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from pipeline.training import EpochMetrics, TrainingInterrupted
 
 RESUMED_FROM_TAG = "optuna.resumed_from_run"  # on a retry's run: the earlier attempt's run it continues
 WORKER_TAG = "optuna.worker"  # host:pid of the worker that trained the run
-
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # a run's newest checkpoint, replaced after every epoch
 _CHECKPOINT_FILE = "latest.pt"
@@ -120,22 +116,11 @@ class RunCheckpoints:
 
 
 @contextmanager
-def run_checkpoints(run_id: str, earlier: list[str]) -> Iterator[RunCheckpoints]:
-    """``RunCheckpoints`` in a folder of its own; a training stopped by SIGINT or SIGTERM (a
-    preemption) uploads the position inside the epoch in progress too."""
-    with tempfile.TemporaryDirectory(prefix="checkpoints-") as folder:
-        try:
-            yield RunCheckpoints(Path(folder), run_id, earlier)
-        except TrainingInterrupted as stop:
-            if stop.checkpoint:
-                upload_checkpoint(run_id, stop.checkpoint)
-            raise
-
-
-@contextmanager
 def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str, str]) -> Iterator[RunCheckpoints]:
     """A training of ``trial`` (of the study, or of its queue) in a run of its own under the study's
-    parent run: tagged with its worker (and GPU), its end state as tags, its checkpoints on the run."""
+    parent run: tagged with its worker (and GPU), its end state as tags, its checkpoints on the run
+    (in a folder of its own; one stopped by SIGINT or SIGTERM, a preemption, uploads the position
+    inside the epoch in progress too)."""
     tags = {"pipeline.data": job.data_ref, WORKER_TAG: worker_id(), **tags}
     if job.gpu is not None:
         tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
@@ -143,8 +128,13 @@ def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str,
         run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
     ) as run:
         attributes.RUN_ID.write(trial, run.info.run_id)
-        with trial_state_tags(), run_checkpoints(run.info.run_id, earlier_runs(trial.study, trial)) as checkpoints:
-            yield checkpoints
+        with trial_state_tags(), tempfile.TemporaryDirectory(prefix="checkpoints-") as folder:
+            try:
+                yield RunCheckpoints(Path(folder), run.info.run_id, earlier_runs(trial.study, trial))
+            except TrainingInterrupted as stop:
+                if stop.checkpoint:
+                    upload_checkpoint(run.info.run_id, stop.checkpoint)
+                raise
 
 
 def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:

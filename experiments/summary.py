@@ -1,14 +1,6 @@
-"""What a study leaves behind once no trial runs: a leaderboard and plots on its parent run, and
-its champion candidate registered (experiments/registry.py), tested once, and made champion when
-validation says so.
-
-Selection is by ``val_accuracy``, the study's objective. By default the best few configurations
-are first confirmed over seeds (experiments/confirm.py) and the best mean wins; with
-``confirm_top=0`` the best trial's own model is registered. The test set is looked at once per
-registered version, on the registered artifact, and only reported: it never picks anything.
-A multi-objective study (val_accuracy and parameter_count) also leaves its Pareto front, as a
-table and a plot, and registers the compact rule's pick under the alias ``compact``
-(experiments/pareto.py).
+"""What a study leaves behind once no trial runs: a leaderboard and plots on its parent run, its
+champion candidate (the best mean val_accuracy over seeds, or with ``confirm_top=0`` the best trial's
+own model) registered, and in a multi-objective study its Pareto front and compact pick (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -37,16 +29,12 @@ from pipeline.tracking import ui_link
 
 
 def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
-    """Log the leaderboard and plots to the parent run; choose among the confirmed configurations
-    (``config.confirm_top``: their runs, trained by the workers from the ``queue``,
-    experiments/confirm.py) and register the champion candidate (and, in a multi-objective study,
-    log the Pareto front and register the compact rule's pick). Run by the worker that took the
-    queue's summary item, once no trial runs and every confirmation run is trained; recorded as
-    done only when all of it succeeded."""
+    """Log the leaderboard and plots to the parent run, choose among the configurations confirmed
+    from the ``queue`` and register the champion candidate (and the compact rule's pick). Run by the
+    worker that took the queue's summary item; recorded as done only when all of it succeeded."""
     client, config, parent_run_id = MlflowClient(), job.config, job.parent_run_id
     trials = counted(study.get_trials(deepcopy=False))
-    multi_objective = len(study.directions) > 1
-    compact = compact_pick(study, config, data, parent_run_id) if multi_objective and complete(study) else None
+    compact = compact_pick(study, config, data, parent_run_id) if len(study.directions) > 1 and complete(study) else None
     log_tables_and_plots(study, parent_run_id, compact)
     states = pd.Series([trial.state.name for trial in trials]).value_counts()
     for state in ("COMPLETE", "PRUNED", "FAIL"):
@@ -58,8 +46,8 @@ def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Pr
         client.set_tag(parent_run_id, "best.trial_number", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
-        runs = seed_runs(queue, job) if config.confirm_top else None
-        pick = confirmed_pick(study, runs, job) if runs is not None and len(runs) else trial_pick(best)
+        runs = seed_runs(queue, job) if config.confirm_top else []
+        pick = confirmed_pick(study, runs, job, step=len(trials)) if len(runs) else trial_pick(best)
         registered = register_best(study, pick, job, data)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
             test = functools.partial(test_once, job=job, data=data)
@@ -99,11 +87,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
-def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob) -> Pick:
-    """From the confirmation's seed runs (experiments/confirm.py): the champion configuration's
-    best seed run, with its configuration's mean and std."""
-    config, step = job.config, len(counted(study.get_trials(deepcopy=False)))
-    table = confirmation_table(study, runs)
+def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob, step: int) -> Pick:
+    """From the confirmation's seed runs: the champion configuration's best seed run, with its
+    configuration's mean and std."""
+    config, table = job.config, confirmation_table(study, runs)
     markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]
     seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
@@ -134,11 +121,8 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
         table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
     ]
     if registered:
-        role = (
-            "the champion"
-            if registered.champion
-            else f"not the champion: {registered.why_not_champion or 'a better one holds it'}"
-        )
+        why_not = registered.why_not_champion or "a better one holds it"
+        role = "the champion" if registered.champion else f"not the champion: {why_not}"
         origin = f"trial {registered.trial}"
         if registered.seed is not None:
             mean = plus_minus(registered.val_accuracy_mean, registered.val_accuracy_std)
