@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from experiments.storage import (
 )
 from experiments.trials import requeued_numbers, trials_left
 from pipeline.config import ParameterError, TuneConfig
+from pipeline.signals import signals_held_back
 
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
 
@@ -161,12 +162,37 @@ def single_sqlite_worker(storage: str):
         lock.release()
 
 
+class JournalLock:
+    """Optuna's own journal lock (the file every Optuna process takes, optuna-dashboard's included),
+    with Ctrl-C and SIGTERM held back from its acquire to its release. Optuna's lock turns a signal that
+    lands inside its acquire or release into FileNotFoundError, or leaves its file for every worker to
+    wait out a 30 s grace; the trial in progress then fails instead of being re-queued."""
+
+    def __init__(self, journal: str):
+        self.lock, self.held_back = optuna.storages.journal.JournalFileOpenLock(journal), ExitStack()
+
+    def acquire(self) -> bool:
+        self.held_back.enter_context(signals_held_back())
+        try:
+            return self.lock.acquire()
+        except BaseException:
+            self.held_back.close()
+            raise
+
+    def release(self) -> None:
+        try:
+            self.lock.release()
+        finally:
+            self.held_back.close()  # a signal held back is raised here, once the lock is free
+
+
 def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.BaseStorage:
     """A journal file (crash-safe, shared by the processes of one machine), or an RDB storage with
     heartbeats: ``on_stale_trial(study, trial)`` runs for a trial whose worker stopped beating.
     ``${VAR}`` in the URL is read from the environment, so a password can stay out of the command."""
     if storage_kind(config.storage) == "journal":
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(config.storage))
+        backend = optuna.storages.journal.JournalFileBackend(config.storage, lock_obj=JournalLock(config.storage))
+        return optuna.storages.JournalStorage(backend)
     deadline = time.monotonic() + DATABASE_RESTART_LIMIT
     while True:
         try:

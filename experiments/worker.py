@@ -48,7 +48,7 @@ from experiments.trials import needs_summary
 from pipeline.config import TuneConfig
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import share_cpu
-from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler
+from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler, signals_held_back
 from pipeline.tracking import unreachable, when_reachable
 from pipeline.training import TrainingDiverged
 
@@ -200,11 +200,11 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     label = f"[worker {worker}] {'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
 
     def requeue_it(reason: str, said: str) -> None:
-        with lock:
+        with signals_held_back(), lock:  # `mlflow run` follows a Ctrl-C with a SIGTERM: it waits for the re-queue
             now = study.get_trials(deepcopy=False)[trial.number]
             if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
                 requeue(study, now, reason, lost_worker=False)
-        print(f"{label}{said}", file=sys.stderr, flush=True)
+            print(f"{label}{said}", file=sys.stderr, flush=True)
 
     try:
         study.tell(trial, work.run(trial))

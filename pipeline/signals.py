@@ -50,6 +50,19 @@ def signal_handler(handler: Callable, *signal_numbers: int):
 
 
 @contextmanager
+def signals_held_back():
+    """Ctrl-C and SIGTERM held back inside the block and delivered after it: for a section an
+    exception must not cut in two (a lock's acquire and release). Outside the main thread nothing changes."""
+    arrived = []
+    try:
+        with signal_handler(lambda number, frame: arrived.append(number), signal.SIGINT, signal.SIGTERM):
+            yield
+    finally:
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)  # to the handler put back, as if it came now
+
+
+@contextmanager
 def stop_requests():
     """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the batch in
     progress; the same signal again stops at once. Outside the main thread signals stay as they are.

@@ -154,3 +154,49 @@ def test_a_file_lock_taken_twice_by_one_thread_says_so_instead_of_waiting_for_it
         other.release()
     with study_lock(storage, "s"):  # released: taken again at once
         pass
+
+
+def ctrl_c_at_line(number: int, files: tuple[str, ...]):
+    """A trace function that, at the ``number``-th line run in ``files``, delivers SIGINT to its
+    handler as the kernel would there (the handler is called; tracing then stops). Counts lines in ``seen``."""
+    seen = []
+
+    def trace(frame, event, arg):
+        if not frame.f_code.co_filename.endswith(files):
+            return None
+        if event == "line":
+            seen.append(frame.f_lineno)
+            if len(seen) == number:
+                sys.settrace(None)
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+        return trace
+
+    trace.seen = seen
+    return trace
+
+
+def test_a_ctrl_c_at_any_line_of_the_journal_lock_is_a_keyboard_interrupt_and_frees_the_lock(tmp_path):
+    """A Ctrl-C that lands while a worker writes to the journal is an interrupt (its trial is
+    re-queued), never another error (its trial would fail), and leaves no lock for the others to wait on."""
+    import optuna
+
+    from experiments.coordination import open_storage
+    from pipeline.config import TuneConfig
+
+    journal = str(tmp_path / "studies.journal")
+    study = optuna.create_study(study_name="s", storage=open_storage(TuneConfig(storage=journal)))
+    lock_code = ("optuna/storages/journal/_file.py", "experiments/coordination.py", "pipeline/signals.py")
+    counting = ctrl_c_at_line(0, lock_code)
+    sys.settrace(counting)
+    study.set_user_attr("written", 0)
+    sys.settrace(None)
+    assert len(counting.seen) > 10  # the lock's own lines were traced
+    for number in range(1, len(counting.seen) + 1):
+        sys.settrace(ctrl_c_at_line(number, lock_code))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                study.set_user_attr("written", number)
+        finally:
+            sys.settrace(None)
+        assert not os.path.exists(f"{journal}.lock"), f"Ctrl-C at lock line {number} left the lock held"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

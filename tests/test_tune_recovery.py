@@ -30,6 +30,7 @@ from experiments.trials import counted
 from experiments.tune import tune
 from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
+from pipeline.signals import Terminated
 from pipeline.training import TrainingDiverged
 from tests.tuning import load, runs_of, smoke
 
@@ -70,11 +71,23 @@ def test_a_failed_trial_counts_and_the_study_goes_on(tmp_path, prepared_run, mon
 
 
 @pytest.mark.slow
-def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(tmp_path, prepared_run, monkeypatch):
+@pytest.mark.parametrize("sigterm_in_requeue", [False, True], ids=["ctrl-c", "ctrl-c-then-sigterm-in-the-requeue"])
+def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
+    tmp_path, prepared_run, monkeypatch, sigterm_in_requeue
+):
     second_trial_raises(monkeypatch, KeyboardInterrupt())
+    if sigterm_in_requeue:  # `mlflow run` follows a Ctrl-C with a SIGTERM to its stage: here it lands mid-re-queue
+        real_requeue = worker_module.requeue
+
+        def requeue(*args, **kwargs):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the handler runs as on delivery
+            real_requeue(*args, **kwargs)
+
+        monkeypatch.setattr(worker_module, "requeue", requeue)
     config = smoke(tmp_path, n_trials=2)
     with pytest.raises(KeyboardInterrupt):
         tune(config, PrepareConfig(), prepared_run)
+    monkeypatch.setattr(Terminated, "received", False)  # the SIGTERM is handled: the rerun starts anew
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     assert attributes.RETRY_OF.read(trials[2]) == 1 and len(counted(trials)) == 1
