@@ -1,10 +1,9 @@
 """A tuning worker: the loop that every worker of a study runs, on any machine, and the work it trains.
 
 Under the study's lock (experiments/coordination.py) the loop re-queues work that lost its worker
-and decides the next step: a trial of the study while the search goes on; once it has ended, the
-items of the study's queue (experiments/confirm.py): the confirmation's trainings, then its
-summary. It trains with the lock released, tells Optuna the result and frees the memory; a
-retried trial or training resumes from its lost attempt's checkpoint (experiments/runs.py).
+and decides the next step: a trial while the search goes on, then the items of the study's queue
+(experiments/confirm.py): the confirmation's trainings, then its summary. It trains with the lock
+released; a retried trial or training resumes from its lost attempt's checkpoint (experiments/runs.py).
 """
 
 from __future__ import annotations
@@ -28,15 +27,7 @@ from optuna.trial import TrialState
 from experiments import attributes
 from experiments.budget import another_trial_fits, say_budget_end, say_budget_wait
 from experiments.confirm import companion, pending, plan, queue_summary, round_of, say_trained, train_seed
-from experiments.coordination import (
-    NextStep,
-    TrialLease,
-    fail_lost_trials,
-    next_step,
-    open_storage,
-    requeue,
-    study_lock,
-)
+from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
 from experiments.job import WorkerJob
 from experiments.objective import objective
 from experiments.progress import say_done, say_time_left_once
@@ -75,18 +66,16 @@ def run_trials(
     workers: int = 1,
     budget_deadline: float = math.inf,
 ) -> None:
-    """The loop every worker runs, on any machine: under the study's lock, re-queue trials that lost
-    their worker and decide the next step; train one at a time with the lock released.
+    """Train work until there is none; once the search has ended, ``after_search(lock, over_budget)``
+    gives the next item of the study's queue, or says to wait or stop.
 
     Stands in for Optuna's ``study.optimize`` with ``MaxTrialsCallback``: optimize asks without a
     lock and the callback counts after a trial ends, so workers started together overshoot
     ``n_trials``, and neither knows a re-queued copy from its original, a budget, or the queue after it.
-
-    Once the search has ended, ``after_search(lock, over_budget)`` gives the next item of the study's
-    queue, or says to wait or stop.
     """
     lock = study_lock(config.storage, config.study_name)
     deadline = time.monotonic() + (config.timeout or math.inf)
+    said_done = partial(say_done, worker=worker, n_trials=config.n_trials)
     waiting = None
     while True:
         raise_if_terminated()  # a SIGTERM whose exception was lost on the way (see pipeline/signals.py)
@@ -94,13 +83,13 @@ def run_trials(
             with lock:
                 step, over_budget = decide(study, config, deadline, budget_deadline, workers)
                 if step is NextStep.RUN:
-                    step = ask(study, storage, config, lock, objective, worker)
+                    # seeded by the trial count: asks take turns under the lock, so no two workers or resumed study replay draws
+                    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
+                    step = Work(study, *take(study, storage, config, lock), objective, said_done)
                 elif step is NextStep.STOP and after_search:
                     step = after_search(lock, over_budget)
         except DATABASE_ERRORS as error:  # a call cut by a database restart: look again once it is back
-            print(
-                f"[worker {worker}] the study's database failed ({first_line(error)}); looking again", file=sys.stderr, flush=True
-            )
+            say(f"[worker {worker}] the study's database failed ({first_line(error)}); looking again")
             time.sleep(1)
             continue
         if step is NextStep.STOP:
@@ -111,21 +100,23 @@ def run_trials(
             time.sleep(1)
             continue
         waiting = None  # a wait, or a budget that holds this worker, later is said again
-        if finished := run_one(step, lock, worker):
-            step.say(step.study, finished)
+        try:
+            if finished := run_one(step, lock, worker):
+                step.say(step.study, finished)
+            say_time_left_once(study, config, worker, workers)
+        except DATABASE_ERRORS as error:  # cut after the training: its result is told, or its trial re-queued as lost
+            say(f"[worker {worker}] the study's database failed ({first_line(error)}); looking again")
         gc.collect()  # the finished trial's tensors, held by tracebacks in reference cycles, before the next allocates
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-        say_time_left_once(study, config, worker, workers)
 
 
 def decide(
     study: optuna.Study, config: TuneConfig, deadline: float, budget_deadline: float, workers: int
 ) -> tuple[NextStep, bool]:
-    """Call holding the study lock: re-queue the trials that lost their worker, then say what the study
-    lets this worker do, and whether the budget holds a trial back. No trial starts after the timeout
-    (``deadline``), nor one that ``budget_deadline`` leaves too little time (``another_trial_fits``,
-    ``workers`` on this machine): while others run, that is decided again when they end."""
+    """Under the study lock: re-queue the trials that lost their worker, then say what this worker may
+    do, and whether the budget holds a trial back. No trial starts after the timeout (``deadline``), nor
+    one that ``budget_deadline`` leaves too little time: while others run, decided again when they end."""
     fail_lost_trials(study, config, on_lost=say_lost)
     step = next_step(study, config.n_trials)
     over_budget = step is NextStep.RUN and not another_trial_fits(study, config, budget_deadline, workers)
@@ -150,19 +141,15 @@ class Waiting:
             return False
         if self.since is None:
             self.since, self.patience = time.monotonic(), wait_bound(self.study)
-            print(
+            say(
                 f"[worker {self.worker}] nothing left to take; waiting up to {self.patience:.0f} s for the work other "
-                "workers run (a lost one is re-queued and run here)",
-                file=sys.stderr,
-                flush=True,
+                "workers run (a lost one is re-queued and run here)"
             )
         if time.monotonic() < min(deadline, self.since + self.patience):
             return False
-        print(
+        say(
             f"[worker {self.worker}] other workers still run the study's last work and will summarise it; leaving "
-            "(rerun this command if they die)",
-            file=sys.stderr,
-            flush=True,
+            "(rerun this command if they die)"
         )
         return True
 
@@ -171,14 +158,6 @@ def wait_bound(study: optuna.Study) -> float:
     """How long a worker with nothing to ask waits for the others: twice the longest trial so far, at least a minute."""
     durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None]
     return max(60.0, 2 * max(durations, default=0.0))
-
-
-def ask(study: optuna.Study, storage, config: TuneConfig, lock, objective, worker: int) -> Work:
-    """A new trial of the study, to train with ``objective``. The sampler is seeded afresh for each
-    ask, by the count of trials: asks take turns under the lock, so no two workers and no resumed
-    study replay the same draws."""
-    study.sampler = make_sampler(config.sampler, config.seed + 1009 * len(study.get_trials(deepcopy=False)))
-    return Work(study, *take(study, storage, config, lock), objective, partial(say_done, worker=worker, n_trials=config.n_trials))
 
 
 def take(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna.Trial, TrialLease]:
@@ -192,10 +171,8 @@ def take(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna
 
 
 def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
-    """Run ``work`` and tell its result; return its trial as told, or None if it was re-queued. A
-    trial interrupted, cut off from its database or tracking server, or given up by the other workers
-    while cut off, is re-queued (its copy resumes from its checkpoint); an interrupt goes on, the
-    worker goes on otherwise. Once a result is told, its checkpoints are removed."""
+    """Run ``work`` and tell its result; return its trial as told (its checkpoints removed), or None if
+    it was re-queued (interrupted or cut off: its copy resumes from its checkpoint)."""
     study, trial = work.study, work.trial
     label = f"[worker {worker}] {'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
 
@@ -204,7 +181,7 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
             now = study.get_trials(deepcopy=False)[trial.number]
             if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
                 requeue(study, now, reason, lost_worker=False)
-            print(f"{label}{said}", file=sys.stderr, flush=True)
+            say(f"{label}{said}")
 
     try:
         study.tell(trial, work.run(trial))
@@ -213,11 +190,9 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
         study.tell(trial, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up while this one was cut off
-        print(
+        say(
             f"{label} was given up by the other workers while this one was cut off from the database; its copy "
-            "resumes from its checkpoint",
-            file=sys.stderr,
-            flush=True,
+            "resumes from its checkpoint"
         )
         return None
     except DATABASE_ERRORS as error:
@@ -244,6 +219,10 @@ def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
     if run_id := attributes.RUN_ID.read(trial):
@@ -253,8 +232,8 @@ def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) 
             client.set_tag(run_id, "optuna.fail_reason", reason)
             client.set_terminated(run_id, "FAILED")
         except mlflow.exceptions.MlflowException as error:
-            print(f"warning: could not end the MLflow run of trial {trial.number}: {error}", file=sys.stderr)
-    print(f"trial {trial.number}: {reason}; re-queued with the same parameters", file=sys.stderr, flush=True)
+            say(f"warning: could not end the MLflow run of trial {trial.number}: {error}")
+    say(f"trial {trial.number}: {reason}; re-queued with the same parameters")
 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -262,9 +241,6 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     reason = f"its worker {attributes.WORKER.read(trial) or attributes.NOT_RECORDED} stopped sending heartbeats"
     requeue(study, trial, reason, lost_worker=True)
     say_lost(study, trial, reason)
-
-
-# --- after the search: the study's queue --------------------------------------------------------------
 
 
 class AfterSearch:
@@ -299,10 +275,10 @@ class AfterSearch:
             return train_seed(item, self.study, self.job, self.data)
         at = round_of(self.study)
         if work["at"] != at or len(pending(self.queue)) > 1:  # the study was extended since it was queued
-            print(f"[worker {self.job.worker}] the summary of {work['at']} trials is superseded", file=sys.stderr)
+            say(f"[worker {self.job.worker}] the summary of {work['at']} trials is superseded")
             return float(work["at"])
         registered = summarise(self.study, self.queue, self.job, self.data)
-        print(report(self.study, registered, self.job.experiment_id), file=sys.stderr, flush=True)
+        say(report(self.study, registered, self.job.experiment_id))
         return float(at)
 
     def say_item(self, queue: optuna.Study, item: optuna.trial.FrozenTrial) -> None:
@@ -311,8 +287,7 @@ class AfterSearch:
 
 
 def run_worker(job: WorkerJob, pruner: optuna.pruners.BasePruner | None = None) -> None:
-    """One worker: train trials until the study has ``n_trials``, then the confirmation's trainings
-    and the summary; any number may run at once (experiments/gpus.py starts several on one machine)."""
+    """One worker of the study; any number may run at once (experiments/gpus.py starts several on one machine)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if job.workers > 1:
         share_cpu(job.workers)

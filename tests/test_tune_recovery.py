@@ -76,6 +76,7 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
     tmp_path, prepared_run, monkeypatch, sigterm_in_requeue
 ):
     second_trial_raises(monkeypatch, KeyboardInterrupt())
+    monkeypatch.setattr(Terminated, "received", False)  # put back after the test, whatever it sets
     if sigterm_in_requeue:  # `mlflow run` follows a Ctrl-C with a SIGTERM to its stage: here it lands mid-re-queue
         real_requeue = worker_module.requeue
 
@@ -87,7 +88,7 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
     config = smoke(tmp_path, n_trials=2)
     with pytest.raises(KeyboardInterrupt):
         tune(config, PrepareConfig(), prepared_run)
-    monkeypatch.setattr(Terminated, "received", False)  # the SIGTERM is handled: the rerun starts anew
+    Terminated.received = False  # the SIGTERM is handled: the rerun starts anew
     trials = load(config).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     assert attributes.RETRY_OF.read(trials[2]) == 1 and len(counted(trials)) == 1
@@ -100,6 +101,23 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
     assert trials[2].params == trials[1].params and len(counted(trials)) == 2
     [parent] = runs_of("tune")
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prepared_run, monkeypatch):
+    """The database fails as the worker reads the study to say a told result: the worker goes on."""
+    real, cuts = worker_module.say_done, []
+
+    def say_done(*args, **kwargs):
+        if not cuts:
+            cuts.append(1)
+            raise optuna.exceptions.StorageInternalError("the database is shutting down")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "say_done", say_done)
+    config = smoke(tmp_path, n_trials=2)
+    tune(config, PrepareConfig(), prepared_run)
+    assert cuts and [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]
 
 
 @pytest.mark.slow
