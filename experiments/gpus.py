@@ -21,9 +21,8 @@ from pipeline.config import TuneConfig
 
 
 def gpu_assignment(config: TuneConfig) -> list[str | None]:
-    """One entry per worker of this machine: the GPU it is pinned to, worker i on GPU i mod count,
-    named as CUDA_VISIBLE_DEVICES names them (or by index); None for workers on a CPU (or MPS).
-    ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
+    """The GPU each worker of this machine is pinned to, as CUDA_VISIBLE_DEVICES names them (or by
+    index); None on a CPU (or MPS). ``n_workers=auto`` is one per GPU times ``workers_per_gpu``."""
     gpus = []
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         visible = torch.cuda.device_count()
@@ -34,7 +33,7 @@ def gpu_assignment(config: TuneConfig) -> list[str | None]:
 
 
 class WorkersFailed(RuntimeError):
-    """Worker processes of this machine ended with an error (raised once every worker has ended)."""
+    """Worker processes of this machine ended with an error."""
 
 
 def run_workers(jobs: list[WorkerJob], target: Callable[[WorkerJob], None] = run_worker) -> set[str]:

@@ -1,6 +1,5 @@
 """The study's objective: one trial's sampled configuration trained in a run of its own, each epoch
-reported to the pruner, and its model logged when no finished trial beats it. A retried trial
-resumes from its lost attempt's checkpoint (experiments/runs.py).
+reported to the pruner. A retried trial resumes from its lost attempt's checkpoint (experiments/runs.py).
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ from pipeline.train import log_trained_model, train_and_log
 
 
 def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float | tuple[float, float]:
-    """Train one sampled configuration in its own child run; return its best val_accuracy (and,
-    in a multi-objective study, its cost, also logged as a metric of the run).
+    """The trial's best val_accuracy (and, multi-objective, its cost, also logged as a metric).
 
-    The model is logged only when no finished trial beats it (multi-objective: dominates it), so the
-    best trial and every trial on the Pareto front has its own model to register. A tie logs too: the
-    tied trial that finishes second may be the one the champion's rule picks (the earlier number).
-    """
+    Its model is logged only when no finished trial beats (multi-objective: dominates) it, so the best
+    trial and every trial on the Pareto front has a model to register. A tie logs too: the tied trial
+    that finishes second may be the one the champion's rule picks (the earlier number)."""
     config = trial_config(job.config, trial)
     multi_objective = job.config.cost != "none"
     tags = {"pipeline.stage": "trial", "optuna.study_name": job.config.study_name, "optuna.trial_number": str(trial.number)}
@@ -58,8 +55,7 @@ def objective(trial: optuna.Trial, job: WorkerJob, data: PreparedData) -> float 
                 mlflow.log_metric("peak_gpu_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
             if multi_objective:
                 mlflow.log_metric(job.config.cost, cost)
-            finished = complete(trial.study)
-            if on_front((accuracy, cost), finished) if multi_objective else accuracy >= best_value(trial.study):
+            if on_front((accuracy, cost), complete(trial.study)) if multi_objective else accuracy >= best_value(trial.study):
                 logged = log_trained_model(result.model, data, config.reading_order)
                 mlflow.log_metric("best_val_accuracy", accuracy, model_id=logged.model_id)  # shown on its model page
                 attributes.MODEL_URI.write(trial, logged.model_uri)
