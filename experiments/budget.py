@@ -98,20 +98,16 @@ def epoch_time(
 
 
 def run_seconds(study: optuna.Study, config: TuneConfig, params: dict | None = None) -> float | None:
-    """Seconds one full run (``config.epochs``) of ``params`` takes here, by the trials' timing;
-    ``params`` None: the space's largest configuration. None before any epoch is timed."""
+    """Seconds one full run (``config.epochs``) of ``params`` (None: the space's largest configuration) takes here."""
     definition = STUDIES[config.study]
-    timing = epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)
-    if timing is None:
+    if (timing := epoch_time(definition, study.get_trials(deepcopy=False), config.epochs)) is None:
         return None
-    cost = largest_cost(definition) if params is None else relative_cost(definition, params)
-    return config.epochs * timing.of(cost)
+    return config.epochs * timing.of(largest_cost(definition) if params is None else relative_cost(definition, params))
 
 
 def worst_case_seconds(study: optuna.Study, config: TuneConfig, workers: int = 1) -> float | None:
-    """Seconds a new trial, then the champion's confirmation, take at worst: the trial is the
-    space's largest configuration and becomes the champion, its seeds confirmed ``workers`` at a
-    time (experiments/confirm.py). None before any epoch is timed."""
+    """Seconds a new trial, then the champion's confirmation, take at worst: the trial is the space's
+    largest configuration and becomes the champion, its seeds confirmed ``workers`` at a time (experiments/confirm.py)."""
     if (seconds := run_seconds(study, config)) is None:
         return None
     return (1 + (math.ceil(config.confirm_seeds / workers) if config.confirm_top else 0)) * seconds
@@ -130,8 +126,7 @@ def time_left(study: optuna.Study, config: TuneConfig, to_run: int, workers: int
     line), from its trials' own timing; or when that will be known."""
     definition = STUDIES[config.study]
     trials = study.get_trials(deepcopy=False)
-    timing = epoch_time(definition, trials, config.epochs)
-    if timing is None:
+    if (timing := epoch_time(definition, trials, config.epochs)) is None:
         return "time: estimated when the first epoch is timed"
     waiting = [attributes.enqueued_params(t) for t in trials if t.state == TrialState.WAITING][:to_run]
     search = sum(timing.of(relative_cost(definition, params)) for params in waiting)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
@@ -138,7 +139,6 @@ class AdvisoryLock(Lock):
 
 
 def study_lock(storage: str, name: str) -> Lock:
-    """The lock of study ``name`` in ``storage``: ``with study_lock(...):`` holds it."""
     if storage_kind(storage) == "postgresql":
         return AdvisoryLock(storage, name)
     return FileLock(lock_folder(storage) / f"study-{file_name(name)}.lock")
@@ -147,19 +147,16 @@ def study_lock(storage: str, name: str) -> Lock:
 @contextmanager
 def single_sqlite_worker(storage: str):
     """SQLite is not safe for several workers: refuse a second one, from any command, in one line."""
-    if storage_kind(storage) != "sqlite":
+    with ExitStack() as held:
+        if storage_kind(storage) == "sqlite":
+            lock = FileLock(lock_folder(storage) / "worker.lock")
+            if not lock.acquire(blocking=False):
+                raise ParameterError(
+                    "storage=sqlite://... is used by another tune worker, and SQLite is not safe for several: "
+                    "wait for it, or use a journal file (one machine) or PostgreSQL (many)"
+                )
+            held.callback(lock.release)
         yield
-        return
-    lock = FileLock(lock_folder(storage) / "worker.lock")
-    if not lock.acquire(blocking=False):
-        raise ParameterError(
-            "storage=sqlite://... is used by another tune worker, and SQLite is not safe for several: "
-            "wait for it, or use a journal file (one machine) or PostgreSQL (many)"
-        )
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class JournalLock:
@@ -196,8 +193,7 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
     deadline = time.monotonic() + DATABASE_RESTART_LIMIT
     while True:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+            with warnings.catch_warnings(action="ignore", category=ExperimentalWarning):  # heartbeats are 'experimental'
                 # Workers starting on a new database race to create its tables. First contact: a database that
                 # refuses connections is refused at once (a wrong host or port), one restarting is waited for.
                 with AdvisoryLock(config.storage, "optuna schema", reached=False):
@@ -284,9 +280,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, lost_worker: b
     Stands in for Optuna's ``RetryHeartbeatStaleTrialCallback``: that serves heartbeats on an RDB
     only (a journal has none, and Ctrl-C or SIGTERM re-queue too), copies a trial each time it is
     called, and records the first original where a resumed copy needs the attempt it continues."""
-    trials = study.get_trials(deepcopy=False)
     lost = attributes.LOST_WORKERS.read(trial) + lost_worker
-    if trial.number not in requeued_numbers(trials) and lost < MAX_LOST_WORKERS:
+    if trial.number not in requeued_numbers(study.get_trials(deepcopy=False)) and lost < MAX_LOST_WORKERS:
         study.enqueue_trial(trial.params, user_attrs=attributes.requeued_copy(trial, reason, lost))
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
@@ -298,8 +293,7 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
     # After an outage every heartbeat is old: the workers that live beat again within a grace of
     # the database's return, so a worker judges heartbeats only a grace after it saw it return.
     if postgresql and seconds_since_database_back() >= 3 * config.heartbeat_interval:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are 'experimental'
+        with warnings.catch_warnings(action="ignore", category=ExperimentalWarning):  # heartbeats are 'experimental'
             optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if postgresql and attributes.WORKER.read(trial) is None:  # asked under this lock, its lease never taken (a database cut)
@@ -316,10 +310,9 @@ def fail_lost_trials(study: optuna.Study, config: TuneConfig, on_lost) -> None:
 
 
 def next_step(study: optuna.Study, n_trials: int) -> NextStep:
-    """What a worker does next; call holding the study lock, after ``fail_lost_trials``.
-
-    Only the count decides: an enqueued trial (a warm start's configuration) runs within ``n_trials``
-    like a sampled one, and those past it wait for an extension."""
+    """What a worker does next; call holding the study lock, after ``fail_lost_trials``. Only the count
+    decides: an enqueued trial (a warm start's configuration) runs within ``n_trials`` like a sampled
+    one, and those past it wait for an extension."""
     if trials_left(study, n_trials):
         return NextStep.RUN
     return NextStep.WAIT if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else NextStep.STOP

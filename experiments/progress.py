@@ -20,14 +20,12 @@ from pipeline.training import duration
 
 def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, workers: int) -> None:
     """When the study's first trial has finished, say how long the rest takes, by its timing."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    if len(finished) == 1:
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1:
         print(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}", file=sys.stderr)
 
 
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, n_trials: int) -> None:
-    """One line per finished trial: how far it trained and how long it took, its result, the
-    study's best so far, and how many of the ``n_trials`` are done."""
+    """One line per finished trial, with how many of the ``n_trials`` are done."""
     epochs = len(trial.intermediate_values)
     trained = f" at epoch {epochs}" if trial.state == TrialState.PRUNED else f", {epochs} epoch{'s' * (epochs != 1)}"
     took = f" ({duration(trial.duration.total_seconds())})" if trial.duration else ""

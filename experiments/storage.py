@@ -22,9 +22,7 @@ DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.Operat
 
 def storage_kind(storage: str) -> str:
     """``journal`` (a file path), ``sqlite`` or ``postgresql``."""
-    if "://" not in storage:
-        return "journal"
-    return storage.split("://")[0].split("+")[0]
+    return storage.split("://")[0].split("+")[0] if "://" in storage else "journal"
 
 
 def check_storage(storage: str, n_workers: int = 1) -> None:

@@ -1,10 +1,6 @@
-"""Which trials of a study count, and which are best.
-
-- **Counted**: the finished trials (COMPLETE, PRUNED, and FAIL from the objective) toward
-  ``n_trials``, less the failed originals that a re-queued copy replaces (experiments/coordination.py).
-- **Best**: the highest val_accuracy, every study's first objective, of a complete trial; among
-  equals the cheaper (a multi-objective study's cost), then the earlier. A re-queued copy repeats
-  its original's parameters, so a ranking of configurations keeps each one once.
+"""Which trials of a study count toward ``n_trials``, and which are best. A re-queued copy
+(experiments/coordination.py) replaces its failed original in the count, and repeats its
+parameters, so a ranking of configurations keeps each one once.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The finished trials (COMPLETE, PRUNED, FAIL) that count toward ``n_trials``."""
+    """The finished trials (COMPLETE, PRUNED, and FAIL from the objective) that count toward ``n_trials``."""
     replaced = requeued_numbers(trials)
     return [trial for trial in trials if trial.state.is_finished() and trial.number not in replaced]
 
@@ -44,7 +40,8 @@ def complete(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def best_first(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Complete ``trials`` by the champion's rule: the best val_accuracy; among equals the cheaper, then the earlier."""
+    """Complete ``trials`` by the champion's rule: the best val_accuracy (every study's first objective);
+    among equals the cheaper (a multi-objective study's cost), then the earlier."""
     return sorted(trials, key=lambda t: (-t.values[0], t.values[-1] if len(t.values) > 1 else 0, t.number))
 
 

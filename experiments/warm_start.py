@@ -37,8 +37,7 @@ def warm_start(storage: optuna.storages.BaseStorage, source: str, k: int, defini
     if source not in optuna.study.get_all_study_names(storage):
         raise ParameterError(f"warm_start={source!r}: no study of that name in this storage")
     earlier = optuna.load_study(study_name=source, storage=storage)
-    finished = complete(earlier)
-    if not finished:
+    if not (finished := complete(earlier)):
         raise ParameterError(f"warm_start={source!r}: that study has no complete trial to start from")
     space = definition.space
     baseline = {name: value for name, value in definition.baseline.items() if name in space}
