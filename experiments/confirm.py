@@ -2,17 +2,13 @@
 configurations train again with seeds 1 to ``confirm_seeds`` (a trial's rank mixes its
 configuration's quality with its seed's luck), and the best mean val_accuracy wins (docs/tuning.md).
 
-Each (configuration, seed) is a trial of the **companion study** ``<study>:confirm``: a queue that
-every worker takes from as it takes trials (experiments/worker.py), whose last item is the summary.
-A companion study rather than marked trials of the study: its sampler, pruner and ``n_trials`` read
-the study's trials only.
+Each (configuration, seed) is a trial of the **companion study** ``<study>:confirm``, a queue
+every worker takes from as it takes trials (experiments/worker.py), whose last item is the summary;
+a study of its own, so that the study's sampler, pruner and ``n_trials`` read the study's trials only.
 
-Reads:  the study's complete trials, the prepared data.
-Writes: per configuration and seed a ``confirm`` run under the study's parent run (params,
-        per-epoch metrics, its model); on the parent run ``confirmation.md`` and the MLflow table
-        ``confirmation.json`` (``confirmation_table``).
-Reuses: a finished confirm run of the study with the same configuration, seed, epochs, data and
-        code (its tag ``confirm.key``): an extended study trains only what is new.
+Writes: per configuration and seed a ``confirm`` run (its model too) under the study's parent run,
+        reused by an extended study while configuration, seed, epochs, data and code stay the same
+        (tag ``confirm.key``); on the parent run ``confirmation.md`` and ``confirmation.json``.
 """
 
 from __future__ import annotations
@@ -58,10 +54,7 @@ def companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.S
     """Study ``study_name``'s queue of work after the search (created if new). Its trials are only
     ever enqueued, so its sampler never samples: the cheapest one is given."""
     return optuna.create_study(
-        study_name=f"{study_name}:confirm",
-        storage=storage,
-        sampler=optuna.samplers.RandomSampler(),
-        load_if_exists=True,
+        study_name=f"{study_name}:confirm", storage=storage, sampler=optuna.samplers.RandomSampler(), load_if_exists=True
     )
 
 
@@ -149,8 +142,7 @@ def say(trial: int, seed: int, what: str, worker: str = "") -> None:
 
 
 def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
-    """One row per ``SeedRun`` of the round's plan that finished (one whose training failed is said
-    and left out)."""
+    """One row per ``SeedRun`` of the round's plan that finished (a failed one is said and left out)."""
     rows = []
     for run in (attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", []):
         if found := reused(run, job):
@@ -198,18 +190,16 @@ def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: 
     return markdown
 
 
-def test_seed_models(parent_run_id: str, seed_models, registered, test: Callable[[str], float]) -> str:
-    """Test each of the champion configuration's seed models once, now that it is chosen (the
-    registered one already was; one tested by an earlier summary keeps its evaluate run), and log
-    their mean test accuracy (and std) on the parent run; returns the line to print."""
-    client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+def test_seed_models(job: WorkerJob, seed_models, registered, test: Callable[[str], float]) -> str:
+    """Test each of the champion configuration's seed models once, now that it is chosen (the registered
+    one was; an earlier summary's evaluate run counts), and log their mean test accuracy (and std); the line to print."""
+    client, parent_run_id = MlflowClient(), job.parent_run_id
     accuracies = pd.Series(dtype=float)
     for seed, uri in seed_models:
         evaluated = {"pipeline.stage": "evaluate", "pipeline.model": uri, "mlflow.parentRunId": parent_run_id}
         if seed == registered.seed:
             accuracies[seed] = registered.test_accuracy
-        elif run := finished_run(experiment_id, evaluated):
+        elif run := finished_run(job.experiment_id, evaluated):
             accuracies[seed] = run.data.metrics["test_accuracy"]
         else:
             accuracies[seed] = test(uri)

@@ -30,18 +30,15 @@ from pipeline.model import build_model, count_parameters
 from pipeline.numerics import resolve_device
 from pipeline.tables import markdown_table
 
-COSTS = ("parameter_count", "latency_ms")  # the second objectives a study can minimise (-P cost)
 COMPACT = "compact"  # the alias of the model the compact rule picks, beside champion
 
 
 def measure_cost(name: str, model: nn.Module, data: PreparedData, reading_order: str) -> float:
-    """A trained model's cost, the same way in every trial: its parameter count (exact), or the
-    milliseconds it takes to classify the first validation image where it trained (a median)."""
+    """A trained model's cost, the same way in every trial: its parameter count (exact), or (latency_ms)
+    the milliseconds it takes to classify the first validation image where it trained (a median)."""
     if name == "parameter_count":
         return count_parameters(model)
-    if name == "latency_ms":
-        return inference_latency_ms(model, data.val.images[:1], SEQUENCE_SHAPES[reading_order])
-    raise ValueError(f"unknown cost {name!r}; one of {', '.join(COSTS)}")
+    return inference_latency_ms(model, data.val.images[:1], SEQUENCE_SHAPES[reading_order])
 
 
 def cost_name(study: optuna.Study) -> str:
@@ -54,8 +51,7 @@ def format_cost(name: str, value: float) -> str:
 
 
 def on_front(values: tuple[float, float], trials: list[FrozenTrial]) -> bool:
-    """Whether a result with ``values`` (accuracy, cost) is dominated by none of ``trials``: none is
-    at least as accurate and as cheap, and better in one."""
+    """Whether a result with ``values`` (accuracy, cost) is dominated by none of ``trials``."""
     accuracy, cost = values
     return not any(a >= accuracy and c <= cost and (a > accuracy or c < cost) for a, c in (t.values for t in trials))
 
@@ -75,9 +71,8 @@ def compact_trial(trials: list[FrozenTrial], within: float, costs: Mapping[int, 
 
 
 def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, parent_run_id: str) -> FrozenTrial:
-    """The compact rule's pick among the study's complete trials. In a latency study it reads the
-    latencies measured again alone (``latency_alone``, logged on the parent run and printed), among
-    the trials with a model to register."""
+    """The compact rule's pick among the study's complete trials; in a latency study, by the
+    latencies measured again alone, among the trials with a model to register."""
     if cost_name(study) != "latency_ms":
         return compact_trial(complete(study), config.compact_within)  # exact costs: the pick is on the front
     device = resolve_device(config.device)
@@ -95,8 +90,7 @@ def with_model(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 def latency_alone(
     study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device, rounds: int = 5
 ) -> pd.DataFrame:
-    """Latency measured again with nothing else running, for every trial the compact rule could
-    pick (within ``config.compact_within`` of the best, with a model to register) and every trial on
+    """Latency measured again alone, for every trial the compact rule could pick and every trial on
     the front: ``rounds`` medians of 100 calls each, on a fresh model of the trial's architecture
     (latency depends on the shapes, not on the weights). One row per trial, cheapest first."""
     reach = within_reach(with_model(complete(study)), config.compact_within)
@@ -106,8 +100,7 @@ def latency_alone(
     for number, trial in sorted(candidates.items()):
         train_config = trial_config(config, optuna.trial.FixedTrial(trial.params))
         model = build_model(train_config).to(device)
-        shape = SEQUENCE_SHAPES[train_config.reading_order]
-        measured = [inference_latency_ms(model, image, shape) for _ in range(rounds)]
+        measured = [inference_latency_ms(model, image, SEQUENCE_SHAPES[train_config.reading_order]) for _ in range(rounds)]
         alone = statistics.median(measured)
         rows.append([number, *trial.values, alone, (max(measured) - min(measured)) / alone, trial.values[1] / alone])
     columns = ["number", OBJECTIVE_METRIC, "latency_ms", "latency_ms_alone", "alone_spread", "in_trial_ratio"]
@@ -115,8 +108,7 @@ def latency_alone(
 
 
 def log_latency_alone(parent_run_id: str, table: pd.DataFrame, device: torch.device) -> str:
-    """Record ``latency_alone``'s table, measured on ``device``, on the parent run
-    (``latency_alone.md``, ``.csv``) with two noise metrics; return the lines to print."""
+    """Record ``latency_alone``'s table on the parent run with two noise metrics; the lines to print."""
     client = MlflowClient()
     client.log_text(parent_run_id, markdown_table(table) + "\n", "latency_alone.md")
     client.log_text(parent_run_id, table.to_csv(index=False), "latency_alone.csv")

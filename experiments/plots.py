@@ -42,14 +42,13 @@ def learning_curves(study: optuna.Study):
     if not trials:
         raise ValueError("no trial has reported an epoch")
     _, axes = plt.subplots(figsize=(8, 4.5))
-    colours = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "0.65"}
+    colours = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "0.65"}  # else (running, failed) red
     labelled = set()
     for trial in trials:
         epochs, values = zip(*sorted(trial.intermediate_values.items()), strict=True)
         state = trial.state.name.lower()
         label = None if state in labelled else (f"{state}, stopped at the x" if trial.state == TrialState.PRUNED else state)
-        colour = colours.get(trial.state, "tab:red")  # running or failed
-        axes.plot(epochs, values, color=colour, linewidth=1, alpha=0.8, label=label)
+        axes.plot(epochs, values, color=colours.get(trial.state, "tab:red"), linewidth=1, alpha=0.8, label=label)
         labelled.add(state)
         if trial.state == TrialState.PRUNED:
             axes.plot(epochs[-1], values[-1], "x", color=colours[TrialState.PRUNED])
@@ -59,9 +58,8 @@ def learning_curves(study: optuna.Study):
         axes.plot(epochs, values, color="tab:orange", linewidth=2.5, label=f"best: trial {best.number} ({best.values[0]:.4f})")
     # The y axis shows where trials end, from below the 5th percentile of the last values reported,
     # so one diverged trial does not flatten the others; the title counts the curves that dip below.
-    ends = np.array([t.intermediate_values[max(t.intermediate_values)] for t in trials])
     top = max(max(t.intermediate_values.values()) for t in trials)
-    low = np.percentile(ends, 5)
+    low = np.percentile([t.intermediate_values[max(t.intermediate_values)] for t in trials], 5)
     bottom = low - (0.5 * (top - low) or 0.01)
     axes.set_ylim(bottom, top + 0.05 * (top - bottom))
     below = sum(min(t.intermediate_values.values()) < bottom for t in trials)
@@ -75,9 +73,8 @@ def learning_curves(study: optuna.Study):
 
 
 def log_study_plots(study: optuna.Study, folder: Path) -> None:
-    """Optuna's plots as one self-contained interactive page, ``study.html`` (plotly.js inlined once,
-    so it works offline and in the MLflow UI), and one PNG each (matplotlib); skip those the study
-    cannot draw yet."""
+    """Optuna's plots as one self-contained page, ``study.html`` (plotly.js inlined once: it works
+    offline and in the MLflow UI), and one PNG each; those the study cannot draw yet are skipped."""
     import matplotlib.pyplot as plt  # its backend is the entry point's choice (tune.main: Agg)
     import optuna.visualization as interactive
     import optuna.visualization.matplotlib as static
@@ -91,8 +88,7 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     for name in PLOTS:
         kwargs = target if name != "intermediate_values" else {}
         try:
-            with warnings.catch_warnings(), optuna_quiet():
-                warnings.simplefilter("ignore")  # matplotlib plots are 'experimental'
+            with warnings.catch_warnings(action="ignore"), optuna_quiet():  # matplotlib plots are 'experimental'
                 figure = getattr(interactive, f"plot_{name}")(study, **kwargs)
                 draw = learning_curves if name == "intermediate_values" else getattr(static, f"plot_{name}")
                 axes = draw(study, **kwargs)

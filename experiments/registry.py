@@ -75,10 +75,10 @@ def model_name(register_name: str, dataset: str) -> str:
 def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> Registered | None:
     """Register the model ``pick`` names, unless it already is; test it once; maybe crown it."""
     register_name = job.config.register_name
-    confirmed = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
+    seeds = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
     previous = attributes.REGISTERED.read(study)
     if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
-        registered = Registered(**{**previous, **confirmed})  # the same model: nothing new to register or test
+        registered = Registered(**{**previous, **seeds})  # the same model: nothing new to register or test
     else:
         made = register_trial(study, pick, job, data)
         if not made:
@@ -86,15 +86,7 @@ def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepare
         version, test_accuracy = made
         why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
         registered = Registered(
-            register_name,
-            version,
-            pick.trial.number,
-            pick.val_accuracy,
-            test_accuracy,
-            not why_not,
-            why_not,
-            pick.seed,
-            **confirmed,
+            register_name, version, pick.trial.number, pick.val_accuracy, test_accuracy, not why_not, why_not, pick.seed, **seeds
         )
     attributes.REGISTERED.write(study, asdict(registered))
     return registered
@@ -123,8 +115,7 @@ def register_compact(
 
 
 def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> tuple[str, float] | None:
-    """Register the model ``pick`` names, with its lineage (``lineage_tags``), and test it once;
-    its version and test_accuracy."""
+    """Register ``pick``'s model with its lineage (``lineage_tags``) and test it once; its version and test_accuracy."""
     register_name = job.config.register_name
     if not pick.model_uri:
         print(f"warning: trial {pick.trial.number} logged no model, so nothing is registered", file=sys.stderr)
@@ -157,9 +148,8 @@ def validation_data(data: PreparedData) -> dict[str, str]:
 
 
 def lineage_tags(study: optuna.Study, pick: Pick, data: PreparedData) -> dict[str, str]:
-    """What a reviewer needs to trust a version: its data (dataset, each split's sha256), its study
-    and trial, the trial's parameters, its validation score (and, confirmed, its seed and its
-    configuration's mean over seeds), precision and code version."""
+    """What a reviewer needs to trust a version: its data (dataset, each split's sha256), study, trial
+    and parameters, validation score (confirmed: seed and mean over seeds), precision and code version."""
     from pipeline.main import code_version
 
     trial = pick.trial
@@ -190,12 +180,11 @@ def test_once(model_uri: str, job: WorkerJob, data: PreparedData) -> float:
     """Evaluate the registered artifact on the test set, in an evaluate run under the study's parent."""
     device = resolve_device(job.config.device)
     classifier = serving.load(model_uri, device)  # as users load and serve it
-    tags = {"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": job.data_ref}
     with mlflow.start_run(
         run_name=f"evaluate {model_uri.removeprefix('models:/')}",
         experiment_id=job.experiment_id,
         parent_run_id=job.parent_run_id,
-        tags=tags,
+        tags={"pipeline.stage": "evaluate", "pipeline.model": model_uri, "pipeline.data": job.data_ref},
     ):
         config = EvaluateConfig(device=job.config.device)
         return evaluate_and_log(classifier, data, config, device, job.data_ref, model_uri).test_accuracy
@@ -204,22 +193,17 @@ def test_once(model_uri: str, job: WorkerJob, data: PreparedData) -> float:
 def crown_if_better(
     name: str, version: str, val_accuracy: float, validated_on: dict[str, str], val_accuracy_mean: float | None = None
 ) -> str:
-    """Move the champion alias to ``version`` if the champion was validated on the same data
-    (``validated_on``: dataset and validation split digest) and scores lower: by the means over seeds
-    when both have one (the configuration was chosen by its mean: its best seed would flatter it),
-    else by each model's own val_accuracy. Returns "" when it moved, else why not in one line: a
-    version validated on other data (another dataset, a smaller split) is registered, but never compared."""
+    """Move the champion alias to ``version`` if the champion, validated on the same data
+    (``validated_on``), scores lower: by the means over seeds when both have one (its best seed
+    would flatter a configuration chosen by its mean), else by each model's own val_accuracy.
+    Returns "" when it moved, else why not in one line."""
     client = MlflowClient()
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:  # no champion yet
         champion = None
     if champion:
-        differs = [
-            f"{key} {champion.tags.get(key, 'unrecorded')[:16]}"
-            for key, value in validated_on.items()
-            if champion.tags.get(key) != value
-        ]
+        differs = [f"{k} {champion.tags.get(k, 'unrecorded')[:16]}" for k, v in validated_on.items() if champion.tags.get(k) != v]
         if differs:
             return (
                 f"not compared with champion version {champion.version}, validated on other data ({', '.join(differs)}); "

@@ -36,8 +36,7 @@ _CHECKPOINT_FILE = "latest.pt"
 
 
 def upload_checkpoint(run_id: str, path: Path) -> bool:
-    """Make ``path`` the run's checkpoint artifact, replacing the one before: any worker that reaches
-    the tracking store can resume the training, with no shared filesystem. A failed upload (the
+    """Make ``path`` the run's checkpoint artifact, replacing the one before. A failed upload (the
     tracking server down) is said and skipped: the next epoch uploads again."""
     try:
         with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
@@ -118,9 +117,10 @@ class RunCheckpoints:
 @contextmanager
 def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str, str]) -> Iterator[RunCheckpoints]:
     """A training of ``trial`` (of the study, or of its queue) in a run of its own under the study's
-    parent run: tagged with its worker (and GPU), its end state as tags, its checkpoints on the run
-    (in a folder of its own; one stopped by SIGINT or SIGTERM, a preemption, uploads the position
-    inside the epoch in progress too)."""
+    parent run, tagged with its worker (and GPU); one stopped by SIGINT or SIGTERM (a preemption)
+    uploads its position inside the epoch in progress too. The run ends as its trial does: COMPLETE
+    (FINISHED), PRUNED (KILLED), REQUEUED (KILLED: interrupted, cut off from its database, or given
+    up by the other workers while cut off; a copy resumes it and only that run counts), FAIL (FAILED)."""
     tags = {"pipeline.data": job.data_ref, WORKER_TAG: worker_id(), **tags}
     if job.gpu is not None:
         tags["pipeline.cuda_visible_devices"] = job.gpu  # the machine's GPU; gpu_index counts within what the worker sees
@@ -128,13 +128,22 @@ def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str,
         run_name=name, experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, tags=tags
     ) as run:
         attributes.RUN_ID.write(trial, run.info.run_id)
-        with trial_state_tags(), tempfile.TemporaryDirectory(prefix="checkpoints-") as folder:
+        with tempfile.TemporaryDirectory(prefix="checkpoints-") as folder:
             try:
                 yield RunCheckpoints(Path(folder), run.info.run_id, earlier_runs(trial.study, trial))
-            except TrainingInterrupted as stop:
-                if stop.checkpoint:
-                    upload_checkpoint(run.info.run_id, stop.checkpoint)
+            except optuna.TrialPruned as pruned:
+                mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
+                mlflow.end_run("KILLED")
                 raise
+            except BaseException as error:
+                if isinstance(error, TrainingInterrupted) and error.checkpoint:
+                    upload_checkpoint(run.info.run_id, error.checkpoint)
+                interrupted = isinstance(error, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError, *DATABASE_ERRORS))
+                state = "REQUEUED" if interrupted else "FAIL"
+                mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
+                mlflow.end_run("KILLED" if interrupted else "FAILED")
+                raise
+        when_reachable(lambda: mlflow.set_tag("optuna.trial_state", "COMPLETE"), "the run's state")
 
 
 def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -142,23 +151,3 @@ def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
     for run_id in [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]:
         if run_id:
             remove_checkpoint(run_id)
-
-
-@contextmanager
-def trial_state_tags():
-    """End the active run as its trial ends: COMPLETE (FINISHED), PRUNED (KILLED), REQUEUED
-    (KILLED: interrupted, cut off from its database, or given up by the other workers while cut
-    off; a copy resumes it and only that run counts), FAIL (FAILED)."""
-    try:
-        yield
-    except optuna.TrialPruned as pruned:
-        mlflow.set_tags({"optuna.trial_state": "PRUNED", "optuna.prune_reason": str(pruned)})
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as error:
-        interrupted = isinstance(error, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError, *DATABASE_ERRORS))
-        state = "REQUEUED" if interrupted else "FAIL"
-        mlflow.set_tags({"optuna.trial_state": state, "optuna.fail_reason": f"{type(error).__name__}: {error}"[:5000]})
-        mlflow.end_run("KILLED" if interrupted else "FAILED")
-        raise
-    when_reachable(lambda: mlflow.set_tag("optuna.trial_state", "COMPLETE"), "the run's state")

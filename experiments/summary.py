@@ -5,7 +5,6 @@ own model) registered, and in a multi-objective study its Pareto front and compa
 
 from __future__ import annotations
 
-import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -30,8 +29,8 @@ from pipeline.tracking import ui_link
 
 def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
     """Log the leaderboard and plots to the parent run, choose among the configurations confirmed
-    from the ``queue`` and register the champion candidate (and the compact rule's pick). Run by the
-    worker that took the queue's summary item; recorded as done only when all of it succeeded."""
+    from the ``queue`` and register the champion candidate (and the compact rule's pick), as the
+    worker that took the queue's summary item."""
     client, config, parent_run_id = MlflowClient(), job.config, job.parent_run_id
     trials = counted(study.get_trials(deepcopy=False))
     compact = compact_pick(study, config, data, parent_run_id) if len(study.directions) > 1 and complete(study) else None
@@ -43,15 +42,13 @@ def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Pr
     if states.get("COMPLETE", 0):
         best = most_accurate(complete(study))
         client.log_metric(parent_run_id, f"best_{OBJECTIVE_METRIC}", best.values[0], step=len(trials))
-        client.set_tag(parent_run_id, "best.trial_number", str(best.number))
-        for name, value in best.params.items():
+        for name, value in {"trial_number": best.number, **best.params}.items():
             client.set_tag(parent_run_id, f"best.{name}", str(value))
         runs = seed_runs(queue, job) if config.confirm_top else []
         pick = confirmed_pick(study, runs, job, step=len(trials)) if len(runs) else trial_pick(best)
         registered = register_best(study, pick, job, data)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
-            test = functools.partial(test_once, job=job, data=data)
-            print(test_seed_models(parent_run_id, pick.seed_models, registered, test), file=sys.stderr)
+            print(test_seed_models(job, pick.seed_models, registered, lambda uri: test_once(uri, job, data)), file=sys.stderr)
     if compact is not None:
         client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
         rule = f"smallest {cost_name(study)} within {config.compact_within} of the best {OBJECTIVE_METRIC}"
@@ -82,14 +79,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial, best first: number, val_accuracy, state, parameters, seconds, attributes."""
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
     trials = trials.rename(columns={"value": OBJECTIVE_METRIC, "values_0": OBJECTIVE_METRIC, "values_1": cost_name(study)})
-    if "duration" in trials:
-        trials["duration"] = trials["duration"].dt.total_seconds().round(1)
+    trials["duration"] = trials["duration"].dt.total_seconds().round(1)
     return trials.sort_values(OBJECTIVE_METRIC, ascending=False, na_position="last")
 
 
 def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob, step: int) -> Pick:
-    """From the confirmation's seed runs: the champion configuration's best seed run, with its
-    configuration's mean and std."""
+    """The champion configuration's best seed run, with its configuration's mean and std over seeds."""
     config, table = job.config, confirmation_table(study, runs)
     markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]
@@ -114,8 +109,7 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
     board = trials_table(study)
     params = [c for c in board.columns if c.startswith("params_")]
     columns = ["number", OBJECTIVE_METRIC, cost_name(study), "state", *params, "duration"]
-    table = board[[c for c in columns if c in board]].head(top)
-    table.columns = [c.removeprefix("params_") for c in table.columns]
+    table = board[[c for c in columns if c in board]].head(top).rename(columns=lambda c: c.removeprefix("params_"))
     lines = [
         f"study {study.study_name}: {len(counted(study.get_trials(deepcopy=False)))} trials counted; best {top}:",
         table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
