@@ -47,7 +47,6 @@ from pipeline.config import (
     PrepareConfig,
     TuneConfig,
     add_config_arguments,
-    add_launch_dir_argument,
     build_configs,
     fail,
     run_entry_point,
@@ -184,13 +183,10 @@ def tune(
     pruner: optuna.pruners.BasePruner | None = None,
     launched_run: str | None = None,
 ) -> Registered | None:
-    """Run (or continue, or extend) the study, ``study=auto`` as this machine's device says; the worker
-    that ends it summarises it. Returns what was registered from the study, if anything.
-
-    ``launched_run`` is the run `mlflow run` opened for this command: it becomes the study's parent
-    run if the study is new, and this worker's record under the parent otherwise. ``pruner``
-    overrides the named one (tests use it to force pruning).
-    """
+    """Run (or continue, or extend) the study, ``study=auto`` as this machine's device says; the worker that
+    ends it summarises it. Returns what the study registered, if anything. ``launched_run`` (the run `mlflow
+    run` opened) becomes a new study's parent run, else this worker's record under the parent; ``pruner``
+    overrides the named one (tests force pruning with it)."""
     started = time.time()  # -P budget counts from here
     config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
     if config.cost != "none" and config.pruner not in ("auto", "none"):  # Optuna's pruners judge a single objective
@@ -306,15 +302,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=("local", "virtualenv", "uv", "conda"),
         help="environment a prepare run starts in (default: local)",
     )
-    add_config_arguments(parser, TuneConfig)
-    add_config_arguments(parser, PrepareConfig, skip=("seed",))
-    add_launch_dir_argument(parser)
+    add_config_arguments(parser, TuneConfig, PrepareConfig)
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once
     signal.signal(signal.SIGTERM, raise_terminated)  # ends like Ctrl-C: the trial in progress is re-queued
     os.environ.setdefault("MPLBACKEND", "Agg")  # the summary's PNG plots: no window, here and in spawned workers
     # Absolute from here on: the prepare stage this may start runs in the project folder (`mlflow.run`).
-    prepare_config = dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir, args.launch_dir))
     if storage_kind(config.storage) == "journal":
         config = dataclasses.replace(config, storage=user_path(config.storage, args.launch_dir))
     # Read once and removed: neither the trials nor spawned workers may log into the run `mlflow run` opened.
@@ -328,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     except ParameterError as error:
         if launched_run:
             MlflowClient().set_tag(launched_run, ERROR_TAG, str(error))  # `mlflow run` ends it FAILED
-        parser.exit(2, f"tune: error: {error}\n")
+        parser.error(str(error))
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated, or TrainingInterrupted inside a trial)
         number = getattr(stop, "signal_number", signal.SIGINT)
         then = "the trial in progress was re-queued: rerun the same command to continue the study"

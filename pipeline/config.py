@@ -1,9 +1,8 @@
 """Every stage's parameters in one place: a frozen dataclass per stage, with defaults and ranges.
 
-Command-line flags (``--hidden-size``) are generated from these dataclasses, the MLproject
-defaults are tested against them, and the train stage logs them as MLflow params, so the three
-cannot drift. Building a config validates it: a bad value raises ``ParameterError`` whose
-message is one line naming the parameter and what it accepts.
+Flags (``--hidden-size``), MLproject defaults (tested) and the train stage's MLflow params all come from
+these, so they cannot drift. Building a config validates it: a bad value raises ``ParameterError``, one
+line naming the parameter and what it accepts.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ class ParameterError(ValueError):
 
 def param(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None):
     """A dataclass field carrying its help text and allowed values."""
-    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
-    return field(default=default, metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices})
 
 
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
@@ -182,30 +180,21 @@ class TuneConfig(Checked):
 # --- command line ----------------------------------------------------------------------------
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    if lowered not in ("true", "1", "yes", "false", "0", "no"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    return lowered in ("true", "1", "yes")
 
 
 def _parser_type(kind: type):
-    if kind is bool:
-        return parse_bool
-
     def convert(text: str):
         try:
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {_TYPE_WORDS[kind]}, got {text!r}") from None
 
-    return convert
+    return parse_bool if kind is bool else convert
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -215,22 +204,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one --kebab-case flag per field of ``config_type``, typed, with its default in the help."""
-    group = parser.add_argument_group(config_type.__name__)
-    for f in dataclasses.fields(config_type):
-        if f.name in skip:
-            continue
-        help_text = f"{f.metadata['help']}; {allowed(f)} (default: {f.default})"
-        group.add_argument(flag(f.name), dest=f.name, type=_parser_type(type(f.default)), default=f.default, help=help_text)
+def add_config_arguments(parser: argparse.ArgumentParser, *config_types: type) -> None:
+    """Add one --kebab-case flag per field of ``config_types``, typed, with its default in the help, then
+    ``--launch-dir``. A field of several configs (``seed``) gets the first one's flag, which sets them all."""
+    added = set()
+    for config_type in config_types:
+        group = parser.add_argument_group(config_type.__name__)
+        for f in dataclasses.fields(config_type):
+            if f.name not in added:
+                added.add(f.name)
+                help_text = f"{f.metadata['help']}; {allowed(f)} (default: {f.default})"
+                kind = _parser_type(type(f.default))
+                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default, help=help_text)
+    add_launch_dir_argument(parser)
 
 
 def build_configs(parser: OneLineParser, argv, *config_types: type) -> tuple[argparse.Namespace, list]:
-    """Parse ``argv`` and build each config; a bad value exits with one line and status 2."""
+    """Parse ``argv`` and build each config; a bad value exits with one line and status 2. A ``data_dir``
+    and ``--checkpoint-dir`` come out absolute, read from ``--launch-dir`` (see ``user_path``)."""
     args = parser.parse_args(argv)
-    given = vars(args)  # a field without its flag (``skip``) keeps its default
+    given = vars(args)
+    for name in ("data_dir", "checkpoint_dir"):
+        if name in given:
+            given[name] = user_path(given[name], args.launch_dir)
     try:
-        return args, [t(**{f.name: given[f.name] for f in dataclasses.fields(t) if f.name in given}) for t in config_types]
+        return args, [t(**{f.name: given[f.name] for f in dataclasses.fields(t)}) for t in config_types]
     except ParameterError as error:
         parser.error(str(error))
 
@@ -252,9 +250,8 @@ def fail(message: str, status: int = 1):
 
 
 def add_launch_dir_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--launch-dir``, the folder relative paths are read from (see ``user_path``): `mlflow run`
-    starts an entry point in the project folder, so MLproject passes ``launch_dir``, a ``path``
-    parameter defaulting to ``.``, which MLflow makes absolute in the user's folder."""
+    """Add ``--launch-dir``, the folder relative paths are read from: `mlflow run` starts an entry point in the
+    project folder, so MLproject passes ``launch_dir``, a ``path`` parameter MLflow makes absolute."""
     parser.add_argument(
         "--launch-dir",
         default=".",

@@ -32,7 +32,6 @@ from pipeline.config import (
     EvaluateConfig,
     OneLineParser,
     add_config_arguments,
-    add_launch_dir_argument,
     build_configs,
     fail,
     run_entry_point,
@@ -116,10 +115,9 @@ def plot_confident_mistakes(split: Split, predictions: pd.DataFrame, class_names
 def evaluate_and_log(
     classifier, data: PreparedData, config: EvaluateConfig, device: torch.device, data_ref: str = "", model_uri: str = ""
 ) -> Evaluation:
-    """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, tables and plots;
-    ``data_ref`` (where ``data`` came from) makes the test split the run's dataset input, and
-    ``model_uri`` (what ``classifier`` was loaded from) links the metrics to that logged model, whose
-    page in MLflow 3 then shows them."""
+    """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, tables and plots. ``data_ref``
+    (where ``data`` came from) makes the test split the run's dataset input; ``model_uri`` (what ``classifier``
+    was loaded from) links the metrics to that logged model, whose page in MLflow 3 then shows them."""
     class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
     result = evaluate(classifier, data.test, class_names, config.batch_size)
     log_params({**dataclasses.asdict(config), **device_params(device)})
@@ -145,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         "--data", default="", help="prepare run id, artifact URI or folder (default: the data the model's train run used)"
     )
     add_config_arguments(parser, EvaluateConfig)
-    add_launch_dir_argument(parser)
     args, (config,) = build_configs(parser, argv, EvaluateConfig)
     args.data = user_data_ref(args.data, args.launch_dir)
 

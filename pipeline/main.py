@@ -21,40 +21,20 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import (
-    OneLineParser,
-    PrepareConfig,
-    TrainConfig,
-    add_config_arguments,
-    add_launch_dir_argument,
-    build_configs,
-    fail,
-    run_entry_point,
-    user_path,
-)
+from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, run_entry_point
 from pipeline.tables import markdown_table
-from pipeline.tracking import (
-    ERROR_TAG,
-    INTERRUPTED_TAG,
-    RESUMED_RUN_TAG,
-    digest,
-    finished_run,
-    format_param,
-    log_params,
-    ui_link,
-)
+from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, finished_run, format_param, log_params, ui_link
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONTENT_KEY_TAG = "pipeline.content_key"
-# What a stage's behaviour depends on besides its parameters and inputs.
-CODE_FILES = ("MLproject", "requirements.txt")
 # Where a stage writes, not what it computes: changing it does not make a finished run stale.
 OUTPUT_PARAMETERS = {"checkpoint_dir"}
 
 
 def code_version() -> str:
     sha = hashlib.sha256()
-    for path in sorted(PROJECT_DIR.glob("pipeline/*.py")) + [PROJECT_DIR / name for name in CODE_FILES]:
+    # What a stage's behaviour depends on besides its parameters and inputs.
+    for path in sorted(PROJECT_DIR.glob("pipeline/*.py")) + [PROJECT_DIR / "MLproject", PROJECT_DIR / "requirements.txt"]:
         sha.update(path.relative_to(PROJECT_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()
 
@@ -74,11 +54,8 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
     key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
     if reused := finished_run(experiment_id, {CONTENT_KEY_TAG: key}):
-        print(
-            f"[main] {stage}: reusing finished run {reused.info.run_id} (same parameters, inputs and code)",
-            file=sys.stderr,
-            flush=True,
-        )
+        say = f"[main] {stage}: reusing finished run {reused.info.run_id} (same parameters, inputs and code)"
+        print(say, file=sys.stderr, flush=True)
         client.set_tag(parent.info.run_id, f"pipeline.{stage}_reused", "true")
         return reused.info.run_id
     print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
@@ -143,19 +120,15 @@ def pipeline_parser(prog: str, description: str) -> OneLineParser:
         default="checkpoints",
         help="the train stage's checkpoints go to <this>/<run id>/ (default: checkpoints)",
     )
-    add_config_arguments(parser, PrepareConfig)
-    add_config_arguments(parser, TrainConfig, skip=("seed",))  # one seed for the split and the training
-    add_launch_dir_argument(parser)
+    add_config_arguments(parser, PrepareConfig, TrainConfig)  # one seed for the split and the training
     return parser
 
 
 def parse_pipeline_args(parser: OneLineParser, argv: list[str] | None):
     """Parse ``pipeline_parser``'s flags (and any a caller added): the args, the prepare and the train config.
-    Paths come out absolute, read from ``--launch-dir``: ``mlflow.run`` starts the stages in the project
-    folder, with this process's working directory as their ``launch_dir``."""
+    Paths come out absolute: ``mlflow.run`` starts the stages in the project folder."""
     args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
-    args.checkpoint_dir = user_path(args.checkpoint_dir, args.launch_dir)
-    return args, dataclasses.replace(prepare_config, data_dir=user_path(prepare_config.data_dir, args.launch_dir)), train_config
+    return args, prepare_config, train_config
 
 
 def run_pipeline(
@@ -168,13 +141,10 @@ def run_pipeline(
     prepare_id: str | None = None,
     run_name: str = "pipeline",
 ):
-    """One pipeline run (stage tag ``main``): prepare -> train -> evaluate as its child runs.
-
-    Nested under the active run if there is one. With ``prepare_id`` the data comes from that
-    finished prepare run (one a caller shares between pipelines) and no prepare stage runs here.
-    Returns the pipeline run, its stage run ids and its ``REPORTED_METRICS``; a failing stage
-    raises ``StageFailed`` and the pipeline run ends FAILED.
-    """
+    """One pipeline run (stage tag ``main``, nested under any active run): prepare -> train -> evaluate as its
+    child runs; with ``prepare_id``, the data of that finished prepare run (one a caller shares) and no prepare.
+    Returns the run, its stage run ids and its ``REPORTED_METRICS``; a failing stage raises ``StageFailed``
+    and the pipeline run ends FAILED."""
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tag("pipeline.stage", "main")
         log_params({**dataclasses.asdict(prepare_config), **dataclasses.asdict(train_config)})
@@ -212,11 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     python_first_on_path(args.env_manager)
     try:
         run, stages, metrics = run_pipeline(
-            prepare_config,
-            train_config,
-            env_manager=args.env_manager,
-            checkpoint_dir=args.checkpoint_dir,
-            code=code_version(),
+            prepare_config, train_config, env_manager=args.env_manager, checkpoint_dir=args.checkpoint_dir, code=code_version()
         )
     except StageFailed as error:
         fail(str(error))  # one line under the stage's own: no traceback (the run ended FAILED)

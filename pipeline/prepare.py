@@ -20,16 +20,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.config import (
-    OneLineParser,
-    PrepareConfig,
-    add_config_arguments,
-    add_launch_dir_argument,
-    build_configs,
-    fail,
-    run_entry_point,
-    user_path,
-)
+from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, run_entry_point
 from pipeline.data import DataError, Split, load_raw, save_prepared, split_train_val
 from pipeline.tracking import PREPARED_ARTIFACT, log_params, log_split_input, stage_run
 
@@ -49,9 +40,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="prepare", description=__doc__.split("\n")[0])
     add_config_arguments(parser, PrepareConfig)
-    add_launch_dir_argument(parser)
-    args, (config,) = build_configs(parser, argv, PrepareConfig)
-    config = dataclasses.replace(config, data_dir=user_path(config.data_dir, args.launch_dir))
+    _, (config,) = build_configs(parser, argv, PrepareConfig)
 
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
         folder = Path(tmp) / PREPARED_ARTIFACT

@@ -37,13 +37,11 @@ from pipeline.config import (
     OneLineParser,
     TrainConfig,
     add_config_arguments,
-    add_launch_dir_argument,
     build_configs,
     fail,
     parse_bool,
     run_entry_point,
     user_data_ref,
-    user_path,
 )
 from pipeline.data import DATASETS, DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
@@ -75,17 +73,13 @@ def train_and_log(
     data_ref: str = "",
     label: str = "",
 ) -> tuple[TrainResult, ModelInfo | None]:
-    """Run ``training.train`` inside the active MLflow run and log params, metrics and model.
-
-    ``data_ref`` (the prepare run or folder ``data`` came from) makes the train and validation
-    splits the run's dataset inputs; ``label`` starts each epoch's progress line. The checkpoints
-    in ``checkpoint_dir`` are removed once everything is logged, unless ``keep_checkpoints``.
-    Returns the training result and the logged model's info (None without ``log_model``).
-    """
+    """Run ``training.train`` inside the active MLflow run; log params, metrics and the model, whose info
+    it returns (None without ``log_model``). ``data_ref`` (where ``data`` came from) makes the train and val
+    splits the run's dataset inputs; ``label`` starts each epoch's progress line. The checkpoints in
+    ``checkpoint_dir`` are removed once everything is logged, unless ``keep_checkpoints``."""
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)  # what precision=auto chose, TF32, cuDNN autotuning, determinism
     set_cublas_workspace(settings)  # before device_params starts CUDA
-    # device_params: what device=auto chose, and a GPU's name, index and memory
     params = {**dataclasses.asdict(config), **library_versions(), **device_params(device), **settings}
     log_params({**params, "data_sha256": data.manifest["splits"]["train"]["sha256"]})
     if device.type == "cpu":  # a tag, not a param: a run resumed by another worker count may train with other threads
@@ -107,7 +101,11 @@ def train_and_log(
     result = train(config, data, on_epoch=log_epoch, checkpoint_dir=checkpoint_dir, keep_checkpoints=True, label=label)
 
     def log_result() -> ModelInfo | None:
-        log_missing_epochs(result.history)  # a resumed run's restored epochs, and any the server missed
+        # The epochs the run lacks: a resumed run's restored ones, and any logged while the server did not answer.
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "val_accuracy")}
+        for metrics in result.history:
+            if metrics.epoch not in logged:
+                log_epoch_metrics(metrics)
         log_params({"parameter_count": count_parameters(result.model)})
         mlflow.log_figure(plot_learning_curves(result.history), "learning_curves.png")
         model_info = log_trained_model(result.model, data, config.reading_order) if log_model else None
@@ -129,21 +127,9 @@ def log_epoch_metrics(metrics: EpochMetrics) -> None:
     mlflow.log_metrics({k: v for k, v in dataclasses.asdict(metrics).items() if k != "epoch"}, step=metrics.epoch)
 
 
-def log_missing_epochs(history: list[EpochMetrics]) -> None:
-    """Log the epochs of ``history`` the run lacks: after a resume, those the interrupted process
-    checkpointed but did not live to log; those logged while the tracking server did not answer."""
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "val_accuracy")}
-    for metrics in history:
-        if metrics.epoch not in logged:
-            log_epoch_metrics(metrics)
-
-
 def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order: str):
-    """Log a CPU copy of ``model`` pickle-free (pt2) as a classifier of pixels (pipeline/serving.py),
-    with two validation images as its example.
-
-    The caller's model keeps its device, mode and weights: a tuner or benchmark may go on using it.
-    """
+    """Log a CPU copy of ``model`` pickle-free (pt2) as a classifier of pixels (pipeline/serving.py), two
+    validation images as its example. The caller's model is untouched: a tuner or benchmark may go on using it."""
     model = copy.deepcopy(model).to("cpu").eval()
     example = to_sequences(data.val.images[:2], reading_order)  # (2, T, F)
     class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
@@ -182,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
         help="keep <checkpoint-dir>/<run id>/ once the run finishes; an interrupted or failed run keeps it (default: false)",
     )
     add_config_arguments(parser, TrainConfig)
-    add_launch_dir_argument(parser)
     args, (config,) = build_configs(parser, argv, TrainConfig)
     args.data = user_data_ref(args.data, args.launch_dir)
     try:  # a device or precision this machine lacks stops the stage before anything starts
@@ -194,15 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         data = load_prepared_run(args.data)
     except (DataError, mlflow.exceptions.MlflowException, OSError) as error:
         fail(f"--data {args.data}: {error}")
-    checkpoint_root = Path(user_path(args.checkpoint_dir, args.launch_dir))
     # What makes two train commands the same: a rerun of an interrupted one continues its run.
-    resume_key = digest({"config": dataclasses.asdict(config), "data": args.data, "checkpoint_dir": str(checkpoint_root)})
+    resume_key = digest({"config": dataclasses.asdict(config), "data": args.data, "checkpoint_dir": args.checkpoint_dir})
     # ``train h256x2 lr0.002 b128 seed42``: what differs between trainings, readable in the UI's chart legends
     name = f"train h{config.hidden_size}x{config.num_layers} lr{config.learning_rate:g} b{config.batch_size} seed{config.seed}"
     try:
         with stage_run("train", resume_key, **{"pipeline.data": args.data}) as run:
             mlflow.set_tag("mlflow.runName", name)
-            folder, keep = checkpoint_root / run.info.run_id, args.keep_checkpoints
+            folder, keep = Path(args.checkpoint_dir) / run.info.run_id, args.keep_checkpoints
             result, _ = train_and_log(config, data, checkpoint_dir=folder, keep_checkpoints=keep, data_ref=args.data)
     except (TrainingDiverged, CheckpointMismatch) as error:  # the run ended FAILED; its checkpoints stay
         fail(str(error))
