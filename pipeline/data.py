@@ -145,11 +145,8 @@ def check_raw_file(path: Path, data: bytes, raw: RawFile) -> None:
 
 
 def load_raw(dataset: str, data_dir: str | os.PathLike) -> tuple[Split, Split, dict[str, str]]:
-    """Official train and test splits of ``dataset``, and the md5 of each verified file.
-
-    Looks for the raw files under ``data_dir`` (and the dataset's usual install places); when
-    any is missing, lets torchvision download them into ``data_dir``.
-    """
+    """Official train and test splits of ``dataset`` (found in ``search_dirs`` or downloaded into
+    ``data_dir``), and the md5 of each verified file."""
     spec = DATASETS[dataset]
     dirs = search_dirs(spec, data_dir)
     if missing := [raw.name for raw in spec.files if find_raw_file(raw, dirs) is None]:

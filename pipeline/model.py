@@ -56,8 +56,7 @@ class LSTMClassifier(nn.Module):
                         value[hidden_size : 2 * hidden_size] = 1.0 if name.startswith("bias_ih") else 0.0
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        # x: (B, T, input_size). state = (h_0, c_0), each (num_layers * num_directions, B, hidden_size);
-        # when None, zeros of that shape on x's device and dtype.
+        # x: (B, T, input_size); state = (h_0, c_0), each (num_layers * D, B, H): zeros when None.
         x = (x - self.input_mean) / self.input_std  # pixels in [0, 1] -> about zero mean, unit variance
         if state is None:
             # Built from x, not left to nn.LSTM: torch.export would bake nn.LSTM's own zeros in as

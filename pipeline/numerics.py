@@ -1,9 +1,5 @@
-"""Where and in what arithmetic training runs: the device, fp32 or bf16, TF32, cuDNN and determinism.
-
-``numeric_settings`` decides from the config and the hardware (reading the CPU's flags from
-/proc/cpuinfo for bf16); the train stage logs what it decided as run params, and ``numerics``
-puts it in force for the length of one training.
-"""
+"""Where and in what arithmetic training runs: the device, fp32 or bf16, TF32, cuDNN and determinism,
+as ``numeric_settings`` decides from the config and the hardware and ``numerics`` puts in force."""
 
 from __future__ import annotations
 

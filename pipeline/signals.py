@@ -29,7 +29,6 @@ def raise_terminated(signal_number, frame):
 
 
 def raise_if_terminated() -> None:
-    """Raise Terminated if raise_terminated ran and its exception was lost on the way."""
     if Terminated.received:
         raise Terminated
 

@@ -1,9 +1,8 @@
 """Tables people read: one markdown writer, pandas' ``DataFrame.to_markdown`` (tabulate) in GitHub style,
 and results over seeds as mean ± sample std.
 
-Leaderboards, benchmark reports and the pipeline run's note all go through ``markdown_table``, so
-every table reads alike: floats to 4 significant digits, missing values empty, and any other
-cell (a string a caller has already formatted, such as ``"1.50"``) exactly as given.
+Every table reads alike: floats to 4 significant digits, missing values empty, and any other cell
+(a string a caller has already formatted, such as ``"1.50"``) exactly as given.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import pandas as pd
 
 
 def _cell(value) -> str:
-    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+    if pd.api.types.is_scalar(value) and pd.isna(value):  # None, NaN, NaT, pd.NA
         return ""
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return text.replace("|", r"\|")  # a pipe would end the cell
@@ -40,7 +39,7 @@ def plus_minus(mean: float, std: float | None) -> str:
     """``0.9712 ± 0.0011``: a mean over seeds and its sample std; the mean alone for one seed."""
     if pd.isna(mean):
         return ""
-    return f"{mean:.4f}" + ("" if std is None or pd.isna(std) else f" ± {std:.4f}")
+    return f"{mean:.4f}" + ("" if pd.isna(std) else f" ± {std:.4f}")
 
 
 def with_spread(table: pd.DataFrame) -> pd.DataFrame:

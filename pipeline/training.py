@@ -1,10 +1,7 @@
-"""The one training loop, used by the train stage, the tuner and the benchmarks.
-
-``train(config, data)`` returns the model with its best-validation weights and the per-epoch
-history. Callers hook in through ``on_epoch`` (log to MLflow, report to Optuna, prune); nothing
-else trains a model. The whole split sits on the device as one uint8 tensor and a batch is an
-index slice of it, converted to float on the device: no DataLoader, no per-sample transform,
-and no host sync inside the batch loop.
+"""The one training loop, used by the train stage, the tuner and the benchmarks; callers hook in
+through ``on_epoch`` (log to MLflow, report to Optuna, prune). The whole split sits on the device as
+one uint8 tensor and a batch is an index slice of it, converted to float on the device: no DataLoader,
+no per-sample transform, and no host sync inside the batch loop.
 """
 
 from __future__ import annotations
@@ -88,18 +85,16 @@ def train(
     progress: bool | None = None,
     label: str = "",
 ) -> TrainResult:
-    """Train an LSTMClassifier on ``data.train``, choosing the epoch by ``data.val``.
+    """Train an LSTMClassifier on ``data.train``, choosing the epoch by ``data.val``. Each epoch prints one
+    line to stderr, starting with ``label`` (a study's worker and trial) and ending with the estimated time left.
 
-    Each epoch prints one line to stderr, starting with ``label`` (a study's worker and trial)
-    and ending with the estimated time left while epochs remain.
-
-    ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned).
-    With ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes
-    from the newest valid one found there; one written with other settings (any TrainConfig field
-    but ``device``) raises CheckpointMismatch instead. SIGINT or SIGTERM stops it after the batch
-    in progress, writes a checkpoint of that position and raises TrainingInterrupted; resuming
-    from it gives the same result as never stopping. Training that finishes removes its
-    checkpoints unless ``keep_checkpoints``; one that stops by an exception keeps them.
+    ``on_epoch`` runs after every epoch and may raise to stop training (Optuna's TrialPruned). With
+    ``checkpoint_dir``, a checkpoint is written after every epoch and training resumes from the newest valid
+    one found there; one written with other settings (any TrainConfig field but ``device``) raises
+    CheckpointMismatch instead. SIGINT or SIGTERM stops it after the batch in progress, writes a checkpoint
+    of that position and raises TrainingInterrupted; resuming from it gives the same result as never
+    stopping. Training that finishes removes its checkpoints unless ``keep_checkpoints``; one that stops
+    by an exception keeps them.
     """
     device = resolve_device(config.device)
     settings = numeric_settings(config, device)
@@ -136,8 +131,7 @@ def train(
 
     if checkpoints and not keep_checkpoints:
         checkpoints.remove()  # finished: nothing is left to resume
-    if run.best_state is not None:
-        run.model.load_state_dict(run.best_state)
+    run.model.load_state_dict(run.best_state)  # set by the first epoch: config.epochs >= 1
     run.model.eval()
     return TrainResult(
         run.model, run.history, run.best_epoch, run.best_val_accuracy, stopped_early, start_epoch - 1, run.precision
@@ -147,9 +141,8 @@ def train(
 def _train_epoch(run: _Run, split: Split, epoch: int, stop, checkpoints, show_bar: bool, partial=None):
     """One pass over ``split`` in a new shuffled order, or the rest of an interrupted one (``partial``).
 
-    Returns the summed loss and the count of correct predictions (tensors on the device, so no
-    batch waits for the host) and when the epoch started. A stop request ends it after the batch
-    in progress, with a checkpoint of that position.
+    Returns the summed loss and the count of correct predictions (tensors on the device, so no batch
+    waits for the host) and when the epoch started.
     """
     config, device, n_train = run.config, run.device, len(split.labels)
     run.model.train()
@@ -159,8 +152,7 @@ def _train_epoch(run: _Run, split: Split, epoch: int, stop, checkpoints, show_ba
         started = time.perf_counter() - partial["seconds"]
     else:
         order, first = torch.randperm(n_train, generator=run.shuffle).to(device), 0
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
         started = time.perf_counter()
     batches = range(first, n_train, config.batch_size)
     if show_bar:
@@ -264,7 +256,12 @@ class _Run:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
         n_train = len(data.train.labels)
         total_steps = config.epochs * math.ceil(n_train / config.batch_size)
-        scheduler = _scheduler(optimizer, config, total_steps)
+        if config.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        elif config.lr_schedule == "onecycle":  # warm up to learning_rate over the first 30% of steps, then anneal
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return cls(config, device, precision, n_train, model, optimizer, scheduler, shuffle)
 
     def checkpoint(self, epoch: int, **extra) -> dict:
@@ -310,11 +307,3 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if config.lr_schedule == "onecycle":  # warm up to learning_rate over the first 30% of steps, then anneal
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
