@@ -54,7 +54,7 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
     columns |= {f"params.{name}": name for name in PARAM_COLUMNS} | {f"metrics.{name}": name for name in metrics}
     present = {source: name for source, name in columns.items() if source in table and table[source].notna().any()}
     table = table[list(present)].rename(columns=present)
-    return ranked(numbers_where_possible(table, PARAM_COLUMNS))
+    return ranked(table, PARAM_COLUMNS)
 
 
 def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = False) -> pd.DataFrame:
@@ -78,7 +78,7 @@ def grouped_leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending:
     listed = runs.groupby(keys, sort=False)["seed"].agg(lambda seeds: " ".join(sorted(seeds, key=seed_order)))
     table.insert(len(keys) + 1, "seeds", listed.to_numpy())
     table = table.sort_values(f"{sort_by}_mean", ascending=ascending, na_position="last").head(top_k)
-    return ranked(numbers_where_possible(table, keys))
+    return ranked(table, keys)
 
 
 def seed_order(seed: str) -> tuple[bool, int]:
@@ -89,8 +89,7 @@ def seed_order(seed: str) -> tuple[bool, int]:
 def with_trained_params(runs: pd.DataFrame) -> pd.DataFrame:
     """``TRAINED_COLUMNS`` for every run: a pipeline run (stage main) logs the parameters it was
     given, and its train run what training resolved; a checksum is cut to 12 characters."""
-    if "tags.pipeline.train_run" in runs and runs["tags.pipeline.train_run"].notna().any():
-        ids = runs["tags.pipeline.train_run"].dropna().unique().tolist()
+    if ids := runs.get("tags.pipeline.train_run", pd.Series()).dropna().unique().tolist():
         trains = mlflow.search_runs(
             runs["experiment_id"].unique().tolist(), filter_string=f"attributes.run_id IN ({', '.join(map(repr, ids))})"
         ).set_index("run_id")
@@ -103,23 +102,18 @@ def with_trained_params(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def numbers_where_possible(table: pd.DataFrame, names) -> pd.DataFrame:
-    """MLflow keeps params as strings; numbers sort and print better as numbers."""
-    for name in [name for name in names if name in table]:
+def ranked(table: pd.DataFrame, params) -> pd.DataFrame:
+    """``table`` numbered from 1, its ``params`` as numbers where they are: MLflow keeps params as strings."""
+    for name in table.columns.intersection(params):
         with contextlib.suppress(ValueError, TypeError):
             table[name] = pd.to_numeric(table[name])
-    return table
-
-
-def ranked(table: pd.DataFrame) -> pd.DataFrame:
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
 
 
 def selected_experiment(name: str):
-    """The experiment to report on: ``--experiment``, else the one the user selected for the command
-    (`mlflow run --experiment-name/--experiment-id` sets MLFLOW_EXPERIMENT_ID, users set
-    MLFLOW_EXPERIMENT_NAME), else Default."""
+    """The experiment to report on: ``--experiment``, else the one selected for the command (MLFLOW_EXPERIMENT_ID,
+    which `mlflow run --experiment-name/--experiment-id` sets, or MLFLOW_EXPERIMENT_NAME), else Default."""
     if name:
         return mlflow.get_experiment_by_name(name), name
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -154,16 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         "or with --group-by-config, else any)",
     )
     parser.add_argument("--sort-by", default="best_val_accuracy", help="metric to rank by (default: best_val_accuracy)")
-    parser.add_argument(
-        "--ascending", type=parse_bool, nargs="?", const=True, default=False, help="lower is better, for losses (default: false)"
-    )
+    switch = {"type": parse_bool, "nargs": "?", "const": True, "default": False}  # --flag alone means true
+    parser.add_argument("--ascending", **switch, help="lower is better, for losses (default: false)")
     parser.add_argument("--top-k", type=int, default=10, help="rows to keep (default: 10)")
     parser.add_argument(
         "--group-by-config",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=False,
+        **switch,
         help="one row per configuration (all parameters but seed and device, the resolved precision, the data): "
         "mean ± sample std of each metric over its runs, and their number n_seeds; sorted by the mean (default: false)",
     )

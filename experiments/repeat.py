@@ -58,10 +58,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def seed_statistics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     """Mean, sample std (needs two seeds), min and max of each metric, as ``<metric>_mean`` and so on."""
     table = pd.DataFrame.from_dict(per_seed, orient="index")[list(REPORTED_METRICS)]
-    statistics = table.agg(["mean", "std", "min", "max"])  # std: pandas' sample std, NaN for one seed
-    return {
-        f"{name}_{row}": float(value) for name in REPORTED_METRICS for row, value in statistics[name].items() if pd.notna(value)
-    }
+    statistics = table.agg(["mean", "std", "min", "max"]).unstack()  # (metric, statistic); std is NaN for one seed
+    return {f"{name}_{row}": float(value) for (name, row), value in statistics.items() if pd.notna(value)}
 
 
 def repeat_table(per_seed: dict[int, dict[str, float]], runs: dict[int, str], summary: dict[str, float]) -> pd.DataFrame:
@@ -95,16 +93,9 @@ def run_repeat(
         try:
             prepare_id = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code)
             mlflow.set_tag("pipeline.prepare_run", prepare_id)
+            shared = {"env_manager": env_manager, "checkpoint_dir": checkpoint_dir, "code": code, "prepare_id": prepare_id}
             for seed, seed_config in configs.items():
-                run, _, metrics = run_pipeline(
-                    prepare_config,
-                    seed_config,
-                    env_manager=env_manager,
-                    checkpoint_dir=checkpoint_dir,
-                    code=code,
-                    prepare_id=prepare_id,
-                    run_name=f"seed-{seed}",
-                )
+                run, _, metrics = run_pipeline(prepare_config, seed_config, run_name=f"seed-{seed}", **shared)
                 per_seed[seed], runs[seed] = metrics, run.info.run_id
                 print(f"[repeat] seed {seed}: test_accuracy {metrics['test_accuracy']:.4f} (run {runs[seed]})", flush=True)
         except StageFailed as error:

@@ -1,10 +1,8 @@
 """Study definitions: what a tuning study searches, where it starts, and how it searches.
 
-A study is a ``StudyDefinition``: its search space, declared once as Optuna distributions over
-TrainConfig fields (``suggest`` samples it, ``describe`` writes it as people read it), the baseline
-enqueued as trial 0 (every study is measured against a known point), and the fixed settings every
-trial shares. Samplers and pruners are chosen by name on the command line. To add a study, add a
-definition to ``STUDIES``. How long its trainings take: experiments/budget.py.
+A ``StudyDefinition``'s search space is declared once, as Optuna distributions over TrainConfig fields:
+``suggest`` samples it, ``describe`` writes it as people read it. Samplers and pruners are chosen by name
+on the command line. To add a study, add it to ``STUDIES``; how long its trainings take: experiments/budget.py.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ OBJECTIVE_METRIC = "val_accuracy"
 class StudyDefinition:
     description: str  # one line, printed when a study starts
     space: dict[str, BaseDistribution]  # what each trial samples, in this order (TrainConfig fields)
-    baseline: dict  # enqueued as trial 0: a value for each name of the space
+    baseline: dict  # enqueued as trial 0, so every study is measured against a known point: a value for each name of the space
     fixed: dict = field(default_factory=dict)  # TrainConfig overrides every trial shares
 
 
@@ -110,8 +108,7 @@ STUDIES = {
 
 
 def trial_config(config: TuneConfig, trial: optuna.Trial | optuna.trial.FixedTrial) -> TrainConfig:
-    """The TrainConfig of one trial: what it samples (or a FixedTrial's parameters), the study's fixed
-    settings, and the study's epochs, seed and device."""
+    """One trial's TrainConfig: what it samples (or a FixedTrial's parameters) over the study's fixed settings."""
     definition = STUDIES[config.study]
     overrides = {**definition.fixed, **suggest(definition, trial)}
     return TrainConfig(**overrides, epochs=config.epochs, seed=config.seed, device=config.device)
@@ -139,15 +136,13 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {name!r}")
 
 
-# pruner=auto: a new single-objective study is pruned by hyperband; an existing study keeps its own.
 DEFAULT_PRUNER = "hyperband"
 REDUCTION_FACTOR = 3  # successive halving keeps the best third of the trials at each rung
 
 
 def resolve_pruner(asked: str, stored: dict | None, multi_objective: bool) -> str:
-    """The pruner ``-P pruner=asked`` means for a study whose stored settings are ``stored`` (None:
-    a new study): ``auto`` is the study's own pruner, or ``DEFAULT_PRUNER`` for a new one; a
-    multi-objective study is never pruned (Optuna's pruners judge one objective)."""
+    """The pruner ``-P pruner=asked`` means for a study with ``stored`` settings (None: a new one): ``auto`` is its
+    own pruner, or ``DEFAULT_PRUNER`` for a new one; a multi-objective study is never pruned (pruners judge one objective)."""
     if multi_objective:
         return "none"
     if asked != "auto":
@@ -175,8 +170,7 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
         # From the first epoch on, against the median of earlier trials there, once three give it a meaning.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
-        # Multi-fidelity, epochs the resource: brackets of successive halving judge a trial after min_epochs,
-        # 3x that, ... epochs; only the best third of its bracket goes on, so long training goes to the promising.
+        # Multi-fidelity over epochs (``rungs``): brackets of successive halving, so long training goes to the promising.
         return optuna.pruners.HyperbandPruner(
             min_resource=min_epochs(epochs), max_resource=epochs, reduction_factor=REDUCTION_FACTOR
         )

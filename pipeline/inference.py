@@ -28,10 +28,9 @@ def predict_logits(model: Callable, images: torch.Tensor, input_shape: tuple[int
 
 
 def inference_latency_ms(model: nn.Module, image: torch.Tensor, input_shape: tuple[int, int], calls: int = 100) -> float:
-    """Milliseconds to classify one uint8 ``image`` (1, 28, 28) where the model is, as
-    ``predict_logits`` does for a caller: the median of ``calls`` timed calls after 10 untimed
-    ones (thread pools, caches, kernels), each synchronised on CUDA. The same way for every model,
-    so latencies compare within a machine and its thread count, not across them."""
+    """Milliseconds to classify one uint8 ``image`` (1, 28, 28) where the model is, through ``predict_logits``:
+    the median of ``calls`` timed calls after 10 untimed ones (thread pools, caches, kernels), each synchronised
+    on CUDA. Latencies compare within a machine and its thread count, not across them."""
     model.eval()
     device = model_device(model)
 

@@ -1,12 +1,10 @@
 """The logged model as a classifier: pixels in, the class and its probabilities out (docs/serving.md).
 
-Every logged model has two faces: ``mlflow.pytorch.load_model`` gives the ``LSTMClassifier``
-((B, T, F) floats -> (B, 10) logits), and ``mlflow.pyfunc``, ``mlflow models serve`` and ``predict``
-give this module's ``Classifier``: 28x28 images as 0-255 integers or floats in [0, 1] in, a table
-out (``class``, ``label``, ``probability``, ``probability_0`` ... ``probability_9``). The evaluate
-stage scores the test set through the same ``predict``. An MLflow tensor signature holds one dtype
-and is enforced before the model sees its input, so the input contract is the metadata's ``INPUT``,
-checked by ``pixels``, and the signature declares only the output and ``batch_size``.
+Every logged model has two faces: ``mlflow.pytorch.load_model`` gives the ``LSTMClassifier`` ((B, T, F)
+floats -> (B, 10) logits); ``mlflow.pyfunc``, ``mlflow models serve``, ``predict`` and the evaluate stage
+give this module's ``Classifier`` (``SIGNATURE``'s table out). An MLflow tensor signature holds one dtype and
+is enforced before the model sees its input, so the input contract is the metadata's ``INPUT``, checked by
+``pixels``, and the signature declares only the output and ``batch_size``.
 """
 
 from __future__ import annotations
@@ -59,13 +57,8 @@ class Classifier:
             raise refuse(f"batch_size must be at least 1, got {batch_size}")
         probabilities = self.probabilities(pixels(model_input), batch_size).cpu()  # (N, 10)
         confidence, classes = probabilities.max(1)
-        answer = pd.DataFrame(
-            {
-                "class": classes.numpy(),
-                "label": [self.class_names[k] for k in classes.tolist()],
-                "probability": confidence.numpy(),
-            }
-        )
+        labels = [self.class_names[k] for k in classes.tolist()]
+        answer = pd.DataFrame({"class": classes.numpy(), "label": labels, "probability": confidence.numpy()})
         answer[PROBABILITY_COLUMNS] = probabilities.numpy()
         return answer
 
@@ -90,21 +83,20 @@ def pixels(model_input) -> torch.Tensor:
         raise refuse(f"expected {INPUT}; got shape {array.shape}{hint}")
     if len(array) == 0:
         raise refuse("no images: the batch is empty")
+    if array.dtype.kind not in ("i", "u", "f"):
+        raise refuse(f"pixels must be integers (0-255) or floats (0-1); got dtype {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise refuse("pixels must be finite numbers; got NaN or infinity")
+    low, high = array.min(), array.max()
     if array.dtype.kind in "iu":  # integers: 0-255 pixels
-        low, high = array.min(), array.max()
         if low < 0 or high > 255:
             raise refuse(f"integer pixels must be within 0-255; got values from {low} to {high}")
         return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32) / 255)
-    if array.dtype.kind == "f":  # floats: fractions of full brightness
-        if not np.isfinite(array).all():
-            raise refuse("pixels must be finite numbers; got NaN or infinity")
-        low, high = array.min(), array.max()
-        if low < 0 or high > 1:
-            whole = high <= 255 and low >= 0 and (array == np.round(array)).all()
-            hint = ": these look like 0-255 pixels, send them as integers (uint8) or divide by 255" if whole else ""
-            raise refuse(f"float pixels must be within [0, 1]; got values from {low:g} to {high:g}{hint}")
-        return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32))
-    raise refuse(f"pixels must be integers (0-255) or floats (0-1); got dtype {array.dtype}")
+    if low < 0 or high > 1:  # floats: fractions of full brightness
+        whole = high <= 255 and low >= 0 and (array == np.round(array)).all()
+        hint = ": these look like 0-255 pixels, send them as integers (uint8) or divide by 255" if whole else ""
+        raise refuse(f"float pixels must be within [0, 1]; got values from {low:g} to {high:g}{hint}")
+    return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32))
 
 
 def refuse(message: str) -> MlflowException:
@@ -165,8 +157,7 @@ def save_model(path, mlflow_model: Model, pytorch_model, example, reading_order,
 
 
 def _load_pyfunc(path, model_config: dict | None = None) -> Classifier:
-    """The python_function flavor's loader (MLflow's name for it). ``model_config={"device": "cuda"}``
-    in ``mlflow.pyfunc.load_model`` picks the device; "auto", the default, a GPU when there is one."""
+    """The python_function flavor's loader (MLflow's name); ``model_config["device"]`` picks the device ("auto": a GPU if any)."""
     metadata = Model.load(Path(path, "MLmodel")).metadata
     device = resolve_device((model_config or {}).get("device", "auto"))
     return Classifier(mlflow.pytorch.load_model(str(path)), metadata["sequence_shape"], metadata["classes"], device)

@@ -46,26 +46,21 @@ DATA_SOURCE_TAG = "pipeline.data_source"  # why a run's dataset inputs have no s
 
 @contextmanager
 def stage_run(stage: str, resume_key: str | None = None, **tags: str):
-    """Open this stage's MLflow run, or join the one `mlflow run` created for it.
-
-    With ``resume_key``, an interrupted run with the same key (killed, or running with its
-    process gone) is resumed instead: same run id, so the same checkpoint folder and metric
-    history. An exception ends the run FAILED, with its message in ``pipeline.error``, and
-    propagates. Ctrl-C or SIGTERM ends it KILLED and exits with 128 + the signal's number.
-    """
+    """Open this stage's MLflow run, or join the one `mlflow run` created for it; with ``resume_key``, resume an
+    interrupted run with that key instead (same run id: same checkpoint folder and metric history). An exception
+    ends the run FAILED, its message in ``pipeline.error``; Ctrl-C or SIGTERM ends it KILLED, exit 128 + signal."""
     interrupted = find_interrupted(resume_key) if resume_key else None
+    run_id = interrupted and interrupted.info.run_id
     if interrupted:
-        print(f"resuming the interrupted {stage} run {interrupted.info.run_id} ({interrupted.info.status})", file=sys.stderr)
+        print(f"resuming the interrupted {stage} run {run_id} ({interrupted.info.status})", file=sys.stderr)
         if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
-            MlflowClient().set_tag(launched, RESUMED_RUN_TAG, interrupted.info.run_id)
-    run_id = interrupted.info.run_id if interrupted else None
+            MlflowClient().set_tag(launched, RESUMED_RUN_TAG, run_id)
     with (
         start_run_with_system_metrics(run_id=run_id, run_name=None if run_id else stage) as run,
         signal_handler(raise_terminated, signal.SIGTERM),
     ):
-        mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags})
-        if resume_key:
-            mlflow.set_tag(RESUME_KEY_TAG, resume_key)
+        resumable = {RESUME_KEY_TAG: resume_key} if resume_key else {}
+        mlflow.set_tags({"pipeline.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **tags, **resumable})
         try:
             yield run
         except KeyboardInterrupt as stopped:
@@ -80,15 +75,13 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
             raise
 
 
-# Epochs last seconds on a GPU: sample every second (MLflow's default is 10 s) and log each
-# sample. A run shorter than one interval logs none.
+# Epochs last seconds on a GPU: sample every second (MLflow's default is 10 s). A shorter run logs no sample.
 SYSTEM_METRICS_INTERVAL_SECONDS = 1.0
 
 
 def start_run_with_system_metrics(**start_run_args) -> mlflow.ActiveRun:
-    """``mlflow.start_run(**start_run_args)`` that also logs MLflow's system metrics (``system/...``:
-    CPU, memory, disk, network, and a GPU where nvidia-ml-py finds one) while the run is open.
-    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides the interval."""
+    """``mlflow.start_run`` that also logs MLflow's ``system/...`` metrics (CPU, memory, disk, network, a GPU
+    where nvidia-ml-py finds one); MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides the interval."""
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     return mlflow.start_run(log_system_metrics=True, **start_run_args)
@@ -101,13 +94,8 @@ def find_interrupted(resume_key: str):
         filter_string=f"tags.`{RESUME_KEY_TAG}` = '{resume_key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
-    for run in runs:
-        if ERROR_TAG in run.data.tags:
-            continue  # it failed by itself; a rerun should start afresh
-        if run.info.status == "RUNNING" and process_alive(run.data.tags.get(HOST_TAG, ""), run.data.tags.get(PID_TAG, "")):
-            continue  # someone is still running it
-        return run
-    return None
+    # Not one that failed by itself (a rerun starts afresh), nor one that someone is still running.
+    return next((run for run in runs if ERROR_TAG not in run.data.tags and not still_running(run)), None)
 
 
 def finished_run(experiment_id: str, tags: dict[str, str]):
@@ -122,8 +110,11 @@ def finished_run(experiment_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
-def process_alive(host: str, pid: str) -> bool:
-    """Whether process ``pid`` of ``host`` still runs; on another host we cannot tell, so yes."""
+def still_running(run) -> bool:
+    """Whether ``run`` is RUNNING and its process still runs; on another host we cannot tell, so yes."""
+    host, pid = run.data.tags.get(HOST_TAG, ""), run.data.tags.get(PID_TAG, "")
+    if run.info.status != "RUNNING":
+        return False
     if host != socket.gethostname() or not pid.isdigit():
         return True
     try:
@@ -213,10 +204,8 @@ def log_split_input(split: Split, name: str, sha256: str, source: str | None, co
 
 def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str]) -> None:
     """Record the prepared splits a run read (``contexts``: split name -> MLflow context, such as
-    ``{"train": "training"}``), each with its own file in the prepare run's ``prepared/`` folder as
-    its source, where MLflow can read that kind of URI (``split_source``). Where it cannot, the
-    inputs are still recorded (name, digest, schema) and the tag ``pipeline.data_source`` says why
-    their source is missing."""
+    ``{"train": "training"}``), each with its file in the prepare run's ``prepared/`` as its source
+    where MLflow can read that URI; else without one, and the tag ``pipeline.data_source`` says why."""
     folder = str(Path(data_ref).resolve()) if Path(data_ref).is_dir() else artifact_location(data_ref, PREPARED_ARTIFACT)
     for split, context in contexts.items():
         entry = data.manifest["splits"][split]
@@ -227,10 +216,8 @@ def log_data_inputs(data: PreparedData, data_ref: str, contexts: dict[str, str])
 
 
 def split_source(uri: str) -> tuple[str | None, str]:
-    """A source for a split's file at artifact ``uri`` that MLflow's dataset sources read, or None
-    and why not: a path, ``file:``, ``http(s):`` or an object store (``s3:``, ``gs:``...) as it is;
-    ``mlflow-artifacts:`` (a server that proxies artifacts) as that server's download address;
-    ``runs:/<id>/<path>`` as the run's own artifact URI, then as above."""
+    """A source for a split's file at artifact ``uri`` that MLflow's dataset sources read (``runs:`` as the
+    run's artifact URI, ``mlflow-artifacts:`` as the proxying server's download address), or None and why not."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     scheme = urlparse(uri).scheme
@@ -239,10 +226,8 @@ def split_source(uri: str) -> tuple[str | None, str]:
         return split_source(f"{mlflow.get_run(run_id).info.artifact_uri}/{path}")
     if scheme == "mlflow-artifacts":
         if not (url := proxied_artifact_url(uri)):
-            return (
-                None,
-                f"dataset source left out: {uri} is served by a tracking server, and {mlflow.get_tracking_uri()} is not one",
-            )
+            tracking = mlflow.get_tracking_uri()
+            return None, f"dataset source left out: {uri} is served by a tracking server, and {tracking} is not one"
         uri = url
     try:
         with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
@@ -272,8 +257,7 @@ def model_uri(ref: str) -> str:
 
 
 def device_params(device: torch.device) -> dict[str, str | int | float]:
-    """Run params naming the device a stage ran on: its type, and for a GPU its name, index,
-    compute capability and total memory."""
+    """Run params naming the device a stage ran on: its type; for a GPU its name, index, capability, memory."""
     import torch
 
     params = {"resolved_device": device.type}  # what device=auto chose

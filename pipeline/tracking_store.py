@@ -16,9 +16,8 @@ from pathlib import Path
 
 
 def sqlite_tracking_store(store_uri: str, artifact_uri: str | None = None):
-    """The store MLflow builds for ``store_uri`` (its SqlAlchemyStore), built while this process holds
-    ``flock`` on ``<database file>.lock``. Once the tables exist, the lock is held only while MLflow
-    checks them, and taking it costs a file open."""
+    """MLflow's SqlAlchemyStore for ``store_uri``, built holding ``flock`` on ``<database file>.lock``: once the
+    tables exist, only while MLflow checks them (a file open)."""
     from mlflow.environment_variables import MLFLOW_ENABLE_WORKSPACES
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
