@@ -98,6 +98,10 @@ class PreparedData:
     test: Split
     manifest: dict
 
+    @property
+    def class_names(self) -> list[str]:
+        return [str(name) for name in DATASETS[self.manifest["dataset"]].torchvision_class.classes]
+
 
 # --- raw IDX files ----------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from pipeline.config import (
     run_entry_point,
     user_data_ref,
 )
-from pipeline.data import DATASETS, NUM_CLASSES, DataError, PreparedData, Split
+from pipeline.data import NUM_CLASSES, DataError, PreparedData, Split
 from pipeline.numerics import resolve_device
 from pipeline.tracking import device_params, load_prepared_run, log_data_inputs, log_params, model_uri, stage_run
 
@@ -118,7 +118,7 @@ def evaluate_and_log(
     """Evaluate on ``data.test`` inside the active MLflow run and log its metrics, tables and plots. ``data_ref``
     (where ``data`` came from) makes the test split the run's dataset input; ``model_uri`` (what ``classifier``
     was loaded from) links the metrics to that logged model, whose page in MLflow 3 then shows them."""
-    class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
+    class_names = data.class_names
     result = evaluate(classifier, data.test, class_names, config.batch_size)
     log_params({**dataclasses.asdict(config), **device_params(device)})
     metrics = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy, "test_macro_f1": result.test_macro_f1}

@@ -43,7 +43,7 @@ from pipeline.config import (
     run_entry_point,
     user_data_ref,
 )
-from pipeline.data import DATASETS, DataError, PreparedData, to_sequences
+from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.numerics import numeric_settings, resolve_device, set_cublas_workspace
 from pipeline.tracking import (
@@ -132,10 +132,9 @@ def log_trained_model(model: torch.nn.Module, data: PreparedData, reading_order:
     validation images as its example. The caller's model is untouched: a tuner or benchmark may go on using it."""
     model = copy.deepcopy(model).to("cpu").eval()
     example = to_sequences(data.val.images[:2], reading_order)  # (2, T, F)
-    class_names = [str(name) for name in DATASETS[data.manifest["dataset"]].torchvision_class.classes]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")  # nn.LSTM's flat weights
-        return serving.log_model(MODEL_NAME, model, example, reading_order, class_names)
+        return serving.log_model(MODEL_NAME, model, example, reading_order, data.class_names)
 
 
 def plot_learning_curves(history: list[EpochMetrics]):
