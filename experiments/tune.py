@@ -17,7 +17,6 @@ runs the trials (experiments/gpus.py several on one machine).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -38,7 +37,7 @@ from experiments.parent_run import log_parent_params, open_parent_run, record_tr
 from experiments.registry import CHAMPION, Registered, model_name
 from experiments.storage import check_storage, storage_kind
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe, describe_pruner, resolve_pruner, study_for
-from experiments.trials import best_value, complete, most_accurate, needs_summary, trials_left
+from experiments.trials import complete, most_accurate, needs_summary, trials_left
 from experiments.warm_start import enqueue, warm_start
 from experiments.worker import on_stale_trial, run_worker
 from pipeline.config import (
@@ -140,8 +139,8 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
     if next_step(study, n_trials) is not NextStep.STOP or needs_summary(study):
         return None
     line = f"study {study.study_name} is complete: {attributes.SUMMARISED_AT.read(study)} trials"
-    if best_value(study) > -math.inf:
-        best = most_accurate(complete(study))
+    if finished := complete(study):
+        best = most_accurate(finished)
         line += f"; best trial {best.number}, {OBJECTIVE_METRIC} {best.values[0]:.4f}"
     if registered := attributes.REGISTERED.read(study):
         try:

@@ -18,8 +18,8 @@ class CheckpointMismatch(ValueError):
 
 
 class Checkpoints:
-    """Loaded with ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
-    planted file cannot run code when it is read."""
+    """Per-epoch checkpoints in one folder, each written atomically, the newest ``keep`` kept; loaded with
+    ``weights_only=True``: a checkpoint holds tensors and plain values only, so a planted file cannot run code."""
 
     keep = 2
 

@@ -104,12 +104,7 @@ def train(
         torch.manual_seed(config.seed)
         run = _Run.start(config, data, device, settings["resolved_precision"])
         train_split, val_split = data.train.to(device), data.val.to(device)
-        start_epoch, partial = 1, None
-        if checkpoints and (saved := checkpoints.latest()):
-            checkpoints.check_resumable(saved, dataclasses.asdict(config))
-            start_epoch, partial = run.restore(saved)
-            within = f", batch {partial['next_start'] // config.batch_size + 1} of epoch {start_epoch}" if partial else ""
-            print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
+        start_epoch, partial = _resume(run, checkpoints)
         stopped_early, last_checkpoint = False, None
         with stop_requests() as stop:
             for epoch in range(start_epoch, config.epochs + 1):
@@ -136,6 +131,18 @@ def train(
     return TrainResult(
         run.model, run.history, run.best_epoch, run.best_val_accuracy, stopped_early, start_epoch - 1, run.precision
     )
+
+
+def _resume(run: _Run, checkpoints: Checkpoints | None) -> tuple[int, dict | None]:
+    """Where training starts: after the newest valid checkpoint, restored into ``run`` (with the position
+    inside its epoch, if it was interrupted there), else at epoch 1."""
+    if not (checkpoints and (saved := checkpoints.latest())):
+        return 1, None
+    checkpoints.check_resumable(saved, dataclasses.asdict(run.config))
+    start_epoch, partial = run.restore(saved)
+    within = f", batch {partial['next_start'] // run.config.batch_size + 1} of epoch {start_epoch}" if partial else ""
+    print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
+    return start_epoch, partial
 
 
 def _train_epoch(run: _Run, split: Split, epoch: int, stop, checkpoints, show_bar: bool, partial=None):
