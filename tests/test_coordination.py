@@ -182,6 +182,7 @@ def test_a_ctrl_c_at_any_line_of_the_journal_lock_is_a_keyboard_interrupt_and_fr
 
     from experiments.coordination import open_storage
     from pipeline.config import TuneConfig
+    from pipeline.signals import signal_handler
 
     journal = str(tmp_path / "studies.journal")
     study = optuna.create_study(study_name="s", storage=open_storage(TuneConfig(storage=journal)))
@@ -191,12 +192,13 @@ def test_a_ctrl_c_at_any_line_of_the_journal_lock_is_a_keyboard_interrupt_and_fr
     study.set_user_attr("written", 0)
     sys.settrace(None)
     assert len(counting.seen) > 10  # the lock's own lines were traced
-    for number in range(1, len(counting.seen) + 1):
-        sys.settrace(ctrl_c_at_line(number, lock_code))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                study.set_user_attr("written", number)
-        finally:
-            sys.settrace(None)
-        assert not os.path.exists(f"{journal}.lock"), f"Ctrl-C at lock line {number} left the lock held"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with signal_handler(signal.default_int_handler, signal.SIGINT):  # Python's Ctrl-C: a pytest-xdist worker may ignore SIGINT
+        for number in range(1, len(counting.seen) + 1):
+            sys.settrace(ctrl_c_at_line(number, lock_code))
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    study.set_user_attr("written", number)
+            finally:
+                sys.settrace(None)
+            assert not os.path.exists(f"{journal}.lock"), f"Ctrl-C at lock line {number} left the lock held"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after every holding
