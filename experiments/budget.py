@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from experiments import attributes
 from experiments.studies import STUDIES, StudyDefinition, largest_configuration, suggest
 from experiments.trials import best_configurations, counted
-from pipeline.config import TuneConfig
+from pipeline.config import TuneConfig, say
 from pipeline.cost import forward_flops
 
 
@@ -152,11 +151,9 @@ def fitting(trials: list[FrozenTrial], config: TuneConfig, deadline: float, proc
         ends = time.time() + makespan(runs + mine, processes)
         if rank and ends > deadline:
             left = max(0.0, deadline - time.time())
-            print(
+            say(
                 f"[confirm] trial {trial.number}'s configuration left out: with its {config.confirm_seeds} runs the "
-                f"confirmation takes about {(ends - time.time()) / 60:.0f} min, and {left / 60:.0f} min of -P budget are left",
-                file=sys.stderr,
-                flush=True,
+                f"confirmation takes about {(ends - time.time()) / 60:.0f} min, and {left / 60:.0f} min of -P budget are left"
             )
             continue
         chosen.append(trial)
@@ -176,11 +173,9 @@ def makespan(seconds: list[float], processes: int) -> float:
 def say_budget_wait(worker: int) -> bool:
     """Say, once a wait, that the budget holds this worker until the running trials end (their timing may
     leave room for another trial: one small trial alone tells little of a large one's time)."""
-    print(
+    say(
         f"[worker {worker}] by the trials timed so far, -P budget leaves no room for another trial; waiting for "
-        "the running ones, then deciding again",
-        file=sys.stderr,
-        flush=True,
+        "the running ones, then deciding again"
     )
     return True
 
@@ -188,10 +183,8 @@ def say_budget_wait(worker: int) -> bool:
 def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadline: float, workers: int) -> None:
     """Say, before the confirmation, that the budget ended the search, and by how much."""
     worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
-    print(
+    say(
         f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
         f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
-        f"{left / 60:.0f} min are left",
-        file=sys.stderr,
-        flush=True,
+        f"{left / 60:.0f} min are left"
     )

@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, run_entry_point, user_path
 from pipeline.tables import markdown_table, over_seeds, with_spread
+from pipeline.tracking import selected_experiment
 
 PARAM_COLUMNS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("seed", "device")]
 METRIC_COLUMNS = ["best_val_accuracy", "val_accuracy", "test_accuracy", "test_macro_f1", "epoch_seconds"]
@@ -109,17 +110,6 @@ def ranked(table: pd.DataFrame, params) -> pd.DataFrame:
             table[name] = pd.to_numeric(table[name])
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
-
-
-def selected_experiment(name: str):
-    """The experiment to report on: ``--experiment``, else the one selected for the command (MLFLOW_EXPERIMENT_ID,
-    which `mlflow run --experiment-name/--experiment-id` sets, or MLFLOW_EXPERIMENT_NAME), else Default."""
-    if name:
-        return mlflow.get_experiment_by_name(name), name
-    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return mlflow.get_experiment(experiment_id), f"id {experiment_id}"
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-    return mlflow.get_experiment_by_name(name), name
 
 
 def default_stage(study: str, parent_run: str, group_by_config: bool = False) -> str:

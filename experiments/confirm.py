@@ -14,7 +14,6 @@ Writes: per configuration and seed a ``confirm`` run (its model too) under the s
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 
 import mlflow
@@ -29,10 +28,10 @@ from experiments.job import WorkerJob
 from experiments.runs import training_run
 from experiments.studies import OBJECTIVE_METRIC, trial_config
 from experiments.trials import best_configurations, counted
-from pipeline.config import TrainConfig, TuneConfig
+from pipeline.config import TrainConfig, TuneConfig, say
 from pipeline.data import PreparedData
 from pipeline.tables import markdown_table, over_seeds, plus_minus, with_spread
-from pipeline.tracking import digest, finished_run, when_reachable
+from pipeline.tracking import digest, finished_run, set_tags, when_reachable
 from pipeline.train import train_and_log
 
 KEY_TAG = "confirm.key"
@@ -87,7 +86,7 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
     for run in runs:
         if found := reused(run, job):
             accuracy = f"{OBJECTIVE_METRIC} {found.val_accuracy:.4f}"
-            say(found.trial, found.seed, f"{accuracy} (run {found.run_id}; reused: trained before)")
+            say_confirm(found.trial, found.seed, f"{accuracy} (run {found.run_id}; reused: trained before)")
         elif run["key"] not in waiting:
             queue.enqueue_trial({}, user_attrs={attributes.WORK.key: {**run, "at": at}})
     attributes.CONFIRM_PLAN.write(queue, {"at": at, "runs": runs})  # last: a planner that died before it is redone
@@ -134,11 +133,11 @@ def say_trained(queue: optuna.Study, item: FrozenTrial, worker: int) -> None:
     planned, left = len((attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", [])), len(pending(queue))
     value = f"{OBJECTIVE_METRIC} {item.value:.4f}" if item.state == TrialState.COMPLETE else item.state.name
     run = f"run {attributes.RUN_ID.read(item)}; {planned - left} of {planned} trained"
-    say(work["trial"], work["seed"], f"{value} ({run})", f"[worker {worker}] ")
+    say_confirm(work["trial"], work["seed"], f"{value} ({run})", f"[worker {worker}] ")
 
 
-def say(trial: int, seed: int, what: str, worker: str = "") -> None:
-    print(f"{worker}[confirm] trial {trial}'s configuration, seed {seed}: {what}", file=sys.stderr, flush=True)
+def say_confirm(trial: int, seed: int, what: str, worker: str = "") -> None:
+    say(f"{worker}[confirm] trial {trial}'s configuration, seed {seed}: {what}")
 
 
 def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
@@ -148,7 +147,7 @@ def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
         if found := reused(run, job):
             rows.append(dataclasses.asdict(found))
         else:
-            say(run["trial"], run["seed"], "no finished run; left out")
+            say_confirm(run["trial"], run["seed"], "no finished run; left out")
     return pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(SeedRun)])
 
 
@@ -185,8 +184,8 @@ def log_confirmation(parent_run_id: str, table: pd.DataFrame, seeds: int, step: 
     client.log_metric(parent_run_id, "confirmed_val_accuracy_mean", float(best["val_accuracy_mean"]), step=step)
     if pd.notna(best["val_accuracy_std"]):
         client.log_metric(parent_run_id, "confirmed_val_accuracy_std", float(best["val_accuracy_std"]), step=step)
-    client.set_tag(parent_run_id, "confirmed.trial_number", str(int(best["trial"])))
-    client.set_tag(parent_run_id, "confirmed.seeds", " ".join(map(str, range(1, seeds + 1))))
+    seeds_tag = " ".join(map(str, range(1, seeds + 1)))
+    set_tags(parent_run_id, {"confirmed.trial_number": int(best["trial"]), "confirmed.seeds": seeds_tag})
     return markdown
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import sys
 import threading
 import time
 import warnings
@@ -32,7 +31,7 @@ from experiments.storage import (
     wait_out_restarts,
 )
 from experiments.trials import requeued_numbers, trials_left
-from pipeline.config import ParameterError, TuneConfig
+from pipeline.config import ParameterError, TuneConfig, say
 from pipeline.signals import signals_held_back
 
 MAX_LOST_WORKERS = 3  # parameters that kill their worker this often are counted as failed, not retried
@@ -239,7 +238,7 @@ class TrialLease:
             try:
                 storage.record_heartbeat(trial_id)
             except Exception as error:  # a database blip: the next beat tries again
-                print(f"warning: heartbeat of trial id {trial_id} failed: {error}", file=sys.stderr, flush=True)
+                say(f"warning: heartbeat of trial id {trial_id} failed: {error}")
 
     def release(self) -> None:
         """Call after the trial's result is told: a checker that then finds the lease free sees it finished."""

@@ -14,7 +14,7 @@ from experiments.job import worker_id
 from experiments.storage import public_storage
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe
 from pipeline.config import TuneConfig
-from pipeline.tracking import current_experiment_id, log_params
+from pipeline.tracking import current_experiment_id, log_params, set_tags
 
 
 def run_exists(run_id: str) -> bool:
@@ -30,8 +30,7 @@ def open_parent_run(config: TuneConfig, launched_run: str | None) -> str:
     tags = {"pipeline.stage": "tune", "optuna.study_name": config.study_name}
     if launched_run:
         client.update_run(launched_run, name=config.study_name)
-        for key, value in tags.items():
-            client.set_tag(launched_run, key, value)
+        set_tags(launched_run, tags)
         return launched_run
     return client.create_run(current_experiment_id(), run_name=config.study_name, tags=tags).info.run_id
 
@@ -40,16 +39,16 @@ def record_worker(launched_run: str, parent_run_id: str, config: TuneConfig) -> 
     """`mlflow run` opened a run for this command, but the study already has its parent: make it this
     worker's record, nested under the parent, rather than an empty run at the top of the table (not
     deleted: `mlflow run` ends its run after the command exits, and ending a deleted run fails)."""
-    client = MlflowClient()
-    client.update_run(launched_run, name=f"worker {worker_id()}")
-    tags = {
-        "mlflow.parentRunId": parent_run_id,
-        "pipeline.stage": "worker",
-        "pipeline.joined_run": parent_run_id,
-        "optuna.study_name": config.study_name,
-    }
-    for key, value in tags.items():
-        client.set_tag(launched_run, key, value)
+    MlflowClient().update_run(launched_run, name=f"worker {worker_id()}")
+    set_tags(
+        launched_run,
+        {
+            "mlflow.parentRunId": parent_run_id,
+            "pipeline.stage": "worker",
+            "pipeline.joined_run": parent_run_id,
+            "optuna.study_name": config.study_name,
+        },
+    )
 
 
 def log_parent_params(parent_run_id: str, config: TuneConfig, study: optuna.Study) -> None:
@@ -82,4 +81,4 @@ def record_trials_run(launched_run: str, study: optuna.Study, workers: set[str])
     """What this command's worker record shows: the trials its workers ran."""
     ran = [t.number for t in study.get_trials(deepcopy=False) if attributes.WORKER.read(t) in workers]
     MlflowClient().log_metric(launched_run, "trials_run", len(ran))
-    MlflowClient().set_tag(launched_run, "optuna.trial_numbers", " ".join(map(str, ran)))
+    set_tags(launched_run, {"optuna.trial_numbers": " ".join(map(str, ran))})

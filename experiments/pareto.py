@@ -9,7 +9,6 @@ the summary measures it again, alone, for every trial the compact rule could pic
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Mapping
 
 import optuna
@@ -23,7 +22,7 @@ from torch import nn
 from experiments import attributes
 from experiments.studies import OBJECTIVE_METRIC, trial_config
 from experiments.trials import complete
-from pipeline.config import TuneConfig
+from pipeline.config import TuneConfig, say
 from pipeline.data import SEQUENCE_SHAPES, PreparedData
 from pipeline.inference import inference_latency_ms
 from pipeline.model import build_model, count_parameters
@@ -77,7 +76,7 @@ def compact_pick(study: optuna.Study, config: TuneConfig, data: PreparedData, pa
         return compact_trial(complete(study), config.compact_within)  # exact costs: the pick is on the front
     device = resolve_device(config.device)
     alone = latency_alone(study, config, data, device)
-    print(log_latency_alone(parent_run_id, alone, device), file=sys.stderr)
+    say(log_latency_alone(parent_run_id, alone, device))
     costs = dict(zip(alone["number"], alone["latency_ms_alone"], strict=True))
     return compact_trial(with_model(complete(study)), config.compact_within, costs)
 

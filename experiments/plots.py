@@ -3,7 +3,6 @@ learning curves drawn here: Optuna's PNG does not read past a dozen trials)."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from optuna.trial import TrialState
 
 from experiments.studies import OBJECTIVE_METRIC
 from experiments.trials import most_accurate
+from pipeline.config import say
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
 
@@ -100,7 +100,7 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
             picture.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
             plt.close(picture)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of one trial
-            print(f"note: no {name} plot yet ({error})", file=sys.stderr)
+            say(f"note: no {name} plot yet ({error})")
     if sections:
         title = f"study {study.study_name}: {len(study.trials)} trials"
         (folder / "study.html").write_text(

@@ -5,8 +5,6 @@ One line each, to stderr, as it happens. What ``-P budget`` makes them say: expe
 
 from __future__ import annotations
 
-import sys
-
 import optuna
 from optuna.trial import TrialState
 
@@ -14,14 +12,14 @@ from experiments.budget import time_left
 from experiments.pareto import cost_name, format_cost
 from experiments.studies import OBJECTIVE_METRIC
 from experiments.trials import complete, counted, most_accurate, trials_left
-from pipeline.config import TuneConfig
+from pipeline.config import TuneConfig, say
 from pipeline.training import duration
 
 
 def say_time_left_once(study: optuna.Study, config: TuneConfig, worker: int, workers: int) -> None:
     """When the study's first trial has finished, say how long the rest takes, by its timing."""
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1:
-        print(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}", file=sys.stderr)
+        say(f"[worker {worker}] {time_left(study, config, trials_left(study, config.n_trials), workers)}")
 
 
 def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, n_trials: int) -> None:
@@ -36,4 +34,4 @@ def say_done(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker: int, 
     best_text = f"best {best.values[0]:.4f} (trial {best.number})" if best else "no complete trial yet"
     done = f"{len(counted(study.get_trials(deepcopy=False)))} of {n_trials} done"
     line = f"[worker {worker}] trial {trial.number} {trial.state.name}{trained}{took}{value} | {best_text} | {done}"
-    print(line, file=sys.stderr, flush=True)
+    say(line)

@@ -5,7 +5,6 @@ says so (``crown_if_better``; docs/tuning.md).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -18,7 +17,7 @@ from experiments.job import WorkerJob
 from experiments.pareto import COMPACT, cost_name, format_cost
 from experiments.studies import OBJECTIVE_METRIC
 from pipeline import serving
-from pipeline.config import EvaluateConfig
+from pipeline.config import EvaluateConfig, say
 from pipeline.data import PreparedData
 from pipeline.evaluate import evaluate_and_log
 from pipeline.numerics import resolve_device
@@ -118,7 +117,7 @@ def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepar
     """Register ``pick``'s model with its lineage (``lineage_tags``) and test it once; its version and test_accuracy."""
     register_name = job.config.register_name
     if not pick.model_uri:
-        print(f"warning: trial {pick.trial.number} logged no model, so nothing is registered", file=sys.stderr)
+        say(f"warning: trial {pick.trial.number} logged no model, so nothing is registered")
         return None
     tags = lineage_tags(study, pick, data)
     version = str(mlflow.register_model(pick.model_uri, register_name, tags=tags).version)

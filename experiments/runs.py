@@ -10,7 +10,6 @@ attempt may still be alive (cut off from the database, not dead) and logging to 
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from experiments import attributes
 from experiments.job import WorkerJob, worker_id
 from experiments.storage import DATABASE_ERRORS
 from pipeline.checkpoints import Checkpoints
+from pipeline.config import say
 from pipeline.tracking import start_run_with_system_metrics, when_reachable
 from pipeline.training import EpochMetrics, TrainingInterrupted
 
@@ -45,7 +45,7 @@ def upload_checkpoint(run_id: str, path: Path) -> bool:
             MlflowClient().log_artifact(run_id, str(fixed), CHECKPOINT_ARTIFACT)
         return True
     except (mlflow.exceptions.MlflowException, OSError) as error:
-        print(f"warning: checkpoint of run {run_id} not uploaded ({type(error).__name__}: {error})", file=sys.stderr)
+        say(f"warning: checkpoint of run {run_id} not uploaded ({type(error).__name__}: {error})")
         return False
 
 
@@ -62,7 +62,7 @@ def download_checkpoint(run_id: str, folder: Path) -> Path | None:
             folder.mkdir(parents=True, exist_ok=True)
             return Path(downloaded).replace(folder / "epoch-0000-from-run.pt")
     except (mlflow.exceptions.MlflowException, OSError) as error:
-        print(f"warning: checkpoint of run {run_id} not read ({type(error).__name__}: {error})", file=sys.stderr)
+        say(f"warning: checkpoint of run {run_id} not read ({type(error).__name__}: {error})")
         return None
 
 
@@ -74,7 +74,7 @@ def remove_checkpoint(run_id: str) -> None:
     try:
         get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
     except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:
-        print(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})", file=sys.stderr)
+        say(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})")
 
 
 def earlier_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:

@@ -6,14 +6,13 @@ while it stops or starts is tried again every second, for up to ``DATABASE_RESTA
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 
-from pipeline.config import ParameterError
+from pipeline.config import ParameterError, say
 
 DATABASE_RESTART_LIMIT = 600  # seconds a worker waits for its database to come back before it fails
 # What a database call raises when its connection is cut (Optuna wraps SQLAlchemy's error in its own).
@@ -105,6 +104,6 @@ def wait_out_restarts(engine: sqlalchemy.Engine, reached: bool = True, limit: fl
                 if not restarting(error, reached) or time.monotonic() > deadline:
                     raise
                 if not said:
-                    print(f"database unreachable ({str(error).splitlines()[0]}): waiting up to {limit:.0f} s", file=sys.stderr)
+                    say(f"database unreachable ({str(error).splitlines()[0]}): waiting up to {limit:.0f} s")
                     said = True
                 time.sleep(1)

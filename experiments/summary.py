@@ -5,7 +5,6 @@ own model) registered, and in a multi-objective study its Pareto front and compa
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from experiments.plots import log_study_plots
 from experiments.registry import Pick, Registered, register_best, register_compact, test_once, trial_pick
 from experiments.studies import OBJECTIVE_METRIC
 from experiments.trials import complete, counted, most_accurate
+from pipeline.config import say
 from pipeline.data import PreparedData
 from pipeline.tables import markdown_table, plus_minus
-from pipeline.tracking import ui_link
+from pipeline.tracking import set_tags, ui_link
 
 
 def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: PreparedData) -> Registered | None:
@@ -42,17 +42,15 @@ def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Pr
     if states.get("COMPLETE", 0):
         best = most_accurate(complete(study))
         client.log_metric(parent_run_id, f"best_{OBJECTIVE_METRIC}", best.values[0], step=len(trials))
-        for name, value in {"trial_number": best.number, **best.params}.items():
-            client.set_tag(parent_run_id, f"best.{name}", str(value))
+        set_tags(parent_run_id, {f"best.{name}": value for name, value in {"trial_number": best.number, **best.params}.items()})
         runs = seed_runs(queue, job) if config.confirm_top else []
         pick = confirmed_pick(study, runs, job, step=len(trials)) if len(runs) else trial_pick(best)
         registered = register_best(study, pick, job, data)
         if registered and pick.seed_models:  # the configuration's test accuracy, not one seed's
-            print(test_seed_models(job, pick.seed_models, registered, lambda uri: test_once(uri, job, data)), file=sys.stderr)
+            say(test_seed_models(job, pick.seed_models, registered, lambda uri: test_once(uri, job, data)))
     if compact is not None:
-        client.set_tag(parent_run_id, "compact.trial_number", str(compact.number))
         rule = f"smallest {cost_name(study)} within {config.compact_within} of the best {OBJECTIVE_METRIC}"
-        client.set_tag(parent_run_id, "compact.rule", rule)
+        set_tags(parent_run_id, {"compact.trial_number": compact.number, "compact.rule": rule})
         register_compact(study, compact, registered, job, data)
     client.set_terminated(parent_run_id, "FINISHED")
     attributes.SUMMARISED_AT.write(study, len(trials))  # last: a summary that failed halfway is redone
@@ -89,7 +87,7 @@ def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob, step
     markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]
     seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
-    print(f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}", file=sys.stderr)
+    say(f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}")
     std = None if pd.isna(best["val_accuracy_std"]) else float(best["val_accuracy_std"])
     return Pick(
         study.trials[chosen.trial],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import tempfile
 import time
 
@@ -49,6 +48,7 @@ from pipeline.config import (
     build_configs,
     fail,
     run_entry_point,
+    say,
     user_path,
 )
 from pipeline.data import PreparedData, load_prepared
@@ -116,16 +116,14 @@ def open_study(
             if start:
                 enqueue(study, start)
                 left_out = f"; not carried (outside this search space): {'; '.join(start.left_out)}" if start.left_out else ""
-                print(
+                say(
                     f"warm start: enqueued {len(start.configurations)} configuration(s) of study {start.study!r} "
-                    f"(its trials {', '.join(map(str, start.trials))}) after trial 0{left_out}",
-                    file=sys.stderr,
-                    flush=True,
+                    f"(its trials {', '.join(map(str, start.trials))}) after trial 0{left_out}"
                 )
         attributes.SETTINGS.write(study, study_settings(config))  # last: a creator that died before it is redone
     parent_run_id = attributes.PARENT_RUN.read(study)
     if parent_run_id and not run_exists(parent_run_id):
-        print(f"the study's parent run {parent_run_id} is not in this tracking store; opening a new one", file=sys.stderr)
+        say(f"the study's parent run {parent_run_id} is not in this tracking store; opening a new one")
         parent_run_id = None
     if not parent_run_id:
         parent_run_id = open_parent_run(config, launched_run)
@@ -189,14 +187,14 @@ def tune(
     started = time.time()  # -P budget counts from here
     config = dataclasses.replace(config, study=study_for(config.study, resolve_device(config.device).type == "cuda"))
     if config.cost != "none" and config.pruner not in ("auto", "none"):  # Optuna's pruners judge a single objective
-        print(f"note: cost={config.cost} makes a multi-objective study, which is not pruned (pruner=none)", file=sys.stderr)
+        say(f"note: cost={config.cost} makes a multi-objective study, which is not pruned (pruner=none)")
     storage = open_storage(config, on_stale_trial)
     with study_lock(config.storage, config.study_name):
         study, parent_run_id, config = open_study(storage, config, launched_run)
     if launched_run and launched_run != parent_run_id:
         record_worker(launched_run, parent_run_id, config)
     if line := finished_line(study, config.n_trials):
-        print(line, file=sys.stderr)
+        say(line)
         return registered_of(study)
     with study_lock(config.storage, config.study_name):  # MLflow's tag upsert is not atomic: one writer at a time
         log_parent_params(parent_run_id, config, study)
@@ -235,8 +233,7 @@ def prepare_job(
         # A lock of its own, not the study's: a prepare (maybe a download) must not hold up other workers' trials.
         lock = study_lock(config.storage, f"{config.study_name} (prepare)")
         if not lock.acquire(blocking=False):
-            say = f"[tune] prepare: another command of study {config.study_name!r} is preparing its data; waiting for it"
-            print(say, file=sys.stderr, flush=True)
+            say(f"[tune] prepare: another command of study {config.study_name!r} is preparing its data; waiting for it")
             lock.acquire()
         try:
             data_ref = run_stage("prepare", dataclasses.asdict(prepare_config), parent, env_manager, code_version())
@@ -260,7 +257,7 @@ def run_here(study: optuna.Study, job: WorkerJob, data: PreparedData, pruner: op
         run_worker(job, pruner)
         return {worker_id()}
     on = f" on GPUs {', '.join(map(str, gpus))}" if gpus[0] is not None else ""
-    print(f"{len(gpus)} workers{on}", file=sys.stderr, flush=True)
+    say(f"{len(gpus)} workers{on}")
     return run_workers([dataclasses.replace(job, worker=i, workers=len(gpus), gpu=gpu) for i, gpu in enumerate(gpus)])
 
 
@@ -287,7 +284,7 @@ def announce(study: optuna.Study, config: TuneConfig, images: int, gpus: list[st
             "confirmation end in time even as the space's largest configuration; the next configurations are "
             "confirmed while they fit"
         )
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    say("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import math
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -36,11 +35,11 @@ from experiments.storage import DATABASE_ERRORS
 from experiments.studies import make_pruner, make_sampler
 from experiments.summary import report, summarise
 from experiments.trials import needs_summary
-from pipeline.config import TuneConfig
+from pipeline.config import TuneConfig, say
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import share_cpu
 from pipeline.signals import raise_if_terminated, raise_terminated, signal_handler, signals_held_back
-from pipeline.tracking import unreachable, when_reachable
+from pipeline.tracking import set_tags, unreachable, when_reachable
 from pipeline.training import TrainingDiverged
 
 
@@ -219,18 +218,12 @@ def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
     if run_id := attributes.RUN_ID.read(trial):
-        client = MlflowClient()
         try:
-            client.set_tag(run_id, "optuna.trial_state", "REQUEUED")
-            client.set_tag(run_id, "optuna.fail_reason", reason)
-            client.set_terminated(run_id, "FAILED")
+            set_tags(run_id, {"optuna.trial_state": "REQUEUED", "optuna.fail_reason": reason})
+            MlflowClient().set_terminated(run_id, "FAILED")
         except mlflow.exceptions.MlflowException as error:
             say(f"warning: could not end the MLflow run of trial {trial.number}: {error}")
     say(f"trial {trial.number}: {reason}; re-queued with the same parameters")

@@ -5,11 +5,11 @@ removed once that training has finished."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
 
+from pipeline.config import say
 from pipeline.data import atomic_write
 
 
@@ -44,7 +44,7 @@ class Checkpoints:
             try:
                 return torch.load(path, weights_only=True, map_location="cpu")
             except Exception as error:  # truncated zip, bad pickle, refused global, ...
-                print(f"warning: skipping unreadable checkpoint {path}: {type(error).__name__}: {error}", file=sys.stderr)
+                say(f"warning: skipping unreadable checkpoint {path}: {type(error).__name__}: {error}")
         return None
 
     def check_resumable(self, saved: dict, config: dict) -> None:

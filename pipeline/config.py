@@ -243,9 +243,15 @@ def run_entry_point(main: Callable[[], object]) -> None:
         gc.freeze()
 
 
+def say(line: str) -> None:
+    """Progress, warnings and results for people: one line (or a few) on stderr, as it happens
+    (stderr is line-buffered), leaving stdout to what a command outputs."""
+    print(line, file=sys.stderr)
+
+
 def fail(message: str, status: int = 1):
     """Stop a stage with one line on stderr."""
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise SystemExit(status)
 
 

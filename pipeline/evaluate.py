@@ -17,7 +17,6 @@ Writes: params ``batch_size``, ``device``, ``resolved_device`` (on a GPU also it
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from pipeline.config import (
     build_configs,
     fail,
     run_entry_point,
+    say,
     user_data_ref,
 )
 from pipeline.data import NUM_CLASSES, DataError, PreparedData, Split
@@ -156,10 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot load the model {args.model} or its data: {error}")
     with stage_run("evaluate", **{"pipeline.model": uri, "pipeline.data": data_ref}) as run:
         result = evaluate_and_log(classifier, data, config, device, data_ref, uri)
-    print(
+    say(
         f"test_accuracy {result.test_accuracy:.4f}  test_macro_f1 {result.test_macro_f1:.4f}  "
-        f"test_loss {result.test_loss:.4f}; run {run.info.run_id}",
-        file=sys.stderr,
+        f"test_loss {result.test_loss:.4f}; run {run.info.run_id}"
     )
 
 

@@ -21,7 +21,16 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import OneLineParser, PrepareConfig, TrainConfig, add_config_arguments, build_configs, fail, run_entry_point
+from pipeline.config import (
+    OneLineParser,
+    PrepareConfig,
+    TrainConfig,
+    add_config_arguments,
+    build_configs,
+    fail,
+    run_entry_point,
+    say,
+)
 from pipeline.tables import markdown_table
 from pipeline.tracking import ERROR_TAG, INTERRUPTED_TAG, RESUMED_RUN_TAG, digest, finished_run, format_param, log_params, ui_link
 
@@ -54,11 +63,10 @@ def run_stage(stage: str, parameters: dict, parent, env_manager: str, code: str)
     key = content_key(stage, {k: v for k, v in parameters.items() if k not in OUTPUT_PARAMETERS}, code)
     experiment_id = parent.info.experiment_id
     if reused := finished_run(experiment_id, {CONTENT_KEY_TAG: key}):
-        say = f"[main] {stage}: reusing finished run {reused.info.run_id} (same parameters, inputs and code)"
-        print(say, file=sys.stderr, flush=True)
+        say(f"[main] {stage}: reusing finished run {reused.info.run_id} (same parameters, inputs and code)")
         client.set_tag(parent.info.run_id, f"pipeline.{stage}_reused", "true")
         return reused.info.run_id
-    print(f"[main] {stage}: starting with {parameters}", file=sys.stderr, flush=True)
+    say(f"[main] {stage}: starting with {parameters}")
     try:
         submitted = mlflow.run(
             str(PROJECT_DIR),

@@ -13,14 +13,13 @@ Writes: artifacts ``prepared/{train,val,test}.pt`` (uint8 tensors) and ``prepare
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 from pathlib import Path
 
 import mlflow
 import torch
 
-from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, run_entry_point
+from pipeline.config import OneLineParser, PrepareConfig, add_config_arguments, build_configs, fail, run_entry_point, say
 from pipeline.data import DataError, Split, load_raw, save_prepared, split_train_val
 from pipeline.tracking import PREPARED_ARTIFACT, log_params, log_split_input, stage_run
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             log_split_input(train, f"{config.dataset}-train", manifest["splits"]["train"]["sha256"], config.data_dir, "training")
             mlflow.log_artifacts(str(folder), PREPARED_ARTIFACT)
         counts = ", ".join(f"{name} {split['count']}" for name, split in manifest["splits"].items())
-        print(f"prepared {config.dataset}: {counts}; run {run.info.run_id}", file=sys.stderr)
+        say(f"prepared {config.dataset}: {counts}; run {run.info.run_id}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import platform
 import re
 import signal
 import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -19,9 +18,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import fail
+from pipeline.config import fail, say
 from pipeline.signals import raise_terminated, signal_handler
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it: `pipeline.main` and `-e repeat` start without it
@@ -52,7 +52,7 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
     interrupted = find_interrupted(resume_key) if resume_key else None
     run_id = interrupted and interrupted.info.run_id
     if interrupted:
-        print(f"resuming the interrupted {stage} run {run_id} ({interrupted.info.status})", file=sys.stderr)
+        say(f"resuming the interrupted {stage} run {run_id} ({interrupted.info.status})")
         if launched := os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` opened a run for us: point it at the resumed one
             MlflowClient().set_tag(launched, RESUMED_RUN_TAG, run_id)
     with (
@@ -98,6 +98,11 @@ def find_interrupted(resume_key: str):
     return next((run for run in runs if ERROR_TAG not in run.data.tags and not still_running(run)), None)
 
 
+def set_tags(run_id: str, tags: dict) -> None:
+    """Tag a run other than the active one, in one request (MlflowClient sets one tag a call)."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
 def finished_run(experiment_id: str, tags: dict[str, str]):
     """The newest finished run of the experiment that carries these tags, if there is one."""
     conditions = [f"tags.`{name}` = '{value}'" for name, value in tags.items()]
@@ -126,16 +131,22 @@ def still_running(run) -> bool:
     return True
 
 
+def selected_experiment(name: str = ""):
+    """The experiment named ``name``, else the one selected for this command by the environment `mlflow run`
+    and users set (the run `mlflow run` opened, MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME), else Default;
+    with how it was selected, for messages. None where no experiment has the name."""
+    if not name and (run_id := os.environ.get("MLFLOW_RUN_ID")):
+        return mlflow.get_experiment(MlflowClient().get_run(run_id).info.experiment_id), f"run {run_id}'s"
+    if not name and (experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        return mlflow.get_experiment(experiment_id), f"id {experiment_id}"
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    return mlflow.get_experiment_by_name(name), name
+
+
 def current_experiment_id() -> str:
-    """The experiment a new run would go to, from the environment `mlflow run` and users set."""
-    if run_id := os.environ.get("MLFLOW_RUN_ID"):
-        return MlflowClient().get_run(run_id).info.experiment_id
-    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return experiment_id
-    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        experiment = mlflow.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else "0"
-    return "0"  # MLflow's Default experiment
+    """The experiment a new run goes to: the selected one, created if none has its name (as ``mlflow.start_run`` does)."""
+    experiment, name = selected_experiment()
+    return experiment.experiment_id if experiment else MlflowClient().create_experiment(name)
 
 
 def ui_link(experiment_id: str) -> str:
@@ -307,6 +318,6 @@ def when_reachable(call, what: str, limit: float = 600):
             if not unreachable(error) or time.monotonic() > deadline:
                 raise
             if not said:
-                print(f"the tracking server does not answer; {what} waits for it up to {limit:.0f} s", file=sys.stderr)
+                say(f"the tracking server does not answer; {what} waits for it up to {limit:.0f} s")
                 said = True
             time.sleep(2)

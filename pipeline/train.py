@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from pipeline.config import (
     fail,
     parse_bool,
     run_entry_point,
+    say,
     user_data_ref,
 )
 from pipeline.data import DataError, PreparedData, to_sequences
@@ -93,7 +93,7 @@ def train_and_log(
         except mlflow.exceptions.MlflowException as error:  # training goes on; the epoch is logged at the end
             if not unreachable(error):
                 raise
-            print(f"epoch {metrics.epoch}'s metrics wait: the tracking server does not answer", file=sys.stderr)
+            say(f"epoch {metrics.epoch}'s metrics wait: the tracking server does not answer")
         if on_epoch:
             on_epoch(metrics)
 
@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             result, _ = train_and_log(config, data, checkpoint_dir=folder, keep_checkpoints=keep, data_ref=args.data)
     except (TrainingDiverged, CheckpointMismatch) as error:  # the run ended FAILED; its checkpoints stay
         fail(str(error))
-    print(
-        f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}", file=sys.stderr
-    )
+    say(f"best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; run {run.info.run_id}")
 
 
 if __name__ == "__main__":

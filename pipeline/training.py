@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.checkpoints import Checkpoints
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, say
 from pipeline.data import SEQUENCE_SHAPES, PreparedData, Split, to_sequences
 from pipeline.inference import predict_logits
 from pipeline.model import LSTMClassifier, build_model
@@ -117,7 +117,7 @@ def train(
                     on_epoch(metrics)
                 if config.patience and epoch - run.best_epoch >= config.patience:
                     stopped_early = True
-                    print(f"early stop: no better val_accuracy for {config.patience} epochs", file=sys.stderr)
+                    say(f"early stop: no better val_accuracy for {config.patience} epochs")
                     break
             # Asked after the last batch (validation, on_epoch) of the last epoch: no batch is left to stop
             # after, and a caller must not go on as if nothing came.
@@ -141,7 +141,7 @@ def _resume(run: _Run, checkpoints: Checkpoints | None) -> tuple[int, dict | Non
     checkpoints.check_resumable(saved, dataclasses.asdict(run.config))
     start_epoch, partial = run.restore(saved)
     within = f", batch {partial['next_start'] // run.config.batch_size + 1} of epoch {start_epoch}" if partial else ""
-    print(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}", file=sys.stderr)
+    say(f"resuming after epoch {saved['epoch']}{within} from {checkpoints.folder}")
     return start_epoch, partial
 
 
@@ -227,13 +227,11 @@ def _end_epoch(run: _Run, val_split: Split, epoch: int, loss_sum, correct, start
 
 def _print_epoch(metrics: EpochMetrics, history: list[EpochMetrics], epochs: int, label: str) -> None:
     left = (epochs - metrics.epoch) * sum(m.epoch_seconds for m in history) / len(history)
-    print(
+    say(
         f"{label + ' ' if label else ''}epoch {metrics.epoch}/{epochs}  train_loss {metrics.train_loss:.4f}  "
         f"train_accuracy {metrics.train_accuracy:.4f}  val_loss {metrics.val_loss:.4f}  "
         f"val_accuracy {metrics.val_accuracy:.4f}  {metrics.epoch_seconds:.1f}s  {metrics.samples_per_second:.0f} samples/s"
-        + (f"  ETA {duration(left)}" if left else ""),
-        file=sys.stderr,
-        flush=True,
+        + (f"  ETA {duration(left)}" if left else "")
     )
 
 

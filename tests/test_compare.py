@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import statistics
 
+import mlflow
 import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from experiments import compare
+from pipeline.tracking import current_experiment_id, selected_experiment
 from tests.conftest import REPO, mlflow_run, user_environment
 from tests.test_tables import table_rows
 
@@ -86,6 +88,20 @@ def logged_run(client: MlflowClient, stage: str, params: dict, test_accuracy: fl
         params=[Param(name, str(value)) for name, value in params.items()],
     )
     client.set_terminated(run.info.run_id)
+
+
+def test_the_selected_experiment_is_the_one_mlflow_start_run_writes_to(tracking, monkeypatch):
+    """compare reads, and a study's parent run is created in, the experiment MLflow's own runs go to."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "not-yet")
+    experiment, named = selected_experiment()
+    assert (experiment, named) == (None, "not-yet")  # compare: "no experiment 'not-yet'"
+    created = current_experiment_id()  # a study's parent run: created, as mlflow.start_run creates it
+    with mlflow.start_run() as run:
+        assert run.info.experiment_id == created == selected_experiment()[0].experiment_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)  # under `mlflow run`: the experiment of the run it opened
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "another")
+    assert selected_experiment()[0].experiment_id == current_experiment_id() == created
+    assert selected_experiment("Default")[0].experiment_id == "0"  # --experiment wins
 
 
 def test_group_by_config_gives_mean_and_sample_std_over_seeds_once_per_result(tracking, tmp_path, capsys):
