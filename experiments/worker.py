@@ -171,7 +171,7 @@ def take(study: optuna.Study, storage, config: TuneConfig, lock) -> tuple[optuna
 
 def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     """Run ``work`` and tell its result; return its trial as told (its checkpoints removed), or None if
-    it was re-queued (interrupted or cut off: its copy resumes from its checkpoint)."""
+    it was re-queued (interrupted, cut off, or given up by the other workers: its copy resumes from its checkpoint)."""
     study, trial = work.study, work.trial
     label = f"[worker {worker}] {'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
 
@@ -183,16 +183,16 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
             say(f"{label}{said}")
 
     try:
-        study.tell(trial, work.run(trial))
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-    except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
-        study.tell(trial, state=TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up while this one was cut off
-        say(
-            f"{label} was given up by the other workers while this one was cut off from the database; its copy "
-            "resumes from its checkpoint"
-        )
+        try:
+            outcome = {"values": work.run(trial)}
+        except optuna.TrialPruned:
+            outcome = {"state": TrialState.PRUNED}
+        except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
+            outcome = {"state": TrialState.FAIL}
+        tell(study, trial, **outcome)
+    except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up: its lease lapsed (a cut, a stall)
+        end_requeued_run(trial, "given up by the other workers while it ran", "KILLED")  # its copy's run counts
+        say(f"{label} was given up by the other workers while it ran (its lease lapsed); its copy resumes from its checkpoint")
         return None
     except DATABASE_ERRORS as error:
         requeue_it(f"its database call failed ({first_line(error)})", ": the study's database failed; re-queued")
@@ -214,19 +214,35 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     return told
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
+    """``study.tell``, raising UpdateFinishedTrialError where another worker has ended the trial: Optuna raises
+    that when it ends during the tell, and ValueError when the tell finds it ended."""
+    try:
+        study.tell(trial, **outcome)
+    except ValueError:
+        if not study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            raise
+        raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was ended by another worker") from None
+
+
 def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """A trial lost its worker: end its MLflow run FAILED (the re-queued copy gets a run of its own)."""
+    end_requeued_run(trial, reason, "FAILED")
+    say(f"trial {trial.number}: {reason}; re-queued with the same parameters")
+
+
+def end_requeued_run(trial: optuna.Trial | optuna.trial.FrozenTrial, reason: str, status: str) -> None:
+    """End the MLflow run of a trial whose re-queued copy goes on: tagged REQUEUED, with ``reason``."""
     if run_id := attributes.RUN_ID.read(trial):
         try:
             set_tags(run_id, {"optuna.trial_state": "REQUEUED", "optuna.fail_reason": reason})
-            MlflowClient().set_terminated(run_id, "FAILED")
+            MlflowClient().set_terminated(run_id, status)
         except mlflow.exceptions.MlflowException as error:
             say(f"warning: could not end the MLflow run of trial {trial.number}: {error}")
-    say(f"trial {trial.number}: {reason}; re-queued with the same parameters")
 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

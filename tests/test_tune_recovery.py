@@ -120,6 +120,36 @@ def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prep
     assert cuts and [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow(seconds=20)
+@pytest.mark.parametrize("ending", ["trained", "diverged"])
+def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepared_run, monkeypatch, capsys, ending):
+    """Another worker gives trial 0 up while its worker trains it (its lease lapsed: a database cut, a
+    stalled process) and re-queues it. Its worker, done, finds it ended: it leaves the trial to the copy,
+    ends its run REQUEUED and goes on, whether training ended well or diverged; the copy runs and counts."""
+    real, given_up = worker_module.objective, []
+
+    def objective(trial, **kwargs):
+        value = real(trial, **kwargs)
+        if not given_up:
+            given_up.append(trial.number)
+            frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+            coordination.requeue(trial.study, frozen, "its worker stopped sending heartbeats", lost_worker=True)
+            if ending == "diverged":
+                raise TrainingDiverged("train_loss is nan in epoch 1")
+        return value
+
+    monkeypatch.setattr(worker_module, "objective", objective)
+    config = smoke(tmp_path, n_trials=2)
+    tune(config, PrepareConfig(), prepared_run)
+    trials = load(config).trials
+    [copy] = [t for t in trials if attributes.RETRY_OF.read(t) == 0]
+    assert trials[0].state.name == "FAIL" and copy.state.name == "COMPLETE"
+    assert [t.state.name for t in counted(trials)] == ["COMPLETE", "COMPLETE"]
+    assert "trial 0 was given up by the other workers while it ran" in capsys.readouterr().err
+    [original] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == "0"]
+    assert (original.info.status, original.data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
+
+
 @pytest.mark.slow
 def test_extending_a_study_summarises_once_and_a_finished_one_says_so(tmp_path, prepared_run, capsys):
     tune(smoke(tmp_path, n_trials=2), PrepareConfig(), prepared_run)
