@@ -78,7 +78,7 @@ def cluster(postgres, mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.admin[1])
     client = MlflowClient(mlflow_server.uri)
     experiment_id = client.create_experiment(name)
-    mlflow_server.grant(name, experiment_id, "EDIT")
+    mlflow_server.grant(name, experiment_id, "MANAGE")  # as docs/scale-out.md: removing a checkpoint is a delete
     data = tiny_prepared(n_train=512)
     folder = tmp_path / "prepared"
     save_prepared(folder, {"train": data.train, "val": data.val, "test": data.test}, {"dataset": "mnist", "seed": 0})

@@ -234,6 +234,8 @@ def check_study(cluster, url: str, workers: Workers, n_trials: int) -> list[optu
     assert len(trials) == n_trials and {t.state.name for t in trials} == {"COMPLETE"}, [(t.number, t.state.name) for t in trials]
     again = {config: n for config, n in workers.trained_from_epoch_1().items() if n > 1}
     assert not again, f"trained again from epoch 1: {again}"
+    runs = cluster["client"].search_runs([cluster["experiment_id"]], "tags.`pipeline.stage` = 'trial'")
+    assert not [run.info.run_id for run in runs if cluster["client"].list_artifacts(run.info.run_id, "checkpoint")]
     return trials
 
 

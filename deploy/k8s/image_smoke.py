@@ -57,7 +57,7 @@ def main() -> None:
             os.environ.update(server.env(*server.admin))
             experiment_id = mlflow.MlflowClient(server.uri).create_experiment(EXPERIMENT)
             server.create_user("tuner", "tuner-long-secret")
-            server.grant("tuner", experiment_id, "EDIT")
+            server.grant("tuner", experiment_id, "MANAGE")  # docs/scale-out.md: checkpoints are removed
             db = urlsplit(optuna_url)  # the password goes in PGPASSWORD, never in -P
             storage = f"postgresql://{db.username}@{db.hostname}:{db.port}{db.path}"
             env = {**server.env("tuner", "tuner-long-secret"), "PGPASSWORD": db.password}
