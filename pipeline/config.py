@@ -2,7 +2,8 @@
 
 Flags (``--hidden-size``), MLproject defaults (tested) and the train stage's MLflow params all come from
 these, so they cannot drift. Building a config validates it: a bad value raises ``ParameterError``, one
-line naming the parameter and what it accepts.
+line naming the parameter and what it accepts. The entry points' command line comes from here too: their
+flags, their one-line errors (``fail``) and the lines they say to people on stderr (``say``).
 """
 
 from __future__ import annotations
