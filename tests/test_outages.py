@@ -32,8 +32,9 @@ from tests.infra import postgres_cluster
 
 HOOK_FOLDER_ENV, WORKER_ENV, HOLD_ENV = "OUTAGE_TEST_FOLDER", "OUTAGE_TEST_WORKER", "OUTAGE_TEST_HOLD"
 
-HEARTBEAT = 3  # -P heartbeat_interval: a trial silent for 3 beats (9 s) is judged lost
-OUTAGE = 14  # seconds PostgreSQL stays down: longer than the grace, with a beat to spare
+# A beat lands seconds late on a loaded machine (the whole suite on 2 cores): LATE leaves 10 s of the grace.
+HEARTBEAT = 5  # -P heartbeat_interval: a trial silent for 3 beats (15 s) is judged lost
+OUTAGE = 20  # seconds PostgreSQL stays down: longer than the grace, with a beat to spare
 LATE = 5  # at most this many seconds one worker reconnects after the others: well within the grace
 
 # MLflow's client retries a request that finds no server for about 4 minutes (7 retries, backoff
