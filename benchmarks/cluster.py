@@ -176,7 +176,7 @@ COLUMNS |= {"busy worker-s": "{busy_worker_s:.0f}", "wall s": "{wall_s:.0f}", "s
 COLUMNS |= {"confirmation wall s": "{confirm_wall_s:.0f}", "confirm runs per command": "{per_command}", "exit codes": "{codes}"}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     here = Path(__file__).resolve().parents[1]
     flag(parser, "--project", here, "project folder the commands run", "this repository", type=Path)
@@ -194,8 +194,11 @@ def main() -> None:
     flag(parser, "--timeout", 1800.0, "seconds after the first start at which commands still running are stopped", type=float)
     flag(parser, "--work-dir", None, "folder for the store, the study and the logs; kept", "a new temp folder", type=Path)
     flag(parser, "--out", RESULTS, "folder for the .json and .md results", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     args.project = args.project.resolve()
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="cluster-"))).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -221,11 +224,19 @@ def main() -> None:
     env_info = environment(torch.device("cpu")) | {"load_before_after": load, "code": code, "work_dir": str(work)}
     report = {"environment": env_info, "settings": {k: str(v) for k, v in vars(args).items()}, "numbers": numbers}
     report |= {"commands": commands, "runs": runs}
+    text = report_text(args, env_info, numbers, commands)
+    stem = write_report(args.out, "cluster", report, text)
+    print(text + f"\nwritten: {stem}.json, {stem}.md")
+
+
+def report_text(args: argparse.Namespace, env_info: dict, numbers: dict, commands: list[dict]) -> str:
+    """The results as markdown: where they ran, one table row, and what went wrong, if anything."""
+    code, load, work = env_info["code"], env_info["load_before_after"], env_info["work_dir"]
     row = numbers | {"commands": args.commands, "per_command": " / ".join(map(str, numbers["confirm_runs_per_command"]))}
     row["codes"] = " ".join(map(str, numbers["exit_codes"]))
     text = (
         f"# a study on a cluster, on one machine: {describe(env_info)}\n\nproject {args.project} ({code['commit']}); "
-        f"logs in {work / 'logs'}; load average {load[0]:.1f} before the commands, {load[1]:.1f} after; "
+        f"logs in {Path(work) / 'logs'}; load average {load[0]:.1f} before the commands, {load[1]:.1f} after; "
         f"commands' environment: {' '.join(args.env) or 'as is'}\n\n"
         f"`{env_info['command']}`\n\n" + render([row], COLUMNS) + "\n"
     )
@@ -235,8 +246,7 @@ def main() -> None:
         text += f"\n(configuration, seed) trained in more than one confirm run: {numbers['confirm_keys_trained_twice']}\n"
     if numbers["unattributed_runs"] or numbers["unfinished_runs"]:
         text += f"\nruns no command claims: {numbers['unattributed_runs']}; unfinished: {numbers['unfinished_runs']}\n"
-    stem = write_report(args.out, "cluster", report, text)
-    print(text + f"\nwritten: {stem}.json, {stem}.md")
+    return text
 
 
 if __name__ == "__main__":
