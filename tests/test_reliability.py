@@ -220,7 +220,8 @@ with mlflow.start_run(run_name=f"writer-{worker}"):
 @pytest.mark.slow
 def test_four_processes_logging_to_one_local_store_lose_nothing(tmp_path, tracking):
     steps = 60
-    mlflow.set_experiment("Default")  # create the store's tables before the writers race to
+    MlflowClient().get_experiment("0")  # create the store's tables before the writers race to (set_experiment would
+    # select Default for the rest of this pytest process, and MLFLOW_EXPERIMENT_NAME in later tests would be ignored)
     writers = [Stage(tmp_path, tracking, "-c", LOGGER, str(worker), str(steps)) for worker in range(4)]
     for writer in writers:
         writer.argv.remove("-m")
