@@ -69,7 +69,7 @@ def stage_run(stage: str, resume_key: str | None = None, **tags: str):
             mlflow.set_tag(INTERRUPTED_TAG, signal.Signals(number).name)
             mlflow.end_run(status="KILLED")
             then = "rerun the same command to resume it" if resume_key else "rerun the same command to start it again"
-            fail(f"{stopped or signal.Signals(number).name}; run {run.info.run_id} ended KILLED: {then}", 128 + number)
+            fail(f"{str(stopped) or signal.Signals(number).name}; run {run.info.run_id} ended KILLED: {then}", 128 + number)
         except Exception as error:
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
             raise

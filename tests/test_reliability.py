@@ -22,7 +22,17 @@ from mlflow.tracking import MlflowClient
 from pipeline import prepare, train
 from pipeline.data import DataError, save_prepared
 from pipeline.main import CONTENT_KEY_TAG, code_version, content_key
-from pipeline.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_KEY_TAG, find_interrupted, finished_run, load_prepared_run
+from pipeline.signals import Terminated
+from pipeline.tracking import (
+    ERROR_TAG,
+    HOST_TAG,
+    PID_TAG,
+    RESUME_KEY_TAG,
+    find_interrupted,
+    finished_run,
+    load_prepared_run,
+    stage_run,
+)
 from tests.conftest import REPO, tiny_prepared
 
 EPOCHS = 5
@@ -92,6 +102,17 @@ class Stage:
 
 def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in CURVES}
+
+
+@pytest.mark.parametrize("stop, said", [(KeyboardInterrupt(), "SIGINT"), (Terminated(), "SIGTERM")])
+def test_a_stage_stopped_outside_training_says_by_which_signal(tracking, capsys, stop, said):
+    with pytest.raises(SystemExit) as exit, stage_run("evaluate"):
+        raise stop  # as Ctrl-C or a scheduler's SIGTERM while a stage loads data or logs its results
+    [run] = MlflowClient().search_runs(["0"])
+    assert exit.value.code == 128 + signal.Signals[said] and run.info.status == "KILLED"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {said}; run {run.info.run_id} ended KILLED: rerun the same command to start it again"
+    )
 
 
 @pytest.mark.slow(seconds=90)
