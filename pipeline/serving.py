@@ -52,7 +52,7 @@ class Classifier:
         self.class_names = list(class_names)
 
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
-        batch_size = int((params or {}).get("batch_size") or BATCH_SIZE)
+        batch_size = int((params or {}).get("batch_size", BATCH_SIZE))
         if batch_size < 1:
             raise refuse(f"batch_size must be at least 1, got {batch_size}")
         probabilities = self.probabilities(pixels(model_input), batch_size).cpu()  # (N, 10)

@@ -62,6 +62,9 @@ def test_pixels_and_fractions_in_any_layout_get_the_same_answers(logged, images)
     for variant in same:
         pd.testing.assert_frame_equal(classifier.predict(variant), answers, rtol=1e-6)
     pd.testing.assert_frame_equal(classifier.predict(images, params={"batch_size": 4}), answers, rtol=1e-6)
+    for bad in (0, -1):
+        with pytest.raises(MlflowException, match=f"batch_size must be at least 1, got {bad}"):
+            classifier.predict(images, params={"batch_size": bad})
 
 
 @pytest.mark.parametrize(
