@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -32,6 +31,7 @@ from pipeline import training as training_module
 from pipeline.config import ParameterError, PrepareConfig, TuneConfig
 from pipeline.signals import Terminated
 from pipeline.training import TrainingDiverged
+from tests.spawned import end_as_numbered, record_environment
 from tests.tuning import load, runs_of, smoke
 
 
@@ -365,23 +365,6 @@ def test_storage_urls_are_checked_in_one_line_without_their_password():
     # A driver that is not installed (this project installs psycopg 3, not psycopg2) is one line.
     with pytest.raises(ParameterError, match=r"storage=postgresql\+psycopg2://\.\.\. needs the Python package 'psycopg2'"):
         storage.check_storage("postgresql+psycopg2://optuna@db:5432/studies")
-
-
-def record_environment(job: WorkerJob) -> None:
-    """A spawned worker's first look at its world (module level: a spawned process imports it)."""
-    seen = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    Path(job.data_folder, f"worker-{job.worker}.json").write_text(json.dumps(seen))
-
-
-def end_as_numbered(job: WorkerJob) -> None:
-    """A spawned worker that ends as its number says: 1 exits with code 3, 2 is killed (as by the OOM killer),
-    0 ends well, last."""
-    if job.worker == 1:
-        os._exit(3)
-    if job.worker == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(2)
-    Path(job.data_folder, "worker-0-ended").touch()
 
 
 @pytest.mark.slow
