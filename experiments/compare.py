@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.config import OneLineParser, TrainConfig, add_launch_dir_argument, fail, parse_bool, run_entry_point, user_path
+from pipeline.config import SWITCH, OneLineParser, TrainConfig, add_launch_dir_argument, fail, run_entry_point, user_path
 from pipeline.tables import markdown_table, over_seeds, with_spread
 from pipeline.tracking import selected_experiment
 
@@ -138,12 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         "or with --group-by-config, else any)",
     )
     parser.add_argument("--sort-by", default="best_val_accuracy", help="metric to rank by (default: best_val_accuracy)")
-    switch = {"type": parse_bool, "nargs": "?", "const": True, "default": False}  # --flag alone means true
-    parser.add_argument("--ascending", **switch, help="lower is better, for losses (default: false)")
+    parser.add_argument("--ascending", **SWITCH, help="lower is better, for losses (default: false)")
     parser.add_argument("--top-k", type=int, default=10, help="rows to keep (default: 10)")
     parser.add_argument(
         "--group-by-config",
-        **switch,
+        **SWITCH,
         help="one row per configuration (all parameters but seed and device, the resolved precision, the data): "
         "mean ± sample std of each metric over its runs, and their number n_seeds; sorted by the mean (default: false)",
     )

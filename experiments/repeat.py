@@ -23,12 +23,11 @@ import re
 import mlflow
 import pandas as pd
 
-from pipeline.config import ParameterError, PrepareConfig, TrainConfig, fail, run_entry_point
+from pipeline.config import ParameterError, PrepareConfig, TrainConfig, build_configs, fail, run_entry_point
 from pipeline.main import (
     REPORTED_METRICS,
     StageFailed,
     code_version,
-    parse_pipeline_args,
     pipeline_parser,
     python_first_on_path,
     run_link,
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_SEEDS,
         help=f"training seeds, one pipeline run each, separated by spaces or commas (default: {DEFAULT_SEEDS})",
     )
-    args, prepare_config, train_config = parse_pipeline_args(parser, argv)
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
     try:
         seeds = parse_seeds(args.seeds)
     except ParameterError as error:

@@ -45,6 +45,7 @@ from pipeline.config import (
     PrepareConfig,
     TuneConfig,
     add_config_arguments,
+    add_env_manager_argument,
     build_configs,
     fail,
     run_entry_point,
@@ -292,12 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data", default="", help="prepare run id to tune on (default: reuse or run prepare with the data flags)"
     )
-    parser.add_argument(
-        "--env-manager",
-        default="local",
-        choices=("local", "virtualenv", "uv", "conda"),
-        help="environment a prepare run starts in (default: local)",
-    )
+    add_env_manager_argument(parser, "environment a prepare run starts in")
     add_config_arguments(parser, TuneConfig, PrepareConfig)
     args, (config, prepare_config) = build_configs(parser, argv, TuneConfig, PrepareConfig)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it once

@@ -188,6 +188,9 @@ def parse_bool(text: str) -> bool:
     return lowered in ("true", "1", "yes")
 
 
+SWITCH = {"type": parse_bool, "nargs": "?", "const": True, "default": False}  # --flag alone means true, as --flag true
+
+
 def _parser_type(kind: type):
     def convert(text: str):
         try:
@@ -264,6 +267,12 @@ def add_launch_dir_argument(parser: argparse.ArgumentParser) -> None:
         default=".",
         help="folder relative paths are read from; `mlflow run` passes the one it was typed in (default: ., this folder)",
     )
+
+
+def add_env_manager_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--env-manager``, the environment the stages this command launches with `mlflow run` start in."""
+    choices = ("local", "virtualenv", "uv", "conda")
+    parser.add_argument("--env-manager", default="local", choices=choices, help=f"{what} (default: local)")
 
 
 def user_path(path: str, launch_dir: str) -> str:

@@ -17,7 +17,6 @@ Writes: params ``batch_size``, ``device``, ``resolved_device`` (on a GPU also it
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -123,11 +122,9 @@ def evaluate_and_log(
     log_params({**dataclasses.asdict(config), **device_params(device)})
     metrics = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy, "test_macro_f1": result.test_macro_f1}
     mlflow.log_metrics(metrics, model_id=mlflow.models.get_model_info(model_uri).model_id if model_uri else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        result.per_class.to_csv(f"{tmp}/per_class.csv", index=False)
-        result.per_class.to_html(f"{tmp}/per_class.html", index=False, float_format="{:.4f}".format)
-        result.predictions.to_csv(f"{tmp}/predictions.csv", index=False)
-        mlflow.log_artifacts(tmp)
+    mlflow.log_text(result.per_class.to_csv(index=False), "per_class.csv")
+    mlflow.log_text(result.per_class.to_html(index=False, float_format="{:.4f}".format), "per_class.html")
+    mlflow.log_text(result.predictions.to_csv(index=False), "predictions.csv")
     mlflow.log_table(result.per_class, artifact_file="per_class.json")  # a sortable table in the UI's artifact view
     if data_ref:
         log_data_inputs(data, data_ref, {"test": "testing"})

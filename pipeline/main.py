@@ -26,6 +26,7 @@ from pipeline.config import (
     PrepareConfig,
     TrainConfig,
     add_config_arguments,
+    add_env_manager_argument,
     build_configs,
     fail,
     run_entry_point,
@@ -117,12 +118,7 @@ REPORTED_METRICS = (*TEST_METRICS, "best_val_accuracy")
 def pipeline_parser(prog: str, description: str) -> OneLineParser:
     """The flags of ``main``, which ``repeat`` shares: every prepare and train parameter, one ``--seed``."""
     parser = OneLineParser(prog=prog, description=description)
-    parser.add_argument(
-        "--env-manager",
-        default="local",
-        choices=("local", "virtualenv", "uv", "conda"),
-        help="environment each stage runs in; local = this one, which `mlflow run .` already built (default: local)",
-    )
+    add_env_manager_argument(parser, "environment each stage runs in; local = this one, which `mlflow run .` already built")
     parser.add_argument(
         "--checkpoint-dir",
         default="checkpoints",
@@ -130,13 +126,6 @@ def pipeline_parser(prog: str, description: str) -> OneLineParser:
     )
     add_config_arguments(parser, PrepareConfig, TrainConfig)  # one seed for the split and the training
     return parser
-
-
-def parse_pipeline_args(parser: OneLineParser, argv: list[str] | None):
-    """Parse ``pipeline_parser``'s flags (and any a caller added): the args, the prepare and the train config.
-    Paths come out absolute: ``mlflow.run`` starts the stages in the project folder."""
-    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
-    return args, prepare_config, train_config
 
 
 def run_pipeline(
@@ -186,7 +175,8 @@ def python_first_on_path(env_manager: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, prepare_config, train_config = parse_pipeline_args(pipeline_parser("main", __doc__.split("\n")[0]), argv)
+    parser = pipeline_parser("main", __doc__.split("\n")[0])
+    args, (prepare_config, train_config) = build_configs(parser, argv, PrepareConfig, TrainConfig)
     python_first_on_path(args.env_manager)
     try:
         run, stages, metrics = run_pipeline(

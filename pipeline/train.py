@@ -33,12 +33,12 @@ from mlflow.models.model import ModelInfo
 from pipeline import serving
 from pipeline.checkpoints import CheckpointMismatch, Checkpoints
 from pipeline.config import (
+    SWITCH,
     OneLineParser,
     TrainConfig,
     add_config_arguments,
     build_configs,
     fail,
-    parse_bool,
     run_entry_point,
     say,
     user_data_ref,
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--keep-checkpoints",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=False,
+        **SWITCH,
         help="keep <checkpoint-dir>/<run id>/ once the run finishes; an interrupted or failed run keeps it (default: false)",
     )
     add_config_arguments(parser, TrainConfig)
