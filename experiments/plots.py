@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from experiments.studies import OBJECTIVE_METRIC
@@ -72,6 +73,16 @@ def learning_curves(study: optuna.Study):
     return axes
 
 
+def most_important(study: optuna.Study, evaluator, target=None, count: int = 2) -> list[str]:
+    """The ``count`` parameters that matter most to the objective: the contour plot's pair. Optuna's contour
+    of every pair is a grid of n x n panels, unreadable for the GPU study's six parameters and most of the
+    summary's time. Raises ValueError, as the importances plot does, before two trials are complete."""
+    names = sorted({name for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for name in trial.params})
+    if len(names) <= count:
+        return names
+    return list(optuna.importance.get_param_importances(study, evaluator=evaluator, target=target))[:count]
+
+
 def log_study_plots(study: optuna.Study, folder: Path) -> None:
     """Optuna's plots as one self-contained page, ``study.html`` (plotly.js inlined once: it works
     offline and in the MLflow UI), and one PNG each; those the study cannot draw yet are skipped."""
@@ -85,9 +96,14 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     target = {"target_name": OBJECTIVE_METRIC}  # the metric's own name, not Optuna's "Objective Value"
     if len(study.directions) > 1:
         target["target"] = lambda t: t.values[0]
+    evaluator = FanovaImportanceEvaluator(seed=0)  # the same ranking in the importances plot and the contour's pair
     for name in PLOTS:
         kwargs = target if name != "intermediate_values" else {}
         try:
+            if name == "param_importances":
+                kwargs = {**kwargs, "evaluator": evaluator}
+            if name == "contour":
+                kwargs = {**kwargs, "params": most_important(study, evaluator, target.get("target"))}
             with warnings.catch_warnings(action="ignore"), optuna_quiet():  # matplotlib plots are 'experimental'
                 figure = getattr(interactive, f"plot_{name}")(study, **kwargs)
                 draw = learning_curves if name == "intermediate_values" else getattr(static, f"plot_{name}")

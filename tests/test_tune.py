@@ -426,6 +426,26 @@ def test_the_learning_curves_read_with_dozens_of_trials(tmp_path):
     assert (tmp_path / "intermediate_values.png").stat().st_size > 10_000
 
 
+def test_the_contour_plot_shows_the_two_parameters_that_matter_most(tmp_path):
+    """The GPU study's space has six parameters: the contour is the pair that decides val_accuracy, one
+    readable panel, where Optuna's default is every pair (a 6 x 6 grid of panels)."""
+    space = STUDIES["lstm"].space
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        trial = study.ask(space)  # only the learning rate and the depth count; the other four change nothing
+        study.tell(trial, 0.9 - abs(math.log10(trial.params["learning_rate"]) + 3) / 10 - 0.05 * trial.params["num_layers"])
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    assert sorted(plots.most_important(study, evaluator)) == ["learning_rate", "num_layers"]
+    plots.log_study_plots(study, tmp_path)
+    contour = (tmp_path / "study.html").read_text().split("<h2>contour</h2>")[1]
+    assert '"xaxis2"' not in contour and "learning_rate" in contour and "num_layers" in contour and "dropout" not in contour
+    assert (tmp_path / "contour.png").exists()
+    few = optuna.create_study()
+    x = optuna.distributions.FloatDistribution(0, 2)
+    few.add_trial(optuna.trial.create_trial(params={"x": 1.0}, distributions={"x": x}, value=1))
+    assert plots.most_important(few, evaluator) == ["x"]  # two parameters or fewer: all of them, nothing to rank
+
+
 def test_study_plots_do_not_flood_the_log_when_a_parameter_holds_one_value(tmp_path):
     study = optuna.create_study(direction="maximize")
     space = {
