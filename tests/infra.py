@@ -76,6 +76,8 @@ class Postgres:
         self._pg_ctl("-l", str(self.data.parent / "postgres.log"), "start")
 
     def _pg_ctl(self, *args: str) -> None:
+        if self.run_as:
+            _let_through(self.data)  # again: a pytest session started since may have made its base folder 0700
         command = [*self.run_as, str(postgres_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -106,11 +108,17 @@ def _as_postgres_user(folder: Path) -> list[str]:
     if os.geteuid() != 0:
         return []
     shutil.chown(folder, "postgres", "postgres")
-    for parent in folder.resolve().parents:  # all of them: another pytest session resets its base folder to 0700
+    _let_through(folder)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def _let_through(folder: Path) -> None:
+    """Let every user pass through (not list) the folders above ``folder``: all of them, since another
+    pytest session resets its base folder (/tmp/pytest-of-root) to 0700 when it starts."""
+    for parent in folder.resolve().parents:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
-    return ["runuser", "-u", "postgres", "--"]
 
 
 @contextmanager
