@@ -37,6 +37,10 @@ HEARTBEAT = 5  # -P heartbeat_interval: a trial silent for 3 beats (15 s) is jud
 OUTAGE = 20  # seconds PostgreSQL stays down: longer than the grace, with a beat to spare
 LATE = 5  # at most this many seconds one worker reconnects after the others: well within the grace
 
+# How long a worker may take to reach a gate or end: a hang, not slowness. Under the whole suite on
+# 2 cores a 1-epoch trial on 512 images has taken 2.5 min (most of it torch.export of its model).
+PATIENCE = 480
+
 # MLflow's client retries a request that finds no server for about 4 minutes (7 retries, backoff
 # factor 2); with these it gives up after about 2 s, so that a 20 s outage stands for a longer one.
 SHORT_MLFLOW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -146,7 +150,7 @@ class Workers:
     def reached(self, gate: str) -> bool:
         return (self.folder / f"{gate}.reached").exists()
 
-    def wait_for(self, *gates: str, timeout: float = 240) -> str:
+    def wait_for(self, *gates: str, timeout: float = PATIENCE) -> str:
         """Wait until a worker reaches one of ``gates``; the first found."""
         deadline = time.monotonic() + timeout
         while not (found := [gate for gate in gates if self.reached(gate)]):
@@ -162,7 +166,7 @@ class Workers:
     def signal(self, name: str, number: signal.Signals) -> None:
         os.killpg(self.processes[name][0].pid, number)
 
-    def check_all_ended_well(self, timeout: float = 300) -> None:
+    def check_all_ended_well(self, timeout: float = PATIENCE) -> None:
         """Open every gate, wait for every worker and check each ended with status 0."""
         self.open()
         deadline = time.monotonic() + timeout
