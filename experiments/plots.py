@@ -13,7 +13,7 @@ from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from experiments.studies import OBJECTIVE_METRIC
-from experiments.trials import most_accurate
+from experiments.trials import complete, most_accurate
 from pipeline.config import say
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice", "contour")
@@ -73,14 +73,14 @@ def learning_curves(study: optuna.Study):
     return axes
 
 
-def most_important(study: optuna.Study, evaluator, target=None, count: int = 2) -> list[str]:
-    """The ``count`` parameters that matter most to the objective: the contour plot's pair. Optuna's contour
+def most_important(study: optuna.Study, evaluator, target=None) -> list[str]:
+    """The two parameters that matter most to the objective: the contour plot's pair. Optuna's contour
     of every pair is a grid of n x n panels, unreadable for the GPU study's six parameters and most of the
     summary's time. Raises ValueError, as the importances plot does, before two trials are complete."""
-    names = sorted({name for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for name in trial.params})
-    if len(names) <= count:
+    names = sorted({name for trial in complete(study) for name in trial.params})
+    if len(names) <= 2:
         return names
-    return list(optuna.importance.get_param_importances(study, evaluator=evaluator, target=target))[:count]
+    return list(optuna.importance.get_param_importances(study, evaluator=evaluator, target=target))[:2]
 
 
 def log_study_plots(study: optuna.Study, folder: Path) -> None:

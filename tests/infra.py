@@ -77,7 +77,7 @@ class Postgres:
 
     def _pg_ctl(self, *args: str) -> None:
         if self.run_as:
-            _let_through(self.data)  # again: a pytest session started since may have made its base folder 0700
+            _let_through(self.data)  # again: a pytest session started since then may have reset it
         command = [*self.run_as, str(postgres_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -38,7 +38,7 @@ OUTAGE = 20  # seconds PostgreSQL stays down: longer than the grace, with a beat
 LATE = 5  # at most this many seconds one worker reconnects after the others: well within the grace
 
 # How long a worker may take to reach a gate or end: a hang, not slowness. Under the whole suite on
-# 2 cores a 1-epoch trial on 512 images has taken 2.5 min (most of it torch.export of its model).
+# 2 cores a 1-epoch trial on 512 images has taken 2.5 min (most of it saving its model).
 PATIENCE = 480
 
 # MLflow's client retries a request that finds no server for about 4 minutes (7 retries, backoff
