@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -14,7 +13,9 @@ from benchmarks.bench import summarise
 from benchmarks.measure import run_loop
 from pipeline.config import TrainConfig
 from pipeline.data import PreparedData, Split
+from pipeline.model import LSTMClassifier
 from pipeline.numerics import cpu_flags
+from pipeline.training import EpochMetrics, TrainResult
 
 CONFIG = TrainConfig(hidden_size=16, num_layers=1, batch_size=8, seed=1, device="cpu")
 
@@ -42,12 +43,12 @@ def test_precision_auto_resolves_from_the_cpus_flags(monkeypatch, flags, expecte
 
 def test_to_accuracy_chooses_on_validation_and_tests_the_chosen_schedule_only(monkeypatch):
     val_accuracy = {1: 0.5, 2: 0.8, 3: 0.9}  # by epochs: 2 epochs is the shortest schedule reaching 0.75
+    models = {epochs: LSTMClassifier(hidden_size=4, num_layers=1) for epochs in val_accuracy}
     tested = []
 
-    def train(config, data, progress):  # a model that stands for its schedule, at that schedule's accuracy
-        history = [SimpleNamespace(epoch_seconds=1.0, samples_per_second=100.0)] * config.epochs
-        result = {"model": config.epochs, "device": "cpu", "precision": "fp32", "history": history}
-        return SimpleNamespace(**result, best_val_accuracy=val_accuracy[config.epochs])
+    def train(config, data, progress):  # the loop's own result: its schedule's model, at that schedule's accuracy
+        epoch = EpochMetrics(1, 0.0, 0.0, 0.0, 0.0, epoch_seconds=1.0, samples_per_second=100.0, learning_rate=0.0)
+        return TrainResult(models[config.epochs], [epoch] * config.epochs, config.epochs, val_accuracy[config.epochs])
 
     monkeypatch.setattr(to_accuracy, "train", train)
     monkeypatch.setattr(to_accuracy, "evaluate_split", lambda model, split, reading_order: (tested.append(model), 0.7))
@@ -55,5 +56,5 @@ def test_to_accuracy_chooses_on_validation_and_tests_the_chosen_schedule_only(mo
     data = {seed: PreparedData(split, split, split, {}) for seed in (1, 2)}  # one split per seed
     rows = to_accuracy.candidate(CONFIG, [3, 1, 2], 0.75, data, [1, 2])
     assert [row["epochs"] for row in rows] == [1, 2]  # stops at the first schedule that reaches the target
-    assert tested == [2, 2]  # the chosen schedule's model of each seed, once; the others never see the test set
+    assert tested == [models[2], models[2]]  # the chosen schedule's model of each seed, once; the others never see the test set
     assert rows[1]["chosen"] and rows[1]["test_accuracy"] == 0.7 and "test_accuracy" not in rows[0]

@@ -23,6 +23,7 @@ from benchmarks.report import add_common_flags, config_label, describe, environm
 from benchmarks.tutorial_baseline import write_raw_mnist
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data import PreparedData, Split, load_prepared
+from pipeline.inference import model_device
 from pipeline.numerics import resolve_device
 from pipeline.prepare import prepare
 from pipeline.training import evaluate_split, train
@@ -73,8 +74,8 @@ def candidate(config: TrainConfig, schedules: list[int], target: float, data: di
         if row["val_accuracy"] >= target:
             break
     chosen = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"] >= target, rows[i]["val_accuracy"]))
-    test = pd.Series([evaluate_split(r.model, data[s].test.to(r.device), config.reading_order)[1] for s, r in models[chosen]])
-    test = test.agg(["mean", "std", "min"]).fillna(0)
+    test = [evaluate_split(r.model, data[s].test.to(model_device(r.model)), config.reading_order)[1] for s, r in models[chosen]]
+    test = pd.Series(test).agg(["mean", "std", "min"]).fillna(0)
     rows[chosen] |= {"chosen": True, "reached": rows[chosen]["val_accuracy"] >= target}
     rows[chosen] |= {"test_accuracy": test["mean"], "test_std": test["std"], "test_min": test["min"]}
     return rows
