@@ -64,6 +64,9 @@ class LSTMClassifier(nn.Module):
             zeros = x.new_zeros((self.lstm.num_layers * self.num_directions, x.shape[0], self.lstm.hidden_size))
             state = (zeros, zeros)  # (num_layers * D, B, H) each
         _, (h_n, _) = self.lstm(x, state)  # h_n: (num_layers * D, B, H), layer-major, forward first
+        # Reshaped to that shape: torch 2.11's export traces h_n as (num_layers * D, 1, B, H), and a logged
+        # bidirectional model would then accept only the example's batch size.
+        h_n = h_n.reshape(-1, x.shape[0], self.lstm.hidden_size)
         last_layer = h_n[-self.num_directions :]  # (D, B, H)
         features = last_layer.transpose(0, 1).reshape(x.shape[0], -1)  # (B, D * H)
         return self.head(features)  # (B, num_classes)
