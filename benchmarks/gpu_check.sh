@@ -2,8 +2,8 @@
 # The GPU check: one command, under 8 minutes on one H200, that runs the GPU tests and measures the
 # headline numbers (docs/gpu.md, "The GPU check"), each step under a hard time limit, then prints ONE
 # summary block saying each target met or missed, and by how much. On a lent GPU machine (Python 3.12
-# and torch, no .venv, no network): first, here, `bash ../shared/tools/device-wheels.sh` (.whl/ and
-# .data/), then the device command, with the run tool's carry [".whl", ".data"] and timeout_s 600:
+# and torch, no .venv, no network): first, here, `bash benchmarks/device_wheels.sh` (.whl/ and .data/,
+# under the 64 MiB carry), then the device command, with the run tool's carry [".whl", ".data"] and timeout_s 600:
 #
 #   bash benchmarks/gpu_check.sh                      # DEVICE=cuda
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh   # plumbing check at toy sizes (the GPU tests skip)
@@ -35,7 +35,7 @@ LOG=$RESULTS/log.txt
 [ -z "${PY:-}" ] && [ -x .venv/bin/python ] && [ "${NO_VENV:-0}" != 1 ] && PY=$REPO/.venv/bin/python
 if [ -z "${PY:-}" ]; then
   PY=$(command -v "${PYTHON3:-python3}") || { echo "no python3 on PATH" >&2; exit 2; }
-  ls "$WHEELS"/*.whl > /dev/null 2>&1 || { echo "no .venv and no wheels in $WHEELS: run bash ../shared/tools/device-wheels.sh first" >&2; exit 2; }
+  ls "$WHEELS"/*.whl > /dev/null 2>&1 || { echo "no .venv and no wheels in $WHEELS: run bash benchmarks/device_wheels.sh first" >&2; exit 2; }
   echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $WORK/site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl >> "$LOG" 2>&1 \
     || { echo "installing the wheels failed; see $LOG" >&2; tail -5 "$LOG" >&2; exit 2; }
