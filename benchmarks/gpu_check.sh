@@ -61,7 +61,8 @@ if [ "$QUICK" = 1 ]; then  # toy sizes: checks the commands, measures nothing
   bench=(--samples 512 --repeats 1 --configs hidden_size=32,num_layers=1)
   to_accuracy=(--train-limit 2000 --epochs 1 2 --target 0.3 --config hidden_size=32,num_layers=1,learning_rate=0.01
     hidden_size=32,num_layers=1,batch_size=64,learning_rate=0.01)
-  study=(--study smoke --n-trials 2 --epochs 1 --train-limit 2000 --val-size 500)
+  # Two spawned workers, as the GPU's four are (a CPU's n_workers=auto is one, in the tune process).
+  study=(--study smoke --n-trials 4 --epochs 1 --train-limit 2000 --val-size 500 --n-workers 2)
   study_timeout=120
 else
   declare -A cap=([probe]=45 [tests]=150 [precision]=70 [throughput]=80 [to_accuracy]=70)
@@ -130,6 +131,8 @@ step to_accuracy "$(limit_of "${cap[to_accuracy]}")" "$PY" -m benchmarks.to_accu
 
 # The study: trials start until --timeout, then the running ones finish and the last worker summarises
 # (leaderboard, plots, the best trial's model registered and tested once): 50 s are kept for that.
+# --confirm-top 0: the target is the best trial registered as champion; the default confirmation (9 more
+# runs of 2 epochs, each logging and testing a model) would not fit in those 50 s.
 study_limit=$(limit_of 100000)
 trials_for=$(( study_limit - 50 < study_timeout ? study_limit - 50 : study_timeout ))
 trials_for=$(( trials_for > 10 ? trials_for : 10 ))
@@ -137,7 +140,7 @@ echo "$trials_for" > "$WORK/study_timeout"
 mkdir -p "$WORK/study"
 (cd "$WORK/study" && step study "$study_limit" "$PY" -m experiments.tune --study-name gpu-check --storage "$WORK/study.journal" \
   --register-name gpu-check --device "$DEVICE" --data-dir "$DATA_DIR" --n-workers auto --workers-per-gpu 4 \
-  --timeout "$trials_for" "${study[@]}")
+  --confirm-top 0 --timeout "$trials_for" "${study[@]}")
 
 # --- the summary ---------------------------------------------------------------------------------------
 "$PY" -m benchmarks.gpu_summary --work "$WORK" --results "$RESULTS" --budget "$([ "$QUICK" = 1 ] && echo "$BUDGET_S" || echo 480)" \

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import to_accuracy
 from benchmarks.bench import summarise
+from benchmarks.gpu_summary import registered_line
 from benchmarks.measure import run_loop
 from pipeline.config import TrainConfig
 from pipeline.data import PreparedData, Split
@@ -58,3 +59,12 @@ def test_to_accuracy_chooses_on_validation_and_tests_the_chosen_schedule_only(mo
     assert [row["epochs"] for row in rows] == [1, 2]  # stops at the first schedule that reaches the target
     assert tested == [models[2], models[2]]  # the chosen schedule's model of each seed, once; the others never see the test set
     assert rows[1]["chosen"] and rows[1]["test_accuracy"] == 0.7 and "test_accuracy" not in rows[0]
+
+
+def test_the_gpu_checks_study_meets_its_target_only_with_a_champion_at_99_percent():
+    registered = {"name": "gpu-check", "version": "1", "trial": 7, "val_accuracy": 0.991, "test_accuracy": 0.992}
+    crowned = registered_line({**registered, "champion": True})
+    assert "the champion: " in crowned and ": met (" in crowned
+    not_crowned = registered_line({**registered, "champion": False, "why_not_champion": "version 3 has more"})
+    assert "not the champion (version 3 has more)" in not_crowned and ": MISSED (" in not_crowned
+    assert ": MISSED (" in registered_line({**registered, "champion": True, "test_accuracy": 0.989})
