@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from experiments.studies import OBJECTIVE_METRIC
@@ -89,6 +88,7 @@ def log_study_plots(study: optuna.Study, folder: Path) -> None:
     import matplotlib.pyplot as plt  # its backend is the entry point's choice (tune.main: Agg)
     import optuna.visualization as interactive
     import optuna.visualization.matplotlib as static
+    from optuna.importance import FanovaImportanceEvaluator  # imports scikit-learn: only the summary pays it
 
     folder.mkdir(parents=True, exist_ok=True)
     sections = []

@@ -172,6 +172,15 @@ def test_the_entry_points_that_only_start_others_import_no_torch():
     assert done.stdout.strip() == "[]"
 
 
+def test_a_tune_worker_imports_scikit_learn_only_for_the_summary():
+    """Every tune command and spawned worker imports experiments.tune or experiments.worker; Optuna's
+    fANOVA importances (scikit-learn, most of a second on a 2-core CPU) serve only the summary's plots."""
+    check = "import sys, experiments.tune, experiments.worker; print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def process_state() -> dict:
     """What only an entry point's ``main()`` may change: the environment, the handlers of the signals
     the stages handle, and matplotlib's backend (resolved, so pyplot's lazy default does not count)."""
