@@ -162,23 +162,25 @@ def test_every_name_imported_from_the_project_exists():
                 pytest.fail(f"{path.relative_to(REPO)}: {node.module} has no {missing}")
 
 
+def loaded_by_importing(modules: tuple[str, ...], heavy: tuple[str, ...]) -> list[str]:
+    """Which of the ``heavy`` packages a fresh process has loaded once it has imported ``modules``."""
+    check = f"import sys, {', '.join(modules)}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
 def test_the_entry_points_that_only_start_others_import_no_torch():
     """`mlflow run .` starts pipeline.main, and `-e repeat` starts it once per seed: each is a process
     that only launches stages, so it does not pay torch's import (seconds on a 2-core CPU)."""
     orchestrators = ("pipeline.main", "experiments.repeat", "experiments.compare")
-    check = f"import sys, {', '.join(orchestrators)}; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    assert loaded_by_importing(orchestrators, ("torch", "torchvision")) == []
 
 
 def test_a_tune_worker_imports_scikit_learn_only_for_the_summary():
     """Every tune command and spawned worker imports experiments.tune or experiments.worker; Optuna's
     fANOVA importances (scikit-learn, most of a second on a 2-core CPU) serve only the summary's plots."""
-    check = "import sys, experiments.tune, experiments.worker; print('sklearn' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert loaded_by_importing(("experiments.tune", "experiments.worker"), ("sklearn",)) == []
 
 
 def process_state() -> dict:
