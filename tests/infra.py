@@ -1,8 +1,9 @@
 """Throwaway shared infrastructure on loopback: a PostgreSQL cluster and an MLflow server (basic-auth optional).
 
 Plain context managers, used by the test fixtures (``tests/servers.py``) and the load test
-(``benchmarks/load_test.py``). Everything they write stays in the folder they are given, and
-everything they start is stopped on exit, also when the body raises.
+(``benchmarks/load_test.py``). Everything they write stays in the folder they are given (as root, a
+cluster in a temp folder that it links to), and everything they start is stopped on exit, also when
+the body raises.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,8 +78,6 @@ class Postgres:
         self._pg_ctl("-l", str(self.data.parent / "postgres.log"), "start")
 
     def _pg_ctl(self, *args: str) -> None:
-        if self.run_as:
-            _let_through(self.data)  # again: a pytest session started since then may have reset it
         command = [*self.run_as, str(postgres_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -98,73 +98,73 @@ class Postgres:
         return f"postgresql://{name}:{password}@{self.host}:{self.port}/{name}"
 
 
-def _as_postgres_user(folder: Path) -> list[str]:
-    """The command prefix that runs PostgreSQL's tools in ``folder``; it refuses to run as root.
+@contextmanager
+def _cluster_folder(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+    """The folder a cluster lives in, and the command prefix its tools run under; PostgreSQL refuses to run as root.
 
-    As root the tools run as Debian's `postgres` system user, which gets the folder and, since
-    temp folders (pytest's included) are private to root, the right to pass through (not list)
-    the folders above it.
+    As root the tools run as Debian's `postgres` system user, in a temp folder of its own that ``folder/cluster``
+    links to, removed on exit: another pytest session resets pytest's base folder (/tmp/pytest-of-root) to 0700
+    when it starts, which would shut a cluster inside it out of its own files.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
-        return []
-    shutil.chown(folder, "postgres", "postgres")
-    _let_through(folder)
-    return ["runuser", "-u", "postgres", "--"]
-
-
-def _let_through(folder: Path) -> None:
-    """Let every user pass through (not list) the folders above ``folder``: all of them, since another
-    pytest session resets its base folder (/tmp/pytest-of-root) to 0700 when it starts."""
-    for parent in folder.resolve().parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
+        yield folder, []
+        return
+    home = Path(tempfile.mkdtemp(prefix="postgres-"))
+    try:
+        (folder / "cluster").symlink_to(home)
+        shutil.chown(home, "postgres", "postgres")
+        for parent in home.parents:  # pass through (not list) the folders above it, if the temp folder is private
+            if not parent.stat().st_mode & 0o001:
+                parent.chmod(parent.stat().st_mode | 0o001)
+        yield home, ["runuser", "-u", "postgres", "--"]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @contextmanager
 def postgres_cluster(folder: Path, max_connections: int = 300) -> Iterator[Postgres]:
     """initdb a cluster in ``folder``, start it on a free port, stop it on exit."""
     bindir = postgres_bindir()
-    folder.mkdir(parents=True, exist_ok=True)
-    as_postgres = _as_postgres_user(folder)
-    data, log, pwfile = folder / "data", folder / "postgres.log", folder / "pwfile"
-    password = secrets.token_hex(16)
-    pwfile.write_text(password + "\n")
-    if as_postgres:
-        shutil.chown(pwfile, "postgres", "postgres")
+    with _cluster_folder(folder) as (folder, as_postgres):
+        data, log, pwfile = folder / "data", folder / "postgres.log", folder / "pwfile"
+        password = secrets.token_hex(16)
+        pwfile.write_text(password + "\n")
+        if as_postgres:
+            shutil.chown(pwfile, "postgres", "postgres")
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_postgres, *args], capture_output=True, text=True)
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*as_postgres, *args], capture_output=True, text=True)
 
-    done = run(
-        str(bindir / "initdb"),
-        "-D",
-        str(data),
-        "-U",
-        "postgres",
-        f"--pwfile={pwfile}",
-        "--auth=scram-sha-256",
-        "--encoding=UTF8",
-        "--locale=C",
-    )
-    pwfile.unlink()
-    if done.returncode != 0:
-        raise InfraError(f"initdb failed:\n{done.stdout}{done.stderr}")
-    port = free_port()
-    with open(data / "postgresql.conf", "a") as conf:
-        conf.write(
-            f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
-            f"max_connections = {max_connections}\n"
+        done = run(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
         )
-    done = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
-    if done.returncode != 0:
-        raise InfraError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n--- {log} ---\n{log_tail(log)}")
-    try:
-        yield Postgres(port=port, password=password, data=data, run_as=tuple(as_postgres))
-    finally:
-        stopped = run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
-        if stopped.returncode != 0:
-            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        pwfile.unlink()
+        if done.returncode != 0:
+            raise InfraError(f"initdb failed:\n{done.stdout}{done.stderr}")
+        port = free_port()
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
+                f"max_connections = {max_connections}\n"
+            )
+        done = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
+        if done.returncode != 0:
+            raise InfraError(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}\n--- {log} ---\n{log_tail(log)}")
+        try:
+            yield Postgres(port=port, password=password, data=data, run_as=tuple(as_postgres))
+        finally:
+            stopped = run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+            if stopped.returncode != 0:
+                run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
 
 
 # --- MLflow server ------------------------------------------------------------------------------
