@@ -224,13 +224,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, *config_types: type) -
 
 
 def build_configs(parser: OneLineParser, argv, *config_types: type) -> tuple[argparse.Namespace, list]:
-    """Parse ``argv`` and build each config; a bad value exits with one line and status 2. A ``data_dir``
-    and ``--checkpoint-dir`` come out absolute, read from ``--launch-dir`` (see ``user_path``)."""
+    """Parse ``argv`` and build each config; a bad value exits with one line and status 2. A ``data_dir``,
+    ``--checkpoint-dir`` and a ``--data`` folder come out absolute, read from ``--launch-dir`` (``user_path``)."""
     args = parser.parse_args(argv)
     given = vars(args)
-    for name in ("data_dir", "checkpoint_dir"):
+    for name, resolve in (("data_dir", user_path), ("checkpoint_dir", user_path), ("data", user_data_ref)):
         if name in given:
-            given[name] = user_path(given[name], args.launch_dir)
+            given[name] = resolve(given[name], args.launch_dir)
     try:
         return args, [t(**{f.name: given[f.name] for f in dataclasses.fields(t)}) for t in config_types]
     except ParameterError as error:

@@ -198,11 +198,8 @@ def split_train_val(train: Split, val_size: int, train_limit: int, seed: int) ->
     if val_size >= len(train.labels):
         raise DataError(f"val_size={val_size} leaves no training images out of {len(train.labels)}")
     order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size], order[val_size:]
-    if train_limit:
-        train_index = train_index[:train_limit]
-    pick = lambda index: Split(train.images[index.sort().values], train.labels[index.sort().values])  # noqa: E731
-    return pick(train_index), pick(val_index)
+    train_index, val_index = order[val_size:][: train_limit or None].sort().values, order[:val_size].sort().values
+    return Split(train.images[train_index], train.labels[train_index]), Split(train.images[val_index], train.labels[val_index])
 
 
 def sha256_file(path: Path) -> str:

@@ -26,16 +26,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from pipeline import serving
-from pipeline.config import (
-    EvaluateConfig,
-    OneLineParser,
-    add_config_arguments,
-    build_configs,
-    fail,
-    run_entry_point,
-    say,
-    user_data_ref,
-)
+from pipeline.config import EvaluateConfig, OneLineParser, add_config_arguments, build_configs, fail, run_entry_point, say
 from pipeline.data import NUM_CLASSES, DataError, PreparedData, Split
 from pipeline.numerics import resolve_device
 from pipeline.tracking import device_params, load_prepared_run, log_data_inputs, log_params, model_uri, stage_run
@@ -141,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_arguments(parser, EvaluateConfig)
     args, (config,) = build_configs(parser, argv, EvaluateConfig)
-    args.data = user_data_ref(args.data, args.launch_dir)
 
     device = resolve_device(config.device)
     uri = model_uri(args.model)

@@ -12,10 +12,9 @@ from pipeline.data import NUM_CLASSES, SEQUENCE_SHAPES
 class LSTMClassifier(nn.Module):
     """Classify a (batch, seq_len, input_size) sequence by the last LSTM layer's final state.
 
-    The constructor takes nn.LSTM's own parameters; ``batch_first`` is always True here, so
-    inputs are (batch, seq_len, input_size). For a bidirectional LSTM the head reads the forward
-    state after the last step and the backward state after the *first* step (which is where the
-    backward pass ends): ``output[:, -1]`` would give the backward direction one step of input.
+    The constructor takes nn.LSTM's own parameters; ``batch_first`` is always True here. For a bidirectional
+    LSTM the head reads the forward state after the last step and the backward state after the *first* step
+    (which is where the backward pass ends): ``output[:, -1]`` would give the backward direction one step of input.
     """
 
     def __init__(

@@ -25,10 +25,8 @@ from pipeline.tracking import PREPARED_ARTIFACT, log_params, log_split_input, st
 
 
 def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
-    """Load, verify and split the dataset into ``out_dir``; return its manifest.
-
-    Raises DataError before writing anything if a raw file is missing or not the official one.
-    """
+    """Load, verify and split the dataset into ``out_dir``; return its manifest. A raw file missing or
+    not the official one raises DataError before anything is written."""
     train, test, source_md5 = load_raw(config.dataset, config.data_dir)
     train, val = split_train_val(train, config.val_size, config.train_limit, config.seed)
     # The parameters, but not where the raw files were: a path is this machine's, not the data's.

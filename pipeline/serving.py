@@ -87,16 +87,14 @@ def pixels(model_input) -> torch.Tensor:
         raise refuse(f"pixels must be integers (0-255) or floats (0-1); got dtype {array.dtype}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise refuse("pixels must be finite numbers; got NaN or infinity")
-    low, high = array.min(), array.max()
-    if array.dtype.kind in "iu":  # integers: 0-255 pixels
-        if low < 0 or high > 255:
-            raise refuse(f"integer pixels must be within 0-255; got values from {low} to {high}")
-        return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32) / 255)
-    if low < 0 or high > 1:  # floats: fractions of full brightness
+    low, high, integers = array.min(), array.max(), array.dtype.kind in "iu"
+    if integers and (low < 0 or high > 255):  # integers: 0-255 pixels
+        raise refuse(f"integer pixels must be within 0-255; got values from {low} to {high}")
+    if not integers and (low < 0 or high > 1):  # floats: fractions of full brightness
         whole = high <= 255 and low >= 0 and (array == np.round(array)).all()
         hint = ": these look like 0-255 pixels, send them as integers (uint8) or divide by 255" if whole else ""
         raise refuse(f"float pixels must be within [0, 1]; got values from {low:g} to {high:g}{hint}")
-    return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32))
+    return torch.from_numpy(array.reshape(-1, *IMAGE_SHAPE).astype(np.float32) / (255 if integers else 1))
 
 
 def refuse(message: str) -> MlflowException:

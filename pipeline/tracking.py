@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import mlflow
+import psutil
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
@@ -120,15 +121,7 @@ def still_running(run) -> bool:
     host, pid = run.data.tags.get(HOST_TAG, ""), run.data.tags.get(PID_TAG, "")
     if run.info.status != "RUNNING":
         return False
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but someone else's
-        return True
-    return True
+    return host != socket.gethostname() or not pid.isdigit() or psutil.pid_exists(int(pid))
 
 
 def selected_experiment(name: str = ""):

@@ -32,17 +32,7 @@ from mlflow.models.model import ModelInfo
 
 from pipeline import serving
 from pipeline.checkpoints import CheckpointMismatch, Checkpoints
-from pipeline.config import (
-    SWITCH,
-    OneLineParser,
-    TrainConfig,
-    add_config_arguments,
-    build_configs,
-    fail,
-    run_entry_point,
-    say,
-    user_data_ref,
-)
+from pipeline.config import SWITCH, OneLineParser, TrainConfig, add_config_arguments, build_configs, fail, run_entry_point, say
 from pipeline.data import DataError, PreparedData, to_sequences
 from pipeline.model import count_parameters
 from pipeline.numerics import numeric_settings, resolve_device, set_cublas_workspace
@@ -165,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_arguments(parser, TrainConfig)
     args, (config,) = build_configs(parser, argv, TrainConfig)
-    args.data = user_data_ref(args.data, args.launch_dir)
     try:  # a device or precision this machine lacks stops the stage before anything starts
         numeric_settings(config, resolve_device(config.device))
     except RuntimeError as error:

@@ -146,11 +146,8 @@ def _resume(run: _Run, checkpoints: Checkpoints | None) -> tuple[int, dict | Non
 
 
 def _train_epoch(run: _Run, split: Split, epoch: int, stop, checkpoints, show_bar: bool, partial=None):
-    """One pass over ``split`` in a new shuffled order, or the rest of an interrupted one (``partial``).
-
-    Returns the summed loss and the count of correct predictions (tensors on the device, so no batch
-    waits for the host) and when the epoch started.
-    """
+    """One pass over ``split`` in a new shuffled order, or the rest of an interrupted one (``partial``): the summed
+    loss and count of correct predictions (tensors on the device: no batch waits for the host), and when it started."""
     config, device, n_train = run.config, run.device, len(split.labels)
     run.model.train()
     if partial:  # resume inside this epoch, where the interrupted run stopped
