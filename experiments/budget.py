@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from experiments import attributes
 from experiments.studies import STUDIES, StudyDefinition, largest_configuration, suggest
-from experiments.trials import best_configurations, counted
+from experiments.trials import best_configurations, n_counted
 from pipeline.config import TuneConfig, say
 from pipeline.cost import forward_flops
 
@@ -74,13 +74,11 @@ def seconds_per_epoch(trial: FrozenTrial, epochs: int, now: datetime) -> float |
     return None
 
 
-def epoch_time(
-    definition: StudyDefinition, trials: list[FrozenTrial], epochs: int, now: datetime | None = None
-) -> EpochTime | None:
+def epoch_time(definition: StudyDefinition, trials: list[FrozenTrial], epochs: int) -> EpochTime | None:
     """How long an epoch takes here: the trials' seconds per epoch (running ones' too) against their
     relative cost, by least squares; where that line has no positive overhead and slope, the line
     through zero. None before any epoch is timed."""
-    now = now or datetime.now()  # Optuna stamps trials with naive local time
+    now = datetime.now()  # Optuna stamps trials with naive local time
     points = [
         (relative_cost(definition, trial.params), seconds)
         for trial in trials
@@ -184,7 +182,7 @@ def say_budget_end(study: optuna.Study, config: TuneConfig, worker: int, deadlin
     """Say, before the confirmation, that the budget ended the search, and by how much."""
     worst, left = worst_case_seconds(study, config, workers) or 0.0, max(0.0, deadline - time.time())
     say(
-        f"[worker {worker}] -P budget ends the search at {len(counted(study.trials))} trial(s): another, at worst the "
+        f"[worker {worker}] -P budget ends the search at {n_counted(study)} trial(s): another, at worst the "
         f"space's largest configuration, then the champion's confirmation would take about {worst / 60:.0f} min, and "
         f"{left / 60:.0f} min are left"
     )

@@ -27,7 +27,7 @@ from experiments.budget import fitting
 from experiments.job import WorkerJob
 from experiments.runs import training_run
 from experiments.studies import OBJECTIVE_METRIC, trial_config
-from experiments.trials import best_configurations, counted
+from experiments.trials import best_configurations, n_counted
 from pipeline.config import TrainConfig, TuneConfig, say
 from pipeline.data import PreparedData
 from pipeline.tables import markdown_table, over_seeds, plus_minus, with_spread
@@ -57,11 +57,6 @@ def companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.S
     )
 
 
-def round_of(study: optuna.Study) -> int:
-    """Which summary the queue works toward: the count of the study's counted trials."""
-    return len(counted(study.get_trials(deepcopy=False)))
-
-
 def pending(queue: optuna.Study) -> list[FrozenTrial]:
     """The queue's items waiting or in training."""
     return queue.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
@@ -71,7 +66,7 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
     """Queue this round's trainings, unless planned already (call holding the study lock once no
     trial runs): each best configuration's seeds that no finished confirm run holds, as many
     configurations as ``job.deadline`` (``-P budget``) lets end in time (``fitting``)."""
-    at = round_of(study)
+    at = n_counted(study)
     if (attributes.CONFIRM_PLAN.read(queue) or {}).get("at") == at:
         return
     from pipeline.main import code_version

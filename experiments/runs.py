@@ -66,17 +66,6 @@ def download_checkpoint(run_id: str, folder: Path) -> Path | None:
         return None
 
 
-def remove_checkpoint(run_id: str) -> None:
-    """Delete the run's checkpoint artifact once its result is safe. MLflow's client has no call to
-    delete an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    try:
-        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
-    except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:
-        say(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})")
-
-
 def earlier_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:
     """The runs of the attempts ``trial`` repeats (``retry_of``, then its own ``retry_of``...), newest first."""
     trials, runs = study.get_trials(deepcopy=False), []
@@ -147,7 +136,12 @@ def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str,
 
 
 def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Remove the checkpoints of a trial whose result is told, and of the attempts it repeats."""
-    for run_id in [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]:
-        if run_id:
-            remove_checkpoint(run_id)
+    """Remove the checkpoints of a trial whose result is told, and of the attempts it repeats. MLflow's client has
+    no call to delete an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    for run_id in filter(None, [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]):
+        try:
+            get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
+        except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:
+            say(f"warning: checkpoint of run {run_id} not removed ({type(error).__name__}: {error})")

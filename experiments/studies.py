@@ -120,9 +120,8 @@ def study_for(name: str, on_cuda: bool) -> str:
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        with warnings.catch_warnings():  # multivariate TPE is 'experimental' but the recommended kind
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    if name == "tpe":  # multivariate TPE is 'experimental' but the recommended kind
+        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)

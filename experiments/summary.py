@@ -20,7 +20,7 @@ from experiments.pareto import COMPACT, compact_pick, cost_name, front_figure, f
 from experiments.plots import log_study_plots
 from experiments.registry import Pick, Registered, register_best, register_compact, test_once, trial_pick
 from experiments.studies import OBJECTIVE_METRIC
-from experiments.trials import complete, counted, most_accurate
+from experiments.trials import complete, counted, most_accurate, n_counted
 from pipeline.config import say
 from pipeline.data import PreparedData
 from pipeline.tables import markdown_table, plus_minus
@@ -109,7 +109,7 @@ def report(study: optuna.Study, registered: Registered | None, experiment_id: st
     columns = ["number", OBJECTIVE_METRIC, cost_name(study), "state", *params, "duration"]
     table = board[[c for c in columns if c in board]].head(top).rename(columns=lambda c: c.removeprefix("params_"))
     lines = [
-        f"study {study.study_name}: {len(counted(study.get_trials(deepcopy=False)))} trials counted; best {top}:",
+        f"study {study.study_name}: {n_counted(study)} trials counted; best {top}:",
         table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
     ]
     if registered:

@@ -15,13 +15,18 @@ from experiments import attributes
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
     """The failed trials that a re-queued copy replaces: they do not count."""
-    return {attributes.RETRY_OF.read(trial) for trial in trials if attributes.RETRY_OF.read(trial) is not None}
+    return set(map(attributes.RETRY_OF.read, trials)) - {None}
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The finished trials (COMPLETE, PRUNED, and FAIL from the objective) that count toward ``n_trials``."""
     replaced = requeued_numbers(trials)
     return [trial for trial in trials if trial.state.is_finished() and trial.number not in replaced]
+
+
+def n_counted(study: optuna.Study) -> int:
+    """How many trials count now: the round that a summary and the champion's confirmation are for."""
+    return len(counted(study.get_trials(deepcopy=False)))
 
 
 def trials_left(study: optuna.Study, n_trials: int) -> int:
@@ -32,7 +37,7 @@ def trials_left(study: optuna.Study, n_trials: int) -> int:
 
 def needs_summary(study: optuna.Study) -> bool:
     """Whether the counted trials changed since the last successful summary."""
-    return attributes.SUMMARISED_AT.read(study) != len(counted(study.get_trials(deepcopy=False)))
+    return attributes.SUMMARISED_AT.read(study) != n_counted(study)
 
 
 def complete(study: optuna.Study) -> list[FrozenTrial]:

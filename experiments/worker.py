@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from experiments import attributes
 from experiments.budget import another_trial_fits, say_budget_end, say_budget_wait
-from experiments.confirm import companion, pending, plan, queue_summary, round_of, say_trained, train_seed
+from experiments.confirm import companion, pending, plan, queue_summary, say_trained, train_seed
 from experiments.coordination import NextStep, TrialLease, fail_lost_trials, next_step, open_storage, requeue, study_lock
 from experiments.job import WorkerJob
 from experiments.objective import objective
@@ -34,7 +34,7 @@ from experiments.runs import forget_checkpoints
 from experiments.storage import DATABASE_ERRORS
 from experiments.studies import make_pruner, make_sampler
 from experiments.summary import report, summarise
-from experiments.trials import needs_summary
+from experiments.trials import n_counted, needs_summary
 from pipeline.config import TuneConfig, say
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import share_cpu
@@ -273,7 +273,7 @@ class AfterSearch:
         plan(self.study, self.queue, job, self.data)
         items = pending(self.queue)
         if not items:
-            queue_summary(self.queue, round_of(self.study))
+            queue_summary(self.queue, n_counted(self.study))
         elif all(item.state == TrialState.RUNNING for item in items):
             return NextStep.WAIT
         return Work(self.queue, *take(self.queue, self.storage, job.config, lock), self.run_item, self.say_item)
@@ -282,7 +282,7 @@ class AfterSearch:
         work = attributes.WORK.read(item)
         if not work.get("summary"):
             return train_seed(item, self.study, self.job, self.data)
-        at = round_of(self.study)
+        at = n_counted(self.study)
         if work["at"] != at or len(pending(self.queue)) > 1:  # the study was extended since it was queued
             say(f"[worker {self.job.worker}] the summary of {work['at']} trials is superseded")
             return float(work["at"])
