@@ -35,7 +35,7 @@ WARM_START = Attribute("warm_start", {})  # {"study", "trials": best first}: whe
 SUMMARISED_AT = Attribute("summarised_at")  # how many counted trials the last successful summary saw
 REGISTERED = Attribute("registered")  # the version registered as its champion candidate (registry.Registered as a dict)
 COMPACT_PICK = Attribute("compact")  # the version the compact rule picked (multi-objective studies)
-CONFIRM_PLAN = Attribute("plan")  # on the companion study: {"at": round, "runs": [{"trial", "seed", "key"}, ...]} (confirm.py)
+CONFIRM_PLAN = Attribute("plan", {})  # on the companion study: {"at": round, "runs": [{"trial", "seed", "key"}, ...]}
 
 # --- a trial's attributes -------------------------------------------------------------------------
 

@@ -53,8 +53,7 @@ def leaderboard(runs: pd.DataFrame, sort_by: str, top_k: int, ascending: bool = 
     table = runs.sort_values(f"metrics.{sort_by}", ascending=ascending, na_position="last").head(top_k)
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id", "status": "status"}
     columns |= {f"params.{name}": name for name in PARAM_COLUMNS} | {f"metrics.{name}": name for name in metrics}
-    present = {source: name for source, name in columns.items() if source in table and table[source].notna().any()}
-    table = table[list(present)].rename(columns=present)
+    table = table.reindex(columns=list(columns)).dropna(axis=1, how="all").rename(columns=columns)
     return ranked(table, PARAM_COLUMNS)
 
 

@@ -67,7 +67,7 @@ def plan(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Prepare
     trial runs): each best configuration's seeds that no finished confirm run holds, as many
     configurations as ``job.deadline`` (``-P budget``) lets end in time (``fitting``)."""
     at = n_counted(study)
-    if (attributes.CONFIRM_PLAN.read(queue) or {}).get("at") == at:
+    if attributes.CONFIRM_PLAN.read(queue).get("at") == at:
         return
     from pipeline.main import code_version
 
@@ -125,7 +125,7 @@ def train_seed(item: optuna.Trial, study: optuna.Study, job: WorkerJob, data: Pr
 def say_trained(queue: optuna.Study, item: FrozenTrial, worker: int) -> None:
     """One line per finished training of the queue, with how many of its round are done."""
     work = attributes.WORK.read(item)
-    planned, left = len((attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", [])), len(pending(queue))
+    planned, left = len(attributes.CONFIRM_PLAN.read(queue).get("runs", [])), len(pending(queue))
     value = f"{OBJECTIVE_METRIC} {item.value:.4f}" if item.state == TrialState.COMPLETE else item.state.name
     run = f"run {attributes.RUN_ID.read(item)}; {planned - left} of {planned} trained"
     say_confirm(work["trial"], work["seed"], f"{value} ({run})", f"[worker {worker}] ")
@@ -138,7 +138,7 @@ def say_confirm(trial: int, seed: int, what: str, worker: str = "") -> None:
 def seed_runs(queue: optuna.Study, job: WorkerJob) -> pd.DataFrame:
     """One row per ``SeedRun`` of the round's plan that finished (a failed one is said and left out)."""
     rows = []
-    for run in (attributes.CONFIRM_PLAN.read(queue) or {}).get("runs", []):
+    for run in attributes.CONFIRM_PLAN.read(queue).get("runs", []):
         if found := reused(run, job):
             rows.append(dataclasses.asdict(found))
         else:

@@ -86,20 +86,17 @@ def with_model(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if attributes.MODEL_URI.read(t)]
 
 
-def latency_alone(
-    study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device, rounds: int = 5
-) -> pd.DataFrame:
-    """Latency measured again alone, for every trial the compact rule could pick and every trial on
-    the front: ``rounds`` medians of 100 calls each, on a fresh model of the trial's architecture
-    (latency depends on the shapes, not on the weights). One row per trial, cheapest first."""
+def latency_alone(study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device) -> pd.DataFrame:
+    """Latency measured again alone, for every trial the compact rule could pick and every trial on the front: 5 medians
+    of 100 calls each, on a fresh model of the trial's architecture (latency depends on the shapes, not on the weights).
+    One row per trial, cheapest first."""
     reach = within_reach(with_model(complete(study)), config.compact_within)
     candidates = {t.number: t for t in [*reach, *study.best_trials]}
-    image = data.val.images[:1]
     rows = []
     for number, trial in sorted(candidates.items()):
         train_config = trial_config(config, optuna.trial.FixedTrial(trial.params))
         model = build_model(train_config).to(device)
-        measured = [inference_latency_ms(model, image, SEQUENCE_SHAPES[train_config.reading_order]) for _ in range(rounds)]
+        measured = [measure_cost("latency_ms", model, data, train_config.reading_order) for _ in range(5)]
         alone = statistics.median(measured)
         rows.append([number, *trial.values, alone, (max(measured) - min(measured)) / alone, trial.values[1] / alone])
     columns = ["number", OBJECTIVE_METRIC, "latency_ms", "latency_ms_alone", "alone_spread", "in_trial_ratio"]
@@ -129,7 +126,7 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
     return table.astype({cost: int}) if cost == "parameter_count" else table
 
 
-def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Figure:
+def front_figure(study: optuna.Study, compact: FrozenTrial) -> Figure:
     """Every complete trial as a point (cost, val_accuracy); the front as a staircase."""
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
@@ -140,10 +137,9 @@ def front_figure(study: optuna.Study, compact: FrozenTrial | None = None) -> Fig
     axes.scatter([t.values[1] for t in front], [t.values[0] for t in front], s=30, color="C0", label="Pareto front")
     for t in front:
         axes.annotate(str(t.number), (t.values[1], t.values[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if compact is not None:
-        axes.scatter(
-            [compact.values[1]], [compact.values[0]], s=120, facecolors="none", edgecolors="black", linewidths=1.5, label=COMPACT
-        )
+    axes.scatter(
+        [compact.values[1]], [compact.values[0]], s=120, facecolors="none", edgecolors="black", linewidths=1.5, label=COMPACT
+    )
     axes.set(xscale="log", xlabel=f"{cost_name(study)} (log scale)", ylabel=OBJECTIVE_METRIC)
     axes.set_title(f"study {study.study_name}: Pareto front of {len(front)} of {len(trials)} trials")
     axes.legend(loc="lower right")

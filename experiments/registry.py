@@ -5,7 +5,7 @@ says so (``crown_if_better``; docs/tuning.md).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import mlflow
 import optuna
@@ -78,15 +78,11 @@ def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepare
     previous = attributes.REGISTERED.read(study)
     if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
         registered = Registered(**{**previous, **seeds})  # the same model: nothing new to register or test
+    elif made := register_trial(study, pick, job, data):
+        why_not = crown_if_better(register_name, made.version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
+        registered = replace(made, champion=not why_not, why_not_champion=why_not)
     else:
-        made = register_trial(study, pick, job, data)
-        if not made:
-            return None
-        version, test_accuracy = made
-        why_not = crown_if_better(register_name, version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
-        registered = Registered(
-            register_name, version, pick.trial.number, pick.val_accuracy, test_accuracy, not why_not, why_not, pick.seed, **seeds
-        )
+        return None
     attributes.REGISTERED.write(study, asdict(registered))
     return registered
 
@@ -102,19 +98,15 @@ def register_compact(
         registered = Registered(**previous)
     elif best and best.trial == compact.number and best.seed is None:
         registered = best
-    else:
-        made = register_trial(study, trial_pick(compact), job, data)
-        if not made:
-            return None
-        version, test_accuracy = made
-        registered = Registered(register_name, version, compact.number, compact.values[0], test_accuracy, False)
+    elif not (registered := register_trial(study, trial_pick(compact), job, data)):
+        return None
     MlflowClient().set_registered_model_alias(register_name, COMPACT, registered.version)
     attributes.COMPACT_PICK.write(study, asdict(registered))
     return registered
 
 
-def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> tuple[str, float] | None:
-    """Register ``pick``'s model with its lineage (``lineage_tags``) and test it once; its version and test_accuracy."""
+def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> Registered | None:
+    """Register ``pick``'s model with its lineage (``lineage_tags``) and test it once; not (yet) the champion."""
     register_name = job.config.register_name
     if not pick.model_uri:
         say(f"warning: trial {pick.trial.number} logged no model, so nothing is registered")
@@ -139,7 +131,8 @@ def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepar
         f"test_accuracy {test_accuracy:.4f} (tested once, after it was chosen). Trained in {tags['precision']}, "
         f"code {tags['code_version'][:12]}" + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
     )
-    return version, test_accuracy
+    seeds = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
+    return Registered(register_name, version, pick.trial.number, pick.val_accuracy, test_accuracy, False, "", pick.seed, **seeds)
 
 
 def validation_data(data: PreparedData) -> dict[str, str]:

@@ -59,18 +59,17 @@ def summarise(study: optuna.Study, queue: optuna.Study, job: WorkerJob, data: Pr
 
 def log_tables_and_plots(study: optuna.Study, parent_run_id: str, compact: FrozenTrial | None) -> None:
     """The leaderboard (CSV, HTML), Optuna's plots, and with ``compact`` the Pareto front."""
-    board = trials_table(study)
+    client, board = MlflowClient(), trials_table(study)
+    client.log_text(parent_run_id, board.to_csv(index=False), "leaderboard.csv")
+    client.log_text(parent_run_id, board.to_html(index=False, float_format="{:.4f}".format, na_rep=""), "leaderboard.html")
     with tempfile.TemporaryDirectory() as tmp:
-        board.to_csv(f"{tmp}/leaderboard.csv", index=False)
-        board.to_html(f"{tmp}/leaderboard.html", index=False, float_format="{:.4f}".format, na_rep="")
-        log_study_plots(study, Path(tmp) / "plots")
-        if compact is not None:
-            Path(tmp, "plots").mkdir(exist_ok=True)
-            front = front_table(study)
-            front.to_csv(f"{tmp}/pareto_front.csv", index=False)
-            Path(tmp, "pareto_front.md").write_text(markdown_table(front) + "\n")
-            front_figure(study, compact).savefig(Path(tmp, "plots", "pareto_front.png"), dpi=110)
-        MlflowClient().log_artifacts(parent_run_id, tmp)
+        log_study_plots(study, Path(tmp))
+        client.log_artifacts(parent_run_id, tmp, "plots")
+    if compact is not None:
+        front = front_table(study)
+        client.log_text(parent_run_id, front.to_csv(index=False), "pareto_front.csv")
+        client.log_text(parent_run_id, markdown_table(front) + "\n", "pareto_front.md")
+        client.log_figure(parent_run_id, front_figure(study, compact), "plots/pareto_front.png", save_kwargs={"dpi": 110})
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -86,20 +85,12 @@ def confirmed_pick(study: optuna.Study, runs: pd.DataFrame, job: WorkerJob, step
     config, table = job.config, confirmation_table(study, runs)
     markdown = log_confirmation(job.parent_run_id, table, config.confirm_seeds, step=step)
     chosen, best = champion_run(runs, table), table.iloc[0]
-    seed_models = runs[runs["trial"] == chosen.trial].sort_values("seed")
+    seed_models = tuple((int(r.seed), r.model_uri) for r in runs[runs["trial"] == chosen.trial].sort_values("seed").itertuples())
     say(f"confirmed over seeds 1 to {config.confirm_seeds}, best mean {OBJECTIVE_METRIC} first:\n{markdown}")
     std = None if pd.isna(best["val_accuracy_std"]) else float(best["val_accuracy_std"])
-    return Pick(
-        study.trials[chosen.trial],
-        chosen.run_id,
-        chosen.model_uri,
-        chosen.val_accuracy,
-        chosen.seed,
-        float(best["val_accuracy_mean"]),
-        std,
-        int(best["n_seeds"]),
-        tuple((int(r.seed), r.model_uri) for r in seed_models.itertuples()),
-    )
+    mean, n_seeds = float(best["val_accuracy_mean"]), int(best["n_seeds"])
+    trial = study.trials[chosen.trial]
+    return Pick(trial, chosen.run_id, chosen.model_uri, chosen.val_accuracy, chosen.seed, mean, std, n_seeds, seed_models)
 
 
 def report(study: optuna.Study, registered: Registered | None, experiment_id: str, top: int = 5) -> str:

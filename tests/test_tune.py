@@ -119,7 +119,8 @@ def test_a_confirmed_version_takes_the_alias_by_its_mean_over_seeds_not_its_best
         tags = {"val_accuracy": f"{pick.val_accuracy:.6f}", **MNIST}
         if pick.val_accuracy_mean is not None:
             tags["confirm.val_accuracy_mean"] = f"{pick.val_accuracy_mean:.6f}"  # as lineage_tags writes it
-        return str(client.create_model_version("m", source=str(tmp_path), tags=tags).version), 0.9
+        version = str(client.create_model_version("m", source=str(tmp_path), tags=tags).version)
+        return registry.Registered("m", version, pick.trial.number, pick.val_accuracy, 0.9, False)
 
     monkeypatch.setattr(registry, "register_trial", register)
     data = PreparedData(*[None] * 3, manifest={"dataset": "mnist", "splits": {"val": {"sha256": "a" * 64}}})
