@@ -291,7 +291,7 @@ def announce(study: optuna.Study, config: TuneConfig, images: int, gpus: list[st
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="tune", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--data", default="", help="prepare run id to tune on (default: reuse or run prepare with the data flags)"
+        "--data", default="", help="prepare run id or folder to tune on (default: reuse or run prepare with the data flags)"
     )
     add_env_manager_argument(parser, "environment a prepare run starts in")
     add_config_arguments(parser, TuneConfig, PrepareConfig)

@@ -18,10 +18,13 @@ from experiments import compare, repeat, tune
 from pipeline import evaluate, main, prepare, train
 from pipeline.config import (
     EvaluateConfig,
+    OneLineParser,
     ParameterError,
     PrepareConfig,
     TrainConfig,
     TuneConfig,
+    add_config_arguments,
+    build_configs,
     parse_bool,
     user_data_ref,
     user_path,
@@ -108,6 +111,17 @@ def test_a_data_reference_that_is_a_folder_is_read_from_the_launch_dir(tmp_path,
     assert user_data_ref(run_id, typed_in) == run_id
     assert user_data_ref("runs:/0123/prepared", typed_in) == "runs:/0123/prepared"
     assert user_data_ref("", typed_in) == ""  # evaluate's default: the data the model trained on
+
+
+@pytest.mark.parametrize("config_type", [TrainConfig, EvaluateConfig, TuneConfig])
+def test_each_entry_points_data_folder_is_read_from_the_launch_dir(config_type, tmp_path, monkeypatch):
+    (tmp_path / "work" / "prepared").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    parser = OneLineParser(prog="stage")
+    parser.add_argument("--data", default="")  # as train, evaluate and tune add it
+    add_config_arguments(parser, config_type)
+    args, _ = build_configs(parser, ["--data", "prepared", "--launch-dir", str(tmp_path / "work")], config_type)
+    assert args.data == str((tmp_path / "work" / "prepared").resolve())
 
 
 def pins(lines) -> dict[str, str]:
