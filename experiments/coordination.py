@@ -25,6 +25,7 @@ from experiments import attributes
 from experiments.job import worker_id
 from experiments.storage import (
     DATABASE_RESTART_LIMIT,
+    first_line,
     restarting,
     seconds_since_database_back,
     storage_kind,
@@ -208,7 +209,7 @@ def open_storage(config: TuneConfig, on_stale_trial=None) -> optuna.storages.Bas
         except sqlalchemy.exc.DBAPIError as error:
             if not restarting(error.orig, reached=False) or time.monotonic() >= deadline:
                 raise ParameterError(
-                    f"storage={config.storage.split('://')[0]}://... cannot be opened: {str(error.orig).splitlines()[0]}"
+                    f"storage={config.storage.split('://')[0]}://... cannot be opened: {first_line(error.orig)}"
                 ) from None
             time.sleep(1)
 

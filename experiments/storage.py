@@ -19,6 +19,11 @@ DATABASE_RESTART_LIMIT = 600  # seconds a worker waits for its database to come 
 DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 
 
+def first_line(error: BaseException) -> str:
+    """A database error in one line (a driver's message runs to several): its first, else its type."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def storage_kind(storage: str) -> str:
     """``journal`` (a file path), ``sqlite`` or ``postgresql``."""
     return storage.split("://")[0].split("+")[0] if "://" in storage else "journal"
@@ -104,6 +109,6 @@ def wait_out_restarts(engine: sqlalchemy.Engine, reached: bool = True, limit: fl
                 if not restarting(error, reached) or time.monotonic() > deadline:
                     raise
                 if not said:
-                    say(f"database unreachable ({str(error).splitlines()[0]}): waiting up to {limit:.0f} s")
+                    say(f"database unreachable ({first_line(error)}): waiting up to {limit:.0f} s")
                     said = True
                 time.sleep(1)

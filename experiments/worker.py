@@ -31,7 +31,7 @@ from experiments.job import WorkerJob
 from experiments.objective import objective
 from experiments.progress import say_done, say_time_left_once
 from experiments.runs import forget_checkpoints
-from experiments.storage import DATABASE_ERRORS
+from experiments.storage import DATABASE_ERRORS, first_line
 from experiments.studies import make_pruner, make_sampler
 from experiments.summary import report, summarise
 from experiments.trials import n_counted, needs_summary
@@ -223,10 +223,6 @@ def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
         if not study.get_trials(deepcopy=False)[trial.number].state.is_finished():
             raise
         raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was ended by another worker") from None
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def say_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
