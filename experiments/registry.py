@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 
 import mlflow
 import optuna
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
@@ -182,6 +183,14 @@ def test_once(model_uri: str, job: WorkerJob, data: PreparedData) -> float:
         return evaluate_and_log(classifier, data, config, device, job.data_ref, model_uri).test_accuracy
 
 
+def champion_version(name: str) -> ModelVersion | None:
+    """The version of registered model ``name`` that holds the champion alias; None before one does."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def crown_if_better(
     name: str, version: str, val_accuracy: float, validated_on: dict[str, str], val_accuracy_mean: float | None = None
 ) -> str:
@@ -189,12 +198,7 @@ def crown_if_better(
     (``validated_on``), scores lower: by the means over seeds when both have one (its best seed
     would flatter a configuration chosen by its mean), else by each model's own val_accuracy.
     Returns "" when it moved, else why not in one line."""
-    client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        champion = None
-    if champion:
+    if champion := champion_version(name):
         differs = [f"{k} {champion.tags.get(k, 'unrecorded')[:16]}" for k, v in validated_on.items() if champion.tags.get(k) != v]
         if differs:
             return (
@@ -212,5 +216,5 @@ def crown_if_better(
         if score <= to_beat:
             said = f"champion version {champion.version} has {measure} {to_beat:.4f} on the same data"
             return f"{said}, this one {score:.4f} ({how})"
-    client.set_registered_model_alias(name, CHAMPION, version)
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     return ""

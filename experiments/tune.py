@@ -22,7 +22,6 @@ import signal
 import tempfile
 import time
 
-import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -33,7 +32,7 @@ from experiments.coordination import NextStep, next_step, open_storage, single_s
 from experiments.gpus import WorkersFailed, gpu_assignment, run_workers
 from experiments.job import WorkerJob, worker_id
 from experiments.parent_run import log_parent_params, open_parent_run, record_trials_run, record_worker, run_exists
-from experiments.registry import CHAMPION, Registered, model_name
+from experiments.registry import Registered, champion_version, model_name
 from experiments.storage import check_storage, storage_kind
 from experiments.studies import OBJECTIVE_METRIC, STUDIES, describe, describe_pruner, resolve_pruner, study_for
 from experiments.trials import complete, most_accurate, needs_summary, trials_left
@@ -142,10 +141,8 @@ def finished_line(study: optuna.Study, n_trials: int) -> str | None:
         best = most_accurate(finished)
         line += f"; best trial {best.number}, {OBJECTIVE_METRIC} {best.values[0]:.4f}"
     if registered := attributes.REGISTERED.read(study):
-        try:
-            champion = f"champion: version {MlflowClient().get_model_version_by_alias(registered['name'], CHAMPION).version}"
-        except mlflow.exceptions.MlflowException:
-            champion = "no champion"
+        held = champion_version(registered["name"])
+        champion = f"champion: version {held.version}" if held else "no champion"
         line += (
             f"; registered as {registered['name']} version {registered['version']} "
             f"(test_accuracy {registered['test_accuracy']:.4f}), {champion}"
