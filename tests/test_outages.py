@@ -334,14 +334,12 @@ def test_postgres_restarted_during_the_summary_summarises_once(cluster, study_db
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL's tools run as another user only when the tests run as root")
 def test_a_cluster_outlives_another_pytest_session_starting(postgres, tmp_path_factory):
-    """A pytest session that starts resets the shared pytest-of-<user> folder to 0700; a running cluster
-    still reaches its own files (a CHECKPOINT writes them) and answers."""
+    """A pytest session that starts resets the shared pytest-of-<user> folder (or with --basetemp, that folder)
+    to 0700; a running cluster still reaches its own files (a CHECKPOINT writes them) and answers."""
     import psycopg
 
     base = tmp_path_factory.getbasetemp()
-    shared = next((folder for folder in (base, *base.parents) if folder.name.startswith("pytest-of-")), None)
-    if shared is None:
-        pytest.skip("--basetemp is set: there is no shared pytest-of-<user> folder")
+    shared = next((folder for folder in (base, *base.parents) if folder.name.startswith("pytest-of-")), base)
     mode = shared.stat().st_mode
     shared.chmod(0o700)  # what another session's start does
     try:
