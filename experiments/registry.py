@@ -61,6 +61,10 @@ class Pick:
     n_seeds: int = 0
     seed_models: tuple[tuple[int, str], ...] = ()  # confirmed: (seed, model URI) of each of its configuration's models
 
+    def over_seeds(self) -> dict:
+        """Its configuration's results over seeds, as ``Registered`` records them."""
+        return {"val_accuracy_mean": self.val_accuracy_mean, "val_accuracy_std": self.val_accuracy_std, "n_seeds": self.n_seeds}
+
 
 def trial_pick(trial: FrozenTrial) -> Pick:
     """The model a trial logged itself (when it was the best so far)."""
@@ -75,10 +79,9 @@ def model_name(register_name: str, dataset: str) -> str:
 def register_best(study: optuna.Study, pick: Pick, job: WorkerJob, data: PreparedData) -> Registered | None:
     """Register the model ``pick`` names, unless it already is; test it once; maybe crown it."""
     register_name = job.config.register_name
-    seeds = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
     previous = attributes.REGISTERED.read(study)
     if previous and (previous["trial"], previous.get("seed"), previous["name"]) == (pick.trial.number, pick.seed, register_name):
-        registered = Registered(**{**previous, **seeds})  # the same model: nothing new to register or test
+        registered = Registered(**{**previous, **pick.over_seeds()})  # the same model: nothing new to register or test
     elif made := register_trial(study, pick, job, data):
         why_not = crown_if_better(register_name, made.version, pick.val_accuracy, validation_data(data), pick.val_accuracy_mean)
         registered = replace(made, champion=not why_not, why_not_champion=why_not)
@@ -132,8 +135,8 @@ def register_trial(study: optuna.Study, pick: Pick, job: WorkerJob, data: Prepar
         f"test_accuracy {test_accuracy:.4f} (tested once, after it was chosen). Trained in {tags['precision']}, "
         f"code {tags['code_version'][:12]}" + (f", git commit {tags['git_commit'][:12]}." if "git_commit" in tags else "."),
     )
-    seeds = {"val_accuracy_mean": pick.val_accuracy_mean, "val_accuracy_std": pick.val_accuracy_std, "n_seeds": pick.n_seeds}
-    return Registered(register_name, version, pick.trial.number, pick.val_accuracy, test_accuracy, False, "", pick.seed, **seeds)
+    trial = pick.trial.number
+    return Registered(register_name, version, trial, pick.val_accuracy, test_accuracy, False, "", pick.seed, **pick.over_seeds())
 
 
 def validation_data(data: PreparedData) -> dict[str, str]:
