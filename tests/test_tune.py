@@ -92,6 +92,14 @@ def test_a_tiny_study_is_one_parent_with_a_child_per_trial_and_registers_its_bes
 MNIST = {registry.DATASET_TAG: "mnist", registry.VAL_DIGEST_TAG: "a" * 64}
 
 
+def test_a_study_tunes_on_a_prepared_folder(tmp_path, prepared_run):
+    folder = mlflow.artifacts.download_artifacts(run_id=prepared_run, artifact_path="prepared", dst_path=str(tmp_path))
+    registered = tune(smoke(tmp_path, n_trials=1), PrepareConfig(), folder)  # what --data <folder> passes, made absolute
+    [trial] = runs_of("trial")
+    assert trial.info.status == "FINISHED" and trial.data.tags["pipeline.data"] == folder
+    assert registered and registered.trial == 0 and len(runs_of("prepare")) == 1  # the folder's own: tune prepared nothing
+
+
 def test_the_champion_is_chosen_by_validation_not_by_test(tracking, tmp_path):
     client = MlflowClient()
 
