@@ -135,12 +135,17 @@ def training_run(trial: optuna.Trial, job: WorkerJob, name: str, tags: dict[str,
         when_reachable(lambda: mlflow.set_tag("optuna.trial_state", "COMPLETE"), "the run's state")
 
 
-def forget_checkpoints(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Remove the checkpoints of a trial whose result is told, and of the attempts it repeats. MLflow's client has
-    no call to delete an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
+def checkpoint_runs(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> list[str]:
+    """The runs whose checkpoints ``trial``'s told result leaves unneeded: its own, and those of the attempts it repeats."""
+    return list(filter(None, [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]))
+
+
+def forget_checkpoints(run_ids: list[str]) -> None:
+    """Remove the checkpoints of these runs (``checkpoint_runs``). MLflow's client has no call to delete
+    an artifact: the run's artifact repository does it (local folders and the server's proxy)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    for run_id in filter(None, [attributes.RUN_ID.read(trial), *earlier_runs(study, trial)]):
+    for run_id in run_ids:
         try:
             get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_ARTIFACT)
         except (mlflow.exceptions.MlflowException, OSError, NotImplementedError) as error:

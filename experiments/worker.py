@@ -30,11 +30,11 @@ from experiments.coordination import NextStep, TrialLease, fail_lost_trials, nex
 from experiments.job import WorkerJob
 from experiments.objective import objective
 from experiments.progress import say_done, say_time_left_once
-from experiments.runs import forget_checkpoints
+from experiments.runs import checkpoint_runs, forget_checkpoints
 from experiments.storage import DATABASE_ERRORS, first_line
 from experiments.studies import make_pruner, make_sampler
 from experiments.summary import report, summarise
-from experiments.trials import n_counted, needs_summary
+from experiments.trials import n_counted, needs_summary, requeued_numbers
 from pipeline.config import TuneConfig, say
 from pipeline.data import PreparedData, load_prepared
 from pipeline.numerics import share_cpu
@@ -177,10 +177,14 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
 
     def requeue_it(reason: str, said: str) -> None:
         with signals_held_back(), lock:  # `mlflow run` follows a Ctrl-C with a SIGTERM: it waits for the re-queue
-            now = study.get_trials(deepcopy=False)[trial.number]
-            if now.state == TrialState.RUNNING:  # its tell may have reached the database before the cut
+            trials = study.get_trials(deepcopy=False)
+            now = trials[trial.number]
+            if now.state == TrialState.RUNNING:
                 requeue(study, now, reason, lost_worker=False)
-            say(f"{label}{said}")
+            elif trial.number not in requeued_numbers(trials):  # its tell reached the database before the cut
+                forget_checkpoints(checkpoint_runs(study, now))
+                said = f" {now.state.name}: its result was told before the cut"
+            say(f"{label}{said}")  # else the other workers gave it up, and its copy resumes from its checkpoint
 
     try:
         try:
@@ -189,6 +193,7 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
             outcome = {"state": TrialState.PRUNED}
         except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
             outcome = {"state": TrialState.FAIL}
+        checkpoints = checkpoint_runs(study, trial)  # read before the tell: a database cut just after it keeps none
         tell(study, trial, **outcome)
     except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up: its lease lapsed (a cut, a stall)
         end_requeued_run(trial, "given up by the other workers while it ran", "KILLED")  # its copy's run counts
@@ -209,9 +214,8 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
         return None
     finally:
         work.lease.release()
-    told = study.get_trials(deepcopy=False)[trial.number]
-    forget_checkpoints(study, told)
-    return told
+    forget_checkpoints(checkpoints)
+    return study.get_trials(deepcopy=False)[trial.number]
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:

@@ -25,6 +25,7 @@ from experiments import tune as tune_module
 from experiments import worker as worker_module
 from experiments.gpus import gpu_assignment, run_workers
 from experiments.job import WorkerJob
+from experiments.runs import RESUMED_FROM_TAG
 from experiments.trials import counted
 from experiments.tune import tune
 from pipeline import training as training_module
@@ -104,28 +105,48 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
 
 
 @pytest.mark.slow(seconds=20)
-def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prepared_run, monkeypatch):
-    """The database fails as the worker reads the study to say a told result: the worker goes on."""
-    real, cuts = worker_module.say_done, []
+@pytest.mark.parametrize("cut", ["the tell, after it landed", "first read after the tell", "saying the result"])
+def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prepared_run, monkeypatch, capsys, cut):
+    """The database fails as trial 0's result is told (the tell lands, its answer is lost), at the
+    worker's first read of the study after the tell, or as it reads the study to say the result: the
+    worker goes on, trial 0 is not re-queued, and no told trial keeps its checkpoint."""
+    cuts = []
 
-    def say_done(*args, **kwargs):
+    def cut_once():
         if not cuts:
             cuts.append(1)
             raise optuna.exceptions.StorageInternalError("the database is shutting down")
-        real(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "say_done", say_done)
+    if cut == "saying the result":
+        real_say = worker_module.say_done
+        monkeypatch.setattr(worker_module, "say_done", lambda *args, **kwargs: cut_once() or real_say(*args, **kwargs))
+    else:
+        real_tell = worker_module.tell
+
+        def tell(study, trial, **outcome):
+            real_tell(study, trial, **outcome)
+            if cut == "the tell, after it landed":
+                cut_once()
+            elif not cuts:  # the study's next read fails
+                real_get = study.get_trials
+                study.get_trials = lambda *args, **kwargs: cut_once() or real_get(*args, **kwargs)
+
+        monkeypatch.setattr(worker_module, "tell", tell)
     config = smoke(tmp_path, n_trials=2)
     tune(config, PrepareConfig(), prepared_run)
     assert cuts and [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]
+    assert not [run.info.run_id for run in runs_of("trial") if MlflowClient().list_artifacts(run.info.run_id, "checkpoint")]
+    if cut == "the tell, after it landed":
+        assert "trial 0 COMPLETE: its result was told before the cut" in capsys.readouterr().err
 
 
 @pytest.mark.slow(seconds=20)
-@pytest.mark.parametrize("ending", ["trained", "diverged"])
+@pytest.mark.parametrize("ending", ["trained", "diverged", "database failed"])
 def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepared_run, monkeypatch, capsys, ending):
     """Another worker gives trial 0 up while its worker trains it (its lease lapsed: a database cut, a
     stalled process) and re-queues it. Its worker, done, finds it ended: it leaves the trial to the copy,
-    ends its run REQUEUED and goes on, whether training ended well or diverged; the copy runs and counts."""
+    ends its run REQUEUED and goes on, whether training ended well, diverged, or met its database down;
+    the copy resumes from the original's checkpoint, and counts."""
     real, given_up = worker_module.objective, []
 
     def objective(trial, **kwargs):
@@ -136,6 +157,8 @@ def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepare
             coordination.requeue(trial.study, frozen, "its worker stopped sending heartbeats", lost_worker=True)
             if ending == "diverged":
                 raise TrainingDiverged("train_loss is nan in epoch 1")
+            if ending == "database failed":
+                raise optuna.exceptions.StorageInternalError("the database is shutting down")
         return value
 
     monkeypatch.setattr(worker_module, "objective", objective)
@@ -145,9 +168,13 @@ def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepare
     [copy] = [t for t in trials if attributes.RETRY_OF.read(t) == 0]
     assert trials[0].state.name == "FAIL" and copy.state.name == "COMPLETE"
     assert [t.state.name for t in counted(trials)] == ["COMPLETE", "COMPLETE"]
-    assert "trial 0 was given up by the other workers while it ran" in capsys.readouterr().err
+    said = "trial 0: the study's database failed; re-queued" if ending == "database failed" else "trial 0 was given up"
+    assert said in capsys.readouterr().err
     [original] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == "0"]
-    assert (original.info.status, original.data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
+    if ending != "database failed":  # there the cut comes after the training, which ended the run as it ended
+        assert (original.info.status, original.data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
+    [resumed] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == str(copy.number)]
+    assert resumed.data.tags[RESUMED_FROM_TAG] == original.info.run_id
 
 
 @pytest.mark.slow
