@@ -175,16 +175,21 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
     study, trial = work.study, work.trial
     label = f"[worker {worker}] {'item' if attributes.WORK.read(trial) else 'trial'} {trial.number}"
 
+    trained = False  # its training has ended, and ended its run as it ended (experiments/runs.py)
+
     def requeue_it(reason: str, said: str) -> None:
         with signals_held_back(), lock:  # `mlflow run` follows a Ctrl-C with a SIGTERM: it waits for the re-queue
             trials = study.get_trials(deepcopy=False)
             now = trials[trial.number]
-            if now.state == TrialState.RUNNING:
+            if now.state != TrialState.RUNNING and trial.number not in requeued_numbers(trials):
+                forget_checkpoints(checkpoint_runs(study, now))  # its tell reached the database before the cut
+                say(f"{label} {now.state.name}: its result was told before the cut")
+                return
+            if now.state == TrialState.RUNNING:  # else the other workers gave it up
                 requeue(study, now, reason, lost_worker=False)
-            elif trial.number not in requeued_numbers(trials):  # its tell reached the database before the cut
-                forget_checkpoints(checkpoint_runs(study, now))
-                said = f" {now.state.name}: its result was told before the cut"
-            say(f"{label}{said}")  # else the other workers gave it up, and its copy resumes from its checkpoint
+            if trained:  # a run that ended as its training did would count beside its copy's
+                end_requeued_run(trial, reason, "KILLED")
+            say(f"{label}{said}")
 
     try:
         try:
@@ -193,6 +198,7 @@ def run_one(work: Work, lock, worker: int) -> optuna.trial.FrozenTrial | None:
             outcome = {"state": TrialState.PRUNED}
         except (TrainingDiverged, torch.cuda.OutOfMemoryError):  # marked FAIL (and counted); the study goes on
             outcome = {"state": TrialState.FAIL}
+        trained = True
         checkpoints = checkpoint_runs(study, trial)  # read before the tell: a database cut just after it keeps none
         tell(study, trial, **outcome)
     except optuna.exceptions.UpdateFinishedTrialError:  # the other workers gave it up: its lease lapsed (a cut, a stall)

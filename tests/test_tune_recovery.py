@@ -105,11 +105,12 @@ def test_an_interrupted_trial_is_requeued_not_counted_and_runs_on_the_rerun(
 
 
 @pytest.mark.slow(seconds=20)
-@pytest.mark.parametrize("cut", ["the tell, after it landed", "first read after the tell", "saying the result"])
-def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prepared_run, monkeypatch, capsys, cut):
-    """The database fails as trial 0's result is told (the tell lands, its answer is lost), at the
-    worker's first read of the study after the tell, or as it reads the study to say the result: the
-    worker goes on, trial 0 is not re-queued, and no told trial keeps its checkpoint."""
+@pytest.mark.parametrize("cut", ["the tell, lost", "the tell, after it landed", "first read after the tell", "saying the result"])
+def test_a_database_cut_at_a_tell_is_waited_out(tmp_path, prepared_run, monkeypatch, capsys, cut):
+    """The database fails as trial 0's result is told (the tell is lost, or it lands and its answer
+    is lost), at the worker's first read of the study after the tell, or as it reads the study to say
+    the result. The worker goes on; a lost tell re-queues trial 0, whose copy resumes from its
+    checkpoint and alone counts; and no trial keeps a checkpoint once its result is told."""
     cuts = []
 
     def cut_once():
@@ -124,6 +125,8 @@ def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prep
         real_tell = worker_module.tell
 
         def tell(study, trial, **outcome):
+            if cut == "the tell, lost":
+                cut_once()
             real_tell(study, trial, **outcome)
             if cut == "the tell, after it landed":
                 cut_once()
@@ -134,8 +137,15 @@ def test_a_database_cut_just_after_a_result_is_told_is_waited_out(tmp_path, prep
         monkeypatch.setattr(worker_module, "tell", tell)
     config = smoke(tmp_path, n_trials=2)
     tune(config, PrepareConfig(), prepared_run)
-    assert cuts and [t.state.name for t in load(config).trials] == ["COMPLETE", "COMPLETE"]
-    assert not [run.info.run_id for run in runs_of("trial") if MlflowClient().list_artifacts(run.info.run_id, "checkpoint")]
+    trials, runs = load(config).trials, {run.data.tags["optuna.trial_number"]: run for run in runs_of("trial")}
+    assert cuts and [t.state.name for t in counted(trials)] == ["COMPLETE", "COMPLETE"]
+    assert not [run.info.run_id for run in runs.values() if MlflowClient().list_artifacts(run.info.run_id, "checkpoint")]
+    if cut == "the tell, lost":
+        [copy] = [t for t in trials if attributes.RETRY_OF.read(t) == 0]
+        assert (runs["0"].info.status, runs["0"].data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
+        assert runs[str(copy.number)].data.tags[RESUMED_FROM_TAG] == runs["0"].info.run_id
+    else:
+        assert len(trials) == 2
     if cut == "the tell, after it landed":
         assert "trial 0 COMPLETE: its result was told before the cut" in capsys.readouterr().err
 
@@ -147,7 +157,7 @@ def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepare
     stalled process) and re-queues it. Its worker, done, finds it ended: it leaves the trial to the copy,
     ends its run REQUEUED and goes on, whether training ended well, diverged, or met its database down;
     the copy resumes from the original's checkpoint, and counts."""
-    real, given_up = worker_module.objective, []
+    real, real_tell, given_up = worker_module.objective, worker_module.tell, []
 
     def objective(trial, **kwargs):
         value = real(trial, **kwargs)
@@ -157,11 +167,16 @@ def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepare
             coordination.requeue(trial.study, frozen, "its worker stopped sending heartbeats", lost_worker=True)
             if ending == "diverged":
                 raise TrainingDiverged("train_loss is nan in epoch 1")
-            if ending == "database failed":
-                raise optuna.exceptions.StorageInternalError("the database is shutting down")
         return value
 
+    def tell(study, trial, **outcome):
+        if trial.number in given_up:  # the database fails at the tell of a trial given up
+            raise optuna.exceptions.StorageInternalError("the database is shutting down")
+        real_tell(study, trial, **outcome)
+
     monkeypatch.setattr(worker_module, "objective", objective)
+    if ending == "database failed":
+        monkeypatch.setattr(worker_module, "tell", tell)
     config = smoke(tmp_path, n_trials=2)
     tune(config, PrepareConfig(), prepared_run)
     trials = load(config).trials
@@ -171,8 +186,7 @@ def test_a_trial_given_up_while_it_trained_is_left_to_its_copy(tmp_path, prepare
     said = "trial 0: the study's database failed; re-queued" if ending == "database failed" else "trial 0 was given up"
     assert said in capsys.readouterr().err
     [original] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == "0"]
-    if ending != "database failed":  # there the cut comes after the training, which ended the run as it ended
-        assert (original.info.status, original.data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
+    assert (original.info.status, original.data.tags["optuna.trial_state"]) == ("KILLED", "REQUEUED")
     [resumed] = [run for run in runs_of("trial") if run.data.tags["optuna.trial_number"] == str(copy.number)]
     assert resumed.data.tags[RESUMED_FROM_TAG] == original.info.run_id
 
